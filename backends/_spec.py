@@ -1,0 +1,67 @@
+"""What a backend module declares."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["BackendSpec", "Device"]
+
+
+@dataclass(frozen=True)
+class Device:
+    """One place a backend can hold arrays: a label and the device object."""
+
+    label: str
+    device: Any
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A declarative description of one array library.
+
+    Attributes
+    ----------
+    name
+        Short name, as users pass it to ``use()`` and the CLIs.
+    module
+        Top-level import name; arrays are recognised only once it is in
+        ``sys.modules``, so detection never imports the library.
+    is_array
+        Recognises this library's arrays (array-api-compat's checks).
+    namespace
+        Imports the library and returns its array-API namespace.
+    devices
+        The devices arrays can live on, in preference order; the first is the
+        library's default.
+    dtypes
+        Names of the floating dtypes it offers.
+    to_numpy
+        Copies an array of this library to NumPy (host), for checking.
+    kernels
+        Native implementations the dispatcher may choose (dispatch issue).
+    """
+
+    name: str
+    module: str
+    is_array: Callable[[Any], bool]
+    namespace: Callable[[], Any]
+    devices: Callable[[], list[Device]]
+    dtypes: tuple[str, ...]
+    to_numpy: Callable[[Any], Any]
+    kernels: tuple = field(default=())
+
+    def installed(self) -> bool:
+        """Whether the library imports here (this imports it)."""
+        try:
+            importlib.import_module(self.module)
+        except Exception:  # a broken install is as good as none
+            return False
+        return True
+
+    def from_numpy(self, array, dtype: str, device: Device):
+        """``array`` (NumPy) as this library's array of ``dtype`` on ``device``."""
+        xp = self.namespace()
+        return xp.asarray(array, dtype=getattr(xp, dtype), device=device.device)

@@ -1,0 +1,1 @@
+"""Cross-backend conformance suite (filled by the conformance issue)."""

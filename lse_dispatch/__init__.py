@@ -1,0 +1,10 @@
+"""lse-dispatch: accurate log-sum-exp, softmax and log_softmax on any array-API backend.
+
+Importing this package imports no array library other than NumPy.
+"""
+
+from ._api import log_softmax, logsumexp, softmax
+from ._validate import AxisError
+
+__all__ = ["AxisError", "log_softmax", "logsumexp", "softmax"]
+__version__ = "0.1.0"

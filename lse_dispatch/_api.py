@@ -1,0 +1,129 @@
+"""The public functions: drop-ins for ``scipy.special``'s, on any backend.
+
+Each one resolves the namespace once, validates, runs the implementation the
+dispatcher picks and returns in the input's namespace, device and dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _generic
+from ._call import Call, prepare
+
+__all__ = ["log_softmax", "logsumexp", "softmax"]
+
+Array = Any
+
+
+def _squeeze(call: Call, x: Array, keepdims: bool) -> Array:
+    if keepdims or not call.axes:
+        return x
+    return call.xp.squeeze(x, axis=call.axes)
+
+
+def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, where=None):
+    """Logarithm of the sum of exponentials, ``log(sum(b * exp(a)))``, accurately.
+
+    Parameters
+    ----------
+    a : array_like
+        Input of any array-API library; Python scalars and sequences are
+        treated as NumPy.  Integer and boolean input is computed in the
+        namespace's default floating dtype.
+    axis : None or int or tuple of ints, optional
+        Axes to reduce; ``None`` reduces all, ``()`` none.
+    b : array_like, optional
+        Weights broadcasting against `a`.  Entries with ``b == 0`` are
+        excluded, even where `a` is infinite or NaN.  May be negative.
+    keepdims : bool, optional
+        Keep the reduced axes with length one.
+    return_sign : bool, optional
+        Return ``(log|sum|, sign)``.  The sign is 0 for a zero sum and the
+        unit phase for complex input.  Without it a negative sum gives NaN.
+    where : array_like of bool, optional
+        Only entries where this is True are included.
+
+    Returns
+    -------
+    res : array
+        ``log|sum(b * exp(a))|``; ``-inf`` for an empty or all-excluded
+        reduction, ``+inf`` if an included entry is ``+inf``.
+    sgn : array
+        Only with ``return_sign``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from lse_dispatch import logsumexp
+    >>> float(logsumexp(np.array([0.0, -40.0])))
+    4.248354255291589e-18
+    >>> float(logsumexp(np.array([1000.0, 1000.0])))
+    1000.6931471805599
+    >>> value, sign = logsumexp(np.array([0.0, 1.0]), b=np.array([1.0, -1.0]), return_sign=True)
+    >>> float(value), float(sign)
+    (0.5413248546129181, -1.0)
+    """
+    call = prepare("logsumexp", a, axis=axis, b=b, where=where, return_sign=return_sign)
+    value, sign = _generic.logsumexp(call)
+    value = _squeeze(call, value, keepdims)
+    if return_sign:
+        return value, _squeeze(call, sign, keepdims)
+    return value
+
+
+def softmax(x, axis=None, *, where=None):
+    """Softmax, ``exp(x - logsumexp(x))``, with limit semantics at infinities.
+
+    Parameters
+    ----------
+    x : array_like
+        Input of any array-API library.
+    axis : None or int or tuple of ints, optional
+        Axes over which the result sums to one; ``None`` means all.
+    where : array_like of bool, optional
+        Excluded entries get 0.
+
+    Returns
+    -------
+    array
+        Same shape, namespace and device as `x`.  ``k`` entries at ``+inf``
+        share 1 equally; a slice with nothing included is all 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from lse_dispatch import softmax
+    >>> softmax(np.array([0.0, np.inf, np.inf]))
+    array([0. , 0.5, 0.5])
+    """
+    call = prepare("softmax", x, axis=axis, where=where)
+    return _generic.softmax(call)
+
+
+def log_softmax(x, axis=None, *, where=None):
+    """Logarithm of softmax, computed without cancellation at the max entry.
+
+    Parameters
+    ----------
+    x : array_like
+        Input of any array-API library.
+    axis : None or int or tuple of ints, optional
+        Axes of the normalisation; ``None`` means all.
+    where : array_like of bool, optional
+        Excluded entries get ``-inf``.
+
+    Returns
+    -------
+    array
+        Same shape, namespace and device as `x`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from lse_dispatch import log_softmax
+    >>> float(log_softmax(np.array([0.0, -40.0]))[0])
+    -4.248354255291589e-18
+    """
+    call = prepare("log_softmax", x, axis=axis, where=where)
+    return _generic.log_softmax(call)

@@ -1,0 +1,144 @@
+"""Namespace, device and dtype policy.
+
+Inputs are resolved to one array-API namespace (through array-api-compat), and
+the dtypes a call computes and accumulates in are chosen here, in one place.
+Nothing in this module imports an array library other than NumPy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "DtypePlan",
+    "device_of",
+    "is_dask_namespace",
+    "plan_dtypes",
+    "resolve_namespace",
+    "scalar",
+]
+
+Array = Any
+
+
+def is_dask_namespace(xp) -> bool:
+    """True for Dask's array namespace, whose reductions are chunked trees."""
+    return array_api_compat.is_dask_namespace(xp)
+
+
+def device_of(x: Array):
+    """The device of ``x`` (``"cpu"`` for NumPy)."""
+    return array_api_compat.device(x)
+
+
+def scalar(xp, value: float, like: Array) -> Array:
+    """A 0-d array holding ``value``, with the dtype and device of ``like``.
+
+    Constants are made on the input's device, so that array-api-strict's
+    non-default devices and accelerators never see a mixed-device operation.
+    """
+    return xp.asarray(value, dtype=like.dtype, device=device_of(like))
+
+
+def _as_array(value, name: str):
+    """Return ``value`` if it is an array-API array, else a NumPy array of it."""
+    if array_api_compat.is_array_api_obj(value):
+        return value, False
+    try:
+        converted = np.asarray(value)
+    except (TypeError, ValueError) as exc:  # ragged sequences and the like
+        raise TypeError(f"argument '{name}' must be an array or a number, got {type(value).__name__}") from exc
+    return converted, True
+
+
+def _check_kind(xp, x: Array, name: str, *, boolean: bool) -> None:
+    if boolean:
+        if not xp.isdtype(x.dtype, "bool"):
+            raise TypeError(f"argument '{name}' must be a boolean array, got dtype {x.dtype}")
+        return
+    if not xp.isdtype(x.dtype, ("bool", "integral", "real floating", "complex floating")):
+        raise TypeError(f"argument '{name}' must be numeric (bool, integer, floating or complex), got dtype {x.dtype}")
+
+
+def resolve_namespace(
+    named: dict[str, Any], *, booleans: tuple[str, ...] = ()
+) -> tuple[Any, dict[str, Array]]:
+    """Resolve one namespace for the named inputs and convert them into it.
+
+    ``None`` entries are passed through.  Python scalars and sequences take the
+    namespace (and device) of the array inputs, or NumPy's when there are none.
+    Arrays of two different libraries raise ``TypeError`` naming the arguments.
+    """
+    arrays: dict[str, Array] = {}
+    foreign: dict[str, Array] = {}
+    for name, value in named.items():
+        if value is None:
+            continue
+        converted, was_python = _as_array(value, name)
+        (foreign if was_python else arrays)[name] = converted
+        if was_python and converted.dtype.kind not in "biufc":
+            raise TypeError(
+                f"argument '{name}' must be numeric, got {type(value).__name__} of NumPy dtype {converted.dtype}"
+            )
+    if arrays:
+        try:
+            xp = array_api_compat.array_namespace(*arrays.values())
+        except TypeError as exc:
+            libraries = ", ".join(f"'{n}' is {type(v).__module__}.{type(v).__name__}" for n, v in arrays.items())
+            raise TypeError(f"arguments come from different array libraries ({libraries})") from exc
+        device = device_of(next(iter(arrays.values())))
+        for name, value in foreign.items():
+            arrays[name] = xp.asarray(value, device=device)
+    else:
+        xp = array_api_compat.array_namespace(*foreign.values())
+        arrays = foreign
+    for name, value in arrays.items():
+        _check_kind(xp, value, name, boolean=name in booleans)
+    return xp, {name: arrays.get(name) for name in named}
+
+
+class DtypePlan(NamedTuple):
+    """The dtypes of one call.
+
+    ``result`` is what the caller gets back, ``compute`` what the entries are
+    evaluated in (float32 for float16 and bfloat16), and ``accumulator`` what
+    sums are carried in (float64 for float32 when the device has it).
+    """
+
+    result: Any
+    compute: Any
+    accumulator: Any
+    is_complex: bool
+
+
+def _on_device(info_method, device):
+    try:
+        return info_method(device=device)
+    except TypeError:  # namespaces whose info takes no device
+        return info_method()
+
+
+def plan_dtypes(xp, *arrays: Array | None) -> DtypePlan:
+    """Choose result, compute and accumulator dtypes for the given inputs.
+
+    The result is the floating result type of the floating inputs; integer and
+    boolean inputs alone give the namespace's default real floating dtype.
+    """
+    present = [x for x in arrays if x is not None]
+    device = device_of(present[0])
+    info = xp.__array_namespace_info__()
+    floating = [x.dtype for x in present if xp.isdtype(x.dtype, ("real floating", "complex floating"))]
+    if floating:
+        result = xp.result_type(*floating)
+    else:
+        result = _on_device(info.default_dtypes, device)["real floating"]
+    available = _on_device(info.dtypes, device)
+    if xp.isdtype(result, "complex floating"):
+        widest = "complex128" in available and result == xp.complex64
+        return DtypePlan(result, result, xp.complex128 if widest else result, True)
+    compute = result if result in (xp.float32, getattr(xp, "float64", None)) else xp.float32
+    accumulator = xp.float64 if (compute == xp.float32 and "float64" in available) else compute
+    return DtypePlan(result, compute, accumulator, False)

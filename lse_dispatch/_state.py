@@ -1,0 +1,244 @@
+"""The one place for the log-sum-exp math: a mergeable (max, count, rest) state.
+
+Every path of the library -- eager, streaming, Dask tree reductions -- reduces
+its input to the same three arrays and finalises them with the same rule.
+
+For included entries with exponents ``e_i`` (``a_i + log|b_i|``) and signs
+``s_i`` (``sign(b_i)``, or 1 without weights), the state is
+
+* ``max``   -- ``m = max_i e_i`` (``-inf`` when nothing is included);
+* ``count`` -- ``c = sum of s_i over the entries with e_i == m`` (an integer);
+* ``rest``  -- ``r = sum of s_i * exp(e_i - m) over all other entries``.
+
+so that ``sum_i s_i exp(e_i) = exp(m) * (c + r)``.  Keeping the entries at the
+max out of ``r`` is what makes ``m + log1p(c - 1 + r)`` accurate when ``r`` is
+tiny (Blanchard, Higham & Higham, "Accurately computing the log-sum-exp and
+softmax functions", IMA J. Numer. Anal. 41, 2021): ``lse([0, -40])`` keeps its
+``4.25e-18`` instead of rounding ``1 + r`` to 1.  Counting ties exactly keeps
+that accuracy when several entries share the max.
+
+All functions here take the namespace ``xp`` explicitly and are lazy-safe: no
+Python ``bool``/``float`` of array values, no in-place writes, no
+data-dependent shapes, so they run under ``jax.jit`` and keep Dask lazy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from ._namespace import is_dask_namespace, scalar
+
+__all__ = [
+    "LSEState",
+    "finalize",
+    "log_softmax_from_state",
+    "merge",
+    "reduce_max",
+    "state_from_exponents",
+]
+
+Array = Any
+
+# Reductions over more than this many elements are summed along a contiguous
+# trailing axis, so that NumPy-like backends use pairwise summation instead of
+# adding one strided element after another.
+_PAIRWISE_THRESHOLD = 1024
+
+
+class LSEState(NamedTuple):
+    """Partial log-sum-exp of a set of entries; all fields broadcast together.
+
+    ``max`` has the compute dtype; ``count`` and ``rest`` have the accumulator
+    dtype (float64 for float32 input when the namespace has float64).
+    """
+
+    max: Array
+    count: Array
+    rest: Array
+
+
+def reduce_max(xp, x: Array, axes: tuple[int, ...]) -> Array:
+    """``max`` over ``axes`` with ``keepdims=True``; ``axes=()`` reduces nothing."""
+    if not axes:
+        return x
+    return xp.max(x, axis=axes, keepdims=True)
+
+
+def _accurate_sum(xp, x: Array, axes: tuple[int, ...], dtype) -> Array:
+    """Sum over ``axes`` (keepdims) accumulating in ``dtype``, never sequentially.
+
+    NumPy adds strided elements one after another (error growing like
+    ``sqrt(n) * eps``) when the reduced axis is not the innermost in memory.
+    When no wider accumulator exists, move the reduced axes to the end and
+    flatten them, so that the sum runs over one contiguous trailing axis,
+    which NumPy sums pairwise, torch by cascade and XLA by a tree.
+    """
+    if not axes:
+        return xp.astype(x, dtype)
+    widening = x.dtype != dtype
+    reduced = math.prod(x.shape[ax] for ax in axes)
+    if widening or reduced < _PAIRWISE_THRESHOLD or is_dask_namespace(xp):
+        # Dask sums per chunk and combines in a tree; a reshape would rechunk.
+        return xp.sum(x, axis=axes, dtype=dtype, keepdims=True)
+    kept = tuple(ax for ax in range(x.ndim) if ax not in axes)
+    order = kept + tuple(axes)
+    moved = x if order == tuple(range(x.ndim)) else xp.permute_dims(x, order)
+    kept_shape = tuple(x.shape[ax] for ax in kept)
+    flat = xp.reshape(moved, kept_shape + (reduced,))
+    total = xp.sum(flat, axis=-1, dtype=dtype)
+    keep_shape = tuple(1 if ax in axes else x.shape[ax] for ax in range(x.ndim))
+    return xp.reshape(total, keep_shape)
+
+
+def _finite_shift(xp, m: Array) -> Array:
+    """The value subtracted before ``exp``: ``m`` itself where it is finite.
+
+    Where ``m == -inf`` nothing is included and 0 avoids ``-inf - -inf``;
+    where ``m`` is ``+inf`` or NaN the largest finite value sends every finite
+    entry to ``exp(-huge) = 0`` without overflow (the state's ``max`` carries
+    the non-finite value to :func:`finalize`).
+    """
+    huge = scalar(xp, xp.finfo(m.dtype).max, m)
+    zero = scalar(xp, 0.0, m)
+    return xp.where(m == -math.inf, zero, xp.where(xp.isfinite(m), m, huge))
+
+
+def state_from_exponents(
+    xp,
+    exponent: Array,
+    axes: tuple[int, ...],
+    accumulator,
+    *,
+    included: Array | None = None,
+    sign: Array | None = None,
+    scale: Array | None = None,
+    log_scale: Array | None = None,
+) -> LSEState:
+    """Reduce ``exponent`` over ``axes`` (keepdims) to an :class:`LSEState`.
+
+    Parameters
+    ----------
+    exponent
+        Real floating array of ``e_i = a_i + log|b_i|`` (or ``a_i``).
+    axes
+        Non-negative axes to reduce; ``()`` makes one state per entry.
+    accumulator
+        Dtype in which ``count`` and ``rest`` are summed.
+    included
+        Boolean mask (broadcast to ``exponent``); False entries are ignored,
+        whatever their value.  ``None`` includes everything.
+    sign
+        ``sign(b_i)`` in the compute dtype, or ``None`` for all ones.
+    scale, log_scale
+        ``|b_i|`` and ``exponent - log|b_i|`` (i.e. ``a_i``).  When given, the
+        terms are formed as ``|b_i| * exp(a_i - m)``, which keeps the full
+        precision of ``b`` instead of rounding ``log|b_i|`` (whose absolute
+        error grows with ``|log b_i|``).  Subnormal ``|b_i|`` fall back to
+        ``exp(e_i - m)``, where ``exp(a_i - m)`` alone could overflow.
+    """
+    neg_inf = scalar(xp, -math.inf, exponent)
+    masked = exponent if included is None else xp.where(included, exponent, neg_inf)
+    m = reduce_max(xp, masked, axes)
+    shift = _finite_shift(xp, m)
+    at_max = masked == m
+    counted = at_max if included is None else (at_max & included)
+
+    if scale is None:
+        terms = xp.exp(masked - shift)
+    else:
+        tiny = scalar(xp, xp.finfo(exponent.dtype).smallest_normal, exponent)
+        one = scalar(xp, 1.0, exponent)
+        max_log = scalar(xp, math.log(xp.finfo(exponent.dtype).max), exponent)
+        normal = scale >= tiny
+        # |b| * exp(a - m): a - m <= -log|b| <= max_log for normal |b|, so the
+        # clamp below only ever bites on entries that the where discards.
+        direct = xp.exp(xp.minimum(log_scale - shift, max_log)) * xp.where(normal, scale, one)
+        terms = xp.where(normal, direct, xp.exp(exponent - shift))
+    zero = scalar(xp, 0.0, terms)
+    if sign is not None:
+        # A where, not a product: 0 * inf at excluded b == 0 entries would warn.
+        terms = xp.where(sign < 0, -terms, terms)
+    keep = ~at_max if included is None else (included & ~at_max)
+    rest = _accurate_sum(xp, xp.where(keep, terms, zero), axes, accumulator)
+
+    if sign is None:
+        at_max_value = xp.astype(counted, accumulator)
+    else:
+        at_max_value = xp.where(counted, xp.astype(sign, accumulator), scalar(xp, 0.0, rest))
+    count = _accurate_sum(xp, at_max_value, axes, accumulator)
+    return LSEState(m, count, rest)
+
+
+def merge(xp, first: LSEState, second: LSEState) -> LSEState:
+    """Combine two states of disjoint entry sets (associative, commutative).
+
+    The state whose max is the overall max keeps its count and rest; the other
+    contributes ``(count + rest) * exp(its max - overall max)`` to the rest.
+    Differences of equal infinities are never formed, so ``-inf`` merged with
+    ``-inf`` stays ``-inf`` and NaN propagates through ``maximum``.
+    """
+    m = xp.maximum(first.max, second.max)
+    acc = first.rest.dtype
+    count = xp.zeros_like(first.rest) + xp.zeros_like(second.rest)
+    rest = count
+    zero = scalar(xp, 0.0, count)
+    shift = _finite_shift(xp, m)
+    for part in (first, second):
+        on_top = part.max == m
+        # exp(part.max - shift) is 0 for parts below a finite max, and the
+        # where keeps its NaN-free branch for parts that sit on the max.
+        below = xp.where(on_top, xp.full_like(part.max, -math.inf), part.max)
+        weight = xp.astype(xp.exp(below - shift), acc)
+        count = count + xp.where(on_top, part.count, zero)
+        rest = rest + xp.where(on_top, part.rest, (part.count + part.rest) * weight)
+    return LSEState(m, count, rest)
+
+
+def finalize(xp, state: LSEState, dtype) -> tuple[Array, Array]:
+    """Return ``(log|sum|, sign(sum))`` of a state, in ``dtype``.
+
+    ``log|c + r| = log1p((s*c - 1) + s*r)`` with ``s = sign(c + r)``: ``s*c - 1``
+    is an exact small integer, so a tiny ``r`` survives.
+    """
+    m, count, rest = state
+    acc = rest.dtype
+    total = count + rest
+    sign = xp.sign(total)
+    zero_sum = sign == 0
+    # log1p(-1) is the right -inf for a zero sum, but NumPy would warn.
+    shifted = xp.where(zero_sum, scalar(xp, 0.0, total), (sign * count - 1) + sign * rest)
+    log_abs = xp.where(zero_sum, scalar(xp, -math.inf, total), xp.log1p(shifted))
+    # At an infinite max the max alone decides; adding log_abs could form inf - inf.
+    m = xp.astype(m, acc)
+    out = m + xp.where(xp.isfinite(m), log_abs, scalar(xp, 0.0, log_abs))
+    # +inf entries whose signed weights cancel: inf - inf has no limit.
+    undefined = (m == math.inf) & (count == 0)
+    out = xp.where(undefined, scalar(xp, math.nan, out), out)
+    # Nothing included, or a sum of exactly zero: log 0 = -inf with sign 0.
+    sign = xp.where(m == -math.inf, scalar(xp, 0.0, sign), sign)
+    return xp.astype(out, dtype), xp.astype(sign, dtype)
+
+
+def log_softmax_from_state(xp, x: Array, state: LSEState, included: Array | None) -> Array:
+    """``x - lse`` for entries of ``x`` reduced into ``state`` (no weights).
+
+    Computed as ``(x - m) - log1p(c - 1 + r)`` in the accumulator dtype, so the
+    entry at the max gets ``-log1p(r)`` exactly rather than ``m - lse``
+    (``log_softmax([0, -40])[0] = -4.25e-18``, not 0).  Limits follow the
+    contract: ``k`` entries at ``+inf`` get ``-log k`` and the rest ``-inf``;
+    excluded entries get ``-inf``; a NaN in the slice makes it all NaN.
+    """
+    m, count, rest = state
+    acc = rest.dtype
+    log_norm = xp.log1p((count - 1) + rest)
+    shift = xp.astype(_finite_shift(xp, m), acc)
+    value = (xp.astype(x, acc) - shift) - log_norm
+    neg_inf = scalar(xp, -math.inf, value)
+    at_inf = x == math.inf
+    at_inf_share = -xp.log(xp.maximum(count, scalar(xp, 1.0, count)))
+    value = xp.where(m == math.inf, xp.where(at_inf, at_inf_share, neg_inf), value)
+    if included is not None:
+        value = xp.where(included, value, neg_inf)
+    value = xp.where(xp.isnan(m), scalar(xp, math.nan, value), value)
+    return value

@@ -1,0 +1,75 @@
+"""Argument checks that run before anything is computed.
+
+Errors name the argument and say what was expected.  Everything here looks at
+shapes and Python values only, never at array data, so it is lazy-safe.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+__all__ = ["AxisError", "broadcast_shapes", "normalize_axis"]
+
+
+class AxisError(ValueError, IndexError):
+    """An ``axis`` argument that is out of range or repeats an axis.
+
+    Subclasses both ``ValueError`` and ``IndexError``, as NumPy's does.
+    """
+
+
+def normalize_axis(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
+    """Return ``axis`` as a sorted tuple of distinct non-negative axes.
+
+    ``None`` means every axis and ``()`` means none.  Negative axes count
+    from the end.
+    """
+    if axis is None:
+        return tuple(range(ndim))
+    items = axis if isinstance(axis, tuple) else (axis,)
+    normalized = []
+    for item in items:
+        try:
+            index = operator.index(item)
+        except TypeError:
+            raise TypeError(
+                f"argument '{name}' must be None, an int or a tuple of ints, got {axis!r}"
+            ) from None
+        if not -ndim <= index < ndim:
+            raise AxisError(f"{name} {index} is out of range for an array of dimension {ndim}")
+        positive = index % ndim
+        if positive in normalized:
+            raise AxisError(f"{name} {axis!r} repeats axis {positive}")
+        normalized.append(positive)
+    return tuple(sorted(normalized))
+
+
+def broadcast_shapes(shapes: Sequence[tuple], names: Sequence[str]) -> tuple:
+    """The broadcast shape of ``shapes``; ``ValueError`` naming what clashes.
+
+    Unknown extents (``None`` or NaN, as lazy arrays report) are taken to fit.
+    """
+    ndim = max(len(shape) for shape in shapes)
+    result: list = [1] * ndim
+    owner: list = [None] * ndim
+    for shape, name in zip(shapes, names):
+        for offset, extent in enumerate(reversed(shape)):
+            slot = ndim - 1 - offset
+            current = result[slot]
+            if extent == 1 or _unknown(extent):
+                if _unknown(extent) and current == 1:
+                    result[slot] = extent
+                continue
+            if current == 1 or _unknown(current):
+                result[slot], owner[slot] = extent, name
+            elif current != extent:
+                raise ValueError(
+                    f"argument '{name}' with shape {tuple(shape)} does not broadcast against "
+                    f"'{owner[slot]}' with shape {tuple(dict(zip(names, shapes))[owner[slot]])}"
+                )
+    return tuple(result)
+
+
+def _unknown(extent) -> bool:
+    return extent is None or extent != extent  # NaN != NaN

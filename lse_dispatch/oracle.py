@@ -1,0 +1,114 @@
+"""High-precision reference values (mpmath) and ulp errors against them.
+
+The oracle works on NumPy float64 copies of the inputs, which hold every
+float16/bfloat16/float32 value exactly, and returns exact results as object
+arrays of ``mpmath.mpf``.  Used by the tests, ``lse-dispatch report`` and the
+conformance suite; needs the ``mpmath`` package (the ``test`` extra).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["exact_log_softmax", "exact_logsumexp", "exact_softmax", "ulp_error"]
+
+# Bits of working precision: enough that every sum of up to 2**24 terms in
+# the exponent range of float64 is far more accurate than a float64 ulp.
+PRECISION = 160
+
+
+def _mp():
+    try:
+        import mpmath
+    except ImportError as exc:  # pragma: no cover - exercised without the extra
+        raise ImportError("the oracle needs mpmath: pip install 'lse-dispatch[test]'") from exc
+    return mpmath
+
+
+def _slices(array: np.ndarray, axes: tuple[int, ...]):
+    """Move ``axes`` to the end and flatten them: shape (kept..., n)."""
+    kept = tuple(ax for ax in range(array.ndim) if ax not in axes)
+    moved = np.transpose(array, kept + axes)
+    return moved.reshape(tuple(array.shape[ax] for ax in kept) + (-1,))
+
+
+def _normalize(axis, ndim):
+    if axis is None:
+        return tuple(range(ndim))
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    return tuple(sorted(ax % ndim for ax in axes))
+
+
+def exact_logsumexp(a, axis=None, b=None, where=None) -> np.ndarray:
+    """Exact ``log(sum(b * exp(a)))`` over finite-or-masked inputs, as ``mpf``.
+
+    Returns an object array of the reduced shape.  A negative sum gives the
+    log of its magnitude (callers compare signs separately).
+    """
+    mp = _mp()
+    a = np.asarray(a, dtype=np.float64)
+    shape = np.broadcast_shapes(a.shape, np.shape(b) if b is not None else (), np.shape(where) if where is not None else ())
+    a = np.broadcast_to(a, shape)
+    weights = np.broadcast_to(np.ones(()) if b is None else np.asarray(b, dtype=np.float64), shape)
+    mask = np.broadcast_to(np.ones((), bool) if where is None else np.asarray(where, bool), shape)
+    axes = _normalize(axis, len(shape))
+    flat_a, flat_b, flat_w = (_slices(x, axes) for x in (a, weights, mask))
+    out = np.empty(flat_a.shape[:-1], dtype=object)
+    with mp.workprec(PRECISION):
+        for index in np.ndindex(out.shape):
+            total = mp.fsum(
+                mp.mpf(float(w)) * mp.exp(mp.mpf(float(x)))
+                for x, w, keep in zip(flat_a[index], flat_b[index], flat_w[index])
+                if keep and w != 0
+            )
+            out[index] = mp.log(abs(total)) if total != 0 else mp.mpf("-inf")
+    return out
+
+
+def exact_log_softmax(x, axis=None, where=None) -> np.ndarray:
+    """Exact ``x - logsumexp(x)``; excluded entries get ``-inf``."""
+    mp = _mp()
+    x = np.asarray(x, dtype=np.float64)
+    axes = _normalize(axis, x.ndim)
+    lse = exact_logsumexp(x, axis=axes, where=where)
+    lse = np.expand_dims(lse, axes) if axes else lse
+    mask = np.broadcast_to(np.ones((), bool) if where is None else np.asarray(where, bool), x.shape)
+    out = np.empty(x.shape, dtype=object)
+    with mp.workprec(PRECISION):
+        for index in np.ndindex(x.shape):
+            lse_index = tuple(0 if ax in axes else i for ax, i in enumerate(index))
+            out[index] = mp.mpf(float(x[index])) - lse[lse_index] if mask[index] else mp.mpf("-inf")
+    return out
+
+
+def exact_softmax(x, axis=None, where=None) -> np.ndarray:
+    """Exact ``exp(x - logsumexp(x))``; excluded entries get 0."""
+    mp = _mp()
+    with mp.workprec(PRECISION):
+        return np.vectorize(mp.exp, otypes=[object])(exact_log_softmax(x, axis=axis, where=where))
+
+
+def ulp_error(got, exact: np.ndarray, dtype) -> np.ndarray:
+    """``|got - exact|`` in units of the last place of ``dtype`` at ``exact``.
+
+    The ulp is the spacing of ``dtype`` at the exact value rounded to it, so
+    a correctly rounded result scores at most 0.5.  Equal infinities and
+    matching NaNs score 0; anything else non-finite scores ``inf``.
+    """
+    mp = _mp()
+    got = np.asarray(got, dtype=np.float64)
+    exact = np.asarray(exact, dtype=object)
+    got, exact = np.broadcast_arrays(got, exact)
+    errors = np.empty(got.shape, dtype=np.float64)
+    for index in np.ndindex(got.shape):
+        g, e = got[index], exact[index]
+        if not mp.isfinite(e) or not np.isfinite(g):
+            same = (mp.isnan(e) and np.isnan(g)) or (not mp.isnan(e) and float(e) == g)
+            errors[index] = 0.0 if same else np.inf
+            continue
+        rounded = np.asarray(float(e)).astype(dtype)
+        spacing = np.spacing(np.abs(rounded)).astype(np.float64)
+        if spacing == 0 or not np.isfinite(spacing):
+            spacing = float(np.finfo(dtype).smallest_subnormal)
+        errors[index] = float(abs(mp.mpf(float(g)) - e) / mp.mpf(float(spacing)))
+    return errors
