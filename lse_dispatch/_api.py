@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _generic
+from . import _dispatch
 from ._call import Call, prepare
 
 __all__ = ["log_softmax", "logsumexp", "softmax"]
@@ -65,7 +65,7 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, where=
     (0.5413248546129181, -1.0)
     """
     call = prepare("logsumexp", a, axis=axis, b=b, where=where, return_sign=return_sign)
-    value, sign = _generic.logsumexp(call)
+    value, sign = _dispatch.run(call)
     value = _squeeze(call, value, keepdims)
     if return_sign:
         return value, _squeeze(call, sign, keepdims)
@@ -98,7 +98,7 @@ def softmax(x, axis=None, *, where=None):
     array([0. , 0.5, 0.5])
     """
     call = prepare("softmax", x, axis=axis, where=where)
-    return _generic.softmax(call)
+    return _dispatch.run(call)
 
 
 def log_softmax(x, axis=None, *, where=None):
@@ -126,4 +126,4 @@ def log_softmax(x, axis=None, *, where=None):
     -4.248354255291589e-18
     """
     call = prepare("log_softmax", x, axis=axis, where=where)
-    return _generic.log_softmax(call)
+    return _dispatch.run(call)

@@ -85,7 +85,9 @@ def _accurate_sum(xp, x: Array, axes: tuple[int, ...], dtype) -> Array:
     order = kept + tuple(axes)
     moved = x if order == tuple(range(x.ndim)) else xp.permute_dims(x, order)
     kept_shape = tuple(x.shape[ax] for ax in kept)
-    flat = xp.reshape(moved, kept_shape + (reduced,))
+    # Through 1-D: a reshape to (kept, n) may return the strided view itself,
+    # while flattening lays the reduced entries out contiguously, last.
+    flat = xp.reshape(xp.reshape(moved, (-1,)), kept_shape + (reduced,))
     total = xp.sum(flat, axis=-1, dtype=dtype)
     keep_shape = tuple(1 if ax in axes else x.shape[ax] for ax in range(x.ndim))
     return xp.reshape(total, keep_shape)
