@@ -1,0 +1,298 @@
+"""Running checks: implementations x targets x checks x dtypes -> records."""
+
+from __future__ import annotations
+
+import fnmatch
+import platform
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ._checks import FAMILIES, Check, Context, Outcome, registry
+from ._impls import Implementation, NotApplicable, Unsupported, load
+from ._targets import Target, discover, select
+
+__all__ = ["ExpectedFailure", "Record", "Result", "load_xfails", "run"]
+
+STATUSES = ("pass", "fail", "xfail", "xpass", "unsupported")
+
+#: Distributions whose versions every report records.
+DISTRIBUTIONS = ("lse-dispatch", "numpy", "scipy", "torch", "jax", "jaxlib", "dask", "array-api-strict",
+                 "array-api-compat", "cupy-cuda12x", "mpmath", "hypothesis", "ml-dtypes")
+
+
+@dataclass(frozen=True)
+class ExpectedFailure:
+    """One entry of an expected-failures file: patterns and the reason."""
+
+    check: str
+    reason: str
+    backend: str = "*"
+    dtype: str = "*"
+
+    def matches(self, check_id: str, target: Target, dtype: str) -> bool:
+        return (
+            fnmatch.fnmatchcase(check_id, self.check)
+            and (fnmatch.fnmatchcase(target.label, self.backend) or fnmatch.fnmatchcase(target.spec.name, self.backend))
+            and fnmatch.fnmatchcase(dtype, self.dtype)
+        )
+
+
+def load_xfails(path: str | Path | None) -> list[ExpectedFailure]:
+    """Entries of a TOML file of ``[[xfail]]`` tables (``check``, ``backend``,
+    ``dtype``, ``reason``); a missing file declares none."""
+    if path is None or not Path(path).exists():
+        return []
+    import tomllib
+
+    with open(path, "rb") as handle:
+        data = tomllib.load(handle)
+    entries = []
+    for number, entry in enumerate(data.get("xfail", []), 1):
+        if "check" not in entry or not str(entry.get("reason", "")).strip():
+            raise ValueError(f"{path}: xfail entry {number} needs 'check' and a non-empty 'reason'")
+        entries.append(ExpectedFailure(entry["check"], entry["reason"], entry.get("backend", "*"), entry.get("dtype", "*")))
+    return entries
+
+
+@dataclass
+class Record:
+    """The outcome of one check, for one implementation, target and dtype."""
+
+    impl: str
+    target: str
+    family: str
+    check: str
+    dtype: str
+    status: str
+    detail: str = ""
+    example: dict | None = None
+    reason: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Result:
+    """Everything a run produced; render it with :mod:`._report`."""
+
+    records: list[Record]
+    implementations: list[dict]
+    targets: dict[str, list[str]]
+    skipped_targets: dict[str, list[str]]
+    versions: dict[str, str]
+    config: dict
+    seconds: float = 0.0
+    families: tuple[str, ...] = FAMILIES
+
+    @property
+    def ok(self) -> bool:
+        """No unexpected failure (xfail, xpass and unsupported are not failures)."""
+        return not any(r.status == "fail" for r in self.records)
+
+    def counts(self) -> dict[tuple[str, str, str], Counter]:
+        """``(impl, target, family) -> Counter(status)``."""
+        table: dict[tuple[str, str, str], Counter] = {}
+        for r in self.records:
+            table.setdefault((r.impl, r.target, r.family), Counter())[r.status] += 1
+        return table
+
+    def totals(self) -> Counter:
+        return Counter(r.status for r in self.records)
+
+    def failures(self, statuses: Iterable[str] = ("fail",)) -> list[Record]:
+        statuses = tuple(statuses)
+        return [r for r in self.records if r.status in statuses]
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "totals": dict(self.totals()),
+            "seconds": round(self.seconds, 2),
+            "config": self.config,
+            "versions": self.versions,
+            "implementations": self.implementations,
+            "targets": self.targets,
+            "skipped_targets": self.skipped_targets,
+            "matrix": [
+                {"impl": i, "target": t, "family": f, **dict(c)} for (i, t, f), c in self.counts().items()
+            ],
+            "records": [asdict(r) for r in self.records],
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        from ._report import to_json
+
+        return to_json(self, path)
+
+    def to_markdown(self, path: str | Path | None = None) -> str:
+        from ._report import to_markdown
+
+        return to_markdown(self, path)
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in DISTRIBUTIONS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _reference(impl: Implementation, everything: list[Target]) -> Target | None:
+    for target in everything:
+        if impl.accepts(target.spec.name) and not target.readonly:
+            return target
+    return None
+
+
+def _dtypes_of(check: Check, target: Target, wanted: tuple[str, ...] | None) -> list[str]:
+    if check.dtypes is None:
+        widest = "float64" if "float64" in target.dtypes else "float32"
+        chosen = [widest]
+    else:
+        chosen = [d for d in check.dtypes if d in target.dtypes]
+    return [d for d in chosen if wanted is None or d in wanted]
+
+
+def _selected(checks: list[Check], families, patterns, quick: bool) -> list[Check]:
+    out = []
+    for check in checks:
+        if families and check.family not in families:
+            continue
+        if patterns and not any(fnmatch.fnmatchcase(check.id, p) for p in patterns):
+            continue
+        if quick and check.slow:
+            continue
+        out.append(check)
+    return out
+
+
+def run_one(check: Check, ctx: Context) -> tuple[str, Outcome]:
+    """Run a check; ``("unsupported" | "pass" | "fail", outcome)``; NotApplicable propagates."""
+    try:
+        outcome = check.run(ctx)
+    except (Unsupported, NotApplicable) as exc:
+        if isinstance(exc, NotApplicable):
+            raise
+        return "unsupported", Outcome(False, str(exc))
+    except Exception as exc:  # noqa: BLE001 - an implementation may raise anything
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return "fail", Outcome(False, f"raised {type(exc).__name__}: {str(exc).strip()[:300]} "
+                                      f"(at {Path(where.filename).name}:{where.lineno})")
+    return ("pass" if outcome.passed else "fail"), outcome
+
+
+def run(
+    impl: str | Implementation | Iterable[str | Implementation] = "ours",
+    *,
+    backends: str | list[str] | None = None,
+    device: str | None = None,
+    families: Iterable[str] | None = None,
+    checks: Iterable[str] | None = None,
+    dtypes: Iterable[str] | None = None,
+    quick: bool = False,
+    max_examples: int | None = None,
+    xfail: str | Path | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> Result:
+    """Run the conformance suite and return a :class:`Result`.
+
+    Parameters
+    ----------
+    impl
+        ``"ours"``, ``"scipy"``, ``"torch"``, ``"jax"``, ``"cupy"``, a triple
+        ``"mod:logsumexp,mod:softmax,mod:log_softmax"``, an
+        :class:`Implementation`, or a list of those.
+    backends, device
+        Patterns narrowing the targets (``"numpy,torch:cpu"``); ``None``: the
+        ``LSE_CONFORMANCE_BACKENDS`` / ``LSE_CONFORMANCE_DEVICE`` variables.
+    families, checks, dtypes
+        Narrow to these families, check-id patterns and dtypes.
+    quick
+        Leave out the slow checks (2**20-entry reductions) and run 10
+        hypothesis examples per invariant instead of 25.
+    xfail
+        Expected-failures file overriding the implementation's own.
+    progress
+        Called with a dict after each check (see ``cli.py``).
+    """
+    started = time.perf_counter()
+    impls = [impl] if isinstance(impl, (str, Implementation)) else list(impl)
+    impls = [load(i, xfail=xfail) if xfail is not None else load(i) for i in impls]
+    targets = select(backends, device)
+    everything = discover()
+    families = tuple(families) if families else None
+    if families:
+        unknown = set(families) - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"unknown famil{'ies' if len(unknown) > 1 else 'y'} {sorted(unknown)}; known: {', '.join(FAMILIES)}")
+    wanted_dtypes = tuple(dtypes) if dtypes else None
+    chosen = _selected(registry(), families, tuple(checks) if checks else None, quick)
+    examples = max_examples if max_examples is not None else (10 if quick else 25)
+    records: list[Record] = []
+    ran: dict[str, list[str]] = {}
+    skipped: dict[str, list[str]] = {}
+    plan = []
+    for implementation in impls:
+        expected = load_xfails(implementation.xfail_file)
+        reference = _reference(implementation, everything)
+        for target in targets:
+            if not implementation.accepts(target.spec.name):
+                skipped.setdefault(implementation.name, []).append(target.label)
+                continue
+            ran.setdefault(implementation.name, []).append(target.label)
+            plan.append((implementation, expected, reference, target))
+    total = sum(
+        len(_dtypes_of(c, t, wanted_dtypes))
+        for _, _, _, t in plan
+        for c in chosen
+        if c.backends is None or t.spec.name in c.backends
+    )
+    done = 0
+    for implementation, expected, reference, target in plan:
+        target.prepare()
+        for check in chosen:
+            if check.backends is not None and target.spec.name not in check.backends:
+                continue
+            for dtype in _dtypes_of(check, target, wanted_dtypes):
+                done += 1
+                ctx = Context(implementation, target, dtype,
+                              reference=None if reference is None or reference.label == target.label else reference,
+                              max_examples=examples)
+                began = time.perf_counter()
+                try:
+                    status, outcome = run_one(check, ctx)
+                except NotApplicable:
+                    continue
+                reason = ""
+                matched = next((x for x in expected if x.matches(check.id, target, dtype)), None)
+                if matched is not None and status in ("fail", "pass"):
+                    status, reason = ("xfail" if status == "fail" else "xpass"), matched.reason
+                record = Record(implementation.name, target.label, check.family, check.id, dtype, status,
+                                outcome.detail, outcome.example, reason, round(time.perf_counter() - began, 4))
+                records.append(record)
+                if progress is not None:
+                    progress({"done": done, "total": total, "record": record})
+    return Result(
+        records=records,
+        implementations=[
+            {"name": i.name, "description": i.description, "strict": i.strict,
+             "xfail_file": str(i.xfail_file.name) if i.xfail_file and i.xfail_file.exists() else None,
+             "versions": i.versions}
+            for i in impls
+        ],
+        targets=ran,
+        skipped_targets=skipped,
+        versions=versions(),
+        config={"backends": backends, "device": device, "families": list(families) if families else None,
+                "checks": list(checks) if checks else None, "dtypes": list(wanted_dtypes) if wanted_dtypes else None,
+                "quick": quick, "max_examples": examples},
+        seconds=time.perf_counter() - started,
+    )
