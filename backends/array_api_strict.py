@@ -31,7 +31,7 @@ def _to_numpy(x):
     import numpy as np
 
     cpu = xp.__array_namespace_info__().default_device()
-    return np.asarray(xp.to_device(x, cpu))
+    return np.asarray(x.to_device(cpu))
 
 
 SPEC = BackendSpec(

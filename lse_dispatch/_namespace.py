@@ -16,6 +16,7 @@ __all__ = [
     "DtypePlan",
     "device_of",
     "is_dask_namespace",
+    "is_jax_namespace",
     "plan_dtypes",
     "resolve_namespace",
     "scalar",
@@ -27,6 +28,11 @@ Array = Any
 def is_dask_namespace(xp) -> bool:
     """True for Dask's array namespace, whose reductions are chunked trees."""
     return array_api_compat.is_dask_namespace(xp)
+
+
+def is_jax_namespace(xp) -> bool:
+    """True for JAX's namespace, whose XLA kernels need some care."""
+    return array_api_compat.is_jax_namespace(xp)
 
 
 def device_of(x: Array):

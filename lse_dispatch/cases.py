@@ -9,13 +9,14 @@ arguments, and either leaves the expected values to the mpmath oracle
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CASES", "Case", "ULP_BUDGET", "Verdict", "cases", "evaluate", "round_to"]
+__all__ = ["CASES", "Case", "ULP_BUDGET", "Verdict", "cases", "evaluate", "inputs", "round_to"]
 
 #: Relative error allowed against the oracle, in ulps of the result dtype.
 #: float16 and bfloat16 are computed in float32 and rounded once, so they
@@ -218,6 +219,7 @@ def _build() -> list[Case]:
 
 #: Every built-in case.
 CASES: tuple[Case, ...] = tuple(_build())
+_BY_ID = {case.id: case for case in CASES}
 
 
 def cases(*, family: str | None = None, op: str | None = None, dtype: str | None = None) -> list[Case]:
@@ -260,6 +262,37 @@ def _stated_match(got: np.ndarray, want: np.ndarray, dtype: str) -> tuple[bool, 
     return worst <= ULP_BUDGET[dtype], worst
 
 
+def _built_in(case: Case) -> bool:
+    return _BY_ID.get(case.id) is case
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_inputs(case_id: str, dtype: str) -> dict:
+    return _BY_ID[case_id].make(dtype)
+
+
+def inputs(case: Case, dtype: str) -> dict:
+    """The case's NumPy inputs for ``dtype`` (made once for built-in cases)."""
+    return _cached_inputs(case.id, dtype) if _built_in(case) else case.make(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_exact(case_id: str, dtype: str) -> np.ndarray:
+    return _exact(_BY_ID[case_id], _cached_inputs(case_id, dtype))
+
+
+def _exact(case: Case, values: dict) -> np.ndarray:
+    from . import oracle
+
+    x = values["a"]
+    axis = case.kwargs.get("axis")
+    if case.op == "logsumexp":
+        return oracle.exact_logsumexp(x, axis=axis, b=values.get("b"), where=values.get("where"))
+    if case.op == "log_softmax":
+        return oracle.exact_log_softmax(x, axis=axis, where=values.get("where"))
+    return oracle.exact_softmax(x, axis=axis, where=values.get("where"))
+
+
 def evaluate(case: Case, dtype: str, inputs: dict, got) -> Verdict:
     """Compare ``got`` (NumPy, or a ``(value, sign)`` pair) with the case.
 
@@ -279,14 +312,10 @@ def evaluate(case: Case, dtype: str, inputs: dict, got) -> Verdict:
             if not ok:
                 return Verdict(False, worst, f"expected {np.asarray(want_part)!r}, got {np.asarray(got_part)!r}")
         return Verdict(True, worst, "")
-    x = inputs["a"]
-    axis = case.kwargs.get("axis")
-    if case.op == "logsumexp":
-        exact = oracle.exact_logsumexp(x, axis=axis, b=inputs.get("b"), where=inputs.get("where"))
-    elif case.op == "log_softmax":
-        exact = oracle.exact_log_softmax(x, axis=axis, where=inputs.get("where"))
+    if _built_in(case) and inputs is _cached_inputs(case.id, dtype):
+        exact = _cached_exact(case.id, dtype)
     else:
-        exact = oracle.exact_softmax(x, axis=axis, where=inputs.get("where"))
+        exact = _exact(case, inputs)
     np_dtype = np.float32 if dtype == "bfloat16" else dtype
     if dtype == "bfloat16":
         import ml_dtypes

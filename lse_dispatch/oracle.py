@@ -121,11 +121,22 @@ def exact_softmax(x, axis=None, where=None) -> np.ndarray:
         return np.vectorize(mp.exp, otypes=[object])(exact_log_softmax(x, axis=axis, where=where))
 
 
+def _finfo(dtype):
+    """``finfo`` that also knows ml_dtypes' bfloat16."""
+    try:
+        return np.finfo(dtype)
+    except ValueError:
+        import ml_dtypes
+
+        return ml_dtypes.finfo(dtype)
+
+
 def ulp_error(got, exact: np.ndarray, dtype) -> np.ndarray:
     """``|got - exact|`` in units of the last place of ``dtype`` at ``exact``.
 
     The ulp is the spacing of ``dtype`` at the exact value rounded to it, so
-    a correctly rounded result scores at most 0.5.  Equal infinities and
+    a correctly rounded result scores at most 0.5.  Below the smallest normal
+    number the unit is the smallest normal number (flush to zero is allowed).  Equal infinities and
     matching NaNs score 0; anything else non-finite scores ``inf``.
     """
     mp = _mp()
@@ -133,15 +144,19 @@ def ulp_error(got, exact: np.ndarray, dtype) -> np.ndarray:
     exact = np.asarray(exact, dtype=object)
     got, exact = np.broadcast_arrays(got, exact)
     errors = np.empty(got.shape, dtype=np.float64)
+    smallest_normal = float(_finfo(dtype).smallest_normal)
     for index in np.ndindex(got.shape):
         g, e = got[index], exact[index]
         if not mp.isfinite(e) or not np.isfinite(g):
             same = (mp.isnan(e) and np.isnan(g)) or (not mp.isnan(e) and float(e) == g)
             errors[index] = 0.0 if same else np.inf
             continue
-        rounded = np.asarray(float(e)).astype(dtype)
-        spacing = np.spacing(np.abs(rounded)).astype(np.float64)
-        if spacing == 0 or not np.isfinite(spacing):
-            spacing = float(np.finfo(dtype).smallest_subnormal)
+        # Below the smallest normal number the unit is that number: XLA on
+        # CPU and GPUs flush subnormal results to zero, and gradual
+        # underflow is not part of the contract.
+        if abs(float(e)) < smallest_normal:
+            spacing = smallest_normal
+        else:
+            spacing = float(np.spacing(np.abs(np.asarray(float(e)).astype(dtype))))
         errors[index] = float(abs(mp.mpf(float(g)) - e) / mp.mpf(float(spacing)))
     return errors
