@@ -148,11 +148,13 @@ def finfo(dtype: str):
 
 
 def spacing(values, dtype: str) -> np.ndarray:
-    """The ulp of ``dtype`` at each value (smallest subnormal at 0), as float64."""
+    """The ulp of ``dtype`` at each value, as float64; below the smallest
+    normal number the unit is that number, as in ``oracle.ulp_error``."""
     values = np.abs(np.asarray(values, dtype=np.float64))
-    rounded = values.astype(numpy_dtype(dtype))
-    out = np.spacing(rounded).astype(np.float64)
-    return np.where(out > 0, out, float(finfo(dtype).smallest_subnormal))
+    smallest_normal = float(finfo(dtype).smallest_normal)
+    with np.errstate(all="ignore"):
+        out = np.spacing(values.astype(numpy_dtype(dtype))).astype(np.float64)
+    return np.where((values < smallest_normal) | ~np.isfinite(out), smallest_normal, out)
 
 
 def _move(array: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:

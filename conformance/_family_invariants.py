@@ -29,10 +29,9 @@ def _strategy():
     from hypothesis import strategies as st
     from hypothesis.extra import numpy as hnp
 
-    shapes = st.one_of(
-        st.tuples(st.integers(1, 12)),
-        st.tuples(st.integers(1, 4), st.integers(1, 6)),
-    )
+    # A few fixed shapes: JAX compiles every operation once per shape, and a
+    # new shape per example would spend the run compiling.
+    shapes = st.sampled_from([(1,), (2,), (7,), (12,), (1, 5), (3, 4), (4, 1)])
     eighths = st.integers(-128, 128).map(lambda k: k / 8)
 
     @st.composite
@@ -109,7 +108,7 @@ def _property(ctx: Context, name: str, op: str):
         flat = moved.reshape(moved.shape[: values.ndim - len(axes)] + (-1,))
         f = np.max(_factor(ctx, "softmax", values, axis, r))
         # |sum s_j - 1| <= sum |err_j| <= B f eps sum s_j (+ subnormal spacing per entry)
-        tol = budget * f * eps + flat.shape[-1] * float(finfo(ctx.dtype).smallest_subnormal)
+        tol = budget * f * eps + flat.shape[-1] * float(finfo(ctx.dtype).smallest_normal)
         for index in np.ndindex(flat.shape[:-1]):
             total = math.fsum(flat[index].tolist())
             if abs(total - 1.0) > tol:

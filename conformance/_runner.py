@@ -6,6 +6,7 @@ import fnmatch
 import platform
 import time
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -177,7 +178,11 @@ def _selected(checks: list[Check], families, patterns, quick: bool) -> list[Chec
 def run_one(check: Check, ctx: Context) -> tuple[str, Outcome]:
     """Run a check; ``("unsupported" | "pass" | "fail", outcome)``; NotApplicable propagates."""
     try:
-        outcome = check.run(ctx)
+        # Judge values, not warnings: a host project's "warnings as errors"
+        # must not turn an implementation's overflow warning into a crash.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outcome = check.run(ctx)
     except (Unsupported, NotApplicable) as exc:
         if isinstance(exc, NotApplicable):
             raise
