@@ -62,4 +62,5 @@ def test_fused_limits_match_generic(op):
     )
     fused = FUNCTIONS[op](cupy.asarray(rows), axis=-1)
     generic = FUNCTIONS[op](rows, axis=-1)
-    np.testing.assert_array_equal(cupy.asnumpy(fused), generic)
+    # Same non-finite pattern; finite entries within the contract's 4 ulps.
+    np.testing.assert_allclose(cupy.asnumpy(fused), generic, rtol=4 * np.finfo(np.float32).eps, atol=0)
