@@ -50,20 +50,50 @@ __device__ __forceinline__ LseState lse_merge(LseState a, LseState b) {
     return out;
 }
 
+__device__ __forceinline__ void lse_rescale(LseState &s, float new_max) {
+    // A new max: the old state moves into the rest, scaled down (in double:
+    // errors of the factor would compound over successive rescalings).
+    double w = (s.max == -LSE_INF || new_max == LSE_INF) ? 0.0 : exp((double)s.max - (double)new_max);
+    s.rest = (s.count + s.rest) * w;
+    s.count = 0.0;
+    s.max = new_max;
+}
+
+__device__ __forceinline__ void lse_add(LseState &s, float x) {
+    // x <= s.max here, or NaN.
+    if (x == s.max) s.count += 1.0;
+    else if (isnan(x)) s.max = LSE_NAN;
+    else if (!isnan(s.max) && s.max != LSE_INF) s.rest += (double)expf(x - s.max);
+}
+
 __device__ __forceinline__ void lse_update(LseState &s, float x) {
-    if (x > s.max) {
-        // A new max: the old state moves into the rest, scaled down.
-        double w = (s.max == -LSE_INF) ? 0.0 : exp((double)s.max - (double)x);
-        if (x == LSE_INF) w = 0.0;
-        s.rest = (s.count + s.rest) * w;
-        s.count = 1.0;
-        s.max = x;
-    } else if (x == s.max) {
-        s.count += 1.0;
-    } else if (isnan(x)) {
-        s.max = LSE_NAN;
-    } else if (!isnan(s.max) && s.max != LSE_INF) {
-        s.rest += (double)expf(x - s.max);
+    if (x > s.max) lse_rescale(s, x);
+    lse_add(s, x);
+}
+
+__device__ __forceinline__ void lse_update4(LseState &s, float4 v) {
+    // One rescale per four entries at most: most batches leave the max alone.
+    const float top = fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w));
+    if (top > s.max) lse_rescale(s, top);
+    lse_add(s, v.x); lse_add(s, v.y); lse_add(s, v.z); lse_add(s, v.w);
+}
+
+// Fold entries first, first + step, ... of a row into s: float4 loads where
+// the row is 16-byte aligned, four of them in flight per iteration.
+__device__ __forceinline__ void lse_fold(LseState &s, const float* base, long long n_cols,
+                                          long long first, long long step) {
+    if ((((unsigned long long)base) & 15) == 0 && (n_cols & 3) == 0) {
+        const float4* base4 = reinterpret_cast<const float4*>(base);
+        const long long n4 = n_cols >> 2;
+        long long j = first;
+        for (; j + 3 * step < n4; j += 4 * step) {
+            float4 a = __ldg(base4 + j), b = __ldg(base4 + j + step);
+            float4 c = __ldg(base4 + j + 2 * step), d = __ldg(base4 + j + 3 * step);
+            lse_update4(s, a); lse_update4(s, b); lse_update4(s, c); lse_update4(s, d);
+        }
+        for (; j < n4; j += step) lse_update4(s, __ldg(base4 + j));
+    } else {
+        for (long long j = first; j < n_cols; j += step) lse_update(s, __ldg(base + j));
     }
 }
 
@@ -90,18 +120,8 @@ extern "C" __global__ void lse_state_rows(
     const float* base = x + row * n_cols;
     LseState s; s.max = -LSE_INF; s.count = 0.0; s.rest = 0.0;
     const long long stride = (long long)blockDim.x * blocks_per_row;
-    long long i = part * blockDim.x + threadIdx.x;
-    // Vector loads where the row is 16-byte aligned and long enough.
-    if ((((unsigned long long)base) & 15) == 0 && (n_cols & 3) == 0) {
-        const float4* base4 = reinterpret_cast<const float4*>(base);
-        const long long n4 = n_cols >> 2;
-        for (long long j = i; j < n4; j += stride) {
-            float4 v = __ldg(base4 + j);
-            lse_update(s, v.x); lse_update(s, v.y); lse_update(s, v.z); lse_update(s, v.w);
-        }
-    } else {
-        for (long long j = i; j < n_cols; j += stride) lse_update(s, __ldg(base + j));
-    }
+    const long long i = part * blockDim.x + threadIdx.x;
+    lse_fold(s, base, n_cols, i, stride);
     s = warp_merge(s);
     __shared__ float smax[32];
     __shared__ double scount[32];
@@ -119,6 +139,19 @@ extern "C" __global__ void lse_state_rows(
             out_max[k] = s.max; out_count[k] = s.count; out_rest[k] = s.rest;
         }
     }
+}
+
+// Short rows: one warp per row, so no block-wide merge and no idle threads.
+extern "C" __global__ void lse_state_short_rows(
+    const float* __restrict__ x, long long n_cols, long long n_rows,
+    float* __restrict__ out_max, double* __restrict__ out_count, double* __restrict__ out_rest)
+{
+    const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (row >= n_rows) return;  // whole warps leave together
+    LseState s; s.max = -LSE_INF; s.count = 0.0; s.rest = 0.0;
+    lse_fold(s, x + row * n_cols, n_cols, threadIdx.x & 31, 32);
+    s = warp_merge(s);
+    if ((threadIdx.x & 31) == 0) { out_max[row] = s.max; out_count[row] = s.count; out_rest[row] = s.rest; }
 }
 
 __device__ __forceinline__ LseState load_state(const float* m, const double* c, const double* r, long long k) {
@@ -168,10 +201,19 @@ SOFTMAX = r"""
     if (isnan(m)) out = m;
     else if (m == __int_as_float(0x7f800000)) out = (x == m) ? (float)(1.0 / count) : 0.0f;
     else if (m == -__int_as_float(0x7f800000)) out = 0.0f;
-    else out = (float)exp(((double)x - (double)m) - norm);
+    else {
+        // The exponent in double, split into float hi + lo: expf(hi) is one
+        // float32 rounding, and fmaf(e, lo, e) applies exp(lo) ~ 1 + lo.
+        const double t = ((double)x - (double)m) - norm;
+        const float hi = (float)t;
+        const float e = expf(hi);
+        out = fmaf(e, (float)(t - (double)hi), e);
+    }
 """
 
 THREADS = 256
+#: Rows up to this many entries get one warp each instead of whole blocks.
+SHORT_ROW = 8192
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,11 +241,11 @@ def _multiprocessors(device_id: int) -> int:
 
 
 def _blocks_per_row(n_rows: int, n_cols: int) -> int:
-    """Enough blocks to fill the GPU: about 8 blocks per multiprocessor."""
+    """Enough blocks to fill the GPU: about 16 blocks per multiprocessor."""
     import cupy
 
     sms = _multiprocessors(cupy.cuda.Device().id)
-    wanted = max(1, (sms * 8) // max(n_rows, 1))
+    wanted = max(1, (sms * 16) // max(n_rows, 1))
     per_thread = 16  # entries per thread at the least, to amortise the merge
     return int(max(1, min(wanted, math.ceil(n_cols / (THREADS * per_thread)))))
 
@@ -218,10 +260,17 @@ def lse_state_rows(x2d):
     import cupy
 
     n_rows, n_cols = x2d.shape
-    per_row = _blocks_per_row(n_rows, n_cols)
+    short = n_cols <= SHORT_ROW
+    per_row = 1 if short else _blocks_per_row(n_rows, n_cols)
     out_max = cupy.empty((n_rows, per_row), dtype=cupy.float32)
     out_count = cupy.empty((n_rows, per_row), dtype=cupy.float64)
     out_rest = cupy.empty((n_rows, per_row), dtype=cupy.float64)
+    if short:
+        blocks = (n_rows * 32 + THREADS - 1) // THREADS
+        _module().get_function("lse_state_short_rows")(
+            (blocks,), (THREADS,), (x2d, cupy.int64(n_cols), cupy.int64(n_rows), out_max, out_count, out_rest)
+        )
+        return out_max, out_count, out_rest
     _module().get_function("lse_state_rows")(
         (per_row * n_rows,),
         (THREADS,),
