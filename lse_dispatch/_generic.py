@@ -12,7 +12,7 @@ from typing import Any
 
 from ._call import Call
 from ._namespace import scalar
-from ._state import LSEState, finalize, log_softmax_from_state, state_from_exponents
+from ._state import LSEState, finalize, log_softmax_from_state, softmax_from_state, state_from_exponents
 
 __all__ = ["log_softmax", "logsumexp", "logsumexp_state", "softmax"]
 
@@ -133,14 +133,14 @@ def log_softmax(call: Call) -> Array:
 
 
 def softmax(call: Call) -> Array:
-    """``exp(log_softmax(x))``: the exponent is formed in the accumulator dtype."""
+    """``exp(log_softmax(x))``, its exponent compensated for rounding."""
     xp, plan = call.xp, call.plan
     if _is_empty(call):
         return xp.astype(call.a, plan.result)
     state = logsumexp_state(call)
     x = xp.astype(call.a, plan.compute)
     included = None if call.where is None else xp.broadcast_to(call.where, x.shape)
-    return xp.astype(xp.exp(log_softmax_from_state(xp, x, state, included)), plan.result)
+    return xp.astype(softmax_from_state(xp, x, state, included), plan.result)
 
 
 def _is_empty(call: Call) -> bool:

@@ -35,6 +35,7 @@ __all__ = [
     "log_softmax_from_state",
     "merge",
     "reduce_max",
+    "softmax_from_state",
     "state_from_exponents",
 ]
 
@@ -43,7 +44,7 @@ Array = Any
 # Reductions over more than this many elements are summed along a contiguous
 # trailing axis, so that NumPy-like backends use pairwise summation instead of
 # adding one strided element after another.
-_PAIRWISE_THRESHOLD = 1024
+_PAIRWISE_THRESHOLD = 32
 
 
 class LSEState(NamedTuple):
@@ -151,7 +152,8 @@ def state_from_exponents(
     else:
         tiny = scalar(xp, xp.finfo(exponent.dtype).smallest_normal, exponent)
         one = scalar(xp, 1.0, exponent)
-        max_log = scalar(xp, math.log(xp.finfo(exponent.dtype).max), exponent)
+        # One below log(max): exp of log(max) itself rounds up to inf.
+        max_log = scalar(xp, math.log(xp.finfo(exponent.dtype).max) - 1.0, exponent)
         normal = scale >= tiny
         # |b| * exp(a - m): a - m <= -log|b| <= max_log for normal |b|, so the
         # clamp below only ever bites on entries that the where discards.
@@ -231,11 +233,49 @@ def log_softmax_from_state(xp, x: Array, state: LSEState, included: Array | None
     contract: ``k`` entries at ``+inf`` get ``-log k`` and the rest ``-inf``;
     excluded entries get ``-inf``; a NaN in the slice makes it all NaN.
     """
+    value, _ = _log_softmax_parts(xp, x, state, compensated=False)
+    return _log_softmax_limits(xp, x, state, included, value)
+
+
+def _log_softmax_parts(xp, x: Array, state: LSEState, *, compensated: bool) -> tuple[Array, Array | None]:
+    """``(hi, lo)`` with ``hi + lo = (x - m) - log1p(c - 1 + r)`` (accumulator dtype).
+
+    Without ``compensated`` ``lo`` is ``None`` and ``hi`` carries the two
+    roundings of ``x - m`` and of the subtraction.  With it, both roundings
+    are recovered by Knuth's TwoSum, so that ``exp(hi) * (1 + lo)`` keeps
+    softmax within an ulp or two even where ``|log softmax|`` is large (the
+    plain form loses about ``|log softmax| / 2`` ulps there).
+    """
     m, count, rest = state
     acc = rest.dtype
-    log_norm = xp.log1p((count - 1) + rest)
+    # count is 0 only when nothing is included; those entries end up -inf.
+    log_norm = xp.log1p(xp.maximum(count, scalar(xp, 1.0, count)) - 1 + rest)
     shift = xp.astype(_finite_shift(xp, m), acc)
-    value = (xp.astype(x, acc) - shift) - log_norm
+    x = xp.astype(x, acc)
+    if not compensated:
+        return (x - shift) - log_norm, None
+    diff = x - shift
+    value = diff - log_norm
+    # Error terms from finite stand-ins: infinities would form inf - inf, and
+    # their entries get their limits elsewhere.
+    zero = scalar(xp, 0.0, x)
+    _, diff_error = _two_sum(xp, xp.where(xp.isfinite(x), x, zero), -shift)
+    _, value_error = _two_sum(xp, xp.where(xp.isfinite(diff), diff, zero), -log_norm)
+    low = value_error + diff_error
+    return value, low
+
+
+def _two_sum(xp, a: Array, b: Array) -> tuple[Array, Array]:
+    """``s = fl(a + b)`` and the exact rounding error ``a + b - s`` (Knuth)."""
+    total = a + b
+    b_virtual = total - a
+    a_virtual = total - b_virtual
+    return total, (a - a_virtual) + (b - b_virtual)
+
+
+def _log_softmax_limits(xp, x: Array, state: LSEState, included: Array | None, value: Array) -> Array:
+    """Impose the contract's limits on a log-softmax ``value``."""
+    m, count, _ = state
     neg_inf = scalar(xp, -math.inf, value)
     at_inf = x == math.inf
     at_inf_share = -xp.log(xp.maximum(count, scalar(xp, 1.0, count)))
@@ -244,3 +284,19 @@ def log_softmax_from_state(xp, x: Array, state: LSEState, included: Array | None
         value = xp.where(included, value, neg_inf)
     value = xp.where(xp.isnan(m), scalar(xp, math.nan, value), value)
     return value
+
+
+def softmax_from_state(xp, x: Array, state: LSEState, included: Array | None) -> Array:
+    """``exp(log_softmax)`` (accumulator dtype), compensated when not widened.
+
+    When the accumulator is wider than ``x`` (float32 in float64) the plain
+    exponent is already exact enough; otherwise the TwoSum-compensated
+    exponent keeps the result within about two ulps.
+    """
+    compensated = x.dtype == state.rest.dtype
+    hi, lo = _log_softmax_parts(xp, x, state, compensated=compensated)
+    value = _log_softmax_limits(xp, x, state, included, hi)
+    out = xp.exp(value)
+    if lo is not None:
+        out = out + out * lo
+    return out

@@ -54,6 +54,8 @@ def exact_logsumexp(a, axis=None, b=None, where=None) -> np.ndarray:
     axes = _normalize(axis, len(shape))
     flat_a, flat_b, flat_w = (_slices(x, axes) for x in (a, weights, mask))
     out = np.empty(flat_a.shape[:-1], dtype=object)
+    if flat_a.shape[-1] > _LONG_SLICE and b is None and where is None:
+        return _long_logsumexp(flat_a, out)
     with mp.workprec(PRECISION):
         for index in np.ndindex(out.shape):
             total = mp.fsum(
@@ -62,6 +64,31 @@ def exact_logsumexp(a, axis=None, b=None, where=None) -> np.ndarray:
                 if keep and w != 0
             )
             out[index] = mp.log(abs(total)) if total != 0 else mp.mpf("-inf")
+    return out
+
+
+_LONG_SLICE = 65_536
+
+
+def _long_logsumexp(flat_a: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Long unweighted slices: float64 terms, summed exactly by ``math.fsum``.
+
+    mpmath costs microseconds per entry.  Each float64 ``exp(x - max)`` is
+    within one float64 ulp (plus ``|x - max|`` half-ulps from the shift), and
+    an exact sum of terms with relative errors below ``d`` has relative error
+    below ``d``; for the normal-distributed long cases that bounds the
+    oracle's error by 1e-15 relative in the sum, under 0.5 float64 ulp of
+    their logsumexp (about 14), and far under a float32 ulp.
+    """
+    import math
+
+    mp = _mp()
+    with mp.workprec(PRECISION):
+        for index in np.ndindex(out.shape):
+            values = flat_a[index]
+            top = float(values.max())
+            total = math.fsum(np.exp(values - top).tolist())
+            out[index] = mp.mpf(top) + mp.log(mp.mpf(total))
     return out
 
 
