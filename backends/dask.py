@@ -166,23 +166,26 @@ def _logsumexp(call):
     return value, sign
 
 
-def _log_softmax_accumulated(call):
-    """log_softmax in the accumulator dtype: the state, then one elementwise pass."""
-    from lse_dispatch._state import log_softmax_from_state
-
+def _elementwise_inputs(call):
     xp, plan = call.xp, call.plan
     x = xp.astype(call.a, plan.compute)
     included = None if call.where is None else xp.broadcast_to(call.where, x.shape)
-    return log_softmax_from_state(xp, x, state_of(call), included)
+    return x, included
 
 
 def _log_softmax(call):
-    return call.xp.astype(_log_softmax_accumulated(call), call.plan.result)
+    """The state by one tree reduction, then one elementwise pass over ``x``."""
+    from lse_dispatch._state import log_softmax_from_state
+
+    x, included = _elementwise_inputs(call)
+    return call.xp.astype(log_softmax_from_state(call.xp, x, state_of(call), included), call.plan.result)
 
 
 def _softmax(call):
-    xp = call.xp
-    return xp.astype(xp.exp(_log_softmax_accumulated(call)), call.plan.result)
+    from lse_dispatch._state import softmax_from_state
+
+    x, included = _elementwise_inputs(call)
+    return call.xp.astype(softmax_from_state(call.xp, x, state_of(call), included), call.plan.result)
 
 
 def _kernels():

@@ -25,7 +25,7 @@ import array_api_compat
 from ._call import prepare
 from ._generic import logsumexp_state
 from ._namespace import plan_dtypes, scalar
-from ._state import LSEState, finalize, log_softmax_from_state, merge
+from ._state import LSEState, finalize, log_softmax_from_state, merge, softmax_from_state
 from ._validate import normalize_axis
 
 __all__ = [
@@ -195,8 +195,7 @@ class OnlineLogSumExp:
             return tuple(xp.squeeze(part, axis=axes) for part in value)
         return xp.squeeze(value, axis=axes)
 
-    def log_softmax(self, chunk):
-        """``chunk - logsumexp(stream so far)``, exact at the max entry."""
+    def _prepared_chunk(self, chunk):
         state = self._require_state()
         call = prepare("log_softmax", chunk, axis=self.axis)
         if call.plan.is_complex:
@@ -205,15 +204,17 @@ class OnlineLogSumExp:
             raise ValueError(
                 f"argument 'chunk' has {len(call.shape)} dimensions; the stream's chunks have {len(self._axes[1])}"
             )
-        xp = call.xp
-        x = xp.astype(call.a, call.plan.compute)
-        return xp.astype(log_softmax_from_state(xp, x, state, None), call.plan.result)
+        return call, state, call.xp.astype(call.a, call.plan.compute)
+
+    def log_softmax(self, chunk):
+        """``chunk - logsumexp(stream so far)``, exact at the max entry."""
+        call, state, x = self._prepared_chunk(chunk)
+        return call.xp.astype(log_softmax_from_state(call.xp, x, state, None), call.plan.result)
 
     def softmax(self, chunk):
         """``exp(chunk - logsumexp(stream so far))``: the chunk's share of the total."""
-        log_share = self.log_softmax(chunk)
-        xp = array_api_compat.array_namespace(log_share)
-        return xp.exp(log_share)
+        call, state, x = self._prepared_chunk(chunk)
+        return call.xp.astype(softmax_from_state(call.xp, x, state, None), call.plan.result)
 
 
 def _row_bytes(array) -> int:
