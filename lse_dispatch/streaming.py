@@ -221,25 +221,59 @@ def _row_bytes(array) -> int:
     return math.prod(array.shape[1:]) * array.dtype.itemsize
 
 
-def _blocked_state(array, axes: tuple[int, ...], block_bytes: int) -> LSEState:
+def _page_releaser(array):
+    """A function that unmaps the file pages under a block of ``array``, or None.
+
+    Only for a read-only ``numpy.memmap`` that owns its mapping: its pages can
+    always be read again from the file, so dropping them after each block
+    keeps the process's resident memory bounded by the block, not the file.
+    """
+    import mmap
+
+    import numpy as np
+
+    mapping = getattr(array, "base", None)
+    if not (isinstance(array, np.memmap) and isinstance(mapping, mmap.mmap) and array.mode == "r"):
+        return None
+    if not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    # np.memmap maps from the offset rounded down to the allocation granularity.
+    mapping_start = array.__array_interface__["data"][0] - array.offset % mmap.ALLOCATIONGRANULARITY
+
+    def release(block):
+        if not block.flags.c_contiguous or block.nbytes == 0:
+            return
+        position = block.__array_interface__["data"][0] - mapping_start
+        aligned = position - position % mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, aligned, block.nbytes + position - aligned)
+
+    return release
+
+
+def _blocked_state(array, axes: tuple[int, ...], block_bytes: int, release=None) -> LSEState:
     """Keepdims state of a NumPy-like ``array`` read at most ``block_bytes`` at a time."""
     import numpy as np
 
     if array.nbytes <= block_bytes or array.ndim == 0:
         # np.asarray of a memmap slice reads its pages; the temporaries of the
         # state (a few arrays of the block's size) are the extra memory.
-        return _state_of_call(prepare("logsumexp", np.asarray(array), axis=axes))
+        state = _state_of_call(prepare("logsumexp", np.asarray(array), axis=axes))
+        if release is not None:
+            release(array)
+        return state
     xp = array_api_compat.array_namespace(np.empty(0))
     if _row_bytes(array) > block_bytes:
         # One leading index is already too big: recurse into each row.
         inner = tuple(ax - 1 for ax in axes if ax > 0)
         pieces = [
-            LSEState(*(xp.expand_dims(field, axis=0) for field in _blocked_state(array[i], inner, block_bytes)))
+            LSEState(*(xp.expand_dims(field, axis=0) for field in _blocked_state(array[i], inner, block_bytes, release)))
             for i in range(array.shape[0])
         ]
     else:
         rows = max(1, block_bytes // max(1, _row_bytes(array)))
-        pieces = [_blocked_state(array[i : i + rows], axes, block_bytes) for i in range(0, array.shape[0], rows)]
+        pieces = [
+            _blocked_state(array[i : i + rows], axes, block_bytes, release) for i in range(0, array.shape[0], rows)
+        ]
     if 0 in axes:
         total = pieces[0]
         for piece in pieces[1:]:
@@ -255,8 +289,10 @@ def logsumexp_blocked(array, axis=None, *, block_bytes: int = 32 * 2**20, keepdi
     ``block_bytes`` input bytes; each block is read, reduced to a state and
     merged, so one pass reads every byte once and the extra memory is a small
     multiple of ``block_bytes`` (the block and the temporaries of its state),
-    whatever the array's size.  The result equals :func:`logsumexp` within
-    the 4-ulp contract.
+    whatever the array's size.  For a read-only ``numpy.memmap`` the file's
+    pages are unmapped after each block (``madvise(MADV_DONTNEED)``; they stay
+    in the kernel's page cache), so the resident memory stays bounded too.
+    The result equals :func:`logsumexp` within the 4-ulp contract.
 
     Parameters
     ----------
@@ -283,7 +319,7 @@ def logsumexp_blocked(array, axis=None, *, block_bytes: int = 32 * 2**20, keepdi
     if int(block_bytes) < array.dtype.itemsize:
         raise ValueError(f"argument 'block_bytes' must hold at least one entry ({array.dtype.itemsize} bytes), got {block_bytes}")
     axes = normalize_axis(axis, array.ndim)
-    state = _blocked_state(array, axes, int(block_bytes))
+    state = _blocked_state(array, axes, int(block_bytes), _page_releaser(array))
     xp = array_api_compat.array_namespace(np.empty(0))
     if not keepdims:
         state = _squeeze_state(xp, state, axes)
