@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     chunk_rows = max(1, int(args.chunk_mib * 2**20 / 8 / args.columns))
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-        dashboard_address=None, memory_limit=args.memory_limit,
+        dashboard_address="127.0.0.1:0", memory_limit=args.memory_limit,
     ) as cluster, Client(cluster) as client:
         x = da.random.default_rng(7).standard_normal((rows, args.columns), chunks=(chunk_rows, args.columns))
         print(f"array: {x.nbytes / 1e9:.2f} GB float64 generated lazily, {x.npartitions} chunks of "

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         threads_per_worker=1,
         processes=True,
         host="127.0.0.1",
-        dashboard_address=None,
+        dashboard_address="127.0.0.1:0",
         memory_limit=args.memory_limit,
     ) as cluster, Client(cluster) as client:
         x = da.random.default_rng(2026).standard_normal((rows, args.columns), chunks=(chunk_rows, args.columns))
