@@ -100,7 +100,7 @@ def _merged_field(parts, *, axis, keepdims, field):
     return value
 
 
-def _declines_tree(call) -> str | None:
+def declines_tree(call) -> str | None:
     if call.plan.is_complex:
         return "complex input has no real (max, count, rest) state"
     if not call.axes:
@@ -192,9 +192,9 @@ def _kernels():
     from lse_dispatch._dispatch import Kernel
 
     return (
-        Kernel("logsumexp", "dask-single-pass-tree", _logsumexp, _declines_tree),
-        Kernel("log_softmax", "dask-state-then-elementwise", _log_softmax, _declines_tree),
-        Kernel("softmax", "dask-state-then-elementwise", _softmax, _declines_tree),
+        Kernel("logsumexp", "dask-single-pass-tree", _logsumexp, declines_tree),
+        Kernel("log_softmax", "dask-state-then-elementwise", _log_softmax, declines_tree),
+        Kernel("softmax", "dask-state-then-elementwise", _softmax, declines_tree),
     )
 
 

@@ -59,6 +59,18 @@ def _state_of_call(call) -> LSEState:
     return logsumexp_state(call)
 
 
+def _native_state(call) -> LSEState:
+    """The state by the backend's own reduction where it has one (Dask's tree)."""
+    from ._namespace import is_dask_namespace
+
+    if is_dask_namespace(call.xp):
+        from .backends import dask as dask_backend
+
+        if dask_backend.declines_tree(call) is None:
+            return dask_backend.state_of(call)
+    return _state_of_call(call)
+
+
 def _squeeze_state(xp, state: LSEState, axes: tuple[int, ...]) -> LSEState:
     if not axes:
         return state
@@ -77,6 +89,8 @@ def lse_state(a, axis=None, b=None, *, where=None, keepdims=False) -> LSEState:
         fields have the shape of the logsumexp result, so states of pieces of
         an array split along the reduced axes merge elementwise.  Keep them to
         broadcast a state against the input (as :class:`OnlineLogSumExp` does).
+        For a Dask array the state comes from one tree reduction (see
+        ``lse_dispatch.backends.dask``), lazily.
 
     Returns
     -------
@@ -97,7 +111,7 @@ def lse_state(a, axis=None, b=None, *, where=None, keepdims=False) -> LSEState:
     4.248354255291589e-18
     """
     call = prepare("logsumexp", a, axis=axis, b=b, where=where)
-    state = _state_of_call(call)
+    state = _native_state(call)
     return state if keepdims else _squeeze_state(call.xp, state, call.axes)
 
 
@@ -171,7 +185,7 @@ class OnlineLogSumExp:
             raise ValueError(
                 f"argument 'chunk' has {len(call.shape)} dimensions; earlier chunks had {len(self._axes[1])}"
             )
-        state = _state_of_call(call)
+        state = _native_state(call)
         self.state = state if self.state is None else merge(call.xp, self.state, state)
         self._axes = (call.axes, call.shape)
         self._result_dtype = call.plan.result

@@ -176,3 +176,17 @@ def test_cluster_results_match_the_eager_path(client):
     # rounding of the log1p term, an absolute error of a few eps.
     eps = np.finfo(np.float64).eps
     np.testing.assert_allclose(got["log_softmax_1"], log_softmax(a, axis=1), rtol=4 * eps, atol=4 * eps)
+
+
+def test_lse_state_of_a_dask_array_is_one_tree_too():
+    from lse_dispatch import OnlineLogSumExp, lse_finalize, lse_state
+
+    source = CountingSource(CHUNKS)
+    state = lse_state(source.array, axis=1)
+    running = OnlineLogSumExp(axis=1).update(source.array)
+    assert not source.made
+    got, streamed = dask.compute(lse_finalize(state), running.result(), scheduler="sync")
+    assert set(source.made.values()) == {1} and source.most_alive <= 2
+    expected = logsumexp(_eager_copy(source), axis=1)
+    np.testing.assert_array_max_ulp(got, expected, maxulp=2)
+    np.testing.assert_array_max_ulp(streamed, expected, maxulp=2)
