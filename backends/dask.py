@@ -135,7 +135,7 @@ def state_of(call):
         # Reduce over the broadcast shape of a, b and where.
         a, weights = xp.broadcast_arrays(a, weights)
     fields = []
-    for index, name in enumerate(_FIELDS):
+    for index in range(len(_FIELDS)):
         reduced = da.reduction(
             a,
             partial(_block_state, kind=kind),
