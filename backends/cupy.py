@@ -1,4 +1,8 @@
-"""CuPy: NVIDIA GPUs through CUDA."""
+"""CuPy: NVIDIA GPUs through CUDA, with a fused one-pass logsumexp kernel."""
+
+from __future__ import annotations
+
+import math
 
 from array_api_compat import is_cupy_array
 
@@ -21,6 +25,63 @@ def _to_numpy(x):
     return x.get()
 
 
+def _fused_declines(call) -> str | None:
+    """Why the fused kernels cannot take ``call`` (None: they can)."""
+    import cupy
+
+    if call.b is not None or call.where is not None:
+        return "weights or where given"
+    if call.a.dtype != cupy.float32:
+        return f"dtype {call.a.dtype} (the kernels read float32)"
+    if not call.axes or call.axes != tuple(range(call.a.ndim - len(call.axes), call.a.ndim)):
+        return "reduced axes are not the trailing axes"
+    if not call.a.flags.c_contiguous:
+        return "input is not C-contiguous"
+    if call.a.size == 0:
+        return "empty input"
+    return None
+
+
+def _rows(call):
+    kept = call.shape[: call.a.ndim - len(call.axes)]
+    return kept, call.xp.reshape(call.a, (math.prod(kept), -1))
+
+
+def _fused_logsumexp(call):
+    """One read of the input: per-row states, merged and finalised on the GPU."""
+    from ._cupy_fused import lse_rows
+
+    kept, x2d = _rows(call)
+    value, sign = lse_rows(x2d)[:2]
+    keep_shape = tuple(kept) + (1,) * len(call.axes)
+    # No weights: the sum is never negative, so no NaN for a negative sum.
+    return call.xp.reshape(value, keep_shape), call.xp.reshape(sign, keep_shape)
+
+
+def _fused_normalize(op):
+    def run(call):
+        from ._cupy_fused import lse_rows, normalize_rows
+
+        _, x2d = _rows(call)
+        row_max, row_count, log_norm = lse_rows(x2d)[2:]
+        return call.xp.reshape(normalize_rows(x2d, row_max, row_count, log_norm, op), call.a.shape)
+
+    return run
+
+
+def _kernels():
+    from lse_dispatch._dispatch import Kernel
+
+    return tuple(
+        Kernel(op, "cupy-fused", run, _fused_declines)
+        for op, run in (
+            ("logsumexp", _fused_logsumexp),
+            ("softmax", _fused_normalize("softmax")),
+            ("log_softmax", _fused_normalize("log_softmax")),
+        )
+    )
+
+
 SPEC = BackendSpec(
     name="cupy",
     module="cupy",
@@ -29,4 +90,5 @@ SPEC = BackendSpec(
     devices=_devices,
     dtypes=("float16", "float32", "float64"),
     to_numpy=_to_numpy,
+    kernels=_kernels(),
 )

@@ -1,8 +1,38 @@
-"""Dask: lazy, chunked NumPy arrays."""
+"""Dask: lazy, chunked NumPy arrays.
+
+Native kernels: logsumexp, softmax and log_softmax reduce the input in ONE
+tree reduction (``dask.array.reduction``) over the mergeable state of
+:mod:`lse_dispatch._state`:
+
+* chunk     -- each input block becomes an ``LSEState`` (the eager math, on NumPy);
+* combine   -- groups of at most ``split_every`` states are merged;
+* aggregate -- the last merge, returning one field of the state.
+
+So every input block is computed (read, generated) exactly once, and a worker
+holds only states, never the blocks the max was found in.  The generic path
+(and SciPy) takes the max first and the sum of ``exp(a - max)`` afterwards,
+which keeps every block in memory, or recomputes it, until the max is known.
+The tree's fan-in is Dask's own ``split_every`` setting:
+``with dask.config.set(split_every=8): logsumexp(x)``.
+
+softmax and log_softmax reuse the reduced state and then make one elementwise
+(blockwise) pass over the input, so each input block is used twice in the
+graph: once by the reduction and once by the elementwise pass.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
 
 from array_api_compat import is_dask_array
 
 from ._spec import BackendSpec, Device
+
+# The three state fields are three reductions of the same graph: the chunk and
+# combine layers have the same keys (same functions, arguments and dtype), so
+# Dask computes them once; only the aggregate, which picks a field, differs.
+_FIELDS = ("max", "count", "rest")
 
 
 def _namespace():
@@ -25,6 +55,149 @@ def _from_numpy_chunked(array, dtype, device):
     return da.from_array(array.astype(dtype), chunks=chunks or ())
 
 
+def _block_state(block, weights=None, *, axis, keepdims, kind):
+    """``chunk`` of the tree: the keepdims state of one NumPy block.
+
+    ``weights`` carries ``b`` (``kind="b"``), the ``where`` mask
+    (``kind="where"``) or nothing.  Goes through the public preparation, so a
+    block is reduced exactly as the eager path reduces an array.
+    """
+    from lse_dispatch._call import prepare
+    from lse_dispatch.streaming import _state_of_call
+
+    b = weights if kind == "b" else None
+    where = weights if kind == "where" else None
+    return _state_of_call(prepare("logsumexp", block, axis=axis, b=b, where=where))
+
+
+def _flatten(parts):
+    if isinstance(parts, list):
+        return [state for part in parts for state in _flatten(part)]
+    return [parts]
+
+
+def _merge_blocks(parts, *, axis, keepdims):
+    """``combine``: merge the (nested list of) states of neighbouring blocks."""
+    import array_api_compat.numpy as xp
+
+    from lse_dispatch._state import merge
+
+    states = _flatten(parts)
+    total = states[0]
+    for state in states[1:]:
+        total = merge(xp, total, state)
+    return total
+
+
+def _merged_field(parts, *, axis, keepdims, field):
+    """``aggregate``: one field of the merged state, as a NumPy array."""
+    import numpy as np
+
+    state = _merge_blocks(parts, axis=axis, keepdims=keepdims)
+    value = np.asarray(state[field])
+    if not keepdims:
+        value = np.squeeze(value, axis=axis)
+    return value
+
+
+def declines_tree(call) -> str | None:
+    if call.plan.is_complex:
+        return "complex input has no real (max, count, rest) state"
+    if not call.axes:
+        return "nothing to reduce"
+    if any(isinstance(n, float) and math.isnan(n) for n in call.shape):
+        return "unknown chunk sizes"
+    if any(call.shape[ax] == 0 for ax in call.axes):
+        return "empty reduction"
+    return None
+
+
+def state_of(call):
+    """The keepdims :class:`LSEState` of a Dask call, by one tree reduction.
+
+    The fields are lazy Dask arrays that share every chunk and combine task.
+    """
+    import dask.array as da
+
+    from lse_dispatch._state import LSEState
+
+    xp, plan = call.xp, call.plan
+    a = call.a
+    if call.b is not None:
+        b = xp.astype(call.b, plan.compute)
+        # b == 0 excludes an entry, so where=False is the same as a zero weight.
+        weights, kind = (b if call.where is None else xp.where(call.where, b, xp.zeros_like(b))), "b"
+    elif call.where is not None:
+        weights, kind = call.where, "where"
+    else:
+        weights, kind = None, None
+    if weights is not None:
+        # Reduce over the broadcast shape of a, b and where.
+        a, weights = xp.broadcast_arrays(a, weights)
+    fields = []
+    for index in range(len(_FIELDS)):
+        reduced = da.reduction(
+            a,
+            partial(_block_state, kind=kind),
+            partial(_merged_field, field=index),
+            axis=call.axes,
+            keepdims=True,
+            # One dtype for every field, so the three reductions share keys.
+            dtype=plan.accumulator,
+            combine=_merge_blocks,
+            concatenate=False,
+            name="lse-state",
+            weights=weights,
+            meta=a._meta.astype(plan.accumulator),
+        )
+        fields.append(reduced)
+    maximum, count, rest = fields
+    return LSEState(xp.astype(maximum, plan.compute), count, rest)
+
+
+def _logsumexp(call):
+    from lse_dispatch._namespace import scalar
+    from lse_dispatch._state import finalize
+
+    xp = call.xp
+    value, sign = finalize(xp, state_of(call), call.plan.result)
+    if not call.return_sign:
+        value = xp.where(sign < 0, scalar(xp, math.nan, value), value)
+    return value, sign
+
+
+def _elementwise_inputs(call):
+    xp, plan = call.xp, call.plan
+    x = xp.astype(call.a, plan.compute)
+    included = None if call.where is None else xp.broadcast_to(call.where, x.shape)
+    return x, included
+
+
+def _log_softmax(call):
+    """The state by one tree reduction, then one elementwise pass over ``x``."""
+    from lse_dispatch._state import log_softmax_from_state
+
+    x, included = _elementwise_inputs(call)
+    return call.xp.astype(log_softmax_from_state(call.xp, x, state_of(call), included), call.plan.result)
+
+
+def _softmax(call):
+    from lse_dispatch._state import softmax_from_state
+
+    x, included = _elementwise_inputs(call)
+    return call.xp.astype(softmax_from_state(call.xp, x, state_of(call), included), call.plan.result)
+
+
+def _kernels():
+    from lse_dispatch._dispatch import Kernel
+
+    return (
+        Kernel("logsumexp", "dask-single-pass-tree", _logsumexp, declines_tree),
+        Kernel("log_softmax", "dask-state-then-elementwise", _log_softmax, declines_tree),
+        Kernel("softmax", "dask-state-then-elementwise", _softmax, declines_tree),
+    )
+
+
 class _DaskSpec(BackendSpec):
     def from_numpy(self, array, dtype, device):
         return _from_numpy_chunked(array, dtype, device)
@@ -38,4 +211,5 @@ SPEC = _DaskSpec(
     devices=lambda: [Device("cpu", "cpu")],
     dtypes=("float16", "float32", "float64"),
     to_numpy=_to_numpy,
+    kernels=_kernels(),
 )

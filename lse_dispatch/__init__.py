@@ -5,6 +5,18 @@ Importing this package imports no array library other than NumPy.
 
 from ._api import log_softmax, logsumexp, softmax
 from ._validate import AxisError
+from .streaming import LSEState, OnlineLogSumExp, logsumexp_blocked, lse_finalize, lse_merge, lse_state
 
-__all__ = ["AxisError", "log_softmax", "logsumexp", "softmax"]
+__all__ = [
+    "AxisError",
+    "LSEState",
+    "OnlineLogSumExp",
+    "log_softmax",
+    "logsumexp",
+    "logsumexp_blocked",
+    "lse_finalize",
+    "lse_merge",
+    "lse_state",
+    "softmax",
+]
 __version__ = "0.1.0"

@@ -20,9 +20,14 @@ Array = Any
 
 
 def _reduced_is_empty(call: Call) -> bool:
-    extents = [call.shape[ax] for ax in call.axes]
+    """Nothing to reduce, or nothing to return (an empty kept axis).
+
+    Either way the answer is a constant of the keepdims shape: ``-inf`` where
+    the reduction is empty, an empty array where a kept axis is.  Dask's
+    max refuses zero-size chunks, so these never reach a reduction.
+    """
     # Unknown (NaN) extents of lazy arrays compare unequal to 0.
-    return any(extent == 0 for extent in extents)
+    return any(extent == 0 for extent in call.shape)
 
 
 def _keepdims_shape(call: Call) -> tuple:

@@ -77,8 +77,10 @@ def _check_one(spec, device, dtype: str, case: cases.Case, row: Row) -> None:
         row.failures.append(f"{case.id}: {verdict.detail}")
 
 
-def run_report(names: list[str] | None = None, *, long_cases: bool = True, progress=None) -> list[Row]:
-    """Run the catalogue on the named (default: all installed) backends."""
+def run_report(
+    names: list[str] | None = None, *, devices: list[str] | None = None, long_cases: bool = True, progress=None
+) -> list[Row]:
+    """Run the catalogue on the named (default: all installed) backends and devices."""
     specs = backends.installed() if names is None else [backends.get(n) for n in names]
     rows: list[Row] = []
     for spec in specs:
@@ -88,6 +90,8 @@ def run_report(names: list[str] | None = None, *, long_cases: bool = True, progr
             # float64 needs x64; float32 results are unaffected by it.
             jax.config.update("jax_enable_x64", True)
         for device in spec.devices():
+            if devices is not None and device.label not in devices:
+                continue
             for dtype in spec.dtypes:
                 row = Row(spec.name, device.label, dtype)
                 for case in cases.cases(dtype=dtype):
@@ -114,6 +118,7 @@ def _format(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lse-dispatch report", description=__doc__.splitlines()[0])
     parser.add_argument("--backends", help="comma-separated backends (default: every installed one)")
+    parser.add_argument("--devices", help="comma-separated device labels, e.g. cuda,gpu (default: all)")
     parser.add_argument("--quick", action="store_true", help="skip the 2**20-entry accuracy cases")
     options = parser.parse_args(argv)
     names = options.backends.split(",") if options.backends else None
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {row.backend:>16} {row.device:<10} {row.dtype:<8} {'ok' if row.ok else 'FAIL'}", file=sys.stderr)
 
     print(f"checking {len(cases.CASES)} catalogue cases per dtype against the mpmath oracle", file=sys.stderr)
-    rows = run_report(names, long_cases=not options.quick, progress=progress)
+    devices = options.devices.split(",") if options.devices else None
+    rows = run_report(names, devices=devices, long_cases=not options.quick, progress=progress)
     print(_format(rows))
     failures = [(row, failure) for row in rows for failure in row.failures]
     for row, failure in failures:

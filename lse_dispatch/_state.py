@@ -34,6 +34,7 @@ __all__ = [
     "finalize",
     "log_softmax_from_state",
     "merge",
+    "merge_along",
     "reduce_max",
     "softmax_from_state",
     "state_from_exponents",
@@ -234,6 +235,25 @@ def merge(xp, first: LSEState, second: LSEState) -> LSEState:
         weight = xp.astype(xp.exp(below - shift), acc)
         count = count + xp.where(on_top, part.count, zero)
         rest = rest + xp.where(on_top, part.rest, (part.count + part.rest) * weight)
+    return LSEState(m, count, rest)
+
+
+def merge_along(xp, state: LSEState, axis: int) -> LSEState:
+    """Merge the partial states laid out along ``axis`` into one (keepdims).
+
+    The n-ary form of :func:`merge`: parts on the overall max keep their count
+    and rest, the others contribute ``(count + rest) * exp(max - overall)``.
+    Used where partial states come back as arrays: blocks of a fused GPU
+    kernel, chunks of a Dask reduction.
+    """
+    m = xp.max(state.max, axis=axis, keepdims=True)
+    on_top = state.max == m
+    shift = _finite_shift(xp, m)
+    below = xp.where(on_top, xp.full_like(state.max, -math.inf), state.max)
+    weight = xp.astype(xp.exp(below - shift), state.rest.dtype)
+    zero = scalar(xp, 0.0, state.rest)
+    count = xp.sum(xp.where(on_top, state.count, zero), axis=axis, keepdims=True)
+    rest = xp.sum(xp.where(on_top, state.rest, (state.count + state.rest) * weight), axis=axis, keepdims=True)
     return LSEState(m, count, rest)
 
 

@@ -58,18 +58,16 @@ def exact_logsumexp(a, axis=None, b=None, where=None) -> np.ndarray:
         return _long_logsumexp(flat_a, out)
     with mp.workprec(PRECISION):
         for index in np.ndindex(out.shape):
-            kept = [
-                (mp.mpf(float(x)), mp.mpf(float(w)))
-                for x, w, keep in zip(flat_a[index], flat_b[index], flat_w[index])
-                if keep and w != 0
-            ]
-            # Shift by the largest finite exponent, so that a slice of one
-            # entry gives exactly that entry (log(exp(x)) would leave a
-            # 2**-160 residue, and x - lse a spurious non-zero log_softmax).
-            finite = [x for x, _ in kept if mp.isfinite(x)]
-            top = max(finite) if finite else mp.mpf(0)
-            total = mp.fsum(w * mp.exp(x - top) for x, w in kept)
-            out[index] = top + mp.log(abs(total)) if total != 0 else mp.mpf("-inf")
+            kept = [(x, w) for x, w, keep in zip(flat_a[index], flat_b[index], flat_w[index]) if keep and w != 0]
+            if len(kept) == 1:
+                # One term: log(w exp(x)) = x + log|w| exactly, not through
+                # exp and log, whose rounding would leave x - lse ~ 1e-48
+                # instead of 0 (log_softmax over a single entry).
+                x, w = kept[0]
+                out[index] = mp.mpf(float(x)) + mp.log(abs(mp.mpf(float(w))))
+                continue
+            total = mp.fsum(mp.mpf(float(w)) * mp.exp(mp.mpf(float(x))) for x, w in kept)
+            out[index] = mp.log(abs(total)) if total != 0 else mp.mpf("-inf")
     return out
 
 

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Bootstrap a pinned .venv (python3 and pip are all it needs), then run a job.
+#   bash scripts/dev.sh report   - the main job: check every installed backend against the oracle
+#   bash scripts/dev.sh test     - the test suite
+#   bash scripts/dev.sh bench    - the benchmark (lse-dispatch bench)
+# Extra arguments go to the job.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="$root/.venv"
+stamp="$venv/.lse-dispatch-installed"
+wanted="$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -d' ' -f1)"
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
+    echo "installing the pinned environment into .venv (once)..." >&2
+    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    # The constraints pin torch==2.13.0 (a CPU build) and every other package.
+    "$venv/bin/python" -m pip install --quiet -c requirements/constraints.txt -e ".[all]"
+    echo "$wanted" > "$stamp"
+fi
+job="${1:-test}"
+shift || true
+case "$job" in
+    report) exec "$venv/bin/lse-dispatch" report "$@" ;;
+    bench) exec "$venv/bin/lse-dispatch" bench "$@" ;;
+    test) exec "$venv/bin/python" -m pytest -n 2 "$@" ;;
+    *) echo "unknown job '$job' (report, test or bench)" >&2; exit 2 ;;
+esac
