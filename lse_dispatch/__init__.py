@@ -4,7 +4,8 @@ Importing this package imports no array library other than NumPy.
 """
 
 from ._api import log_softmax, logsumexp, softmax
+from ._dispatch import available, trace, use
 from ._validate import AxisError
 
-__all__ = ["AxisError", "log_softmax", "logsumexp", "softmax"]
+__all__ = ["AxisError", "available", "log_softmax", "logsumexp", "softmax", "trace", "use"]
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ def _squeeze(call: Call, x: Array, keepdims: bool) -> Array:
     return call.xp.squeeze(x, axis=call.axes)
 
 
-def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, where=None):
+def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, where=None, backend=None):
     """Logarithm of the sum of exponentials, ``log(sum(b * exp(a)))``, accurately.
 
     Parameters
@@ -43,6 +43,10 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, where=
         unit phase for complex input.  Without it a negative sum gives NaN.
     where : array_like of bool, optional
         Only entries where this is True are included.
+    backend : str, optional
+        Implementation for this call: ``"auto"``, ``"generic"``, a backend
+        name or a kernel name (``lse_dispatch.available()``).  Wins over
+        ``lse_dispatch.use()`` and ``LSE_DISPATCH_BACKEND``.
 
     Returns
     -------
@@ -65,14 +69,14 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, where=
     (0.5413248546129181, -1.0)
     """
     call = prepare("logsumexp", a, axis=axis, b=b, where=where, return_sign=return_sign)
-    value, sign = _dispatch.run(call)
+    value, sign = _dispatch.run(call, backend)
     value = _squeeze(call, value, keepdims)
     if return_sign:
         return value, _squeeze(call, sign, keepdims)
     return value
 
 
-def softmax(x, axis=None, *, where=None):
+def softmax(x, axis=None, *, where=None, backend=None):
     """Softmax, ``exp(x - logsumexp(x))``, with limit semantics at infinities.
 
     Parameters
@@ -83,6 +87,10 @@ def softmax(x, axis=None, *, where=None):
         Axes over which the result sums to one; ``None`` means all.
     where : array_like of bool, optional
         Excluded entries get 0.
+    backend : str, optional
+        Implementation for this call: ``"auto"``, ``"generic"``, a backend
+        name or a kernel name (``lse_dispatch.available()``).  Wins over
+        ``lse_dispatch.use()`` and ``LSE_DISPATCH_BACKEND``.
 
     Returns
     -------
@@ -98,10 +106,10 @@ def softmax(x, axis=None, *, where=None):
     array([0. , 0.5, 0.5])
     """
     call = prepare("softmax", x, axis=axis, where=where)
-    return _dispatch.run(call)
+    return _dispatch.run(call, backend)
 
 
-def log_softmax(x, axis=None, *, where=None):
+def log_softmax(x, axis=None, *, where=None, backend=None):
     """Logarithm of softmax, computed without cancellation at the max entry.
 
     Parameters
@@ -112,6 +120,10 @@ def log_softmax(x, axis=None, *, where=None):
         Axes of the normalisation; ``None`` means all.
     where : array_like of bool, optional
         Excluded entries get ``-inf``.
+    backend : str, optional
+        Implementation for this call: ``"auto"``, ``"generic"``, a backend
+        name or a kernel name (``lse_dispatch.available()``).  Wins over
+        ``lse_dispatch.use()`` and ``LSE_DISPATCH_BACKEND``.
 
     Returns
     -------
@@ -126,4 +138,4 @@ def log_softmax(x, axis=None, *, where=None):
     -4.248354255291589e-18
     """
     call = prepare("log_softmax", x, axis=axis, where=where)
-    return _dispatch.run(call)
+    return _dispatch.run(call, backend)
