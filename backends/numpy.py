@@ -132,6 +132,7 @@ def _line_state(view, axis, exact_lines=None):
     count = np.ones(kept, np.float64)
     rest = np.empty(kept, np.float64)
     buffer = np.empty(TILE_ELEMENTS, dtype)
+    spare = np.empty(TILE_ELEMENTS, dtype) if (axis == 0 and dtype == np.float64) else None
     mask = np.empty(TILE_ELEMENTS, bool) if exact_lines is not None else None
     huge = np.finfo(dtype).max
     for k, reduced in _tiles(view, axis):
@@ -158,7 +159,15 @@ def _line_state(view, axis, exact_lines=None):
                 np.equal(piece, at_max_value, out=at_max)
                 np.copyto(terms, 0, where=at_max)
                 partial_count.append(np.count_nonzero(at_max, axis=axis).astype(np.float64))
-            partial_rest.append(np.add.reduce(terms, axis=axis, dtype=np.float64))
+            if axis == 0 and dtype == np.float64:
+                # NumPy adds the rows of a reduction over axis 0 one after
+                # another; without a wider accumulator, sum the transposed
+                # tile along its contiguous last axis, which NumPy does pairwise.
+                transposed = spare[: piece.size].reshape(piece.shape[::-1])
+                np.copyto(transposed, terms.T)
+                partial_rest.append(np.add.reduce(transposed, axis=1))
+            else:
+                partial_rest.append(np.add.reduce(terms, axis=axis, dtype=np.float64))
         total = _pairwise(partial_rest)
         if exact_lines is None:
             rest[k] = total - 1.0
