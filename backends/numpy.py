@@ -103,11 +103,29 @@ def _tiles(view, axis):
         ]
 
 
-def _pairwise(parts):
-    """Sum a list of equal-shape arrays as a balanced tree (error ~ log(len))."""
-    while len(parts) > 1:
-        parts = [parts[i] + parts[i + 1] if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
-    return parts[0]
+class _Pairwise:
+    """Adds equal-shape partial sums as a balanced tree, holding O(log n) of them.
+
+    A binary counter: a new partial merges with the stored one of the same
+    size, so the error grows like log(number of partials), not linearly.
+    """
+
+    def __init__(self):
+        self.levels = []  # (number of partials, their sum), sizes decreasing
+
+    def add(self, part):
+        size = 1
+        while self.levels and self.levels[-1][0] == size:
+            size += self.levels[-1][0]
+            part = self.levels.pop()[1] + part
+        self.levels.append((size, part))
+
+    def total(self):
+        parts = [part for _, part in self.levels]
+        total = parts.pop()
+        while parts:
+            total = parts.pop() + total
+        return total
 
 
 def _piece(view, axis, k, r):
@@ -148,7 +166,7 @@ def _line_state(view, axis, exact_lines=None):
             shift = line_max
         shift = shift[:, None] if axis == 1 else shift[None, :]
         at_max_value = line_max[:, None] if axis == 1 else line_max[None, :]
-        partial_rest, partial_count = [], []
+        partial_rest, partial_count = _Pairwise(), _Pairwise()
         for r in reduced:
             piece = _piece(view, axis, k, r)
             terms = buffer[: piece.size].reshape(piece.shape)
@@ -158,23 +176,23 @@ def _line_state(view, axis, exact_lines=None):
                 at_max = mask[: piece.size].reshape(piece.shape)
                 np.equal(piece, at_max_value, out=at_max)
                 np.copyto(terms, 0, where=at_max)
-                partial_count.append(np.count_nonzero(at_max, axis=axis).astype(np.float64))
+                partial_count.add(np.count_nonzero(at_max, axis=axis).astype(np.float64))
             if axis == 0 and dtype == np.float64:
                 # NumPy adds the rows of a reduction over axis 0 one after
                 # another; without a wider accumulator, sum the transposed
                 # tile along its contiguous last axis, which NumPy does pairwise.
                 transposed = spare[: piece.size].reshape(piece.shape[::-1])
                 np.copyto(transposed, terms.T)
-                partial_rest.append(np.add.reduce(transposed, axis=1))
+                partial_rest.add(np.add.reduce(transposed, axis=1))
             else:
-                partial_rest.append(np.add.reduce(terms, axis=axis, dtype=np.float64))
-        total = _pairwise(partial_rest)
+                partial_rest.add(np.add.reduce(terms, axis=axis, dtype=np.float64))
+        total = partial_rest.total()
         if exact_lines is None:
             rest[k] = total - 1.0
         else:
             lines = exact_lines[k]
             rest[k][lines] = total[lines]
-            count[k][lines] = _pairwise(partial_count)[lines]
+            count[k][lines] = partial_count.total()[lines]
     return maxes, count, rest
 
 
@@ -201,11 +219,62 @@ def _state(call):
     return LSEState(*(part.reshape(keep_shape) for part in (maxes, count, rest))), view, axis
 
 
+# Inputs up to this many elements take the direct path: a handful of whole-array
+# NumPy calls, no tiles, so that a call on 10 entries costs microseconds.
+SMALL_ELEMENTS = 4096
+
+
+def _small(call, op):
+    """Small inputs in one go; ``None`` if a max is not finite (then tiles + shared limits).
+
+    The same state as everywhere (entries at the max masked out and counted,
+    float64 sums), and for finite maxima the finite branch of
+    :func:`~lse_dispatch._state.finalize` written out: ``m + log1p(count - 1
+    + rest)`` with sign 1 (no weights, so the sum is positive).
+    """
+    import numpy as np
+
+    view, axis = _layout(call)
+    # Lines contiguous and last: NumPy sums them pairwise.
+    lines = view if axis == 1 else np.ascontiguousarray(view.T)
+    line_max = np.maximum.reduce(lines, axis=1, keepdims=True)
+    if not np.isfinite(line_max).all():
+        return None
+    terms = np.exp(lines - line_max)
+    at_max = lines == line_max
+    terms[at_max] = 0.0
+    rest = np.add.reduce(terms, axis=1, dtype=np.float64, keepdims=True)
+    count = np.count_nonzero(at_max, axis=1, keepdims=True)
+    log_norm = np.log1p((count - 1.0) + rest)
+    keep_shape = tuple(1 if ax in call.axes else n for ax, n in enumerate(call.shape))
+    dtype = call.plan.result
+    if op == "logsumexp":
+        value = (line_max + log_norm).astype(dtype).reshape(keep_shape)
+        return value, np.ones(keep_shape, dtype)
+    if op == "log_softmax":
+        value = (lines - line_max) - log_norm.astype(lines.dtype)
+    else:
+        value = np.exp((lines - line_max.astype(np.float64)) - log_norm)
+    value = value.astype(dtype, copy=False)
+    return (value if axis == 1 else value.T).reshape(call.shape)
+
+
 def _logsumexp(call):
     from lse_dispatch._state import finalize
 
+    if call.a.size <= SMALL_ELEMENTS:
+        with _quiet():
+            result = _small(call, "logsumexp")
+        if result is not None:
+            return result
     state, _, _ = _state(call)
     return finalize(call.xp, state, call.plan.result)
+
+
+def _quiet():
+    import numpy as np
+
+    return np.errstate(over="ignore", under="ignore", invalid="ignore")
 
 
 def _normalised(call, log: bool):
@@ -214,6 +283,11 @@ def _normalised(call, log: bool):
 
     from lse_dispatch._state import log_softmax_from_state
 
+    if call.a.size <= SMALL_ELEMENTS:
+        with _quiet():
+            result = _small(call, "log_softmax" if log else "softmax")
+        if result is not None:
+            return result
     state, view, axis = _state(call)
     m, count, rest = state
     if not np.all(np.isfinite(m)):

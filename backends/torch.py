@@ -116,10 +116,29 @@ def _piece(view, axis, k, r):
     return view[k, r] if axis == 1 else view[r, k]
 
 
-def _pairwise(parts):
-    while len(parts) > 1:
-        parts = [parts[i] + parts[i + 1] if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
-    return parts[0]
+class _Pairwise:
+    """Adds equal-shape partial sums as a balanced tree, holding O(log n) of them.
+
+    A binary counter: a new partial merges with the stored one of the same
+    size, so the error grows like log(number of partials), not linearly.
+    """
+
+    def __init__(self):
+        self.levels = []  # (number of partials, their sum), sizes decreasing
+
+    def add(self, part):
+        size = 1
+        while self.levels and self.levels[-1][0] == size:
+            size += self.levels[-1][0]
+            part = self.levels.pop()[1] + part
+        self.levels.append((size, part))
+
+    def total(self):
+        parts = [part for _, part in self.levels]
+        total = parts.pop()
+        while parts:
+            total = parts.pop() + total
+        return total
 
 
 def _line_state(view, axis, exact_lines=None):
@@ -146,7 +165,7 @@ def _line_state(view, axis, exact_lines=None):
             shift = torch.where(line_max == -math.inf, torch.zeros_like(line_max), finite)
         else:
             shift = line_max
-        partial_rest, partial_count = [], []
+        partial_rest, partial_count = _Pairwise(), _Pairwise()
         for r in reduced:
             piece = _piece(view, axis, k, r)
             terms = buffer[: piece.numel()].view(piece.shape)
@@ -155,15 +174,15 @@ def _line_state(view, axis, exact_lines=None):
             if exact_lines is not None:
                 at_max = piece == line_max
                 terms.masked_fill_(at_max, 0.0)
-                partial_count.append(at_max.sum(dim=axis, dtype=torch.float64))
-            partial_rest.append(torch.sum(terms, dim=axis, dtype=torch.float64))
-        total = _pairwise(partial_rest)
+                partial_count.add(at_max.sum(dim=axis, dtype=torch.float64))
+            partial_rest.add(torch.sum(terms, dim=axis, dtype=torch.float64))
+        total = partial_rest.total()
         if exact_lines is None:
             rest[k] = total - 1.0
         else:
             lines = exact_lines[k]
             rest[k] = torch.where(lines, total, rest[k])
-            count[k] = torch.where(lines, _pairwise(partial_count), count[k])
+            count[k] = torch.where(lines, partial_count.total(), count[k])
     return maxes, count, rest
 
 

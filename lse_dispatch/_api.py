@@ -8,12 +8,38 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from . import _dispatch
 from ._call import Call, prepare
+from ._validate import normalize_axis
 
 __all__ = ["log_softmax", "logsumexp", "softmax"]
 
 Array = Any
+
+
+_FAST_PLANS: dict = {}
+
+
+def _prepare(op: str, a, axis, b, where, return_sign: bool = False) -> Call:
+    """``prepare()``, with a short lane for the commonest call.
+
+    A NumPy float32/float64 array without ``b`` and ``where`` needs no
+    namespace resolution or conversion; its :class:`Call` is built directly,
+    with the dtype plan ``prepare`` made for the first such call (cached per
+    dtype).  tests/test_dispatch.py checks that both lanes give equal calls.
+    """
+    if b is None and where is None and type(a) is np.ndarray and a.dtype.kind == "f":
+        cached = _FAST_PLANS.get(a.dtype)
+        if cached is not None:
+            xp, plan = cached
+            return Call(op, xp, a, None, None, normalize_axis(axis, a.ndim), a.shape, plan, bool(return_sign))
+        call = prepare(op, a, axis=axis, return_sign=return_sign)
+        if a.dtype in (np.float32, np.float64):
+            _FAST_PLANS[a.dtype] = (call.xp, call.plan)
+        return call
+    return prepare(op, a, axis=axis, b=b, where=where, return_sign=return_sign)
 
 
 def _squeeze(call: Call, x: Array, keepdims: bool) -> Array:
@@ -68,7 +94,7 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, where=
     >>> float(value), float(sign)
     (0.5413248546129181, -1.0)
     """
-    call = prepare("logsumexp", a, axis=axis, b=b, where=where, return_sign=return_sign)
+    call = _prepare("logsumexp", a, axis, b, where, return_sign)
     value, sign = _dispatch.run(call, backend)
     value = _squeeze(call, value, keepdims)
     if return_sign:
@@ -105,7 +131,7 @@ def softmax(x, axis=None, *, where=None, backend=None):
     >>> softmax(np.array([0.0, np.inf, np.inf]))
     array([0. , 0.5, 0.5])
     """
-    call = prepare("softmax", x, axis=axis, where=where)
+    call = _prepare("softmax", x, axis, None, where)
     return _dispatch.run(call, backend)
 
 
@@ -137,5 +163,5 @@ def log_softmax(x, axis=None, *, where=None, backend=None):
     >>> float(log_softmax(np.array([0.0, -40.0]))[0])
     -4.248354255291589e-18
     """
-    call = prepare("log_softmax", x, axis=axis, where=where)
+    call = _prepare("log_softmax", x, axis, None, where)
     return _dispatch.run(call, backend)
