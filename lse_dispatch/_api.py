@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import sys
+
 import numpy as np
 
 from . import _dispatch
@@ -22,23 +24,41 @@ Array = Any
 _FAST_PLANS: dict = {}
 
 
-def _prepare(op: str, a, axis, b, where, return_sign: bool = False) -> Call:
-    """``prepare()``, with a short lane for the commonest call.
+def _short_lane_key(a):
+    """A hashable key that fixes ``prepare``'s namespace and dtype plan, or ``None``.
 
-    A NumPy float32/float64 array without ``b`` and ``where`` needs no
-    namespace resolution or conversion; its :class:`Call` is built directly,
-    with the dtype plan ``prepare`` made for the first such call (cached per
-    dtype).  tests/test_dispatch.py checks that both lanes give equal calls.
+    Only exact NumPy arrays and torch tensors of a real floating dtype: their
+    namespace follows from the type and their plan from dtype and device.
     """
-    if b is None and where is None and type(a) is np.ndarray and a.dtype.kind == "f":
-        cached = _FAST_PLANS.get(a.dtype)
-        if cached is not None:
-            xp, plan = cached
-            return Call(op, xp, a, None, None, normalize_axis(axis, a.ndim), a.shape, plan, bool(return_sign))
-        call = prepare(op, a, axis=axis, return_sign=return_sign)
-        if a.dtype in (np.float32, np.float64):
-            _FAST_PLANS[a.dtype] = (call.xp, call.plan)
-        return call
+    kind = type(a)
+    if kind is np.ndarray:
+        return (kind, a.dtype) if a.dtype in (np.float32, np.float64) else None
+    torch = sys.modules.get("torch")
+    if torch is not None and kind is torch.Tensor and a.dtype in (torch.float32, torch.float64):
+        return (kind, a.dtype, a.device)
+    return None
+
+
+def _prepare(op: str, a, axis, b, where, return_sign: bool = False) -> Call:
+    """``prepare()``, with a short lane for the commonest calls.
+
+    A NumPy array or torch tensor of float32/float64 without ``b`` and
+    ``where`` needs no namespace resolution or conversion; its :class:`Call`
+    is built directly, with the namespace and dtype plan that ``prepare`` made
+    for the first such call (cached per type, dtype and device).
+    tests/test_dispatch.py checks that both lanes give equal calls.
+    """
+    if b is None and where is None:
+        key = _short_lane_key(a)
+        if key is not None:
+            cached = _FAST_PLANS.get(key)
+            if cached is not None:
+                xp, plan = cached
+                shape = tuple(a.shape)
+                return Call(op, xp, a, None, None, normalize_axis(axis, len(shape)), shape, plan, bool(return_sign))
+            call = prepare(op, a, axis=axis, return_sign=return_sign)
+            _FAST_PLANS[key] = (call.xp, call.plan)
+            return call
     return prepare(op, a, axis=axis, b=b, where=where, return_sign=return_sign)
 
 

@@ -76,6 +76,7 @@ class Timing:
     median_s: float
     samples: int
     peak_extra_bytes: int | None = None
+    cpu_median_s: float | None = None  # process CPU time: less sensitive to other load
 
 
 @dataclass
@@ -203,10 +204,10 @@ def _calls_per_sample(call, arg, floor_s: float) -> int:
         number *= 2 if elapsed <= 0 else max(2, min(10, int(floor_s / elapsed) + 1))
 
 
-def _time_interleaved(calls: dict, repeats: int, floor_s: float) -> dict[str, tuple[float, int]]:
-    """Median seconds per call of each entry, sampled round robin."""
+def _time_interleaved(calls: dict, repeats: int, floor_s: float) -> dict[str, tuple[float, int, float]]:
+    """Median wall and CPU seconds per call of each entry, sampled round robin."""
     numbers = {name: _calls_per_sample(call, arg, floor_s) for name, (call, arg) in calls.items()}
-    samples: dict[str, list[float]] = {name: [] for name in calls}
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
     names = list(calls)
     for repeat in range(repeats):
         # Rotate the order so that no implementation always runs first.
@@ -214,11 +215,14 @@ def _time_interleaved(calls: dict, repeats: int, floor_s: float) -> dict[str, tu
         for name in order:
             call, arg = calls[name]
             number = numbers[name]
-            start = time.perf_counter()
+            cpu, start = time.process_time(), time.perf_counter()
             for _ in range(number):
                 call(arg)
-            samples[name].append((time.perf_counter() - start) / number)
-    return {name: (statistics.median(values), len(values)) for name, values in samples.items()}
+            samples[name].append(((time.perf_counter() - start) / number, (time.process_time() - cpu) / number))
+    return {
+        name: (statistics.median(w for w, _ in values), len(values), statistics.median(c for _, c in values))
+        for name, values in samples.items()
+    }
 
 
 def _peak_extra(call, arg) -> int:
@@ -242,14 +246,12 @@ def _ratio_target(report, name, op, case, numerator, denominator, limit, *, grou
     times = {(t.group, t.implementation): t.median_s for t in report.timings if t.op == op and t.case == case.label}
     if (group, numerator) not in times or (group, denominator) not in times:
         return
-    if above:
-        ratio = times[(group, denominator)] / times[(group, numerator)]
-        met = ratio >= limit
-        detail = f"{denominator} / {numerator}"
-    else:
-        ratio = times[(group, numerator)] / times[(group, denominator)]
-        met = ratio <= limit
-        detail = f"{numerator} / {denominator}"
+    cpu = {(t.group, t.implementation): t.cpu_median_s for t in report.timings if t.op == op and t.case == case.label}
+    top, bottom = (denominator, numerator) if above else (numerator, denominator)
+    ratio = times[(group, top)] / times[(group, bottom)]
+    met = ratio >= limit if above else ratio <= limit
+    cpu_ratio = cpu[(group, top)] / cpu[(group, bottom)] if cpu[(group, bottom)] else math.nan
+    detail = f"{top} / {bottom}; CPU-time ratio {cpu_ratio:.2f}"
     report.targets.append(Target(name, op, case.label, ratio, limit, "x", met, detail))
 
 
@@ -293,7 +295,8 @@ def _targets(report: Report, cases) -> None:
 
 
 def _print_report(report: Report, out) -> None:
-    print(f"lse-dispatch bench ({'quick' if report.quick else 'full'}), float32, median seconds per call", file=out)
+    print(f"lse-dispatch bench ({'quick' if report.quick else 'full'}), float32: median wall time per call "
+          "(targets), ratio to the group's reference, median process CPU time", file=out)
     print(f"machine: {report.machine}", file=out)
     print(f"versions: {report.versions}", file=out)
     cases = list(dict.fromkeys(t.case for t in report.timings))
@@ -312,7 +315,8 @@ def _print_report(report: Report, out) -> None:
                     memory = ""
                     if t.peak_extra_bytes is not None:
                         memory = f"  peak {t.peak_extra_bytes / (t.size * 4):6.2f}x input"
-                    print(f"  {group:<6} {t.implementation:<38} {_format_time(t.median_s):>10}  {ratio}{memory}",
+                    cpu = f"  cpu {_format_time(t.cpu_median_s):>10}" if t.cpu_median_s is not None else ""
+                    print(f"  {group:<6} {t.implementation:<38} {_format_time(t.median_s):>10}  {ratio}{cpu}{memory}",
                           file=out)
     print("\ntargets:", file=out)
     for target in report.targets:
@@ -422,12 +426,12 @@ def main(argv: list[str] | None = None) -> int:
                     call(arg)  # warm up: imports, jit compilation
                     calls[(group, name)] = (call, arg)
             medians = _time_interleaved(calls, repeats, floor_s)
-            for (group, name), (median, count) in medians.items():
+            for (group, name), (median, count, cpu) in medians.items():
                 peak = None
                 if group == "numpy" and name != "lse_dispatch (generic)":
                     call, arg = calls[(group, name)]
                     peak = _peak_extra(call, arg)
-                report.timings.append(Timing(op, case.label, case.size, group, name, median, count, peak))
+                report.timings.append(Timing(op, case.label, case.size, group, name, median, count, peak, cpu))
             del calls, owners
             gc.collect()
     _targets(report, cases)

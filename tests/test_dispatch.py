@@ -203,14 +203,17 @@ def test_tiles_bound_the_extra_memory():
         assert extra <= 0.10 * x.nbytes, f"{op} axis {axis}: {extra / x.nbytes:.1%} of the input"
 
 
+@pytest.mark.parametrize("library", ["numpy", "torch"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("axis", [None, 0, -1, (0, 1)])
-def test_short_lane_builds_the_call_prepare_builds(dtype, axis):
-    """The public functions' short lane for NumPy floats equals prepare()."""
+def test_short_lane_builds_the_call_prepare_builds(library, dtype, axis):
+    """The public functions' short lane for NumPy/torch floats equals prepare()."""
     from lse_dispatch._api import _prepare
     from lse_dispatch._call import prepare
 
     x = np.ones((3, 4), dtype=dtype)
+    if library == "torch":
+        x = pytest.importorskip("torch").from_numpy(x)
     _prepare("softmax", x, axis, None, None)  # fills the per-dtype cache
     for op, sign in [("logsumexp", True), ("logsumexp", False), ("softmax", False), ("log_softmax", False)]:
         assert _prepare(op, x, axis, None, None, sign) == prepare(op, x, axis=axis, return_sign=sign)

@@ -110,6 +110,10 @@ def _hard_inputs(dtype):
         ("dominant", np.array([0.0, -40.0, -50.0, -17.5]), None),
         ("dominant-rows", np.array([[0.0, -20.0, -30.0], [5.0, -60.0, 4.0], [1.0, 1.0 - 2.0**-20, -3.0]]), 1),
         ("ties", np.array([[3.0, 3.0, 3.0, -1.0], [-2.0, 7.0, 7.0, 0.0]]), 1),
+        # Longer than the kernels' small-input path: tiles, and the exact
+        # recheck of a line whose rest is far below one ulp of 1.
+        ("dominant-long", np.concatenate([[0.0], -40.0 - rng.uniform(0, 1, 5000)]), None),
+        ("dominant-long-axis0", np.stack([np.r_[0.0, np.full(2500, -45.0)], np.linspace(-3, 3, 2501)], axis=1), 0),
         ("large-positive-offset", rng.standard_normal((4, 33)) * 3 + 1.0e4, 1),
         ("large-negative-offset", rng.standard_normal((33, 4)) * 3 - 1.0e4, 0),
         ("random-axis0", rng.standard_normal((40, 6)) * 5, 0),
@@ -177,15 +181,22 @@ LIMITS = [
 ]
 
 
+@pytest.mark.parametrize("pad", [0, 2000], ids=["short", "padded"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize(("backend", "implementation"), PATHS)
-def test_limit_semantics(backend, implementation, dtype):
-    values = np.array([row[0] for row in LIMITS], dtype=dtype)
+def test_limit_semantics(backend, implementation, dtype, pad):
+    """The rows above; ``padded`` appends -inf entries (which change no limit)
+    so that the kernels leave their small-input path for the tiled one."""
+    if backend == "jax" and pad:
+        pytest.skip("one length is enough for the generic code")
+    fill = {"softmax": 0.0, "log_softmax": -INF}
+    values = np.array([row[0] + [-INF] * pad for row in LIMITS], dtype=dtype)
     x = _convert(backend, values)
     expected = {
         "logsumexp": np.array([row[1] for row in LIMITS], dtype=dtype),
-        "softmax": np.array([row[2] for row in LIMITS], dtype=dtype),
-        "log_softmax": np.array([row[3] for row in LIMITS], dtype=dtype),
+        "softmax": np.array([row[2] + [fill["softmax"] if row[1] == row[1] else NAN] * pad for row in LIMITS], dtype=dtype),
+        "log_softmax": np.array([row[3] + [fill["log_softmax"] if row[1] == row[1] else NAN] * pad for row in LIMITS],
+                                dtype=dtype),
     }
     for op in OPS:
         got = _run(backend, implementation, op, x, axis=-1)
