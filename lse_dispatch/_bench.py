@@ -384,6 +384,9 @@ def _versions() -> dict:
 
 def _machine() -> dict:
     info = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.machine()}
+    if hasattr(os, "getloadavg"):
+        # Other processes share the CPUs: the 1-minute load says how much.
+        info["load average at start"] = round(os.getloadavg()[0], 2)
     try:
         import torch
 
@@ -435,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             del calls, owners
             gc.collect()
     _targets(report, cases)
+    if hasattr(os, "getloadavg"):
+        report.machine["load average at end"] = round(os.getloadavg()[0], 2)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -143,6 +143,7 @@ def _reset_catalogue() -> None:
     global _PLUGINS
     _PLUGINS = None
     _BACKENDS_OF_TYPE.clear()
+    _KNOWN_NAMES.clear()
 
 
 def backends_for(array) -> tuple:
@@ -189,13 +190,17 @@ def available() -> dict[str, tuple[str, ...]]:
     return names
 
 
+_KNOWN_NAMES: set[str] = set()
+
+
 def _check_choice(choice) -> str:
     if not isinstance(choice, str):
         raise TypeError(f"argument 'backend' must be a string, got {type(choice).__name__}")
-    if choice in ("auto", "generic"):
+    if choice in ("auto", "generic") or choice in _KNOWN_NAMES:
         return choice
     catalogue = available()
     if choice in catalogue or any(choice in kernels for kernels in catalogue.values()):
+        _KNOWN_NAMES.add(choice)
         return choice
     known = sorted({"auto", "generic", *catalogue, *(k for ks in catalogue.values() for k in ks)})
     raise ValueError(f"unknown backend {choice!r}; expected one of: {', '.join(known)}")

@@ -232,3 +232,35 @@ def test_small_inputs_take_the_direct_path_with_the_same_results():
                 small = getattr(lse_dispatch, op)(x, axis=axis)
                 generic = getattr(lse_dispatch, op)(x, axis=axis, backend="generic")
                 np.testing.assert_array_max_ulp(small, generic, maxulp=2 if op == "logsumexp" else 3)
+
+
+def test_torch_kernel_leaves_autograd_to_others():
+    torch = pytest.importorskip("torch")
+    x = torch.linspace(-3.0, 2.0, 64, requires_grad=True)
+    with lse_dispatch.trace() as seen:
+        value = lse_dispatch.logsumexp(x)
+        with torch.no_grad():
+            lse_dispatch.logsumexp(x)
+        lse_dispatch.softmax(x.detach())
+        torch.func.grad(lambda t: lse_dispatch.logsumexp(t))(x.detach())
+    value.backward()
+    assert torch.allclose(x.grad, torch.softmax(x.detach(), 0))
+    first, no_grad, detached, transformed = seen.records
+    assert first.implementation != "torch.blocked"
+    assert dict(first.declined)["torch.blocked"] == "autograd active (input requires grad)"
+    assert (no_grad.implementation, detached.implementation) == ("torch.blocked", "torch.blocked")
+    assert transformed.implementation != "torch.blocked"
+    assert "torch.func" in dict(transformed.declined)["torch.blocked"] or "autograd" in dict(
+        transformed.declined)["torch.blocked"]
+
+
+def test_jax_kernel_declines_tracers():
+    jax = pytest.importorskip("jax")
+    x = jax.numpy.linspace(-3.0, 2.0, 64)
+    with lse_dispatch.trace() as seen:
+        eager = lse_dispatch.logsumexp(x)
+        jitted = jax.jit(lambda t: lse_dispatch.logsumexp(t))(x)
+    assert float(eager) == pytest.approx(float(jitted), rel=1e-6)
+    assert seen.records[0].implementation == "jax.jit"
+    assert seen.records[1].implementation != "jax.jit"
+    assert dict(seen.records[1].declined)["jax.jit"].startswith("traced input 'a'")
