@@ -266,10 +266,47 @@ def _small(call, op):
     return (value if axis == 1 else value.T).reshape(call.shape)
 
 
+# A reduction over all of at most this many elements runs in Python floats.
+TINY_ELEMENTS = 16
+
+
+def _tiny(call, op):
+    """One short line in Python floats; ``None`` unless every entry is finite.
+
+    The same state -- max ``m``, ``count`` of entries at it, ``rest`` of the
+    others' ``exp(x - m)`` -- with ``math.fsum`` (correctly rounded) for the
+    sums, and ``m + log1p(count - 1 + rest)`` for finite entries.  A call on
+    ten entries then costs a few microseconds more than NumPy's own
+    functions, where a dozen NumPy calls on tiny arrays cost tens.
+    """
+    import numpy as np
+
+    a = call.a
+    values = a.ravel().tolist()
+    if not all(map(math.isfinite, values)):
+        return None
+    top = max(values)
+    count = values.count(top)
+    log_norm = math.log1p((count - 1) + math.fsum([math.exp(v - top) for v in values if v != top]))
+    dtype = call.plan.result
+    if op == "logsumexp":
+        shape = (1,) * a.ndim
+        return np.full(shape, top + log_norm, dtype), np.ones(shape, dtype)
+    shifted = [(v - top) - log_norm for v in values]
+    if op == "softmax":
+        shifted = list(map(math.exp, shifted))
+    return np.array(shifted, dtype).reshape(a.shape)
+
+
 def _logsumexp(call):
     import numpy as np
 
     from lse_dispatch._state import finalize
+
+    if call.a.size <= TINY_ELEMENTS and len(call.axes) == call.a.ndim:
+        result = _tiny(call, "logsumexp")
+        if result is not None:
+            return result
 
     if call.a.size <= SMALL_ELEMENTS:
         with _quiet():
@@ -298,6 +335,10 @@ def _normalised(call, log: bool):
 
     from lse_dispatch._state import log_softmax_from_state
 
+    if call.a.size <= TINY_ELEMENTS and len(call.axes) == call.a.ndim:
+        result = _tiny(call, "log_softmax" if log else "softmax")
+        if result is not None:
+            return result
     if call.a.size <= SMALL_ELEMENTS:
         with _quiet():
             result = _small(call, "log_softmax" if log else "softmax")
