@@ -9,6 +9,7 @@ plot of time against size to ``bench.png`` in ``--out``.
 Usage::
 
     lse-dispatch bench [--quick] [--out DIR] [--repeats N] [--only numpy,torch,jax]
+    lse-dispatch bench --render DIR/bench.json     # Markdown tables of a run
 """
 
 from __future__ import annotations
@@ -396,13 +397,44 @@ def _machine() -> dict:
     return info
 
 
+def render_markdown(data: dict) -> str:
+    """Markdown tables (timings, targets) of a ``bench.json`` document."""
+    lines = [f"Command: `{data['command'].strip()}`; machine: "
+             + ", ".join(f"{k} {v}" for k, v in data["machine"].items())
+             + "; versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".", ""]
+    reference = {"numpy": "bare np.exp", "torch": "torch.", "jax": "jax.jit(jax.nn."}
+    lines += ["| op | case | backend | implementation | median | ratio | CPU time | peak extra (x input) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for t in data["timings"]:
+        base = next((u for u in data["timings"] if (u["op"], u["case"], u["group"]) == (t["op"], t["case"], t["group"])
+                     and u["implementation"].startswith(reference[t["group"]])), None)
+        ratio = f"{t['median_s'] / base['median_s']:.2f}x" if base else ""
+        peak = f"{t['peak_extra_bytes'] / (t['size'] * 4):.2f}" if t["peak_extra_bytes"] is not None else ""
+        cpu = _format_time(t["cpu_median_s"]) if t.get("cpu_median_s") is not None else ""
+        lines.append(f"| {t['op']} | {t['case']} | {t['group']} | {t['implementation']} | "
+                     f"{_format_time(t['median_s'])} | {ratio} | {cpu} | {peak} |")
+    lines += ["", "| target | op | case | measured | limit | verdict | compared |", "|---|---|---|---|---|---|---|"]
+    for t in data["targets"]:
+        relation = ">=" if "faster" in t["name"] else "<="
+        verdict = "met" if t["met"] else "**missed**"
+        lines.append(f"| {t['name']} | {t['op']} | {t['case']} | {t['measured']:.2f} {t['unit']} | "
+                     f"{relation} {t['limit']:g} {t['unit']} | {verdict} | {t['detail']} |")
+    met = sum(t["met"] for t in data["targets"])
+    lines += ["", f"{met} of {len(data['targets'])} targets met."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lse-dispatch bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small cases, few repeats: a smoke test in seconds")
     parser.add_argument("--out", default="lse-dispatch-bench", help="directory for bench.json and bench.png")
     parser.add_argument("--repeats", type=int, default=None, help="samples per implementation (default 9, quick 3)")
     parser.add_argument("--only", default="numpy,torch,jax", help="comma-separated groups to run")
+    parser.add_argument("--render", metavar="JSON", help="print an existing bench.json as Markdown tables and exit")
     args = parser.parse_args(argv)
+    if args.render:
+        print(render_markdown(json.loads(Path(args.render).read_text())), end="")
+        return 0
 
     cases = QUICK_CASES if args.quick else FULL_CASES
     repeats = args.repeats or (2 if args.quick else 9)

@@ -27,6 +27,12 @@ def test_quick_numpy_run_writes_json_and_plot(tmp_path, capsys):
     for target in report["targets"]:
         assert ("met" if target["met"] else "MISSED") in printed
         assert f"{target['measured']:8.2f}" in printed
+    # --render turns the JSON into the README's Markdown tables.
+    assert _bench.main(["--render", str(tmp_path / "bench.json")]) == 0
+    markdown = capsys.readouterr().out
+    assert markdown.count("\n| logsumexp |") >= len(cases) * len(implementations)
+    met = sum(target["met"] for target in report["targets"])
+    assert f"{met} of {len(report['targets'])} targets met." in markdown
     pytest.importorskip("matplotlib")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
