@@ -77,6 +77,8 @@ def _declines(call) -> str | None:
     if call.plan.is_complex:
         return "complex input"
     a = call.a
+    if isinstance(a, (np.ma.MaskedArray, np.matrix)):
+        return f"{type(a).__name__} (masks and matrix semantics are not the kernel's)"
     if not isinstance(a, np.ndarray) or a.dtype not in (np.float32, np.float64):
         return f"dtype {a.dtype} (kernel takes float32, float64)"
     if call.plan.compute != a.dtype or a.shape != call.shape:

@@ -68,8 +68,10 @@ def test_declined_kernel_says_why():
         lse_dispatch.logsumexp(X, b=np.ones_like(X))
         lse_dispatch.softmax(X.astype(np.float16))
         lse_dispatch.log_softmax(np.ones((3, 4, 5)), axis=1)
+        lse_dispatch.logsumexp(np.ma.array([1.0, 2.0, 3.0], mask=[0, 0, 1]))
     reasons = [dict(record.declined)["numpy.blocked"] for record in seen.records]
-    assert seen.implementations == ["generic"] * 3
+    assert seen.implementations == ["generic"] * 4
+    assert reasons[3].startswith("MaskedArray")
     assert reasons[0] == "b given"
     assert reasons[1].startswith("dtype float16")
     assert reasons[2].startswith("layout")
