@@ -13,7 +13,6 @@ gradients work, which are to be listed *before* ``jax.jit`` in
 """
 
 import functools
-import math
 
 from array_api_compat import is_jax_array
 
@@ -61,35 +60,13 @@ def _compiled(op, axes, plan, return_sign, has_b, has_where):
 
     from lse_dispatch._dispatch import GENERIC
 
-    generic = _softmax if op == "softmax" else GENERIC[op]
+    generic = GENERIC[op]
 
     def run(call, a, b, where):
         return generic(dataclasses.replace(call, a=a, b=b, where=where))
 
     # The Call itself is static: only its arrays are traced.
     return jax.jit(run, static_argnums=0)
-
-
-def _softmax(call):
-    """The generic softmax, with NaN put back after ``exp``.
-
-    XLA's CPU ``exp`` inside a fused loop turned the NaN of a slice holding a
-    NaN into 0 or a denormal (jax 0.10.2, measured); selecting NaN after the
-    exponential keeps the contract's "NaN in, NaN out".
-    """
-    from lse_dispatch import _generic
-    from lse_dispatch._namespace import scalar
-    from lse_dispatch._state import log_softmax_from_state
-
-    xp, plan = call.xp, call.plan
-    if _generic._is_empty(call):
-        return _generic.softmax(call)
-    state = _generic.logsumexp_state(call)
-    x = xp.astype(call.a, plan.compute)
-    included = None if call.where is None else xp.broadcast_to(call.where, x.shape)
-    value = log_softmax_from_state(xp, x, state, included)
-    value = xp.where(xp.isnan(value), scalar(xp, math.nan, value), xp.exp(value))
-    return xp.astype(value, plan.result)
 
 
 def _static(call):
