@@ -2,6 +2,7 @@
 
 from array_api_compat import is_torch_array
 
+from . import _torch_grad
 from ._spec import BackendSpec, Device
 
 
@@ -36,4 +37,6 @@ SPEC = BackendSpec(
     devices=_devices,
     dtypes=("float16", "bfloat16", "float32", "float64"),
     to_numpy=_to_numpy,
+    # Derivative rules first: they take a call only while it is differentiated.
+    kernels=(*_torch_grad.KERNELS,),
 )

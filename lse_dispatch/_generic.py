@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from ._call import Call
-from ._namespace import scalar
+from ._namespace import real_sign, scalar
 from ._state import LSEState, finalize, log_softmax_from_state, state_from_exponents
 
 __all__ = ["log_softmax", "logsumexp", "logsumexp_state", "softmax"]
@@ -43,7 +43,7 @@ def _weights(call: Call):
     # log|b| only where b != 0: log(0) would warn, and those entries are excluded.
     log_scale = xp.log(xp.where(nonzero, scale, scalar(xp, 1.0, scale)))
     a, b, scale, log_scale = xp.broadcast_arrays(a, b, scale, log_scale)
-    return a + log_scale, included, xp.sign(b), scale, a
+    return a + log_scale, included, real_sign(xp, b), scale, a
 
 
 def logsumexp_state(call: Call) -> LSEState:
