@@ -2,6 +2,7 @@
 
 from array_api_compat import is_jax_array
 
+from . import _jax_grad
 from ._spec import BackendSpec, Device
 
 
@@ -37,4 +38,6 @@ SPEC = BackendSpec(
     devices=_devices,
     dtypes=("float16", "bfloat16", "float32", "float64"),
     to_numpy=_to_numpy,
+    # Derivative rules first: they take every traced call (free under jit).
+    kernels=(*_jax_grad.KERNELS,),
 )

@@ -58,15 +58,20 @@ __all__ = [
 Array = Any
 
 
-def _times_weight(xp, weight: Array, other: Array) -> Array:
-    """``weight * other``, exactly 0 where ``weight == 0`` whatever ``other`` is.
+def _times_weight(xp, weight: Array, other: Array, support: Array | None = None) -> Array:
+    """``weight * other``, exactly 0 where ``support == 0`` whatever ``other`` is.
 
+    ``support`` (``weight`` itself by default) must be 0 only where ``weight``
+    is identically 0 in a neighbourhood -- masked entries, ``-inf`` entries --
+    so that no derivative is lost: for ``lse`` weights it is ``u``, because
+    ``w`` is also 0 at ``b == 0``, where its derivative ``dw/db = u`` is not.
     The inner ``where`` matters for higher derivatives: the product's
     derivative with respect to ``weight`` is ``other``, which must be finite
     on the discarded branch too (the "double where" rule).
     """
+    support = weight if support is None else support
     zero = scalar(xp, 0.0, other)
-    safe = xp.where(weight == 0, zero, other)
+    safe = xp.where(support == 0, zero, other)
     return weight * safe
 
 
@@ -119,7 +124,7 @@ def lse_weights(
     nan = scalar(xp, math.nan, a)
     finite = xp.isfinite(value)
     at_pos_inf = value == math.inf
-    selected = xp.ones(a.shape, dtype=xp.bool, device=a.device) if where is None else where
+    selected = xp.ones_like(a, dtype=xp.bool) if where is None else where
     included = selected if b is None else (selected & (b != 0))
 
     # log(lse - m) in the accumulator dtype, exactly as finalize forms it;
@@ -173,7 +178,8 @@ def lse_weights(
 
 def lse_jvp(xp, w: Array, u: Array | None, da: Array, db: Array | None, axes: tuple[int, ...]) -> Array:
     """Tangent of ``lse``: ``sum w * da + sum u * db`` (reduced axes kept)."""
-    total = _sum(xp, _times_weight(xp, w, da), axes)
+    support = w if u is None else u
+    total = _sum(xp, _times_weight(xp, w, da, support), axes)
     if u is not None and db is not None:
         total = total + _sum(xp, _times_weight(xp, u, db), axes)
     return total
@@ -181,7 +187,8 @@ def lse_jvp(xp, w: Array, u: Array | None, da: Array, db: Array | None, axes: tu
 
 def lse_vjp(xp, w: Array, u: Array | None, g: Array) -> tuple[Array, Array | None]:
     """Cotangents of ``a`` and ``b`` (broadcast shape) from that of ``lse``."""
-    grad_a = _times_weight(xp, w, g)
+    support = w if u is None else u
+    grad_a = _times_weight(xp, w, g, support)
     grad_b = None if u is None else _times_weight(xp, u, g)
     return grad_a, grad_b
 
@@ -191,8 +198,9 @@ def weights_jvp(xp, w, u, da, db, axes) -> tuple[Array, Array | None]:
 
     ``t`` is the tangent of ``lse`` itself.
     """
+    support = w if u is None else u
     t = lse_jvp(xp, w, u, da, db, axes)
-    dw = _times_weight(xp, w, da - t)
+    dw = _times_weight(xp, w, da - t, support)
     if u is None:
         return dw, None
     if db is not None:
@@ -205,12 +213,13 @@ def weights_vjp(xp, w, u, gw, gu, axes) -> tuple[Array, Array | None]:
 
     With ``r = gw - sum(gw w) - sum(gu u)``: ``ga = w r + u gu``, ``gb = u r``.
     """
-    r = gw - _sum(xp, _times_weight(xp, w, gw), axes)
+    support = w if u is None else u
+    r = gw - _sum(xp, _times_weight(xp, w, gw, support), axes)
     if u is None:
-        return _times_weight(xp, w, r), None
+        return _times_weight(xp, w, r, support), None
     if gu is not None:
         r = r - _sum(xp, _times_weight(xp, u, gu), axes)
-    grad_a = _times_weight(xp, w, r)
+    grad_a = _times_weight(xp, w, r, support)
     if gu is not None:
         grad_a = grad_a + _times_weight(xp, u, gu)
     return grad_a, _times_weight(xp, u, r)
@@ -229,7 +238,7 @@ softmax_vjp = softmax_jvp
 
 def _log_softmax_mask(xp, z: Array, where: Array | None) -> Array:
     if where is None:
-        return xp.ones(z.shape, dtype=xp.bool, device=z.device)
+        return xp.ones_like(z, dtype=xp.bool)
     return xp.broadcast_to(where, z.shape)
 
 
