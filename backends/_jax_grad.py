@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from lse_dispatch import _autodiff, _dispatch, _generic
 from lse_dispatch._call import Call
 from lse_dispatch._dispatch import Kernel
-from lse_dispatch._namespace import plan_dtypes
+from lse_dispatch._namespace import DtypePlan
 
 __all__ = ["KERNELS", "NAME"]
 
@@ -34,7 +34,8 @@ class _Static:
     """The non-array arguments of a call (hashable, for ``nondiff_argnums``)."""
 
     axes: tuple[int, ...]
-    op: str = "logsumexp"
+    op: str
+    plan: DtypePlan
     return_sign: bool = False
 
 
@@ -59,8 +60,7 @@ def _rebuild(static: _Static, a, b, where) -> Call:
     b = None if b is None else jnp.asarray(b)
     where = None if where is None else jnp.asarray(where)
     shape = tuple(a.shape) if b is None else tuple(jnp.broadcast_shapes(a.shape, b.shape))
-    plan = plan_dtypes(jnp, a, b)
-    return Call(static.op, jnp, a, b, where, static.axes, shape, plan, static.return_sign)
+    return Call(static.op, jnp, a, b, where, static.axes, shape, static.plan, static.return_sign)
 
 
 def _undifferentiated(call: Call):
@@ -114,7 +114,7 @@ def _rules():
         a, b, where = primals
         da, db, _ = tangents
         value, sign = logsumexp(static, a, b, where)
-        plan = plan_dtypes(jnp, a, b)
+        plan = static.plan
         w, u = weights_of(static, a, b, where, value, sign, plan)
         da = _tangent_like(da, w, plan)
         db = None if b is None else _tangent_like(db, w, plan)
@@ -129,7 +129,7 @@ def _rules():
     def _normalized_jvp(static, primals, tangents):
         x, where = primals
         out = normalized(static, x, where)
-        compute = plan_dtypes(jnp, x).compute
+        compute = static.plan.compute
         out_c, dx = out.astype(compute), jnp.asarray(tangents[0], dtype=compute)
         if static.op == "softmax":
             tangent = _autodiff.softmax_jvp(jnp, out_c, dx, static.axes)
@@ -142,12 +142,12 @@ def _rules():
 
 def _logsumexp(call: Call):
     logsumexp, _ = _rules()
-    return logsumexp(_Static(call.axes, call.op, call.return_sign), call.a, call.b, call.where)
+    return logsumexp(_Static(call.axes, call.op, call.plan, call.return_sign), call.a, call.b, call.where)
 
 
 def _normalized(call: Call):
     _, normalized = _rules()
-    return normalized(_Static(call.axes, call.op), call.a, call.where)
+    return normalized(_Static(call.axes, call.op, call.plan), call.a, call.where)
 
 
 #: Kernels for backends/jax.py: they take every traced call.

@@ -21,7 +21,7 @@ import torch
 
 from lse_dispatch import _autodiff, _dispatch, _generic
 from lse_dispatch._call import Call
-from lse_dispatch._namespace import plan_dtypes
+from lse_dispatch._namespace import DtypePlan
 
 from ._torch_grad import NAME
 
@@ -40,8 +40,7 @@ def _undifferentiated(call: Call):
 def _rebuild(a, b, where, static) -> Call:
     """The Call of a Function's forward, from its (possibly unbatched) tensors."""
     shape = tuple(a.shape) if b is None else tuple(torch.broadcast_shapes(a.shape, b.shape))
-    plan = plan_dtypes(xp, a, b)
-    return Call(static.op, xp, a, b, where, static.axes, shape, plan, static.return_sign)
+    return Call(static.op, xp, a, b, where, static.axes, shape, static.plan, static.return_sign)
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,8 @@ class _Static:
     """
 
     axes: tuple[int, ...]
-    op: str = "logsumexp"
+    op: str
+    plan: DtypePlan
     return_sign: bool = False
 
 
@@ -141,7 +141,7 @@ class _LogSumExpReverse(torch.autograd.Function):
         value, sign = output
         ctx.mark_non_differentiable(sign)
         ctx.static = static
-        ctx.plan = plan_dtypes(xp, a, b)
+        ctx.plan = static.plan
         _save(ctx, a, b, where, value, sign)
 
     @staticmethod
@@ -180,7 +180,7 @@ class _NormalizedReverse(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, where, static = inputs
         ctx.axes, ctx.op = static.axes, static.op
-        ctx.compute = plan_dtypes(xp, x).compute
+        ctx.compute = static.plan.compute
         _save(ctx, output, where)
 
     @staticmethod
@@ -213,9 +213,9 @@ class Normalized(_NormalizedReverse):
 
 def logsumexp(call: Call):
     """``(value, sign)`` of a logsumexp call, through :class:`LogSumExp`."""
-    return _pick(LogSumExp, _LogSumExpReverse).apply(call.a, call.b, call.where, _Static(call.axes, call.op, call.return_sign))
+    return _pick(LogSumExp, _LogSumExpReverse).apply(call.a, call.b, call.where, _Static(call.axes, call.op, call.plan, call.return_sign))
 
 
 def normalized(call: Call):
     """softmax or log_softmax of a call, through :class:`Normalized`."""
-    return _pick(Normalized, _NormalizedReverse).apply(call.a, call.where, _Static(call.axes, call.op))
+    return _pick(Normalized, _NormalizedReverse).apply(call.a, call.where, _Static(call.axes, call.op, call.plan))

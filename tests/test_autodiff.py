@@ -406,3 +406,32 @@ def test_jax_kernel_takes_only_traced_calls():
     seen = []
     jax.jit(lambda a: seen.append(kernel.declines(prepare("logsumexp", a, axis=None))) or a)(x)
     assert seen == [None]
+
+
+def test_jax_rules_compile_to_the_same_program_under_jit():
+    # No forward cost: with or without the custom_jvp rules, jit compiles the
+    # same XLA program (only source-location metadata differs).
+    import dataclasses
+    import re
+
+    jax = pytest.importorskip("jax")
+    from lse_dispatch import _dispatch
+
+    x = jax.numpy.linspace(-3.0, 3.0, 64)
+    logsumexp(x)  # resolve and cache the backend spec
+    kind = type(x)
+    spec = _dispatch._BACKEND_OF_TYPE[kind]
+    assert spec.kernels, "the JAX backend declares the derivative kernels"
+
+    def program():
+        text = jax.jit(lambda a: logsumexp(a)).lower(x).compile().as_text()
+        text = re.sub(r", metadata=\{[^}]*\}", "", text)
+        return [line for line in text.splitlines() if "file_name_id" not in line]
+
+    with_rules = program()
+    try:
+        _dispatch._BACKEND_OF_TYPE[kind] = dataclasses.replace(spec, kernels=())
+        without_rules = program()
+    finally:
+        _dispatch._BACKEND_OF_TYPE[kind] = spec
+    assert with_rules == without_rules
