@@ -112,10 +112,36 @@ class LSEWeights(_LSEWeightsReverse):
         dw, du = _autodiff.weights_jvp(xp, w, u, da, db, ctx.axes)
         return dw if u is None else (dw, du)
 
-def _pick(full, reverse_only):
-    """Dynamo cannot trace a Function with a custom ``jvp``; compiled graphs
-    use the reverse-mode-only class (same forward and backward)."""
-    return reverse_only if torch.compiler.is_compiling() else full
+def _classic(cls):
+    """The same Function in the classic style, ``forward(ctx, ...)``.
+
+    For a Function with ``setup_context`` (which ``torch.func`` needs) torch
+    binds the arguments with ``inspect.signature`` on every call, a fixed
+    cost that is a sizeable part of a small call; plain autograd and forward
+    AD do not need that style, so outside ``torch.func`` this variant runs.
+    """
+
+    def forward(ctx, *args):
+        output = cls.forward(*args)
+        cls.setup_context(ctx, args, output)
+        return output
+
+    body = {"forward": staticmethod(forward), "backward": staticmethod(cls.backward), "jvp": staticmethod(cls.jvp)}
+    return type(f"{cls.__name__}Classic", (torch.autograd.Function,), body)
+
+
+def _pick(full, reverse_only, classic):
+    """The variant of a Function for the current context.
+
+    Dynamo cannot trace a Function with a custom ``jvp``: compiled graphs use
+    the reverse-mode-only class (same forward and backward).  ``torch.func``
+    transforms need ``setup_context``; everything else takes the classic one.
+    """
+    if torch.compiler.is_compiling():
+        return reverse_only
+    if torch._C._are_functorch_transforms_active():
+        return full
+    return classic
 
 
 def weights(a, b, where, value, sign, static, plan):
@@ -125,7 +151,7 @@ def weights(a, b, where, value, sign, static, plan):
         a, b = torch.broadcast_tensors(a, b.to(plan.compute))
     if where is not None:
         where = torch.broadcast_to(where, a.shape)
-    out = _pick(LSEWeights, _LSEWeightsReverse).apply(a, b, where, value.detach(), sign.detach(), static)
+    out = _pick(LSEWeights, _LSEWeightsReverse, _LSEWeightsClassic).apply(a, b, where, value.detach(), sign.detach(), static)
     return (out, None) if b is None else out
 
 class _LogSumExpReverse(torch.autograd.Function):
@@ -211,11 +237,16 @@ class Normalized(_NormalizedReverse):
 
 
 
+_LSEWeightsClassic = _classic(LSEWeights)
+_LogSumExpClassic = _classic(LogSumExp)
+_NormalizedClassic = _classic(Normalized)
+
+
 def logsumexp(call: Call):
     """``(value, sign)`` of a logsumexp call, through :class:`LogSumExp`."""
-    return _pick(LogSumExp, _LogSumExpReverse).apply(call.a, call.b, call.where, _Static(call.axes, call.op, call.plan, call.return_sign))
+    return _pick(LogSumExp, _LogSumExpReverse, _LogSumExpClassic).apply(call.a, call.b, call.where, _Static(call.axes, call.op, call.plan, call.return_sign))
 
 
 def normalized(call: Call):
     """softmax or log_softmax of a call, through :class:`Normalized`."""
-    return _pick(Normalized, _NormalizedReverse).apply(call.a, call.where, _Static(call.axes, call.op, call.plan))
+    return _pick(Normalized, _NormalizedReverse, _NormalizedClassic).apply(call.a, call.where, _Static(call.axes, call.op, call.plan))

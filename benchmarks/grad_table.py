@@ -104,6 +104,21 @@ def _cases():
         "scipy": None,
     }))
 
+    # log of a softmax, summed over the included entries: the where hands log a
+    # zero cotangent at the masked entry, whose backward (0 / 0) is NaN.
+    xm, keep = [0.0, 5.0, 1.0], [True, False, True]
+    k_t, k_j = torch.tensor(keep), jnp.asarray(keep)
+    pm = softmax_of([0.0, 1.0])
+    cases.append(("d sum(where(m, log softmax(x, where=m), 0))/dx, x = [0, 5, 1], m = [T, F, T]",
+                  [1 - 2 * pm[0], 0.0, 1 - 2 * pm[1]], {
+        "ld-torch": lambda: tgrad(lambda a: torch.where(k_t, torch.log(ld.softmax(a, where=k_t)), 0.0).sum(), xm),
+        "ld-jax": lambda: jgrad(lambda a: jnp.where(k_j, jnp.log(ld.softmax(a, where=k_j)), 0.0).sum(), xm),
+        "torch": lambda: tgrad(
+            lambda a: torch.where(k_t, torch.log(torch.softmax(a.masked_fill(~k_t, -inf), 0)), 0.0).sum(), xm),
+        "jax": lambda: jgrad(lambda a: jnp.where(k_j, jnp.log(jax.nn.softmax(a, where=k_j)), 0.0).sum(), xm),
+        "scipy": None,
+    }))
+
     xl = [0.0, -inf, 1.0]
     p = np.array([softmax_of([0.0, 1.0])[0], 0.0, softmax_of([0.0, 1.0])[1]])
     cases.append(("d log_softmax(x)[0]/dx, x = [0, -inf, 1]", np.array([1.0, 0.0, 0.0]) - p, {
