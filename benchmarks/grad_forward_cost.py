@@ -75,7 +75,7 @@ def torch_rows(repeat: int):
                 with _without_rules(kind, without=False):
                     return fn()
 
-            number = 20 if shape == (1000,) else 3
+            number = 50 if shape == (1000,) else 3
             t_with, t_without = _median_pair(with_rules, without, repeat, number)
             rows.append(("torch", name, shape, t_with, t_without))
     return rows
