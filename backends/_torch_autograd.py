@@ -74,7 +74,6 @@ def _saved(ctx) -> tuple:
     return tuple(next(present) if slot else None for slot in ctx.saved_slots)
 
 
-
 class _LSEWeightsReverse(torch.autograd.Function):
     """``(w, u) = (d lse/d a, d lse/d b)`` given the (detached) forward result."""
 
@@ -111,6 +110,7 @@ class LSEWeights(_LSEWeightsReverse):
             da = torch.zeros_like(w)
         dw, du = _autodiff.weights_jvp(xp, w, u, da, db, ctx.axes)
         return dw if u is None else (dw, du)
+
 
 def _classic(cls):
     """The same Function in the classic style, ``forward(ctx, ...)``.
@@ -151,8 +151,10 @@ def weights(a, b, where, value, sign, static, plan):
         a, b = torch.broadcast_tensors(a, b.to(plan.compute))
     if where is not None:
         where = torch.broadcast_to(where, a.shape)
-    out = _pick(LSEWeights, _LSEWeightsReverse, _LSEWeightsClassic).apply(a, b, where, value.detach(), sign.detach(), static)
+    function = _pick(LSEWeights, _LSEWeightsReverse, _LSEWeightsClassic)
+    out = function.apply(a, b, where, value.detach(), sign.detach(), static)
     return (out, None) if b is None else out
+
 
 class _LogSumExpReverse(torch.autograd.Function):
     generate_vmap_rule = True
@@ -193,6 +195,7 @@ class LogSumExp(_LogSumExpReverse):
         tangent = _autodiff.lse_jvp(xp, w, u, da, db, ctx.static.axes)
         return tangent.to(value.dtype), None
 
+
 class _NormalizedReverse(torch.autograd.Function):
     """softmax or log_softmax; the backward uses the output only."""
 
@@ -211,8 +214,6 @@ class _NormalizedReverse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        # Both Jacobians are applied by the same formulas in either direction
-        # (softmax's is symmetric; log_softmax's VJP and JVP differ).
         out, where = _saved(ctx)
         out_c, g_c = out.to(ctx.compute), g.to(ctx.compute)
         if ctx.op == "softmax":
@@ -236,7 +237,6 @@ class Normalized(_NormalizedReverse):
         return result.to(out.dtype)
 
 
-
 _LSEWeightsClassic = _classic(LSEWeights)
 _LogSumExpClassic = _classic(LogSumExp)
 _NormalizedClassic = _classic(Normalized)
@@ -244,9 +244,11 @@ _NormalizedClassic = _classic(Normalized)
 
 def logsumexp(call: Call):
     """``(value, sign)`` of a logsumexp call, through :class:`LogSumExp`."""
-    return _pick(LogSumExp, _LogSumExpReverse, _LogSumExpClassic).apply(call.a, call.b, call.where, _Static(call.axes, call.op, call.plan, call.return_sign))
+    static = _Static(call.axes, call.op, call.plan, call.return_sign)
+    return _pick(LogSumExp, _LogSumExpReverse, _LogSumExpClassic).apply(call.a, call.b, call.where, static)
 
 
 def normalized(call: Call):
     """softmax or log_softmax of a call, through :class:`Normalized`."""
-    return _pick(Normalized, _NormalizedReverse, _NormalizedClassic).apply(call.a, call.where, _Static(call.axes, call.op, call.plan))
+    static = _Static(call.axes, call.op, call.plan)
+    return _pick(Normalized, _NormalizedReverse, _NormalizedClassic).apply(call.a, call.where, static)
