@@ -22,6 +22,7 @@ import torch
 from lse_dispatch import _autodiff, _dispatch, _generic
 from lse_dispatch._call import Call
 from lse_dispatch._namespace import DtypePlan
+from lse_dispatch._state import LSEState
 
 from ._torch_grad import NAME
 
@@ -80,14 +81,14 @@ class _LSEWeightsReverse(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(a, b, where, value, sign, static):
-        state = _generic.logsumexp_state(_rebuild(a, b, where, static))
+    def forward(a, b, where, value, sign, state_max, state_count, state_rest, static):
+        state = LSEState(state_max, state_count, state_rest)
         w, u = _autodiff.lse_weights(xp, a, b, where, static.axes, value, sign, state)
         return w if u is None else (w, u)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.axes = inputs[5].axes
+        ctx.axes = inputs[-1].axes
         ctx.weighted = inputs[1] is not None
         outputs = output if ctx.weighted else (output,)
         ctx.save_for_backward(*outputs)
@@ -97,14 +98,14 @@ class _LSEWeightsReverse(torch.autograd.Function):
     def backward(ctx, gw, gu=None):
         w, u = (*ctx.saved_tensors, None)[:2]
         grad_a, grad_b = _autodiff.weights_vjp(xp, w, u, gw, gu, ctx.axes)
-        return grad_a, grad_b, None, None, None, None
+        return grad_a, grad_b, None, None, None, None, None, None, None
 
 
 class LSEWeights(_LSEWeightsReverse):
     """With the forward-mode rule (``jvp``): outside ``torch.compile``."""
 
     @staticmethod
-    def jvp(ctx, da, db, _where, _value, _sign, _static):
+    def jvp(ctx, da, db, *_constants):
         w, u = (*ctx.saved_tensors, None)[:2]
         if da is None:
             da = torch.zeros_like(w)
@@ -144,7 +145,7 @@ def _pick(full, reverse_only, classic):
     return classic
 
 
-def weights(a, b, where, value, sign, static, plan):
+def weights(a, b, where, value, sign, state, static, plan):
     """``(w, u)`` on the broadcast shape, in the compute dtype."""
     a = a.to(plan.compute)
     if b is not None:
@@ -152,7 +153,8 @@ def weights(a, b, where, value, sign, static, plan):
     if where is not None:
         where = torch.broadcast_to(where, a.shape)
     function = _pick(LSEWeights, _LSEWeightsReverse, _LSEWeightsClassic)
-    out = function.apply(a, b, where, value.detach(), sign.detach(), static)
+    constants = [t.detach() for t in (value, sign, *state)]
+    out = function.apply(a, b, where, *constants, static)
     return (out, None) if b is None else out
 
 
@@ -161,21 +163,25 @@ class _LogSumExpReverse(torch.autograd.Function):
 
     @staticmethod
     def forward(a, b, where, static):
-        return _undifferentiated(_rebuild(a, b, where, static))
+        # The state goes out too (not differentiable), so that the backward
+        # forms the weights from it instead of recomputing it.
+        call = _rebuild(a, b, where, static)
+        state = _generic.logsumexp_state(call)
+        return (*_generic.logsumexp_from_state(call, state), *state)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         a, b, where, static = inputs
-        value, sign = output
-        ctx.mark_non_differentiable(sign)
+        value, sign, *state = output
+        ctx.mark_non_differentiable(sign, *state)
         ctx.static = static
         ctx.plan = static.plan
-        _save(ctx, a, b, where, value, sign)
+        _save(ctx, a, b, where, value, sign, *state)
 
     @staticmethod
-    def backward(ctx, g_value, _g_sign):
-        a, b, where, value, sign = _saved(ctx)
-        w, u = weights(a, b, where, value, sign, ctx.static, ctx.plan)
+    def backward(ctx, g_value, *_g_constants):
+        a, b, where, value, sign, *state = _saved(ctx)
+        w, u = weights(a, b, where, value, sign, state, ctx.static, ctx.plan)
         grad_a, grad_b = _autodiff.lse_vjp(xp, w, u, g_value.to(w.dtype))
         grad_a = _autodiff.unbroadcast(xp, grad_a, a.shape).to(a.dtype)
         if grad_b is not None:
@@ -188,12 +194,12 @@ class LogSumExp(_LogSumExpReverse):
 
     @staticmethod
     def jvp(ctx, da, db, _where, _static):
-        a, b, where, value, sign = _saved(ctx)
-        w, u = weights(a, b, where, value, sign, ctx.static, ctx.plan)
+        a, b, where, value, sign, *state = _saved(ctx)
+        w, u = weights(a, b, where, value, sign, state, ctx.static, ctx.plan)
         da = torch.zeros_like(w) if da is None else da.to(w.dtype)
         db = None if db is None else db.to(w.dtype)
         tangent = _autodiff.lse_jvp(xp, w, u, da, db, ctx.static.axes)
-        return tangent.to(value.dtype), None
+        return tangent.to(value.dtype), None, None, None, None
 
 
 class _NormalizedReverse(torch.autograd.Function):
@@ -245,7 +251,9 @@ _NormalizedClassic = _classic(Normalized)
 def logsumexp(call: Call):
     """``(value, sign)`` of a logsumexp call, through :class:`LogSumExp`."""
     static = _Static(call.axes, call.op, call.plan, call.return_sign)
-    return _pick(LogSumExp, _LogSumExpReverse, _LogSumExpClassic).apply(call.a, call.b, call.where, static)
+    function = _pick(LogSumExp, _LogSumExpReverse, _LogSumExpClassic)
+    value, sign, *_state = function.apply(call.a, call.b, call.where, static)
+    return value, sign
 
 
 def normalized(call: Call):

@@ -14,7 +14,7 @@ from ._call import Call
 from ._namespace import real_sign, scalar
 from ._state import LSEState, finalize, log_softmax_from_state, state_from_exponents
 
-__all__ = ["log_softmax", "logsumexp", "logsumexp_state", "softmax"]
+__all__ = ["log_softmax", "logsumexp", "logsumexp_from_state", "logsumexp_state", "softmax"]
 
 Array = Any
 
@@ -73,7 +73,16 @@ def logsumexp(call: Call) -> tuple[Array, Array]:
         return out, xp.zeros(shape, dtype=plan.result, device=device)
     if plan.is_complex:
         return _complex_logsumexp(call)
-    value, sign = finalize(xp, logsumexp_state(call), plan.result)
+    return logsumexp_from_state(call, logsumexp_state(call))
+
+
+def logsumexp_from_state(call: Call, state: LSEState) -> tuple[Array, Array]:
+    """``(value, sign)`` of a real, non-empty call from its state.
+
+    Separate so that the derivative rules can keep the state of the forward.
+    """
+    xp = call.xp
+    value, sign = finalize(xp, state, call.plan.result)
     if not call.return_sign:
         # A negative sum has no real logarithm.
         value = xp.where(sign < 0, scalar(xp, math.nan, value), value)
