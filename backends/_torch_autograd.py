@@ -183,9 +183,11 @@ class _LogSumExpReverse(torch.autograd.Function):
         a, b, where, value, sign, *state = _saved(ctx)
         w, u = weights(a, b, where, value, sign, state, ctx.static, ctx.plan)
         grad_a, grad_b = _autodiff.lse_vjp(xp, w, u, g_value.to(w.dtype))
-        grad_a = _autodiff.unbroadcast(xp, grad_a, a.shape).to(a.dtype)
+        # Only inputs that need a gradient get one (an integer `a` with a float `b`).
+        needs_a, needs_b = ctx.needs_input_grad[:2]
+        grad_a = _autodiff.unbroadcast(xp, grad_a, a.shape).to(a.dtype) if needs_a else None
         if grad_b is not None:
-            grad_b = _autodiff.unbroadcast(xp, grad_b, b.shape).to(b.dtype)
+            grad_b = _autodiff.unbroadcast(xp, grad_b, b.shape).to(b.dtype) if needs_b else None
         return grad_a, grad_b, None, None
 
 
