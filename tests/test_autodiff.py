@@ -451,3 +451,11 @@ def test_reduced_precision_gradients_keep_dtype(ad, dtype):
     (g,) = ad.grad(lambda a: (softmax(a) * ad.array([0.0, 1.0, 2.0], dtype=dtype)).sum(), x)
     y = exact([1.0, 2.0, 3.0])
     close(np.asarray(g, dtype=np.float64), y * (np.arange(3) - (np.arange(3) * y).sum()), rtol=1e-2)
+
+
+def test_torch_gradient_for_float_weights_of_integer_exponents():
+    torch = pytest.importorskip("torch")
+    b = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64, requires_grad=True)
+    logsumexp(torch.tensor([0, 1, 2]), b=b).backward()
+    e = np.exp([0.0, 1.0, 2.0])
+    close(b.grad.numpy(), e / (1 + 2 * e[2]), rtol=1e-15)
