@@ -16,6 +16,7 @@ import functools
 
 from array_api_compat import is_jax_array
 
+from . import _jax_grad
 from ._spec import BackendSpec, Device
 
 
@@ -96,5 +97,6 @@ SPEC = BackendSpec(
     devices=_devices,
     dtypes=("float16", "bfloat16", "float32", "float64"),
     to_numpy=_to_numpy,
-    kernels=_kernels(),
+    # Derivative rules first: they take every traced call (free under jit).
+    kernels=(*_jax_grad.KERNELS, *_kernels()),
 )

@@ -22,6 +22,7 @@ import math
 
 from array_api_compat import is_torch_array
 
+from . import _torch_grad
 from ._spec import BackendSpec, Device
 
 
@@ -337,7 +338,8 @@ SPEC = BackendSpec(
     devices=_devices,
     dtypes=("float16", "bfloat16", "float32", "float64"),
     to_numpy=_to_numpy,
-    kernels=_kernels(),
+    # Derivative rules first: they take a call only while it is differentiated.
+    kernels=(*_torch_grad.KERNELS, *_kernels()),
 )
 
 __all__ = ["SPEC", "TILE_ELEMENTS"]

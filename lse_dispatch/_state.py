@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from ._namespace import device_of, is_dask_namespace, is_jax_namespace, scalar
+from ._namespace import device_of, is_dask_namespace, is_jax_namespace, real_sign, scalar
 
 __all__ = [
     "LSEState",
@@ -79,7 +79,7 @@ def _accurate_sum(xp, x: Array, axes: tuple[int, ...], dtype) -> Array:
     if not axes:
         return xp.astype(x, dtype)
     widening = x.dtype != dtype
-    reduced = math.prod(x.shape[ax] for ax in axes)
+    reduced = math.prod([x.shape[ax] for ax in axes])  # a list: torch.compile traces no generator here
     if widening or reduced < _PAIRWISE_THRESHOLD or is_dask_namespace(xp):
         # Dask sums per chunk and combines in a tree; a reshape would rechunk.
         return xp.sum(x, axis=axes, dtype=dtype, keepdims=True)
@@ -279,7 +279,7 @@ def finalize(xp, state: LSEState, dtype) -> tuple[Array, Array]:
     m, count, rest = state
     acc = rest.dtype
     total = count + rest
-    sign = xp.sign(total)
+    sign = real_sign(xp, total)
     zero_sum = sign == 0
     # log1p(-1) is the right -inf for a zero sum, but NumPy would warn.
     shifted = xp.where(zero_sum, scalar(xp, 0.0, total), (sign * count - 1) + sign * rest)
