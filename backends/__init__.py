@@ -19,9 +19,15 @@ def get(name: str) -> BackendSpec:
     """The spec of the built-in backend ``name``."""
     if name not in BUILTIN:
         raise ValueError(f"unknown backend {name!r}; known: {', '.join(BUILTIN)}")
-    return importlib.import_module(f"{__name__}.{name}").SPEC
+    return _SPECS[name]
 
 
 def installed() -> list[BackendSpec]:
     """Specs of the built-in backends whose library imports here."""
     return [spec for spec in map(get, BUILTIN) if spec.installed()]
+
+
+# Spec modules are declarative and import no array library, so all of them are
+# loaded here: a lookup is then a dict access, which torch.compile can trace
+# (it cannot trace importlib on the first call inside a compiled function).
+_SPECS: dict[str, BackendSpec] = {name: importlib.import_module(f"{__name__}.{name}").SPEC for name in BUILTIN}

@@ -1,7 +1,22 @@
-"""JAX: CPU, and GPU when one is present; float64 only with x64 enabled."""
+"""JAX: CPU, and GPU when one is present; float64 only with x64 enabled.
+
+Native kernel ``jax.jit``: the generic implementation itself, compiled once
+per (operation, axes, dtypes, arguments given) with ``jax.jit``, so that XLA
+fuses its passes into a few loops.  Being the generic code, it has exactly the
+generic path's accuracy and limit semantics, ``b`` and ``where`` included.
+
+It declines traced inputs (calls made inside ``jax.jit``, ``jax.grad``,
+``vmap``...): there the generic code is already traced into the caller's
+computation, and gradients belong to the custom-derivative kernels of the
+gradients work, which are to be listed *before* ``jax.jit`` in
+``SPEC.kernels``.
+"""
+
+import functools
 
 from array_api_compat import is_jax_array
 
+from . import _jax_grad
 from ._spec import BackendSpec, Device
 
 
@@ -29,6 +44,51 @@ def _to_numpy(x):
     return np.asarray(x.astype("float32") if x.dtype.name == "bfloat16" else x)
 
 
+def _declines(call):
+    import jax
+
+    for name, value in (("a", call.a), ("b", call.b), ("where", call.where)):
+        if isinstance(value, jax.core.Tracer):
+            return f"traced input '{name}' (inside a jax transform: the generic code is traced there)"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(op, axes, plan, return_sign, has_b, has_where):
+    import dataclasses
+
+    import jax
+
+    from lse_dispatch._dispatch import GENERIC
+
+    generic = GENERIC[op]
+
+    def run(call, a, b, where):
+        return generic(dataclasses.replace(call, a=a, b=b, where=where))
+
+    # The Call itself is static: only its arrays are traced.
+    return jax.jit(run, static_argnums=0)
+
+
+def _static(call):
+    """The call without its arrays: hashable, the jit cache's static key."""
+    import dataclasses
+
+    return dataclasses.replace(call, a=None, b=None, where=None)
+
+
+def _run(call):
+    fn = _compiled(call.op, call.axes, call.plan, call.return_sign, call.b is not None, call.where is not None)
+    return fn(_static(call), call.a, call.b, call.where)
+
+
+def _kernels():
+    from lse_dispatch._dispatch import Kernel
+
+    # Gradient kernels (jax.custom_jvp) are to be listed before these.
+    return tuple(Kernel(op, "jax.jit", _run, _declines) for op in ("logsumexp", "softmax", "log_softmax"))
+
+
 SPEC = BackendSpec(
     name="jax",
     module="jax",
@@ -37,4 +97,6 @@ SPEC = BackendSpec(
     devices=_devices,
     dtypes=("float16", "bfloat16", "float32", "float64"),
     to_numpy=_to_numpy,
+    # Derivative rules first: they take every traced call (free under jit).
+    kernels=(*_jax_grad.KERNELS, *_kernels()),
 )

@@ -4,6 +4,7 @@ Importing this package imports no array library other than NumPy.
 """
 
 from ._api import log_softmax, logsumexp, softmax
+from ._dispatch import available, trace, use
 from ._validate import AxisError
 from .streaming import LSEState, OnlineLogSumExp, logsumexp_blocked, lse_finalize, lse_merge, lse_state
 
@@ -11,6 +12,7 @@ __all__ = [
     "AxisError",
     "LSEState",
     "OnlineLogSumExp",
+    "available",
     "log_softmax",
     "logsumexp",
     "logsumexp_blocked",
@@ -18,5 +20,7 @@ __all__ = [
     "lse_merge",
     "lse_state",
     "softmax",
+    "trace",
+    "use",
 ]
 __version__ = "0.1.0"

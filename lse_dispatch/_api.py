@@ -8,12 +8,58 @@ from __future__ import annotations
 
 from typing import Any
 
+import sys
+
+import numpy as np
+
 from . import _dispatch
 from ._call import Call, prepare
+from ._validate import normalize_axis
 
 __all__ = ["log_softmax", "logsumexp", "softmax"]
 
 Array = Any
+
+
+_FAST_PLANS: dict = {}
+
+
+def _short_lane_key(a):
+    """A hashable key that fixes ``prepare``'s namespace and dtype plan, or ``None``.
+
+    Only exact NumPy arrays and torch tensors of a real floating dtype: their
+    namespace follows from the type and their plan from dtype and device.
+    """
+    kind = type(a)
+    if kind is np.ndarray:
+        return (kind, a.dtype) if a.dtype in (np.float32, np.float64) else None
+    torch = sys.modules.get("torch")
+    if torch is not None and kind is torch.Tensor and a.dtype in (torch.float32, torch.float64):
+        return (kind, a.dtype, a.device)
+    return None
+
+
+def _prepare(op: str, a, axis, b, where, return_sign: bool = False) -> Call:
+    """``prepare()``, with a short lane for the commonest calls.
+
+    A NumPy array or torch tensor of float32/float64 without ``b`` and
+    ``where`` needs no namespace resolution or conversion; its :class:`Call`
+    is built directly, with the namespace and dtype plan that ``prepare`` made
+    for the first such call (cached per type, dtype and device).
+    tests/test_dispatch.py checks that both lanes give equal calls.
+    """
+    if b is None and where is None:
+        key = _short_lane_key(a)
+        if key is not None:
+            cached = _FAST_PLANS.get(key)
+            if cached is not None:
+                xp, plan = cached
+                shape = tuple(a.shape)
+                return Call(op, xp, a, None, None, normalize_axis(axis, len(shape)), shape, plan, bool(return_sign))
+            call = prepare(op, a, axis=axis, return_sign=return_sign)
+            _FAST_PLANS[key] = (call.xp, call.plan)
+            return call
+    return prepare(op, a, axis=axis, b=b, where=where, return_sign=return_sign)
 
 
 def _squeeze(call: Call, x: Array, keepdims: bool) -> Array:
@@ -22,7 +68,7 @@ def _squeeze(call: Call, x: Array, keepdims: bool) -> Array:
     return call.xp.squeeze(x, axis=call.axes)
 
 
-def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, where=None):
+def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, where=None, backend=None):
     """Logarithm of the sum of exponentials, ``log(sum(b * exp(a)))``, accurately.
 
     Parameters
@@ -43,6 +89,10 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, where=
         unit phase for complex input.  Without it a negative sum gives NaN.
     where : array_like of bool, optional
         Only entries where this is True are included.
+    backend : str, optional
+        Implementation for this call: ``"auto"``, ``"generic"``, a backend
+        name or a kernel name (``lse_dispatch.available()``).  Wins over
+        ``lse_dispatch.use()`` and ``LSE_DISPATCH_BACKEND``.
 
     Returns
     -------
@@ -64,15 +114,15 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, where=
     >>> float(value), float(sign)
     (0.5413248546129181, -1.0)
     """
-    call = prepare("logsumexp", a, axis=axis, b=b, where=where, return_sign=return_sign)
-    value, sign = _dispatch.run(call)
+    call = _prepare("logsumexp", a, axis, b, where, return_sign)
+    value, sign = _dispatch.run(call, backend)
     value = _squeeze(call, value, keepdims)
     if return_sign:
         return value, _squeeze(call, sign, keepdims)
     return value
 
 
-def softmax(x, axis=None, *, where=None):
+def softmax(x, axis=None, *, where=None, backend=None):
     """Softmax, ``exp(x - logsumexp(x))``, with limit semantics at infinities.
 
     Parameters
@@ -83,6 +133,10 @@ def softmax(x, axis=None, *, where=None):
         Axes over which the result sums to one; ``None`` means all.
     where : array_like of bool, optional
         Excluded entries get 0.
+    backend : str, optional
+        Implementation for this call: ``"auto"``, ``"generic"``, a backend
+        name or a kernel name (``lse_dispatch.available()``).  Wins over
+        ``lse_dispatch.use()`` and ``LSE_DISPATCH_BACKEND``.
 
     Returns
     -------
@@ -97,11 +151,11 @@ def softmax(x, axis=None, *, where=None):
     >>> softmax(np.array([0.0, np.inf, np.inf]))
     array([0. , 0.5, 0.5])
     """
-    call = prepare("softmax", x, axis=axis, where=where)
-    return _dispatch.run(call)
+    call = _prepare("softmax", x, axis, None, where)
+    return _dispatch.run(call, backend)
 
 
-def log_softmax(x, axis=None, *, where=None):
+def log_softmax(x, axis=None, *, where=None, backend=None):
     """Logarithm of softmax, computed without cancellation at the max entry.
 
     Parameters
@@ -112,6 +166,10 @@ def log_softmax(x, axis=None, *, where=None):
         Axes of the normalisation; ``None`` means all.
     where : array_like of bool, optional
         Excluded entries get ``-inf``.
+    backend : str, optional
+        Implementation for this call: ``"auto"``, ``"generic"``, a backend
+        name or a kernel name (``lse_dispatch.available()``).  Wins over
+        ``lse_dispatch.use()`` and ``LSE_DISPATCH_BACKEND``.
 
     Returns
     -------
@@ -125,5 +183,5 @@ def log_softmax(x, axis=None, *, where=None):
     >>> float(log_softmax(np.array([0.0, -40.0]))[0])
     -4.248354255291589e-18
     """
-    call = prepare("log_softmax", x, axis=axis, where=where)
-    return _dispatch.run(call)
+    call = _prepare("log_softmax", x, axis, None, where)
+    return _dispatch.run(call, backend)

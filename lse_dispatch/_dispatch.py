@@ -2,32 +2,86 @@
 
 Each backend module declares native :class:`Kernel` s with the conditions
 under which they apply; the first one that does not decline runs, otherwise
-the generic array-API implementation does.  The backend of an array type is
-looked up once and cached.
+the generic array-API implementation does.  The backends of an array type are
+looked up once and cached (SciPy's ``_support_alternative_backends`` is the
+model).
+
+The user's choice is resolved in this order:
+
+1. the per-call ``backend=`` keyword of the public functions;
+2. the innermost ``with lse_dispatch.use(...)`` block (a context variable, so
+   each thread and each asyncio task sees its own choice);
+3. the environment variable ``LSE_DISPATCH_BACKEND``;
+4. ``"auto"``.
+
+A choice is one of
+
+* ``"auto"`` -- the first kernel of the array's backends that takes the call,
+  else the generic implementation;
+* ``"generic"`` -- always the generic array-API implementation;
+* a backend name (``"numpy"``, ``"torch"``, a plugin's name) -- only that
+  backend's kernels are tried, then the generic implementation;
+* a kernel name (``"numpy.blocked"``) -- only that kernel is tried, then the
+  generic implementation.
+
+A kernel that declines a call never makes it fail: the generic implementation
+always runs instead, and :func:`trace` and ``logging.debug`` (logger
+``lse_dispatch.dispatch``) say which implementation ran and why the others
+declined.  Third-party backends register a :class:`~lse_dispatch.backends.BackendSpec`
+under the entry-point group ``lse_dispatch.backends``; they are loaded on the
+first call that needs a backend lookup, and a plugin that fails to load warns
+and is skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
+import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import _generic
 from ._call import Call
 
-__all__ = ["GENERIC", "Kernel", "backend_for", "run"]
+__all__ = [
+    "ENV_VAR",
+    "GENERIC",
+    "Decision",
+    "Kernel",
+    "Trace",
+    "available",
+    "backend_for",
+    "backends_for",
+    "plugins",
+    "run",
+    "trace",
+    "use",
+]
+
+#: Environment variable holding the default choice (below ``use`` and ``backend=``).
+ENV_VAR = "LSE_DISPATCH_BACKEND"
+#: Entry-point group third-party backends register under.
+ENTRY_POINT_GROUP = "lse_dispatch.backends"
+
+logger = logging.getLogger("lse_dispatch.dispatch")
 
 
 @dataclass(frozen=True)
 class Kernel:
     """A native implementation of one operation.
 
-    ``run`` takes a :class:`Call` and returns what the generic implementation
-    returns (``(value, sign)`` with kept dims for logsumexp, the array for
-    softmax and log_softmax).  ``declines`` returns ``None`` when the kernel
-    can take the call, or a short reason why not; a kernel that does not meet
-    the accuracy contract for a call must decline it.
+    ``name`` is ``"<backend>.<implementation>"`` and is shared by the kernels
+    of the three operations that one implementation provides; users select it
+    by that name.  ``run`` takes a :class:`Call` and returns what the generic
+    implementation returns (``(value, sign)`` with kept dims for logsumexp, the
+    array for softmax and log_softmax).  ``declines`` returns ``None`` when the
+    kernel can take the call, or a short reason why not; a kernel that does not
+    meet the accuracy contract for a call must decline it.
     """
 
     op: str
@@ -42,30 +96,271 @@ GENERIC: dict[str, Callable[[Call], Any]] = {
     "log_softmax": _generic.log_softmax,
 }
 
-_BACKEND_OF_TYPE: dict[type, Any] = {}
+
+# --------------------------------------------------------------------------
+# The catalogue: built-in backends, then plugins, looked up per array type.
+
+_BACKENDS_OF_TYPE: dict[type, tuple] = {}
+_PLUGINS: list | None = None
 
 
-def backend_for(array) -> Any:
-    """The backend spec whose arrays ``array`` is, or ``None`` (generic only)."""
-    kind = type(array)
-    if kind in _BACKEND_OF_TYPE:
-        return _BACKEND_OF_TYPE[kind]
-    from . import backends
+def plugins() -> list:
+    """Specs of the third-party backends registered under the entry-point group.
 
-    found = None
-    for name in backends.BUILTIN:
-        spec = backends.get(name)
-        if spec.module in sys.modules and spec.is_array(array):
-            found = spec
-            break
-    _BACKEND_OF_TYPE[kind] = found
+    Loaded once, on first use.  A plugin that fails to load, or that does not
+    provide a ``BackendSpec``, is skipped with a ``RuntimeWarning`` naming it.
+    """
+    global _PLUGINS
+    if _PLUGINS is not None:
+        return _PLUGINS
+    from importlib.metadata import entry_points
+
+    from .backends import BackendSpec
+
+    found = []
+    for point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda p: p.name):
+        try:
+            spec = point.load()
+            if callable(spec) and not isinstance(spec, BackendSpec):
+                spec = spec()
+            if not isinstance(spec, BackendSpec):
+                raise TypeError(f"it gave {type(spec).__name__}, not a BackendSpec")
+        except Exception as exc:  # any failure of foreign code: warn, skip, go on
+            warnings.warn(
+                f"lse_dispatch: skipping backend plugin {point.name!r} ({point.value}): "
+                f"{type(exc).__name__}: {exc}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
+        found.append(spec)
+    _PLUGINS = found
     return found
 
 
-def run(call: Call) -> Any:
-    """Run ``call`` with the first native kernel that takes it, else generically."""
-    spec = backend_for(call.a)
-    for kernel in () if spec is None else spec.kernels:
-        if kernel.op == call.op and kernel.declines(call) is None:
-            return kernel.run(call)
-    return GENERIC[call.op](call)
+def _reset_catalogue() -> None:
+    """Forget cached plugins and type lookups (for tests that install plugins)."""
+    global _PLUGINS
+    _PLUGINS = None
+    _BACKENDS_OF_TYPE.clear()
+    _KNOWN_NAMES.clear()
+
+
+def backends_for(array) -> tuple:
+    """The specs whose arrays ``array`` is: built-in ones first, then plugins."""
+    kind = type(array)
+    found = _BACKENDS_OF_TYPE.get(kind)
+    if found is not None:
+        return found
+    from . import backends
+
+    specs = [backends.get(name) for name in backends.BUILTIN] + plugins()
+    matches = []
+    for spec in specs:
+        try:
+            # A library that was never imported cannot have made this array.
+            if spec.module in sys.modules and spec.is_array(array):
+                matches.append(spec)
+        except Exception as exc:  # a plugin's broken detector must not break calls
+            warnings.warn(f"lse_dispatch: backend {spec.name!r} failed to inspect an array: {exc}",
+                          RuntimeWarning, stacklevel=2)
+    found = tuple(matches)
+    _BACKENDS_OF_TYPE[kind] = found
+    return found
+
+
+def backend_for(array) -> Any:
+    """The first backend spec whose arrays ``array`` is, or ``None`` (generic only)."""
+    found = backends_for(array)
+    return found[0] if found else None
+
+
+def available() -> dict[str, tuple[str, ...]]:
+    """Every name ``use()`` accepts: backend name -> its kernel names.
+
+    Lists the built-in backends (whether or not their library is installed)
+    and the loaded plugins.
+    """
+    from . import backends
+
+    names: dict[str, tuple[str, ...]] = {}
+    for spec in [backends.get(name) for name in backends.BUILTIN] + plugins():
+        kernel_names = tuple(dict.fromkeys(kernel.name for kernel in spec.kernels))
+        names[spec.name] = names.get(spec.name, ()) + kernel_names
+    return names
+
+
+_KNOWN_NAMES: set[str] = set()
+
+
+def _check_choice(choice) -> str:
+    if not isinstance(choice, str):
+        raise TypeError(f"argument 'backend' must be a string, got {type(choice).__name__}")
+    if choice in ("auto", "generic") or choice in _KNOWN_NAMES:
+        return choice
+    catalogue = available()
+    if choice in catalogue or any(choice in kernels for kernels in catalogue.values()):
+        _KNOWN_NAMES.add(choice)
+        return choice
+    known = sorted({"auto", "generic", *catalogue, *(k for ks in catalogue.values() for k in ks)})
+    raise ValueError(f"unknown backend {choice!r}; expected one of: {', '.join(known)}")
+
+
+# --------------------------------------------------------------------------
+# User control: backend= > use() > environment > auto.
+
+_CHOICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("lse_dispatch_backend", default=None)
+
+
+@contextlib.contextmanager
+def use(backend: str) -> Iterator[str]:
+    """Run the calls inside the block with ``backend``.
+
+    ``backend`` is ``"auto"``, ``"generic"``, a backend name or a kernel name
+    (see :func:`available`).  The choice lives in a context variable: other
+    threads and asyncio tasks keep their own, and blocks nest.  A per-call
+    ``backend=`` keyword still wins over it.
+
+    >>> import numpy as np, lse_dispatch
+    >>> with lse_dispatch.use("generic"), lse_dispatch.trace() as t:
+    ...     _ = lse_dispatch.logsumexp(np.zeros(3))
+    >>> t.records[-1].implementation
+    'generic'
+    """
+    token = _CHOICE.set(_check_choice(backend))
+    try:
+        yield backend
+    finally:
+        _CHOICE.reset(token)
+
+
+def _resolve(per_call: str | None) -> tuple[str, str]:
+    """``(choice, where it came from)``."""
+    if per_call is not None:
+        return _check_choice(per_call), "backend="
+    chosen = _CHOICE.get()
+    if chosen is not None:
+        return chosen, "use()"
+    env = os.environ.get(ENV_VAR)
+    if env:
+        try:
+            return _check_choice(env.strip()), ENV_VAR
+        except ValueError as exc:
+            raise ValueError(f"environment variable {ENV_VAR}: {exc}") from None
+    return "auto", "default"
+
+
+# --------------------------------------------------------------------------
+# Seeing what ran.
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the dispatcher did with one call.
+
+    ``implementation`` is a kernel name or ``"generic"``; ``declined`` pairs
+    every kernel that was considered but did not run with its reason.
+    """
+
+    op: str
+    backend: str | None
+    choice: str
+    source: str
+    implementation: str
+    declined: tuple[tuple[str, str], ...]
+
+    def __str__(self) -> str:
+        why = "; ".join(f"{name}: {reason}" for name, reason in self.declined) or "none declined"
+        return (f"{self.op} on {self.backend or 'unknown backend'} ran {self.implementation} "
+                f"(choice {self.choice!r} from {self.source}; {why})")
+
+
+@dataclass
+class Trace:
+    """The decisions of the calls made inside a :func:`trace` block, in order."""
+
+    records: list[Decision] = field(default_factory=list)
+
+    @property
+    def implementations(self) -> list[str]:
+        return [record.implementation for record in self.records]
+
+    def __str__(self) -> str:
+        return "\n".join(map(str, self.records))
+
+
+_TRACES: contextvars.ContextVar[tuple[Trace, ...]] = contextvars.ContextVar("lse_dispatch_traces", default=())
+
+
+@contextlib.contextmanager
+def trace() -> Iterator[Trace]:
+    """Record, for every call in the block, which implementation ran and why.
+
+    Context-local like :func:`use`; nested blocks each see the calls made
+    inside them.
+    """
+    recorder = Trace()
+    token = _TRACES.set(_TRACES.get() + (recorder,))
+    try:
+        yield recorder
+    finally:
+        _TRACES.reset(token)
+
+
+# --------------------------------------------------------------------------
+# Dispatch.
+
+
+def _candidates(specs: tuple, choice: str) -> tuple[list, list[tuple[str, str]]]:
+    """Kernels to try for ``choice``, and the ones ruled out by it."""
+    pairs = [(spec.name, kernel) for spec in specs for kernel in spec.kernels]
+    if choice == "auto":
+        return [kernel for _, kernel in pairs], []
+    keep = [kernel for owner, kernel in pairs if choice in (owner, kernel.name)]
+    reason = "generic chosen" if choice == "generic" else f"not chosen ({choice!r})"
+    return keep, [(kernel.name, reason) for _, kernel in pairs if kernel not in keep]
+
+
+def run(call: Call, backend: str | None = None) -> Any:
+    """Run ``call`` with the implementation the user's choice selects."""
+    choice, source = _resolve(backend)
+    specs = backends_for(call.a)
+    traces = _TRACES.get()
+    verbose = traces or logger.isEnabledFor(logging.DEBUG)
+    declined: list[tuple[str, str]] = []
+    if not specs and choice not in ("auto", "generic"):
+        declined.append((choice, "not a backend of this input"))
+    kernels, skipped = _candidates(specs, choice) if specs else ([], [])
+    if verbose:
+        declined.extend(skipped)
+    chosen = None
+    seen = set()
+    for kernel in kernels:
+        if kernel.op != call.op:
+            continue
+        seen.add(kernel.name)
+        reason = kernel.declines(call)
+        if reason is None:
+            chosen = kernel
+            break
+        if verbose:
+            declined.append((kernel.name, reason))
+    if verbose:
+        owners = {spec.name for spec in specs}
+        if choice not in ("auto", "generic") and choice not in seen and choice not in owners and specs:
+            declined.append((choice, "does not apply to this input's backend"))
+        declined = [pair for pair in declined if chosen is None or pair[0] != chosen.name]
+        decision = Decision(
+            op=call.op,
+            backend=specs[0].name if specs else None,
+            choice=choice,
+            source=source,
+            implementation="generic" if chosen is None else chosen.name,
+            declined=tuple(dict.fromkeys(declined)),
+        )
+        for recorder in traces:
+            recorder.records.append(decision)
+        logger.debug("%s", decision)
+    if chosen is None:
+        return GENERIC[call.op](call)
+    return chosen.run(call)

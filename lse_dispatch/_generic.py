@@ -11,10 +11,10 @@ import math
 from typing import Any
 
 from ._call import Call
-from ._namespace import scalar
+from ._namespace import real_sign, scalar
 from ._state import LSEState, finalize, log_softmax_from_state, softmax_from_state, state_from_exponents
 
-__all__ = ["log_softmax", "logsumexp", "logsumexp_state", "softmax"]
+__all__ = ["log_softmax", "logsumexp", "logsumexp_from_state", "logsumexp_state", "softmax"]
 
 Array = Any
 
@@ -48,7 +48,7 @@ def _weights(call: Call):
     # log|b| only where b != 0: log(0) would warn, and those entries are excluded.
     log_scale = xp.log(xp.where(nonzero, scale, scalar(xp, 1.0, scale)))
     a, b, scale, log_scale = xp.broadcast_arrays(a, b, scale, log_scale)
-    return a + log_scale, included, xp.sign(b), scale, a
+    return a + log_scale, included, real_sign(xp, b), scale, a
 
 
 def logsumexp_state(call: Call) -> LSEState:
@@ -78,7 +78,16 @@ def logsumexp(call: Call) -> tuple[Array, Array]:
         return out, xp.zeros(shape, dtype=plan.result, device=device)
     if plan.is_complex:
         return _complex_logsumexp(call)
-    value, sign = finalize(xp, logsumexp_state(call), plan.result)
+    return logsumexp_from_state(call, logsumexp_state(call))
+
+
+def logsumexp_from_state(call: Call, state: LSEState) -> tuple[Array, Array]:
+    """``(value, sign)`` of a real, non-empty call from its state.
+
+    Separate so that the derivative rules can keep the state of the forward.
+    """
+    xp = call.xp
+    value, sign = finalize(xp, state, call.plan.result)
     if not call.return_sign:
         # A negative sum has no real logarithm.
         value = xp.where(sign < 0, scalar(xp, math.nan, value), value)

@@ -18,6 +18,7 @@ __all__ = [
     "is_dask_namespace",
     "is_jax_namespace",
     "plan_dtypes",
+    "real_sign",
     "resolve_namespace",
     "scalar",
 ]
@@ -47,6 +48,16 @@ def scalar(xp, value: float, like: Array) -> Array:
     non-default devices and accelerators never see a mixed-device operation.
     """
     return xp.asarray(value, dtype=like.dtype, device=device_of(like))
+
+
+def real_sign(xp, x: Array) -> Array:
+    """``sign(x)`` of a real floating array, NaN kept, without in-place writes.
+
+    array-api-compat's torch ``sign`` patches NaNs in with a boolean-mask
+    assignment, which ``torch.func.vmap`` cannot batch; two ``where`` s can.
+    """
+    one = scalar(xp, 1.0, x)
+    return xp.where(x > 0, one, xp.where(x < 0, -one, x))
 
 
 def _as_array(value, name: str):

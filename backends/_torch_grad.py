@@ -1,0 +1,68 @@
+"""PyTorch derivative kernels: when the autograd Functions take a call.
+
+The Functions themselves live in :mod:`._torch_autograd` and the formulas in
+:mod:`lse_dispatch._autodiff`.
+
+The kernels apply only while a derivative can be taken (autograd recording,
+a forward-AD level, or a ``torch.func`` transform); plain forward calls are
+declined and go to the fastest forward implementation, unchanged.
+
+Importing this module imports no array library; torch is imported the first
+time a kernel sees a torch tensor (so torch is already loaded).
+"""
+
+from __future__ import annotations
+
+from lse_dispatch._call import Call
+from lse_dispatch._dispatch import Kernel
+
+__all__ = ["KERNELS"]
+
+NAME = "autodiff"
+
+
+def _differentiating(call: Call) -> bool:
+    """Whether autograd or a torch.func transform could differentiate ``call``."""
+    import torch
+    from torch.autograd import forward_ad
+
+    tensors = (call.a,) if call.b is None else (call.a, call.b)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    if forward_ad._current_level >= 0:
+        return True
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace the functorch check; inside a compiled graph
+        # derivatives come from autograd, which requires_grad already covers.
+        return False
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _declines(call: Call) -> str | None:
+    if call.plan.is_complex:
+        return "complex input: the generic operations' own derivatives apply"
+    if any(call.shape[ax] == 0 for ax in call.axes) or any(n == 0 for n in call.shape):
+        return "empty input: nothing to differentiate"
+    if not _differentiating(call):
+        return "no derivative is being taken"
+    return None
+
+
+def _logsumexp(call: Call):
+    from . import _torch_autograd
+
+    return _torch_autograd.logsumexp(call)
+
+
+def _normalized(call: Call):
+    from . import _torch_autograd
+
+    return _torch_autograd.normalized(call)
+
+
+#: Kernels for backends/torch.py: they take a call only while it is differentiated.
+KERNELS = (
+    Kernel("logsumexp", NAME, _logsumexp, _declines),
+    Kernel("softmax", NAME, _normalized, _declines),
+    Kernel("log_softmax", NAME, _normalized, _declines),
+)
