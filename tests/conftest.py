@@ -246,64 +246,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "long: the 2**20-entry accuracy cases (slowest oracle and graphs)")
 
 
-# Known failures of the core, each one precise; strict, so that a fix shows up.
-_XLA_LOG1P = (
-    "core bug on JAX under jit: XLA (jax 0.10.2, CPU) expands log1p(x) as "
-    "log(1+x)*x/((1+x)-1) and then simplifies (1+x)-1 to x, so finalize's log1p of a tiny "
-    "rest loses its accuracy (dominant-among-many: 4.95e9 ulps in float64)"
-)
-_JAX_LOG_SOFTMAX = (
-    "core bug on JAX: log_softmax over a reduced axis misses the 4-ulp budget "
-    "(measured 4.3 to 534 ulps, worst under jit)"
-)
-_JAX_F32_SOFTMAX = (
-    "core bug on JAX without x64: the float32-accumulated (TwoSum-compensated) softmax "
-    "misses the budget (wide-spread: 106 ulps at 2.38e-35; columns-axis-0: 4.31 ulps)"
-)
-_XLA_FTZ = (
-    "JAX on CPU: XLA flushes float32 subnormal results to zero, so softmax entries below "
-    "1.18e-38 come back 0 while exp(log_softmax) keeps them (e.g. 1.17e-38)"
-)
-KNOWN_FAILURES = {
-    "test_exp_of_log_softmax_is_softmax[jax:jit]": _XLA_FTZ,
-    "test_exp_of_log_softmax_is_softmax[jax:x64:jit]": _XLA_FTZ,
-    "test_catalogue_case[jax-accuracy/wide-spread/softmax[float32]]": _JAX_F32_SOFTMAX,
-    "test_catalogue_case[jax-accuracy/columns-axis-0/softmax[float32]]": _JAX_F32_SOFTMAX,
-    "test_catalogue_case[jax:x64:jit-accuracy/dominant-among-many/logsumexp[float64]]": _XLA_LOG1P,
-    "test_catalogue_case[jax:x64:jit-accuracy/dominant-among-many/logsumexp[float32]]": _XLA_LOG1P,
-    "test_catalogue_case[jax:x64:jit-accuracy/dominant-among-many/log_softmax[float64]]": _XLA_LOG1P,
-    "test_catalogue_case[jax:x64:jit-accuracy/dominant-among-many/log_softmax[float32]]": _XLA_LOG1P,
-    "test_catalogue_case[jax:jit-overflow/at-ln-max/log_softmax[float32]]": _JAX_LOG_SOFTMAX,
-    "test_catalogue_case[jax:x64:jit-overflow/at-ln-max/log_softmax[float64]]": _JAX_LOG_SOFTMAX,
-    "test_catalogue_case[jax:x64:jit-accuracy/large-offset/softmax[float64]]": (
-        "core bug on JAX under jit with x64: softmax of 1e4 + noise is 6.19 ulps off"
-    ),
-    "test_catalogue_case[jax:jit-special-values/nan/softmax[bfloat16]]": (
-        "core bug on JAX under jit: bfloat16 softmax of [1, nan, 0] gives [2.9e-37, 0, 1], not NaN"
-    ),
-    "test_integer_and_bool_become_default_float[jax:jit-int32-log_softmax]": _JAX_LOG_SOFTMAX,
-    "test_integer_and_bool_become_default_float[jax:x64:jit-int32-log_softmax]": _JAX_LOG_SOFTMAX,
-    "test_integer_and_bool_become_default_float[jax:x64:jit-int64-log_softmax]": _JAX_LOG_SOFTMAX,
-    "test_softmax_axis[jax:jit-0-log_softmax]": _JAX_LOG_SOFTMAX,
-    "test_softmax_axis[jax:jit-1-log_softmax]": _JAX_LOG_SOFTMAX,
-    "test_softmax_axis[jax:x64-0-log_softmax]": _JAX_LOG_SOFTMAX,
-    "test_softmax_axis[jax:x64:jit-0-log_softmax]": _JAX_LOG_SOFTMAX,
-    "test_softmax_axis[jax:x64:jit-1-log_softmax]": _JAX_LOG_SOFTMAX,
-}
-# jax:gpu (x64 under jit on a GPU) showed the same failures as jax:x64:jit
-# on an H100 (jax 0.11.2): 9 failed, torch:cuda and cupy all passed.
-_GPU_SEEN = (
-    "test_catalogue_case[jax:x64:jit-accuracy/dominant-among-many/logsumexp[float64]]",
-    "test_catalogue_case[jax:x64:jit-accuracy/dominant-among-many/logsumexp[float32]]",
-    "test_catalogue_case[jax:x64:jit-accuracy/dominant-among-many/log_softmax[float64]]",
-    "test_catalogue_case[jax:x64:jit-accuracy/dominant-among-many/log_softmax[float32]]",
-    "test_catalogue_case[jax:x64:jit-overflow/at-ln-max/log_softmax[float64]]",
-    "test_integer_and_bool_become_default_float[jax:x64:jit-int32-log_softmax]",
-    "test_integer_and_bool_become_default_float[jax:x64:jit-int64-log_softmax]",
-    "test_softmax_axis[jax:x64:jit-0-log_softmax]",
-    "test_softmax_axis[jax:x64:jit-1-log_softmax]",
-)
-KNOWN_FAILURES.update({name.replace("jax:x64:jit", "jax:gpu"): KNOWN_FAILURES[name] for name in _GPU_SEEN})
+# Known failures of the core, by test name: each is marked xfail(strict=True)
+# with its reason, so that a fix shows up as an XPASS failure.  Empty since
+# the JAX accuracy fixes (log1p under jit, optimization barriers) landed.
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def pytest_collection_modifyitems(config, items):
