@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BackendSpec", "Device"]
+__all__ = ["BackendSpec", "Device", "float64_softmax_declined"]
 
 
 @dataclass(frozen=True)
@@ -65,3 +65,20 @@ class BackendSpec:
         """``array`` (NumPy) as this library's array of ``dtype`` on ``device``."""
         xp = self.namespace()
         return xp.asarray(array, dtype=getattr(xp, dtype), device=device.device)
+
+
+def float64_softmax_declined(declines: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """``declines`` for a native softmax that leaves float64 to the generic path.
+
+    float64 softmax needs the TwoSum-compensated exponent of the shared
+    ``softmax_from_state``; a plain ``exp((x - m) - log_norm)`` is about
+    ``|log softmax| / 2`` ulps off, outside the 4-ulp contract.
+    """
+
+    def softmax_declines(call) -> str | None:
+        reason = declines(call)
+        if reason is None and call.plan.compute == call.xp.float64:
+            return "float64 softmax: the compensated exponent is the generic path's"
+        return reason
+
+    return softmax_declines

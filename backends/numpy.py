@@ -25,7 +25,7 @@ import math
 
 from array_api_compat import is_numpy_array
 
-from ._spec import BackendSpec, Device
+from ._spec import BackendSpec, Device, float64_softmax_declined
 
 
 def _namespace():
@@ -395,21 +395,12 @@ def _softmax(call):
     return _normalised(call, log=False)
 
 
-def _softmax_declines(call) -> str | None:
-    """float64 softmax needs the TwoSum-compensated exponent of the shared
-    ``softmax_from_state`` (the plain one is |log softmax| / 2 ulps off)."""
-    reason = _declines(call)
-    if reason is None and call.plan.compute == call.xp.float64:
-        return "float64 softmax: the compensated exponent is the generic path's"
-    return reason
-
-
 def _kernels():
     from lse_dispatch._dispatch import Kernel
 
     return (
         Kernel("logsumexp", "numpy.blocked", _logsumexp, _declines),
-        Kernel("softmax", "numpy.blocked", _softmax, _softmax_declines),
+        Kernel("softmax", "numpy.blocked", _softmax, float64_softmax_declined(_declines)),
         Kernel("log_softmax", "numpy.blocked", _log_softmax, _declines),
     )
 

@@ -135,26 +135,25 @@ def _complex_logsumexp(call: Call) -> tuple[Array, Array]:
     return value, xp.ones_like(value)
 
 
-def log_softmax(call: Call) -> Array:
-    """``x - logsumexp(x)`` over ``call.axes``, the max entry kept exact."""
+def _normalized(call: Call, from_state) -> Array:
+    """The state over ``call.axes``, then ``from_state`` elementwise."""
     xp, plan = call.xp, call.plan
     if _is_empty(call):
         return xp.astype(call.a, plan.result)
     state = logsumexp_state(call)
     x = xp.astype(call.a, plan.compute)
     included = None if call.where is None else xp.broadcast_to(call.where, x.shape)
-    return xp.astype(log_softmax_from_state(xp, x, state, included), plan.result)
+    return xp.astype(from_state(xp, x, state, included), plan.result)
+
+
+def log_softmax(call: Call) -> Array:
+    """``x - logsumexp(x)`` over ``call.axes``, the max entry kept exact."""
+    return _normalized(call, log_softmax_from_state)
 
 
 def softmax(call: Call) -> Array:
     """``exp(log_softmax(x))``, its exponent compensated for rounding."""
-    xp, plan = call.xp, call.plan
-    if _is_empty(call):
-        return xp.astype(call.a, plan.result)
-    state = logsumexp_state(call)
-    x = xp.astype(call.a, plan.compute)
-    included = None if call.where is None else xp.broadcast_to(call.where, x.shape)
-    return xp.astype(softmax_from_state(xp, x, state, included), plan.result)
+    return _normalized(call, softmax_from_state)
 
 
 def _is_empty(call: Call) -> bool:

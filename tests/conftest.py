@@ -18,6 +18,7 @@ library or the device is missing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,15 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn, static_kw: tuple):
+    """One ``jax.jit`` per function and static arguments, so that traces are reused."""
+    import jax
+
+    static = dict(static_kw)
+    return jax.jit(lambda args, kwargs: fn(*args, **kwargs, **static))
 
 
 class ComputedTooEarly(AssertionError):
@@ -130,8 +140,8 @@ class Backend:
             if len(traced_args) != len(args):
                 return fn(*args, **kwargs)  # Python inputs: nothing to trace
             traced_kw = {k: v for k, v in kwargs.items() if is_traced(v)}
-            static_kw = {k: v for k, v in kwargs.items() if not is_traced(v)}
-            return jax.jit(lambda a, kw: fn(*a, **kw, **static_kw))(traced_args, traced_kw)
+            static_kw = tuple(sorted((k, v) for k, v in kwargs.items() if not is_traced(v)))
+            return _jitted(fn, static_kw)(traced_args, traced_kw)
         if self.lazy:
             import dask
 
@@ -180,7 +190,13 @@ VARIANTS = [
     ("cupy", "cupy", {"device": "cuda"}),
 ]
 
-BACKEND_IDS = [variant[0] for variant in VARIANTS]
+# jax:jit (float32 without x64, under jit) doubles the JAX compile time of the
+# suite; it runs when LSE_TEST_ALL_VARIANTS=1.  jax:x64:jit covers jit in
+# every dtype (float16, bfloat16, float32 and float64) by default.
+_OPT_IN = {"jax:jit"}
+BACKEND_IDS = [
+    variant[0] for variant in VARIANTS if variant[0] not in _OPT_IN or os.environ.get("LSE_TEST_ALL_VARIANTS") == "1"
+]
 
 
 def make_backend(variant_id: str, stack: contextlib.ExitStack) -> Backend:
@@ -228,3 +244,16 @@ def backend(request):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "long: the 2**20-entry accuracy cases (slowest oracle and graphs)")
+
+
+# Known failures of the core, by test name: each is marked xfail(strict=True)
+# with its reason, so that a fix shows up as an XPASS failure.  Empty since
+# the JAX accuracy fixes (log1p under jit, optimization barriers) landed.
+KNOWN_FAILURES: dict[str, str] = {}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        reason = KNOWN_FAILURES.get(item.name)
+        if reason is not None:
+            item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
