@@ -86,10 +86,10 @@ def _declines(call) -> str | None:
         return f"device {a.device.type} (kernel is CPU-only: its exact recheck reads back to the host)"
     if torch.is_grad_enabled() and a.requires_grad:
         return "autograd active (input requires grad)"
+    if torch.compiler.is_compiling():  # first: Dynamo cannot trace the functorch checks
+        return "inside torch.compile tracing"
     if torch._C._functorch.is_functorch_wrapped_tensor(a) or torch._C._are_functorch_transforms_active():
         return "inside a torch.func transform"
-    if torch.compiler.is_compiling():
-        return "inside torch.compile tracing"
     if tuple(a.shape) != call.shape:
         return "input needs a broadcast"
     if not call.axes:

@@ -104,6 +104,21 @@ _BACKENDS_OF_TYPE: dict[type, tuple] = {}
 _PLUGINS: list | None = None
 
 
+def _compile_time_constant(fn):
+    """Mark ``fn`` as host logic whose result torch.compile takes as a constant.
+
+    This is what ``torch.compiler.assume_constant_result`` does (it sets this
+    attribute and nothing else), done here by hand so that importing
+    lse_dispatch imports no array library.  Dynamo then calls ``fn`` once
+    while tracing instead of tracing into it: context variables, entry points
+    and ``sys.modules`` are beyond its reach.  The choice of implementation is
+    thereby fixed when a graph is traced, as every other host-side decision
+    of the dispatcher is.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def plugins() -> list:
     """Specs of the third-party backends registered under the entry-point group.
 
@@ -138,6 +153,12 @@ def plugins() -> list:
     return found
 
 
+@_compile_time_constant
+def _load_plugins() -> None:
+    """:func:`plugins` for :func:`backends_for`, which torch.compile may be tracing."""
+    plugins()
+
+
 def _reset_catalogue() -> None:
     """Forget cached plugins and type lookups (for tests that install plugins)."""
     global _PLUGINS
@@ -154,7 +175,8 @@ def backends_for(array) -> tuple:
         return found
     from . import backends
 
-    specs = [backends.get(name) for name in backends.BUILTIN] + plugins()
+    _load_plugins()
+    specs = [backends.get(name) for name in backends.BUILTIN] + list(_PLUGINS)
     matches = []
     for spec in specs:
         try:
@@ -234,6 +256,7 @@ def use(backend: str) -> Iterator[str]:
         _CHOICE.reset(token)
 
 
+@_compile_time_constant
 def _resolve(per_call: str | None) -> tuple[str, str]:
     """``(choice, where it came from)``."""
     if per_call is not None:
@@ -292,6 +315,21 @@ class Trace:
 _TRACES: contextvars.ContextVar[tuple[Trace, ...]] = contextvars.ContextVar("lse_dispatch_traces", default=())
 
 
+@_compile_time_constant
+def _observed() -> bool:
+    """Whether a decision is recorded: a :func:`trace` block or debug logging."""
+    return bool(_TRACES.get()) or logger.isEnabledFor(logging.DEBUG)
+
+
+@_compile_time_constant
+def _record(op, backend, choice, source, implementation, declined) -> None:
+    decision = Decision(op=op, backend=backend, choice=choice, source=source,
+                        implementation=implementation, declined=declined)
+    for recorder in _TRACES.get():
+        recorder.records.append(decision)
+    logger.debug("%s", decision)
+
+
 @contextlib.contextmanager
 def trace() -> Iterator[Trace]:
     """Record, for every call in the block, which implementation ran and why.
@@ -325,8 +363,7 @@ def run(call: Call, backend: str | None = None) -> Any:
     """Run ``call`` with the implementation the user's choice selects."""
     choice, source = _resolve(backend)
     specs = backends_for(call.a)
-    traces = _TRACES.get()
-    verbose = traces or logger.isEnabledFor(logging.DEBUG)
+    verbose = _observed()
     declined: list[tuple[str, str]] = []
     if not specs and choice not in ("auto", "generic"):
         declined.append((choice, "not a backend of this input"))
@@ -350,17 +387,8 @@ def run(call: Call, backend: str | None = None) -> Any:
         if choice not in ("auto", "generic") and choice not in seen and choice not in owners and specs:
             declined.append((choice, "does not apply to this input's backend"))
         declined = [pair for pair in declined if chosen is None or pair[0] != chosen.name]
-        decision = Decision(
-            op=call.op,
-            backend=specs[0].name if specs else None,
-            choice=choice,
-            source=source,
-            implementation="generic" if chosen is None else chosen.name,
-            declined=tuple(dict.fromkeys(declined)),
-        )
-        for recorder in traces:
-            recorder.records.append(decision)
-        logger.debug("%s", decision)
+        _record(call.op, specs[0].name if specs else None, choice, source,
+                "generic" if chosen is None else chosen.name, tuple(dict.fromkeys(declined)))
     if chosen is None:
         return GENERIC[call.op](call)
     return chosen.run(call)

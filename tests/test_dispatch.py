@@ -160,8 +160,9 @@ def test_choice_is_task_local():
 def test_available_lists_builtin_kernels():
     catalogue = lse_dispatch.available()
     assert catalogue["numpy"] == ("numpy.blocked",)
-    assert catalogue["torch"] == ("torch.blocked",)
-    assert catalogue["jax"] == ("jax.jit",)
+    # The derivative kernels come first: they take only differentiated calls.
+    assert catalogue["torch"] == ("autodiff", "torch.blocked")
+    assert catalogue["jax"] == ("autodiff", "jax.jit")
     assert set(catalogue) >= {"numpy", "array_api_strict", "torch", "jax", "cupy", "dask"}
 
 
@@ -248,12 +249,17 @@ def test_torch_kernel_leaves_autograd_to_others():
     value.backward()
     assert torch.allclose(x.grad, torch.softmax(x.detach(), 0))
     first, no_grad, detached, transformed = seen.records
-    assert first.implementation != "torch.blocked"
-    assert dict(first.declined)["torch.blocked"] == "autograd active (input requires grad)"
+    assert (first.implementation, transformed.implementation) == ("autodiff", "autodiff")
     assert (no_grad.implementation, detached.implementation) == ("torch.blocked", "torch.blocked")
-    assert transformed.implementation != "torch.blocked"
-    assert "torch.func" in dict(transformed.declined)["torch.blocked"] or "autograd" in dict(
-        transformed.declined)["torch.blocked"]
+    # Forced, the blocked kernel says why it leaves differentiated calls alone.
+    with lse_dispatch.use("torch.blocked"), lse_dispatch.trace() as forced:
+        lse_dispatch.logsumexp(x)
+        torch.func.grad(lambda t: lse_dispatch.logsumexp(t))(x.detach())
+    recorded, transformed = forced.records
+    assert (recorded.implementation, transformed.implementation) == ("generic", "generic")
+    assert dict(recorded.declined)["torch.blocked"] == "autograd active (input requires grad)"
+    reason = dict(transformed.declined)["torch.blocked"]
+    assert "torch.func" in reason or "autograd" in reason  # grad's wrapped input requires grad
 
 
 def test_jax_kernel_declines_tracers():
@@ -264,5 +270,8 @@ def test_jax_kernel_declines_tracers():
         jitted = jax.jit(lambda t: lse_dispatch.logsumexp(t))(x)
     assert float(eager) == pytest.approx(float(jitted), rel=1e-6)
     assert seen.records[0].implementation == "jax.jit"
-    assert seen.records[1].implementation != "jax.jit"
-    assert dict(seen.records[1].declined)["jax.jit"].startswith("traced input 'a'")
+    assert seen.records[1].implementation == "autodiff"  # the derivative rules take traced calls
+    with lse_dispatch.use("jax.jit"), lse_dispatch.trace() as forced:
+        jax.jit(lambda t: lse_dispatch.logsumexp(t))(x)
+    assert forced.records[0].implementation == "generic"
+    assert dict(forced.records[0].declined)["jax.jit"].startswith("traced input 'a'")
