@@ -207,7 +207,10 @@ SOFTMAX = r"""
         const double t = ((double)x - (double)m) - norm;
         const float hi = (float)t;
         const float e = expf(hi);
-        out = fmaf(e, (float)(t - (double)hi), e);
+        // hi = -inf (a -inf entry, or t below -FLT_MAX): exp is 0, and t - hi
+        // would be NaN or inf.
+        const float lo = isinf(hi) ? 0.0f : (float)(t - (double)hi);
+        out = fmaf(e, lo, e);
     }
 """
 

@@ -56,11 +56,14 @@ def ulp(value, dtype: str) -> np.ndarray:
 
     A result within k ulps of an exact value just above a power of two may
     itself sit just below it, where the spacing is half as large; taking the
-    spacing a few ulps further out covers both sides.
+    spacing a few ulps further out covers both sides.  Below the smallest
+    normal number the unit is that number, as in the contract (and in
+    ``oracle.ulp_error``): XLA and GPUs flush subnormal results to zero.
     """
     info = np.finfo(np.float32 if dtype == "bfloat16" else dtype)
     eps = 2.0**-7 if dtype == "bfloat16" else float(info.eps)
-    tiny = 2.0**-133 if dtype == "bfloat16" else float(info.smallest_subnormal)
+    # bfloat16 has float32's exponent range, so the same smallest normal.
+    smallest_normal = float(info.smallest_normal)
     magnitude = np.abs(np.asarray(value, dtype=np.float64)) * (1 + 8 * eps)
-    exponent = np.floor(np.log2(np.maximum(magnitude, tiny)))
-    return np.maximum(2.0**exponent * eps, tiny)
+    exponent = np.floor(np.log2(np.maximum(magnitude, smallest_normal)))
+    return np.where(magnitude < smallest_normal, smallest_normal, 2.0**exponent * eps)

@@ -57,7 +57,13 @@ def test_fused_matches_oracle(op, values):
 def test_fused_limits_match_generic(op):
     inf, nan = np.inf, np.nan
     rows = np.array(
-        [[1.0, inf, 0.0, inf], [-inf, -inf, -inf, -inf], [1.0, nan, 0.0, 2.0], [0.0, -40.0, -1.0, -2.0]],
+        [
+            [1.0, inf, 0.0, inf],
+            [-inf, -inf, -inf, -inf],
+            [1.0, nan, 0.0, 2.0],
+            [0.0, -40.0, -1.0, -2.0],
+            [-inf, 3.0, -inf, 3.0],  # -inf entries in a finite row get exactly 0 / -inf
+        ],
         dtype=np.float32,
     )
     fused = FUNCTIONS[op](cupy.asarray(rows), axis=-1)
