@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BackendSpec", "Device", "float64_softmax_declined"]
+__all__ = ["BackendSpec", "Device", "float64_log_softmax_declined", "float64_softmax_declined", "log_softmax_declined"]
 
 
 @dataclass(frozen=True)
@@ -82,3 +82,35 @@ def float64_softmax_declined(declines: Callable[[Any], str | None]) -> Callable[
         return reason
 
     return softmax_declines
+
+
+def log_softmax_declined(declines: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """``declines`` for a native log_softmax whose state terms are ``exp`` of a rounded ``x - m``.
+
+    The entry at a dominant max gets ``-log1p(rest)``, as accurate as the
+    rest's terms; ``exp`` of a rounded difference ``d`` is ``|d| / 2`` ulps
+    off (in the difference's dtype), so float32 terms formed in float32 and
+    float64 terms formed without TwoSum miss the 4-ulp contract (measured 8.6
+    float32 ulps on normal(0, 30) rows; 30 float64 ulps).  The shared state
+    forms them exactly; such kernels leave log_softmax to the generic path.
+    """
+
+    def log_softmax_declines(call) -> str | None:
+        reason = declines(call)
+        if reason is None:
+            return "log_softmax: the max's -log1p(rest) needs exp of the exact x - m (the shared state's)"
+        return reason
+
+    return log_softmax_declines
+
+
+def float64_log_softmax_declined(declines: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """:func:`log_softmax_declined` for float64 only: the kernel forms float32 terms in float64."""
+
+    def float64_log_softmax_declines(call) -> str | None:
+        reason = declines(call)
+        if reason is None and call.plan.compute == call.xp.float64:
+            return "float64 log_softmax: the max's -log1p(rest) needs the shared state's compensated terms"
+        return reason
+
+    return float64_log_softmax_declines

@@ -25,7 +25,7 @@ import math
 
 from array_api_compat import is_numpy_array
 
-from ._spec import BackendSpec, Device, float64_softmax_declined
+from ._spec import BackendSpec, Device, float64_log_softmax_declined, float64_softmax_declined
 
 
 def _namespace():
@@ -136,11 +136,13 @@ def _piece(view, axis, k, r):
     return view[k, r] if axis == 1 else view[r, k]
 
 
-def _line_state(view, axis, exact_lines=None):
+def _line_state(view, axis, exact_lines=None, wide_terms=False):
     """``(max, count, rest)`` per line of ``view`` along ``axis`` (1-D arrays).
 
     With ``exact_lines`` (a boolean mask of lines), only those lines are
     computed, in the exact mode; otherwise all lines in the fast mode.
+    ``wide_terms``: float32 terms ``exp(x - m)`` from the float64 difference
+    (for log_softmax and softmax; logsumexp = m + log1p(rest) does not need it).
     """
     import numpy as np
 
@@ -174,8 +176,15 @@ def _line_state(view, axis, exact_lines=None):
         partial_rest, partial_count = _Pairwise(), _Pairwise()
         for r in reduced:
             piece = _piece(view, axis, k, r)
-            terms = buffer[: piece.size].reshape(piece.shape)
-            np.subtract(piece, shift, out=terms)
+            if dtype == np.float64 or not wide_terms:
+                terms = buffer[: piece.size].reshape(piece.shape)
+                np.subtract(piece, shift, out=terms)
+            else:
+                # float32: x - m in float64, where it is exact; exp of the
+                # float32 difference would be |x - m| / 2 ulps off, and the
+                # max's log_softmax, -log1p(rest), with it.
+                terms = wide_buffer[: piece.size].reshape(piece.shape)
+                np.subtract(piece, shift, out=terms, dtype=np.float64)
             np.exp(terms, out=terms)
             if exact_lines is not None:
                 at_max = mask[: piece.size].reshape(piece.shape)
@@ -192,8 +201,10 @@ def _line_state(view, axis, exact_lines=None):
             else:
                 # Cast, then reduce: NumPy's casting reductions crawl over
                 # many short lines (measured 250 us for a (128, 128) tile).
-                wide = wide_buffer[: piece.size].reshape(piece.shape)
-                np.copyto(wide, terms)
+                wide = terms
+                if terms.dtype != np.float64:
+                    wide = wide_buffer[: piece.size].reshape(piece.shape)
+                    np.copyto(wide, terms)
                 partial_rest.add(np.add.reduce(wide, axis=axis))
         total = partial_rest.total()
         if exact_lines is None:
@@ -205,7 +216,7 @@ def _line_state(view, axis, exact_lines=None):
     return maxes, count, rest
 
 
-def _state(call):
+def _state(call, wide_terms=False):
     """The call's :class:`LSEState` (keepdims shape), computed tile by tile."""
     import numpy as np
 
@@ -218,10 +229,10 @@ def _state(call):
             recheck = np.ones(view.shape[1 - axis], bool)
             maxes, count, rest = _line_state(view, axis, exact_lines=recheck)
         else:
-            maxes, count, rest = _line_state(view, axis)
+            maxes, count, rest = _line_state(view, axis, wide_terms=wide_terms)
             recheck = ~np.isfinite(maxes) | (rest < _RECHECK_BELOW)
         if recheck.any() and view.dtype != np.float64:
-            _, exact_count, exact_rest = _line_state(view, axis, exact_lines=recheck)
+            _, exact_count, exact_rest = _line_state(view, axis, exact_lines=recheck, wide_terms=wide_terms)
             count = np.where(recheck, exact_count, count)
             rest = np.where(recheck, exact_rest, rest)
     keep_shape = tuple(1 if ax in call.axes else n for ax, n in enumerate(call.shape))
@@ -249,7 +260,9 @@ def _small(call, op):
     line_max = np.maximum.reduce(lines, axis=1, keepdims=True)
     if not np.isfinite(line_max).all():
         return None
-    terms = np.exp(lines - line_max)
+    # log_softmax and softmax: float32 x - m in float64, where it is exact
+    # (see _line_state's wide_terms).
+    terms = np.exp((lines if op == "logsumexp" else lines.astype(np.float64)) - line_max)
     at_max = lines == line_max
     terms[at_max] = 0.0
     rest = np.add.reduce(terms.astype(np.float64), axis=1, keepdims=True)
@@ -346,7 +359,7 @@ def _normalised(call, log: bool):
             result = _small(call, "log_softmax" if log else "softmax")
         if result is not None:
             return result
-    state, view, axis = _state(call)
+    state, view, axis = _state(call, wide_terms=True)
     m, count, rest = state
     if not np.all(np.isfinite(m)):
         # Infinite or NaN maxima: the shared limit rules, on the whole array.
@@ -401,7 +414,7 @@ def _kernels():
     return (
         Kernel("logsumexp", "numpy.blocked", _logsumexp, _declines),
         Kernel("softmax", "numpy.blocked", _softmax, float64_softmax_declined(_declines)),
-        Kernel("log_softmax", "numpy.blocked", _log_softmax, _declines),
+        Kernel("log_softmax", "numpy.blocked", _log_softmax, float64_log_softmax_declined(_declines)),
     )
 
 

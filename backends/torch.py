@@ -23,7 +23,7 @@ import math
 from array_api_compat import is_torch_array
 
 from . import _torch_grad
-from ._spec import BackendSpec, Device, float64_softmax_declined
+from ._spec import BackendSpec, Device, float64_softmax_declined, log_softmax_declined
 
 
 def _namespace():
@@ -317,7 +317,7 @@ def _kernels():
     return (
         Kernel("logsumexp", "torch.blocked", _logsumexp, _declines),
         Kernel("softmax", "torch.blocked", _softmax, float64_softmax_declined(_declines)),
-        Kernel("log_softmax", "torch.blocked", _log_softmax, _declines),
+        Kernel("log_softmax", "torch.blocked", _log_softmax, log_softmax_declined(_declines)),
     )
 
 

@@ -159,6 +159,38 @@ def _finite_shift(xp, m: Array) -> Array:
     return xp.where(m == -math.inf, zero, xp.where(xp.isfinite(m), m, huge))
 
 
+def _exp_difference(xp, x: Array, shift: Array, accumulator, *, upper: Array | None = None) -> Array:
+    """``exp(min(x - shift, upper))`` in ``accumulator``, without the rounding of ``x - shift``.
+
+    A rounded difference ``d`` is off by up to half an ulp of ``|d|``, which
+    ``exp`` turns into a relative error of ``|d| / 2`` ulps: the rest of a
+    dominant entry's state, and so its ``log_softmax = -log1p(rest)``, would
+    be some 30 ulps off for differences near -30.  A wider accumulator holds
+    the difference exactly; otherwise TwoSum recovers its error ``e`` and
+    ``exp(d + e) = exp(d) * (1 + e)``.  ``shift`` is finite.
+    """
+    if x.dtype != accumulator:
+        diff = xp.astype(x, accumulator) - xp.astype(shift, accumulator)
+        return xp.exp(diff if upper is None else xp.minimum(diff, xp.astype(upper, accumulator)))
+    # TwoSum written out so that few temporaries of x's size live at once
+    # (logsumexp_blocked bounds its memory by the block).  Non-finite x get
+    # a finite stand-in here; their exp comes from x - shift itself below.
+    zero = scalar(xp, 0.0, x)
+    finite_x = xp.where(xp.isfinite(x), x, zero)
+    total = _opaque(xp, finite_x - shift)
+    b_virtual = _opaque(xp, total - finite_x)
+    error = finite_x - (total - b_virtual)
+    del finite_x, total
+    error = error + ((-shift) - b_virtual)
+    del b_virtual
+    # An overflowing difference (x - huge) leaves a NaN error: exp is 0 there.
+    error = xp.where(xp.isfinite(error), error, zero)
+    diff = x - shift
+    if upper is not None:
+        diff = xp.minimum(diff, upper)
+    return xp.exp(diff) * (1 + error)
+
+
 def state_from_exponents(
     xp,
     exponent: Array,
@@ -200,7 +232,7 @@ def state_from_exponents(
     counted = at_max if included is None else (at_max & included)
 
     if scale is None:
-        terms = xp.exp(masked - shift)
+        terms = _exp_difference(xp, masked, shift, accumulator)
     else:
         tiny = scalar(xp, xp.finfo(exponent.dtype).smallest_normal, exponent)
         one = scalar(xp, 1.0, exponent)
@@ -209,8 +241,9 @@ def state_from_exponents(
         normal = scale >= tiny
         # |b| * exp(a - m): a - m <= -log|b| <= max_log for normal |b|, so the
         # clamp below only ever bites on entries that the where discards.
-        direct = xp.exp(xp.minimum(log_scale - shift, max_log)) * xp.where(normal, scale, one)
-        terms = xp.where(normal, direct, xp.exp(exponent - shift))
+        direct = _exp_difference(xp, log_scale, shift, accumulator, upper=max_log)
+        direct = direct * xp.astype(xp.where(normal, scale, one), accumulator)
+        terms = xp.where(normal, direct, xp.astype(xp.exp(exponent - shift), accumulator))
     zero = scalar(xp, 0.0, terms)
     if sign is not None:
         # A where, not a product: 0 * inf at excluded b == 0 entries would warn.
@@ -245,7 +278,7 @@ def merge(xp, first: LSEState, second: LSEState) -> LSEState:
         # exp(part.max - shift) is 0 for parts below a finite max, and the
         # where keeps its NaN-free branch for parts that sit on the max.
         below = xp.where(on_top, xp.full_like(part.max, -math.inf), part.max)
-        weight = xp.astype(xp.exp(below - shift), acc)
+        weight = _exp_difference(xp, below, shift, acc)  # without the rounding of below - shift
         count = count + xp.where(on_top, part.count, zero)
         rest = rest + xp.where(on_top, part.rest, (part.count + part.rest) * weight)
     return LSEState(m, count, rest)

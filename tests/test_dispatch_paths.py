@@ -8,9 +8,12 @@ it; the trace must show that it really ran, or that it declined with a stated
 reason and the generic implementation ran instead.  What declines what:
 
 * ``numpy.blocked`` / ``torch.blocked``: ``b``, ``where``, a reduced axis
-  that is neither leading nor trailing, and float64 softmax (the TwoSum-
-  compensated exponent of the shared ``softmax_from_state`` is the generic
-  path's); ``torch.blocked`` also declines calls that autograd records.
+  that is neither leading nor trailing, float64 softmax (the TwoSum-
+  compensated exponent of ``softmax_from_state`` is the generic path's) and
+  float64 log_softmax (the max's ``-log1p(rest)`` needs terms ``exp(x - m)``
+  of the exact difference, which only the shared state forms; see
+  ``spread``); ``torch.blocked`` declines float32 log_softmax too (its terms
+  are exp of a float32 difference) and calls that autograd records.
 * ``jax.jit``: traced inputs (inside a JAX transform).
 * ``autodiff`` (torch and JAX): every call that is not being differentiated.
   They are also exercised for real: torch with ``requires_grad=True`` inputs
@@ -81,7 +84,9 @@ def _declines(implementation, op, dtype, *, layout=True, weighted=False, differe
     if implementation.endswith(".blocked"):
         float64_softmax = op == "softmax" and np.dtype(dtype) == np.float64
         autograd = differentiated and implementation == "torch.blocked"
-        return weighted or not layout or float64_softmax or autograd
+        # numpy.blocked forms float32 terms in float64; torch.blocked does not.
+        log_softmax = op == "log_softmax" and (np.dtype(dtype) == np.float64 or implementation == "torch.blocked")
+        return weighted or not layout or float64_softmax or log_softmax or autograd
     raise AssertionError(f"no rule for {implementation!r}: add one")
 
 
@@ -154,7 +159,7 @@ def _rng():
 
 
 # Hard finite inputs: (name, array, axis)
-JAX_SUBSET = ("dominant-rows", "ties", "large-negative-offset", "random-3d-middle")
+JAX_SUBSET = ("dominant-rows", "ties", "large-negative-offset", "random-3d-middle", "spread")
 
 
 def _hard_inputs(dtype):
@@ -173,6 +178,10 @@ def _hard_inputs(dtype):
         ("random-3d-leading", rng.standard_normal((5, 4, 3)), (0, 1)),
         ("random-3d-trailing", rng.standard_normal((3, 4, 5)), (1, 2)),
         ("random-3d-middle", rng.standard_normal((3, 5, 4)), 1),
+        # A dominant max with inexact differences x - m near -30: the rest's
+        # terms must not carry the rounding of x - m (log_softmax at the max
+        # is -log1p(rest)).
+        ("spread", rng.standard_normal((6, 10)) * 30, 1),
     ]
 
 
