@@ -72,13 +72,15 @@ def _fused_normalize(op):
 def _kernels():
     from lse_dispatch._dispatch import Kernel
 
-    return tuple(
-        Kernel(op, "cupy-fused", run, _fused_declines)
-        for op, run in (
-            ("logsumexp", _fused_logsumexp),
-            ("softmax", _fused_normalize("softmax")),
-            ("log_softmax", _fused_normalize("log_softmax")),
-        )
+    from ._spec import log_softmax_declined
+
+    return (
+        Kernel("logsumexp", "cupy-fused", _fused_logsumexp, _fused_declines),
+        Kernel("softmax", "cupy-fused", _fused_normalize("softmax"), _fused_declines),
+        # The kernel's float32 terms carry the rounding of x - m, which the
+        # entry at a dominant max, -log1p(rest), would inherit (as
+        # torch.blocked's do): log_softmax stays on the generic path.
+        Kernel("log_softmax", "cupy-fused", _fused_normalize("log_softmax"), log_softmax_declined(_fused_declines)),
     )
 
 

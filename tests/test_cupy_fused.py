@@ -41,7 +41,7 @@ def _kernel_name(op, x, axis):
 def test_fused_matches_oracle(op, values):
     values = values.astype(np.float32).astype(np.float64)
     x = cupy.asarray(values, dtype=cupy.float32)
-    assert _kernel_name(op, x, -1) == "cupy-fused"
+    assert _kernel_name(op, x, -1) == ("generic" if op == "log_softmax" else "cupy-fused")
     got = FUNCTIONS[op](x, axis=-1)
     assert isinstance(got, cupy.ndarray) and got.dtype == cupy.float32
     if op == "logsumexp":
