@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BackendSpec", "Device", "float64_log_softmax_declined", "float64_softmax_declined", "log_softmax_declined"]
+__all__ = ["FLOAT64_LOG_SOFTMAX", "FLOAT64_SOFTMAX", "LOG_SOFTMAX", "BackendSpec", "Device", "declines_also"]
 
 
 @dataclass(frozen=True)
@@ -67,50 +67,32 @@ class BackendSpec:
         return xp.asarray(array, dtype=getattr(xp, dtype), device=device.device)
 
 
-def float64_softmax_declined(declines: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
-    """``declines`` for a native softmax that leaves float64 to the generic path.
+#: Why a native softmax leaves float64 to the generic path: float64 softmax
+#: needs the TwoSum-compensated exponent of the shared ``softmax_from_state``;
+#: a plain ``exp((x - m) - log_norm)`` is about ``|log softmax| / 2`` ulps off.
+FLOAT64_SOFTMAX = "float64 softmax: the compensated exponent is the generic path's"
 
-    float64 softmax needs the TwoSum-compensated exponent of the shared
-    ``softmax_from_state``; a plain ``exp((x - m) - log_norm)`` is about
-    ``|log softmax| / 2`` ulps off, outside the 4-ulp contract.
-    """
+#: Why a native log_softmax whose state terms are ``exp`` of a rounded
+#: ``x - m`` leaves it to the generic path: the entry at a dominant max gets
+#: ``-log1p(rest)``, as accurate as the rest's terms, and ``exp`` of a rounded
+#: difference ``d`` is ``|d| / 2`` ulps off (measured 8.6 float32 ulps on
+#: normal(0, 30) rows; 30 float64 ulps).  The shared state forms them exactly.
+LOG_SOFTMAX = "log_softmax: the max's -log1p(rest) needs exp of the exact x - m (the shared state's)"
 
-    def softmax_declines(call) -> str | None:
-        reason = declines(call)
-        if reason is None and call.plan.compute == call.xp.float64:
-            return "float64 softmax: the compensated exponent is the generic path's"
-        return reason
-
-    return softmax_declines
-
-
-def log_softmax_declined(declines: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
-    """``declines`` for a native log_softmax whose state terms are ``exp`` of a rounded ``x - m``.
-
-    The entry at a dominant max gets ``-log1p(rest)``, as accurate as the
-    rest's terms; ``exp`` of a rounded difference ``d`` is ``|d| / 2`` ulps
-    off (in the difference's dtype), so float32 terms formed in float32 and
-    float64 terms formed without TwoSum miss the 4-ulp contract (measured 8.6
-    float32 ulps on normal(0, 30) rows; 30 float64 ulps).  The shared state
-    forms them exactly; such kernels leave log_softmax to the generic path.
-    """
-
-    def log_softmax_declines(call) -> str | None:
-        reason = declines(call)
-        if reason is None:
-            return "log_softmax: the max's -log1p(rest) needs exp of the exact x - m (the shared state's)"
-        return reason
-
-    return log_softmax_declines
+#: The same for a kernel that forms float32 terms in float64 but float64
+#: terms without TwoSum.
+FLOAT64_LOG_SOFTMAX = "float64 log_softmax: the max's -log1p(rest) needs the shared state's compensated terms"
 
 
-def float64_log_softmax_declined(declines: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
-    """:func:`log_softmax_declined` for float64 only: the kernel forms float32 terms in float64."""
+def declines_also(
+    declines: Callable[[Any], str | None], reason: str, *, dtype: str | None = None
+) -> Callable[[Any], str | None]:
+    """``declines``, plus ``reason`` for every call it takes (computing in ``dtype``, if given)."""
 
-    def float64_log_softmax_declines(call) -> str | None:
-        reason = declines(call)
-        if reason is None and call.plan.compute == call.xp.float64:
-            return "float64 log_softmax: the max's -log1p(rest) needs the shared state's compensated terms"
-        return reason
+    def combined(call) -> str | None:
+        first = declines(call)
+        if first is None and (dtype is None or call.plan.compute == getattr(call.xp, dtype)):
+            return reason
+        return first
 
-    return float64_log_softmax_declines
+    return combined

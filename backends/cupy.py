@@ -72,7 +72,7 @@ def _fused_normalize(op):
 def _kernels():
     from lse_dispatch._dispatch import Kernel
 
-    from ._spec import log_softmax_declined
+    from ._spec import LOG_SOFTMAX, declines_also
 
     return (
         Kernel("logsumexp", "cupy-fused", _fused_logsumexp, _fused_declines),
@@ -80,7 +80,7 @@ def _kernels():
         # The kernel's float32 terms carry the rounding of x - m, which the
         # entry at a dominant max, -log1p(rest), would inherit (as
         # torch.blocked's do): log_softmax stays on the generic path.
-        Kernel("log_softmax", "cupy-fused", _fused_normalize("log_softmax"), log_softmax_declined(_fused_declines)),
+        Kernel("log_softmax", "cupy-fused", _fused_normalize("log_softmax"), declines_also(_fused_declines, LOG_SOFTMAX)),
     )
 
 

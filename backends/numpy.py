@@ -25,7 +25,7 @@ import math
 
 from array_api_compat import is_numpy_array
 
-from ._spec import BackendSpec, Device, float64_log_softmax_declined, float64_softmax_declined
+from ._spec import FLOAT64_LOG_SOFTMAX, FLOAT64_SOFTMAX, BackendSpec, Device, declines_also
 
 
 def _namespace():
@@ -413,8 +413,8 @@ def _kernels():
 
     return (
         Kernel("logsumexp", "numpy.blocked", _logsumexp, _declines),
-        Kernel("softmax", "numpy.blocked", _softmax, float64_softmax_declined(_declines)),
-        Kernel("log_softmax", "numpy.blocked", _log_softmax, float64_log_softmax_declined(_declines)),
+        Kernel("softmax", "numpy.blocked", _softmax, declines_also(_declines, FLOAT64_SOFTMAX, dtype="float64")),
+        Kernel("log_softmax", "numpy.blocked", _log_softmax, declines_also(_declines, FLOAT64_LOG_SOFTMAX, dtype="float64")),
     )
 
 

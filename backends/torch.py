@@ -23,7 +23,7 @@ import math
 from array_api_compat import is_torch_array
 
 from . import _torch_grad
-from ._spec import BackendSpec, Device, float64_softmax_declined, log_softmax_declined
+from ._spec import FLOAT64_SOFTMAX, LOG_SOFTMAX, BackendSpec, Device, declines_also
 
 
 def _namespace():
@@ -316,8 +316,8 @@ def _kernels():
     # Gradient kernels (autograd.Function) are to be listed before these.
     return (
         Kernel("logsumexp", "torch.blocked", _logsumexp, _declines),
-        Kernel("softmax", "torch.blocked", _softmax, float64_softmax_declined(_declines)),
-        Kernel("log_softmax", "torch.blocked", _log_softmax, log_softmax_declined(_declines)),
+        Kernel("softmax", "torch.blocked", _softmax, declines_also(_declines, FLOAT64_SOFTMAX, dtype="float64")),
+        Kernel("log_softmax", "torch.blocked", _log_softmax, declines_also(_declines, LOG_SOFTMAX)),
     )
 
 
