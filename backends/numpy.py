@@ -25,6 +25,8 @@ import math
 
 from array_api_compat import is_numpy_array
 
+from ._blocked import Pairwise as _Pairwise
+from ._blocked import piece as _piece
 from ._spec import FLOAT64_LOG_SOFTMAX, FLOAT64_SOFTMAX, BackendSpec, Device, declines_also
 
 
@@ -107,33 +109,8 @@ def _tiles(view, axis):
         ]
 
 
-class _Pairwise:
-    """Adds equal-shape partial sums as a balanced tree, holding O(log n) of them.
-
-    A binary counter: a new partial merges with the stored one of the same
-    size, so the error grows like log(number of partials), not linearly.
-    """
-
-    def __init__(self):
-        self.levels = []  # (number of partials, their sum), sizes decreasing
-
-    def add(self, part):
-        size = 1
-        while self.levels and self.levels[-1][0] == size:
-            size += self.levels[-1][0]
-            part = self.levels.pop()[1] + part
-        self.levels.append((size, part))
-
-    def total(self):
-        parts = [part for _, part in self.levels]
-        total = parts.pop()
-        while parts:
-            total = parts.pop() + total
-        return total
 
 
-def _piece(view, axis, k, r):
-    return view[k, r] if axis == 1 else view[r, k]
 
 
 def _line_state(view, axis, exact_lines=None, wide_terms=False):

@@ -23,6 +23,8 @@ import math
 from array_api_compat import is_torch_array
 
 from . import _torch_grad
+from ._blocked import Pairwise as _Pairwise
+from ._blocked import piece as _piece
 from ._spec import FLOAT64_SOFTMAX, LOG_SOFTMAX, BackendSpec, Device, declines_also
 
 
@@ -115,33 +117,8 @@ def _tiles(view, axis):
         ]
 
 
-def _piece(view, axis, k, r):
-    return view[k, r] if axis == 1 else view[r, k]
 
 
-class _Pairwise:
-    """Adds equal-shape partial sums as a balanced tree, holding O(log n) of them.
-
-    A binary counter: a new partial merges with the stored one of the same
-    size, so the error grows like log(number of partials), not linearly.
-    """
-
-    def __init__(self):
-        self.levels = []  # (number of partials, their sum), sizes decreasing
-
-    def add(self, part):
-        size = 1
-        while self.levels and self.levels[-1][0] == size:
-            size += self.levels[-1][0]
-            part = self.levels.pop()[1] + part
-        self.levels.append((size, part))
-
-    def total(self):
-        parts = [part for _, part in self.levels]
-        total = parts.pop()
-        while parts:
-            total = parts.pop() + total
-        return total
 
 
 def _line_state(view, axis, exact_lines=None):
