@@ -120,7 +120,6 @@ def lse_weights(
     sign = xp.astype(sign, a.dtype)
     zero = scalar(xp, 0.0, a)
     one = scalar(xp, 1.0, a)
-    neg_inf = scalar(xp, -math.inf, a)
     nan = scalar(xp, math.nan, a)
     finite = xp.isfinite(value)
     at_pos_inf = value == math.inf
