@@ -65,11 +65,7 @@ def _rebuild(static: _Static, a, b, where) -> Call:
 
 def _undifferentiated(call: Call):
     """The forward that would run without derivatives: native kernel or generic."""
-    spec = _dispatch.backend_for(call.a)
-    for kernel in () if spec is None else spec.kernels:
-        if kernel.name != NAME and kernel.op == call.op and kernel.declines(call) is None:
-            return kernel.run(call)
-    return _dispatch.GENERIC[call.op](call)
+    return _dispatch.run_without(call, NAME)
 
 
 @functools.cache

@@ -59,6 +59,7 @@ __all__ = [
     "backends_for",
     "plugins",
     "run",
+    "run_without",
     "trace",
     "use",
 ]
@@ -357,6 +358,19 @@ def _candidates(specs: tuple, choice: str) -> tuple[list, list[tuple[str, str]]]
     keep = [kernel for owner, kernel in pairs if choice in (owner, kernel.name)]
     reason = "generic chosen" if choice == "generic" else f"not chosen ({choice!r})"
     return keep, [(kernel.name, reason) for _, kernel in pairs if kernel not in keep]
+
+
+def run_without(call: Call, excluded: str) -> Any:
+    """The first kernel other than ``excluded`` that takes ``call``, else generic.
+
+    For wrapping kernels (the derivative rules), whose forward is whatever
+    would run without them.
+    """
+    for spec in backends_for(call.a):
+        for kernel in spec.kernels:
+            if kernel.name != excluded and kernel.op == call.op and kernel.declines(call) is None:
+                return kernel.run(call)
+    return GENERIC[call.op](call)
 
 
 def run(call: Call, backend: str | None = None) -> Any:
