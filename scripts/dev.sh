@@ -3,6 +3,7 @@
 #   bash scripts/dev.sh report   - the main job: check every installed backend against the oracle
 #   bash scripts/dev.sh test     - the test suite
 #   bash scripts/dev.sh bench    - the benchmark (lse-dispatch bench)
+#   bash scripts/dev.sh conformance - the conformance suite on our implementation
 # Extra arguments go to the job.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +26,7 @@ shift || true
 case "$job" in
     report) exec "$venv/bin/lse-dispatch" report "$@" ;;
     bench) exec "$venv/bin/lse-dispatch" bench "$@" ;;
+    conformance) exec "$venv/bin/lse-dispatch" conformance "$@" ;;
     test) exec "$venv/bin/python" -m pytest -n 2 "$@" ;;
-    *) echo "unknown job '$job' (report, test or bench)" >&2; exit 2 ;;
+    *) echo "unknown job '$job' (report, test, bench or conformance)" >&2; exit 2 ;;
 esac
