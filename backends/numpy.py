@@ -422,13 +422,10 @@ def _normalised(call, log: bool):
             if _whole_lines(view, out_view, log):
                 return out
             maxes = None
-        elif log:
-            maxes = None  # found on the fly by the state (see _line_state)
+        elif not log and _softmax_stored(view, out_view, axis):
+            return out
         else:
-            maxes = view.max(axis=axis)
-            if np.isfinite(maxes).all():
-                _softmax_stored(view, out_view, axis, maxes)
-                return out
+            maxes = None  # found on the fly by the state (see _line_state)
     state, view, axis = _state(call, maxes=maxes)
     m, count, rest = state
     if not np.all(np.isfinite(m)):
@@ -505,32 +502,49 @@ def _whole_lines(view, out_view, log: bool) -> bool:
     return True
 
 
-def _softmax_stored(view, out_view, axis, maxes):
-    """softmax of finite-max lines too long for a tile: two passes, one ``exp``.
+def _softmax_stored(view, out_view, axis) -> bool:
+    """softmax of lines too long for a tile: two passes, one ``exp`` per entry.
 
-    The first pass stores the float32 rounding of each term ``exp(x - m)``
-    (float64, :func:`_exp_terms`) in the output and sums the float64 terms;
-    the second multiplies the output by the float32 rounding of ``1 / sum``.
+    The first pass finds the maxima as the pieces go by: each piece is
+    shifted by the running max ``s`` of its lines (its own entries
+    included), the float32 rounding of its float64 terms ``exp(x - s)``
+    (:func:`_exp_terms`) is stored in the output, and the float64 sums are
+    rescaled whenever the running max grows.  The second pass multiplies
+    each stored piece by the float32 rounding of ``exp(s - m) / sum``.
     Three roundings to float32, each within ``2**-24`` relative: at most
     3 ulps (the float64 terms and sums add about ``2**-29`` of an ulp).
+    Entries below the smallest normal float32 stay there, in the range the
+    contract flushes.  Returns False at the first non-finite max (the caller
+    then takes the shared limit rules).
     """
     import numpy as np
 
-    total = np.empty(view.shape[1 - axis], np.float64)
     buffer = np.empty(TILE_ELEMENTS, np.float64)
     for k, reduced in _tiles(view, axis):
-        line_max = maxes[k]
-        shift = line_max[:, None] if axis == 1 else line_max[None, :]
-        partial = _Pairwise()
+        running, total, shifts = None, None, []
         for r in reduced:
             piece = _piece(view, axis, k, r)
+            piece_max = np.maximum.reduce(piece, axis=axis)
+            if not np.isfinite(piece_max).all():
+                return False
+            if running is None:
+                running = piece_max
+            else:
+                grown = np.maximum(running, piece_max)
+                total *= np.exp(running.astype(np.float64) - grown)
+                running = grown
+            shifts.append(running)
             terms = buffer[: piece.size].reshape(piece.shape)
-            _exp_terms(piece, shift, terms, False)
-            partial.add(np.add.reduce(terms, axis=axis))
+            _exp_terms(piece, running[:, None] if axis == 1 else running[None, :], terms, False)
+            part = np.add.reduce(terms, axis=axis)
+            total = part if total is None else total + part
             np.copyto(_piece(out_view, axis, k, r), terms, casting="same_kind")
-        total[k] = partial.total()
-    inverse = (1.0 / total).astype(view.dtype)
-    np.multiply(out_view, inverse[:, None] if axis == 1 else inverse[None, :], out=out_view)
+        wide_max = running.astype(np.float64)
+        for r, shift in zip(reduced, shifts):
+            factor = (np.exp(shift - wide_max) / total).astype(view.dtype)
+            target = _piece(out_view, axis, k, r)
+            np.multiply(target, factor[:, None] if axis == 1 else factor[None, :], out=target)
+    return True
 
 
 def _log_softmax(call):

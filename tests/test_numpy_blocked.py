@@ -99,8 +99,18 @@ def test_softmax_with_large_exponents(length, offset):
     counts[-1] += length - sum(counts)
     line = np.repeat(values, counts)
     np.random.default_rng(5).shuffle(line)
+    # The runner-up first and the max last: a long line's middle pieces lie
+    # far below its running max, which grows at the last piece.
+    line = np.concatenate([line[line == values[1]], line[line < values[1]], line[line == values[0]]])
     _, log_sm, soft = _exact_from_counts(values, counts)
-    where = [int(np.flatnonzero(line == v)[0]) for v in values]
+    # Each value's first, middlemost and last entry: every piece of a long line.
+    where, which = [], []
+    for j, v in enumerate(values):
+        at = np.flatnonzero(line == v)
+        for i in {int(at[0]), int(at[np.argmin(np.abs(at - length // 2))]), int(at[-1])}:
+            where.append(i)
+            which.append(j)
+    log_sm, soft = log_sm[which], soft[which]
     for op, exact in (("softmax", soft), ("log_softmax", log_sm)):
         got = _blocked(op, line)
         _assert_ulps(got[where], exact, f"{op} line {length} offset {offset}")
