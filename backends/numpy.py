@@ -433,14 +433,26 @@ def _normalised(call, log: bool):
         value = log_softmax_from_state(call.xp, call.a, state, None)
         return (value if log else np.exp(value)).astype(call.plan.result)
     shape = (-1, 1) if axis == 1 else (1, -1)
-    log_norm = np.log1p((count - 1.0) + rest).reshape(shape).astype(view.dtype)
+    log_norm = np.log1p((count - 1.0) + rest).reshape(shape)
     line_max = m.reshape(shape)
+    # softmax gets here when a piece of a long line is all -inf (see
+    # _softmax_stored): exp((x - m) - log_norm) in float64, rounded once.
+    norm = log_norm.astype(view.dtype) if log else log_norm
+    wide = None if log else np.empty(TILE_ELEMENTS, np.float64)
     with np.errstate(over="ignore", under="ignore"):
         for k, reduced in _tiles(view, axis):
             tile_max = line_max[k] if axis == 1 else line_max[:, k]
-            tile_norm = log_norm[k] if axis == 1 else log_norm[:, k]
+            tile_norm = norm[k] if axis == 1 else norm[:, k]
             for r in reduced:
-                _log_softmax_piece(_piece(view, axis, k, r), tile_max, tile_norm, _piece(out_view, axis, k, r))
+                piece, target = _piece(view, axis, k, r), _piece(out_view, axis, k, r)
+                if log:
+                    _log_softmax_piece(piece, tile_max, tile_norm, target)
+                    continue
+                exponent = wide[: piece.size].reshape(piece.shape)
+                np.subtract(piece, tile_max, out=exponent, dtype=np.float64)
+                np.subtract(exponent, tile_norm, out=exponent)
+                np.exp(exponent, out=exponent)
+                np.copyto(target, exponent, casting="same_kind")
     return out
 
 
@@ -514,8 +526,9 @@ def _softmax_stored(view, out_view, axis) -> bool:
     Three roundings to float32, each within ``2**-24`` relative: at most
     3 ulps (the float64 terms and sums add about ``2**-29`` of an ulp).
     Entries below the smallest normal float32 stay there, in the range the
-    contract flushes.  Returns False at the first non-finite max (the caller
-    then takes the shared limit rules).
+    contract flushes.  Returns False at the first non-finite max of a piece
+    (the caller then takes the state: a piece all -inf, as in a padded line,
+    costs the old second ``exp`` pass).
     """
     import numpy as np
 

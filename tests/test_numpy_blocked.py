@@ -134,3 +134,19 @@ def test_many_short_lines_agree_with_the_oracle():
         got = _blocked(op, x, axis=-1)
         exact = EXACT[op](x[rows].astype(np.float64), axis=-1)
         _assert_ulps(got[rows], exact, op)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_long_line_with_a_piece_of_minus_inf(axis):
+    """A piece of a long line that is all -inf (padding): its max is no shift."""
+    values = np.full(2 * TILE + 9, -np.inf, dtype=np.float32)
+    values[TILE + 100 :] = np.float32(-40.5)
+    values[-1] = np.float32(3.0)
+    n = len(values) - TILE - 100
+    _, log_sm, soft = _exact_from_counts([-40.5, 3.0], [n - 1, 1])
+    x = values if axis == -1 else np.stack([values, values], axis=1)
+    for op, exact in (("softmax", soft), ("log_softmax", log_sm)):
+        got = _blocked(op, x, axis=axis)
+        got = got if axis == -1 else got[:, 1]
+        _assert_ulps(got[[TILE + 100, len(values) - 1]], exact, f"{op} axis {axis}")
+        assert np.all(got[: TILE + 100] == (0.0 if op == "softmax" else -np.inf))
