@@ -421,12 +421,11 @@ def _normalised(call, log: bool):
         if axis == 1 and view.shape[1] <= TILE_ELEMENTS:
             if _whole_lines(view, out_view, log):
                 return out
-            maxes = None
         elif not log and _softmax_stored(view, out_view, axis):
             return out
-        else:
-            maxes = None  # found on the fly by the state (see _line_state)
-    state, view, axis = _state(call, maxes=maxes)
+    # log_softmax of long lines, and what the paths above gave back (a
+    # non-finite max): the state, with maxima found on the fly (_line_state).
+    state, view, axis = _state(call)
     m, count, rest = state
     if not np.all(np.isfinite(m)):
         # Infinite or NaN maxima: the shared limit rules, on the whole array.
