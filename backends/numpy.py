@@ -516,47 +516,62 @@ def _whole_lines(view, out_view, log: bool) -> bool:
 def _softmax_stored(view, out_view, axis) -> bool:
     """softmax of lines too long for a tile: two passes, one ``exp`` per entry.
 
-    The first pass finds the maxima as the pieces go by: each piece is
-    shifted by the running max ``s`` of its lines (its own entries
-    included), the float32 rounding of its float64 terms ``exp(x - s)``
-    (:func:`_exp_terms`) is stored in the output, and the float64 sums are
-    rescaled whenever the running max grows.  The second pass multiplies
+    The first pass shifts each piece by the running max ``s`` of its lines
+    (its own entries included), stores the float32 rounding of its float64
+    terms ``exp(x - s)`` (:func:`_exp_terms`) in the output, and rescales the
+    float64 sums whenever the running max grows.  The second pass multiplies
     each stored piece by the float32 rounding of ``exp(s - m) / sum``.
     Three roundings to float32, each within ``2**-24`` relative: at most
     3 ulps (the float64 terms and sums add about ``2**-29`` of an ulp).
     Entries below the smallest normal float32 stay there, in the range the
-    contract flushes.  Returns False at the first non-finite max of a piece
-    (the caller then takes the state: a piece all -inf, as in a padded line,
-    costs the old second ``exp`` pass).
+    contract flushes.  The running maxima of a piece take ``1 / rows per
+    piece`` of the input's memory, so wide leading-axis reductions (fewer
+    than ``_MIN_ROWS_ON_THE_FLY`` rows per piece) find their maxima in a
+    pass of their own first.  Returns False at the first non-finite max of a
+    piece (the caller then takes the state: a piece all -inf, as in a padded
+    line, costs the old second ``exp`` pass).
     """
     import numpy as np
 
+    kept = view.shape[1 - axis]
+    known = None
+    if axis == 0 and TILE_ELEMENTS // min(kept, TILE_ELEMENTS) < _MIN_ROWS_ON_THE_FLY:
+        known = view.max(axis=0)
+        if not np.isfinite(known).all():
+            return False
     buffer = np.empty(TILE_ELEMENTS, np.float64)
     for k, reduced in _tiles(view, axis):
-        running, total, shifts = None, None, []
+        running, total, shifts = None if known is None else known[k], None, []
         for r in reduced:
             piece = _piece(view, axis, k, r)
-            piece_max = np.maximum.reduce(piece, axis=axis)
-            if not np.isfinite(piece_max).all():
-                return False
-            if running is None:
-                running = piece_max
-            else:
-                grown = np.maximum(running, piece_max)
-                total *= np.exp(running.astype(np.float64) - grown)
-                running = grown
-            shifts.append(running)
+            if known is None:
+                piece_max = np.maximum.reduce(piece, axis=axis)
+                if not np.isfinite(piece_max).all():
+                    return False
+                if running is None:
+                    running = piece_max
+                else:
+                    grown = np.maximum(running, piece_max)
+                    total *= np.exp(running.astype(np.float64) - grown)
+                    running = grown
+                shifts.append(running)
             terms = buffer[: piece.size].reshape(piece.shape)
             _exp_terms(piece, running[:, None] if axis == 1 else running[None, :], terms, False)
             part = np.add.reduce(terms, axis=axis)
             total = part if total is None else total + part
             np.copyto(_piece(out_view, axis, k, r), terms, casting="same_kind")
         wide_max = running.astype(np.float64)
-        for r, shift in zip(reduced, shifts):
+        for i, r in enumerate(reduced):
+            shift = running if known is not None else shifts[i]
             factor = (np.exp(shift - wide_max) / total).astype(view.dtype)
             target = _piece(out_view, axis, k, r)
             np.multiply(target, factor[:, None] if axis == 1 else factor[None, :], out=target)
     return True
+
+
+# Pieces of fewer rows than this keep no running maxima (see _softmax_stored):
+# at most 1/64 of the input's memory.
+_MIN_ROWS_ON_THE_FLY = 64
 
 
 def _log_softmax(call):

@@ -150,3 +150,34 @@ def test_long_line_with_a_piece_of_minus_inf(axis):
         got = got if axis == -1 else got[:, 1]
         _assert_ulps(got[[TILE + 100, len(values) - 1]], exact, f"{op} axis {axis}")
         assert np.all(got[: TILE + 100] == (0.0 if op == "softmax" else -np.inf))
+
+
+def test_softmax_of_a_wide_leading_axis():
+    """(300, 4096) along axis 0: the maxima come first (running maxima of
+    32-row pieces would take 3 % of the input's memory)."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((300, 4096)) * 30).astype(np.float32)
+    x[:, 7] -= 700.0  # a column outside the unshifted range
+    columns = [0, 7, 4095]
+    for op in ("softmax", "log_softmax"):
+        got = _blocked(op, x, axis=0)
+        _assert_ulps(got[:, columns], EXACT[op](x[:, columns].astype(np.float64), axis=0), op)
+
+
+def test_softmax_of_a_wide_leading_axis_stays_within_its_memory(monkeypatch):
+    """Peak extra memory beyond the output under 10 % of the input, with
+    tiles small enough (2^12 entries, 4 rows of 1024) that running maxima
+    per piece would take a quarter of it."""
+    import tracemalloc
+
+    monkeypatch.setattr(numpy_backend, "TILE_ELEMENTS", 1 << 12)
+    x = np.random.default_rng(4).standard_normal((4096, 1024)).astype(np.float32)
+    _blocked("softmax", x[:64], axis=0)  # warm caches outside the measurement
+    tracemalloc.start()
+    try:
+        out = _blocked("softmax", x, axis=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - out.nbytes < 0.1 * x.nbytes, f"{(peak - out.nbytes) / x.nbytes:.1%} of the input"
+    np.testing.assert_allclose(out.sum(axis=0), 1.0, rtol=1e-5)
