@@ -91,7 +91,7 @@ def _accurate_sum(xp, x: Array, axes: tuple[int, ...], dtype) -> Array:
     # while flattening lays the reduced entries out contiguously, last.
     flat = xp.reshape(xp.reshape(moved, (-1,)), kept_shape + (reduced,))
     if is_jax_namespace(xp):
-        total = _pairwise_sum_last(xp, flat)
+        total = _fused_sum_last(xp, flat)
     else:
         total = xp.sum(flat, axis=-1, dtype=dtype)
     keep_shape = tuple(1 if ax in axes else x.shape[ax] for ax in range(x.ndim))
@@ -116,34 +116,92 @@ def _log1p(xp, x: Array) -> Array:
     return xp.where(negative, flipped, xp.log1p(xp.where(negative, -x, x)))
 
 
-def _opaque(xp, x: Array) -> Array:
-    """``x``, hidden from algebraic rewrites.
+# Level-one groups of the fused sum hold at most this many terms: a group's
+# float32 sum, in whatever order XLA adds it, is off by at most 7 roundings.
+_GROUP = 8
+# Limb grids of the exact chunk sums (see _limb_sum): for values scaled into
+# (-1, 1) the high limb holds multiples of 2**-15, the middle one multiples of
+# 2**-31, and the limbs of _LIMB_CHUNK values sum exactly in float32.
+_HIGH_GRID = 2.0**15
+_MID_GRID = 2.0**31
+_LIMB_CHUNK = 256
 
-    XLA simplifies ``(a + b) - a`` to ``b`` under ``jax.jit``, which erases
-    the error terms of TwoSum; an optimization barrier keeps the rounding.
+
+def _fused_sum_last(xp, x: Array) -> Array:
+    """Sum over the last axis of a float32 JAX array, in passes XLA can fuse.
+
+    Level one sums groups of ``k <= 8`` terms (``k`` the largest of 8, 4, 2, 1
+    dividing ``n``), one fused reduction over a ``(k, n / k)`` view; the
+    ``n / k`` partial sums then go through :func:`_limb_sum`, which is exact up
+    to a tail far below the last bit.  With ``u = 2**-24`` and ``T = sum |x_i|``
+    the error is at most (first order in ``u``)
+
+        ``|computed - sum| <= u |sum| + (k - 1 + 2**-7 + 1.02 (n / k) 2**-23) u T``
+
+    whatever order XLA adds each group in: ``(k - 1) u T`` from the groups
+    (any order of ``k`` terms), ``u |sum|`` from the final rounding, and the
+    rest from the limb tails (see :func:`_limb_sum`); for ``n <= 2**23`` that is
+    at most ``u |sum| + 7.2 u T``.  Explicit
+    pairwise halving bounds the same error by ``ceil(log2 n) u T`` but needs an
+    optimization barrier per level, each an unfused pass over memory.  No
+    barrier is needed here: rounding, which XLA does not rewrite, makes the
+    limbs, and the exact sums do not depend on the order of addition.
     """
-    if not is_jax_namespace(xp):
-        return x
-    import jax
+    n = x.shape[-1]
+    group = next(k for k in (_GROUP, 4, 2, 1) if n % k == 0)
+    if group > 1:
+        x = xp.sum(xp.reshape(x, x.shape[:-1] + (group, n // group)), axis=-2)
+    return _limb_sum(xp, x, axis=x.ndim - 1)[..., 0]
 
-    return jax.lax.optimization_barrier(x)
 
+def _limb_sum(xp, values: Array, axis: int) -> Array:
+    """Sum of finite float32 ``values`` over ``axis`` (keepdims), exact up to small tails.
 
-def _pairwise_sum_last(xp, x: Array) -> Array:
-    """Sum over the last axis by explicit pairwise halving.
+    Each level scales the values by a power of two (exactly) into ``(-1, 1)``
+    and splits each scaled ``v`` into limbs on fixed grids by rounding, which
+    XLA does not rewrite away:
 
-    XLA's CPU reduction of 1,000 float64 terms was measured 2 ulps off where
-    pairwise summation is exact to the last bit; halving the axis until one
-    entry is left bounds the error by ``log2(n)`` roundings.  Static shapes
-    only, so it jits.
+        ``hi = round(v * 2**15) / 2**15``,  ``mid = round((v - hi) * 2**31) / 2**31``,
+        ``lo = (v - hi) - mid``  (``|lo| <= 2**-32``).
+
+    ``v - hi`` and ``lo`` are exact: each is a multiple of ``ulp(v)`` smaller
+    than ``2**24`` of them.  Over chunks of 256 values the sums of ``hi``
+    (below ``2**23`` multiples of ``2**-15``) and of ``mid`` (below ``2**23``
+    multiples of ``2**-31``) are exact in any order of addition; only the sum of
+    ``lo`` rounds, by at most ``255 u * 256 * 2**-32`` (``u = 2**-24``).  The
+    ``3 n / 256`` chunk sums are the next level's values, until one chunk is
+    left, whose sum is ``hi + (mid + lo)``: two roundings, of the result and of
+    ``|mid + lo| <= 2**-8``.  The scale is below ``2 max|v|``, so with
+    ``T = sum |v|`` the result is within ``u |sum| + (2**-7 + 1.02 n 2**-23) u T``
+    of the exact sum for ``n`` values: nearly one rounding.  (Scales are kept
+    within ``2**+-125``, so values at or beyond those magnitudes, near float32's
+    range limits, lose this bound.)  Each level's arrays are ``3/256`` the size
+    of the previous ones.
     """
-    while x.shape[-1] > 1:
-        if x.shape[-1] % 2:
-            pad = xp.zeros(x.shape[:-1] + (1,), dtype=x.dtype, device=device_of(x))
-            x = xp.concat([x, pad], axis=-1)
-        # The barrier stops XLA from fusing the levels back into one reduce.
-        x = _opaque(xp, xp.sum(xp.reshape(x, x.shape[:-1] + (x.shape[-1] // 2, 2)), axis=-1))
-    return x[..., 0]
+    total_exponent = None
+    while True:
+        n = values.shape[axis]
+        largest = xp.max(xp.abs(values), axis=axis, keepdims=True)
+        _, exponent = xp.frexp(largest)  # largest < 2**exponent; 0 gives 0
+        exponent = xp.clip(exponent, -125, 125)
+        # ldexp, not exp2: XLA may evaluate exp2 through exp, inexactly.
+        values = values * xp.ldexp(xp.ones_like(largest), -exponent)
+        total_exponent = exponent if total_exponent is None else total_exponent + exponent
+        chunk = min(n, _LIMB_CHUNK)
+        padding = (-n) % chunk
+        if padding:
+            pad_shape = values.shape[:axis] + (padding,) + values.shape[axis + 1 :]
+            values = xp.concat([values, xp.zeros(pad_shape, dtype=values.dtype)], axis=axis)
+            n += padding
+        values = xp.reshape(values, values.shape[:axis] + (n // chunk, chunk) + values.shape[axis + 1 :])
+        high = xp.round(values * _HIGH_GRID) / _HIGH_GRID
+        remainder = values - high
+        mid = xp.round(remainder * _MID_GRID) / _MID_GRID
+        low = remainder - mid
+        high, mid, low = (xp.sum(limb, axis=axis + 1) for limb in (high, mid, low))
+        if n == chunk:
+            return xp.ldexp(high + (mid + low), total_exponent)
+        values = xp.concat([high, mid, low], axis=axis)
 
 
 def _finite_shift(xp, m: Array) -> Array:
@@ -173,12 +231,13 @@ def _exp_difference(xp, x: Array, shift: Array, accumulator, *, upper: Array | N
         diff = xp.astype(x, accumulator) - xp.astype(shift, accumulator)
         return xp.exp(diff if upper is None else xp.minimum(diff, xp.astype(upper, accumulator)))
     # TwoSum written out so that few temporaries of x's size live at once
+    # (no barrier under jax.jit: see _two_sum)
     # (logsumexp_blocked bounds its memory by the block).  Non-finite x get
     # a finite stand-in here; their exp comes from x - shift itself below.
     zero = scalar(xp, 0.0, x)
     finite_x = xp.where(xp.isfinite(x), x, zero)
-    total = _opaque(xp, finite_x - shift)
-    b_virtual = _opaque(xp, total - finite_x)
+    total = finite_x - shift
+    b_virtual = total - finite_x
     error = finite_x - (total - b_virtual)
     del finite_x, total
     error = error + ((-shift) - b_virtual)
@@ -370,9 +429,16 @@ def _log_softmax_parts(xp, x: Array, state: LSEState, *, compensated: bool) -> t
 
 
 def _two_sum(xp, a: Array, b: Array) -> tuple[Array, Array]:
-    """``s = fl(a + b)`` and the exact rounding error ``a + b - s`` (Knuth)."""
-    total = _opaque(xp, a + b)
-    b_virtual = _opaque(xp, total - a)
+    """``s = fl(a + b)`` and the exact rounding error ``a + b - s`` (Knuth).
+
+    No optimization barrier under ``jax.jit``: XLA's algebraic simplifier
+    folds ``(x + c) - c`` to ``x`` only for a compile-time constant ``c`` (as in
+    :func:`_log1p`'s note), never for two traced operands, and a barrier
+    would stop the fusion of every pass around it (jax 0.10, CPU;
+    ``tests/test_jax_fused.py`` fails if that ever changes).
+    """
+    total = a + b
+    b_virtual = total - a
     a_virtual = total - b_virtual
     return total, (a - a_virtual) + (b - b_virtual)
 
