@@ -197,3 +197,29 @@ def test_compiled_module_has_no_optimization_barrier():
     for op in ("logsumexp", "softmax", "log_softmax"):
         text = jax.jit(lambda x, op=op: getattr(lse_dispatch, op)(x, axis=-1)).lower(x).as_text()
         assert "optimization_barrier" not in text, op
+
+
+@pytest.mark.parametrize("case", ["normal", "dominant", "with -inf", "ties", "nan", "one +inf", "all -inf"])
+def test_one_dimensional_input_as_rows_under_jit(case):
+    # 1-D inputs are reduced as rows of up to 4096 entries with one shared shift.
+    rng = np.random.default_rng(6)
+    n = 4 * 4096
+    x = {
+        "normal": rng.standard_normal(n),
+        "dominant": np.concatenate([np.full(n - 1, -40.0), [0.0]]),
+        "with -inf": np.where(rng.random(n) < 0.5, -np.inf, rng.standard_normal(n)),
+        "ties": np.concatenate([[1.5], 1.5 - 20 - rng.random(n - 2), [1.5]]),
+        "nan": np.concatenate([rng.standard_normal(n - 1), [np.nan]]),
+        "one +inf": np.concatenate([rng.standard_normal(n - 1), [np.inf]]),
+        "all -inf": np.full(n, -np.inf),
+    }[case].astype(np.float32)
+    got = np.asarray(jax.jit(lse_dispatch.logsumexp)(jnp.asarray(x)))
+    if case in ("nan", "one +inf", "all -inf"):
+        np.testing.assert_array_equal(got, np.asarray(lse_dispatch.logsumexp(x)))
+    else:
+        assert oracle.ulp_error(got, oracle.exact_logsumexp(x.astype(np.float64)), np.float32) <= ULPS
+    log_softmax = np.asarray(jax.jit(lse_dispatch.log_softmax)(jnp.asarray(x)))
+    if case == "dominant":
+        # The max's -log1p(rest) keeps rest's relative accuracy (rest ~ 4e-14).
+        exact_max = oracle.exact_log_softmax(x.astype(np.float64))[-1]
+        assert oracle.ulp_error(log_softmax[-1:], np.asarray([exact_max]), np.float32)[0] <= ULPS
