@@ -145,10 +145,11 @@ def _group_layout(shape: tuple[int, ...], axis: int) -> tuple[tuple[int, ...], i
 
 
 def _fused_sum_last(xp, x: Array) -> Array:
-    """Sum over the last axis of a float32 JAX array, in passes XLA can fuse.
+    """Sum over the last axis of a JAX array, in passes XLA can fuse.
 
     Level one sums groups of ``k <= 8`` terms (``k`` the largest of 8, 4, 2, 1
-    dividing ``n``), one fused reduction over a ``(k, n / k)`` view; the
+    dividing ``n``), one fused reduction over a view of ``x`` (see
+    :func:`_group_layout`); the
     ``n / k`` partial sums then go through :func:`_limb_sum`, which is exact up
     to a tail far below the last bit.  With ``u = 2**-24`` and ``T = sum |x_i|``
     the error is at most (first order in ``u``)
@@ -158,7 +159,9 @@ def _fused_sum_last(xp, x: Array) -> Array:
     whatever order XLA adds each group in: ``(k - 1) u T`` from the groups
     (any order of ``k`` terms), ``u |sum|`` from the final rounding, and the
     rest from the limb tails (see :func:`_limb_sum`); for ``n <= 2**23`` that is
-    at most ``u |sum| + 7.2 u T``.  Explicit
+    at most ``u |sum| + 7.2 u T``.  (float64 under x64 takes this path too:
+    the limbs are exact there a fortiori, and the bound holds with
+    ``u = 2**-53``.)  Explicit
     pairwise halving bounds the same error by ``ceil(log2 n) u T`` but needs an
     optimization barrier per level, each an unfused pass over memory.  No
     barrier is needed here: rounding, which XLA does not rewrite, makes the
