@@ -91,7 +91,7 @@ def _accurate_sum(xp, x: Array, axes: tuple[int, ...], dtype) -> Array:
     # while flattening lays the reduced entries out contiguously, last.
     flat = xp.reshape(xp.reshape(moved, (-1,)), kept_shape + (reduced,))
     if is_jax_namespace(xp):
-        total = _pairwise_sum_last(xp, flat)
+        total = _fused_sum_last(xp, flat)
     else:
         total = xp.sum(flat, axis=-1, dtype=dtype)
     keep_shape = tuple(1 if ax in axes else x.shape[ax] for ax in range(x.ndim))
@@ -116,34 +116,112 @@ def _log1p(xp, x: Array) -> Array:
     return xp.where(negative, flipped, xp.log1p(xp.where(negative, -x, x)))
 
 
-def _opaque(xp, x: Array) -> Array:
-    """``x``, hidden from algebraic rewrites.
+# Level-one groups of the fused sum hold at most this many terms: a group's
+# float32 sum, in whatever order XLA adds it, is off by at most 7 roundings.
+_GROUP = 8
+# Limb grids of the exact chunk sums (see _limb_sum): for values scaled into
+# (-1, 1) the high limb holds multiples of 2**-15, the middle one multiples of
+# 2**-31, and the limbs of _LIMB_CHUNK values sum exactly in float32.
+_HIGH_GRID = 2.0**15
+_MID_GRID = 2.0**31
+_LIMB_CHUNK = 256
 
-    XLA simplifies ``(a + b) - a`` to ``b`` under ``jax.jit``, which erases
-    the error terms of TwoSum; an optimization barrier keeps the rounding.
+
+def _group_layout(shape: tuple[int, ...], axis: int) -> tuple[tuple[int, ...], int]:
+    """``(grouped shape, axis to sum)`` that sums groups of ``k <= 8`` entries along ``axis``.
+
+    Each group is ``k`` entries of ``axis``; the layout keeps a long
+    contiguous trailing extent in the output, the one shape of a reduction
+    with many outputs that XLA's CPU runtime vectorises well (measured: a
+    group axis innermost, or a 1-D output, runs 3-15x slower).
     """
-    if not is_jax_namespace(xp):
-        return x
-    import jax
+    n = shape[axis]
+    group = next(k for k in (_GROUP, 4, 2, 1) if n % k == 0)
+    before, after = shape[:axis], shape[axis + 1 :]
+    if math.prod(after) >= 64 or group == 1:
+        return before + (n // group, group) + after, axis + 1
+    block = next((b for b in range(256, 63, -1) if (n // group) % b == 0), n // group)
+    return before + (n // (group * block), group, block) + after, axis + 1
 
-    return jax.lax.optimization_barrier(x)
 
+def _fused_sum_last(xp, x: Array) -> Array:
+    """Sum over the last axis of a JAX array, in passes XLA can fuse.
 
-def _pairwise_sum_last(xp, x: Array) -> Array:
-    """Sum over the last axis by explicit pairwise halving.
+    Level one sums groups of ``k <= 8`` terms (``k`` the largest of 8, 4, 2, 1
+    dividing ``n``), one fused reduction over a view of ``x`` (see
+    :func:`_group_layout`); the
+    ``n / k`` partial sums then go through :func:`_limb_sum`, which is exact up
+    to a tail far below the last bit.  With ``u = 2**-24`` and ``T = sum |x_i|``
+    the error is at most (first order in ``u``)
 
-    XLA's CPU reduction of 1,000 float64 terms was measured 2 ulps off where
-    pairwise summation is exact to the last bit; halving the axis until one
-    entry is left bounds the error by ``log2(n)`` roundings.  Static shapes
-    only, so it jits.
+        ``|computed - sum| <= u |sum| + (k - 1 + 2**-7 + 1.02 (n / k) 2**-23) u T``
+
+    whatever order XLA adds each group in: ``(k - 1) u T`` from the groups
+    (any order of ``k`` terms), ``u |sum|`` from the final rounding, and the
+    rest from the limb tails (see :func:`_limb_sum`); for ``n <= 2**23`` that is
+    at most ``u |sum| + 7.2 u T``.  (float64 under x64 takes this path too:
+    the limbs are exact there a fortiori, and the bound holds with
+    ``u = 2**-53``.)  Explicit
+    pairwise halving bounds the same error by ``ceil(log2 n) u T`` but needs an
+    optimization barrier per level, each an unfused pass over memory.  No
+    barrier is needed here: rounding, which XLA does not rewrite, makes the
+    limbs, and the exact sums do not depend on the order of addition.
     """
-    while x.shape[-1] > 1:
-        if x.shape[-1] % 2:
-            pad = xp.zeros(x.shape[:-1] + (1,), dtype=x.dtype, device=device_of(x))
-            x = xp.concat([x, pad], axis=-1)
-        # The barrier stops XLA from fusing the levels back into one reduce.
-        x = _opaque(xp, xp.sum(xp.reshape(x, x.shape[:-1] + (x.shape[-1] // 2, 2)), axis=-1))
-    return x[..., 0]
+    axis = x.ndim - 1
+    shape, summed = _group_layout(x.shape, axis)
+    partial = xp.sum(xp.reshape(x, shape), axis=summed)
+    partial = xp.reshape(partial, x.shape[:-1] + (-1,))
+    return _limb_sum(xp, partial, axis=axis)[..., 0]
+
+
+def _limb_sum(xp, values: Array, axis: int) -> Array:
+    """Sum of finite float32 ``values`` over ``axis`` (keepdims), exact up to small tails.
+
+    Each level scales the values by a power of two (exactly) into ``(-1, 1)``
+    and splits each scaled ``v`` into limbs on fixed grids by rounding, which
+    XLA does not rewrite away:
+
+        ``hi = round(v * 2**15) / 2**15``,  ``mid = round((v - hi) * 2**31) / 2**31``,
+        ``lo = (v - hi) - mid``  (``|lo| <= 2**-32``).
+
+    ``v - hi`` and ``lo`` are exact: each is a multiple of ``ulp(v)`` smaller
+    than ``2**24`` of them.  Over chunks of 256 values the sums of ``hi``
+    (below ``2**23`` multiples of ``2**-15``) and of ``mid`` (below ``2**23``
+    multiples of ``2**-31``) are exact in any order of addition; only the sum of
+    ``lo`` rounds, by at most ``255 u * 256 * 2**-32`` (``u = 2**-24``).  The
+    ``3 n / 256`` chunk sums are the next level's values, until one chunk is
+    left, whose sum is ``hi + (mid + lo)``: two roundings, of the result and of
+    ``|mid + lo| <= 2**-8``.  The scale is below ``2 max|v|``, so with
+    ``T = sum |v|`` the result is within ``u |sum| + (2**-7 + 1.02 n 2**-23) u T``
+    of the exact sum for ``n`` values: nearly one rounding.  (Scales are kept
+    within ``2**+-125``, so values at or beyond those magnitudes, near float32's
+    range limits, lose this bound.)  Each level's arrays are ``3/256`` the size
+    of the previous ones.
+    """
+    total_exponent = None
+    while True:
+        n = values.shape[axis]
+        largest = xp.max(xp.abs(values), axis=axis, keepdims=True)
+        _, exponent = xp.frexp(largest)  # largest < 2**exponent; 0 gives 0
+        exponent = xp.clip(exponent, -125, 125)
+        # ldexp, not exp2: XLA may evaluate exp2 through exp, inexactly.
+        values = values * xp.ldexp(xp.ones_like(largest), -exponent)
+        total_exponent = exponent if total_exponent is None else total_exponent + exponent
+        chunk = min(n, _LIMB_CHUNK)
+        padding = (-n) % chunk
+        if padding:
+            pad_shape = values.shape[:axis] + (padding,) + values.shape[axis + 1 :]
+            values = xp.concat([values, xp.zeros(pad_shape, dtype=values.dtype)], axis=axis)
+            n += padding
+        values = xp.reshape(values, values.shape[:axis] + (n // chunk, chunk) + values.shape[axis + 1 :])
+        high = xp.round(values * _HIGH_GRID) / _HIGH_GRID
+        remainder = values - high
+        mid = xp.round(remainder * _MID_GRID) / _MID_GRID
+        low = remainder - mid
+        high, mid, low = (xp.sum(limb, axis=axis + 1) for limb in (high, mid, low))
+        if n == chunk:
+            return xp.ldexp(high + (mid + low), total_exponent)
+        values = xp.concat([high, mid, low], axis=axis)
 
 
 def _finite_shift(xp, m: Array) -> Array:
@@ -173,12 +251,13 @@ def _exp_difference(xp, x: Array, shift: Array, accumulator, *, upper: Array | N
         diff = xp.astype(x, accumulator) - xp.astype(shift, accumulator)
         return xp.exp(diff if upper is None else xp.minimum(diff, xp.astype(upper, accumulator)))
     # TwoSum written out so that few temporaries of x's size live at once
+    # (no barrier under jax.jit: see _two_sum)
     # (logsumexp_blocked bounds its memory by the block).  Non-finite x get
     # a finite stand-in here; their exp comes from x - shift itself below.
     zero = scalar(xp, 0.0, x)
     finite_x = xp.where(xp.isfinite(x), x, zero)
-    total = _opaque(xp, finite_x - shift)
-    b_virtual = _opaque(xp, total - finite_x)
+    total = finite_x - shift
+    b_virtual = total - finite_x
     error = finite_x - (total - b_virtual)
     del finite_x, total
     error = error + ((-shift) - b_virtual)
@@ -224,6 +303,126 @@ def state_from_exponents(
         error grows with ``|log b_i|``).  Subnormal ``|b_i|`` fall back to
         ``exp(e_i - m)``, where ``exp(a_i - m)`` alone could overflow.
     """
+    if (
+        is_jax_namespace(xp)
+        and included is None
+        and sign is None
+        and scale is None
+        and len(axes) == 1
+        and exponent.dtype == xp.float32
+        and accumulator == xp.float32
+        and exponent.shape[axes[0]] >= _PAIRWISE_THRESHOLD
+    ):
+        return _jax_float32_state(xp, exponent, axes[0], accumulator)
+    return _state_from_exponents(
+        xp, exponent, axes, accumulator, included=included, sign=sign, scale=scale, log_scale=log_scale
+    )
+
+
+def _jax_float32_state(xp, x: Array, axis: int, accumulator) -> LSEState:
+    """The state of plain float32 JAX input (no ``b``, no ``where``), in two fused passes.
+
+    XLA's CPU reductions fuse arithmetic producers (subtract, multiply, exp,
+    round, ceil, min, max) but not ``where`` or comparisons, which it writes
+    out to memory first, and reductions that share an ``exp`` make it write
+    the ``exp`` out too.  So this form has no select on the big arrays:
+
+    * ``count`` sums ``1 - min(ceil(m - x), 1)``, which is 1 exactly where
+      ``x == m`` and 0 below (``-inf`` included);
+    * ``rest`` sums ``exp(d) * (1 + e) * min(ceil(-d), 1)`` over groups of
+      ``k <= 8`` entries, with ``d + e = x - m`` from TwoSum (as
+      :func:`_exp_difference`; ``e`` from ``x`` clamped to ``m - 128``, so
+      that ``-inf`` gives a term of 0 rather than NaN), and the factor 0 on the entries at
+      the max (``ceil(-d)`` is 0 just where ``count``'s is 1); the ``n / k``
+      group sums then go through :func:`_limb_sum`.  The error bound is that
+      of :func:`_fused_sum_last`: ``u rest + (k - 1 + 2**-7 + 1.02 (n / k)
+      2**-23) u rest`` on top of the terms' own.
+
+    A row with a NaN entry gets a NaN rest and a NaN max.  Inputs with any
+    other row whose max is not finite (``+inf``, all ``-inf``) take the
+    shared implementation through ``lax.cond``, so that every limit is the
+    generic path's; it reads only ``x``, so the common case pays nothing
+    for it.
+    """
+    import jax
+
+    rows = _row_count(x.shape[0]) if x.ndim == 1 else None
+    if rows is None:
+        work, work_axis = x, axis
+        m = xp.max(x, axis=axis, keepdims=True)
+        shift = work_shift = _finite_shift(xp, m)
+    else:
+        # A 1-D input as rows: XLA's CPU runtime runs a reduction with a
+        # scalar broadcast into it 4x slower than one with a per-row operand
+        # (measured), so each row gets its own copy of the shift.
+        work, work_axis = xp.reshape(x, (rows, x.shape[0] // rows)), 1
+        row_max = xp.max(work, axis=1, keepdims=True)
+        m = xp.max(row_max, axis=0)
+        shift = _finite_shift(xp, m)
+        # shift itself (for +inf and NaN too), but an array XLA cannot fold.
+        work_shift = xp.minimum(xp.maximum(row_max, shift), shift)
+    one = scalar(xp, 1.0, x)
+    # 1 exactly at the max: m - x is 0 only there (and inf for x = -inf).
+    count = xp.sum(one - xp.minimum(xp.ceil(work_shift - work), one), axis=work_axis, keepdims=True)
+    shape, summed = _group_layout(work.shape, work_axis)
+    grouped = xp.reshape(work, shape)
+    # Broadcast m in the grouped shape: a reshape after the exp would make XLA
+    # write the terms out instead of fusing them into the sum.
+    extra = len(shape) - work.ndim + 1
+    grouped_shift = xp.reshape(work_shift, shape[:work_axis] + (1,) * extra + work_shift.shape[work_axis + 1 :])
+    diff = grouped - grouped_shift
+    # TwoSum's error of diff, from x clamped to m - 128 so that -inf gives a
+    # finite error (its term exp(-inf) is 0 anyway).  exp takes the unclamped
+    # diff: XLA's fused max and min can drop a NaN, exp and * cannot.
+    clamped = xp.maximum(grouped, grouped_shift - 128)
+    clamped_diff = clamped - grouped_shift
+    b_virtual = clamped_diff - clamped
+    error = (clamped - (clamped_diff - b_virtual)) + ((-grouped_shift) - b_virtual)
+    below_max = xp.minimum(xp.ceil(-diff), one)
+    partial = xp.sum(xp.exp(diff) * (1 + error) * below_max, axis=summed)
+    if rows is None:
+        partial = xp.reshape(partial, x.shape[:axis] + (-1,) + x.shape[axis + 1 :])
+    else:
+        partial, count = xp.reshape(partial, (-1,)), xp.sum(count, axis=0)
+    rest = _limb_sum(xp, partial, axis)
+    # Only a NaN entry makes rest NaN.  XLA's CPU max can miss that NaN (on
+    # large inputs it returned -inf for a row of finite numbers and one NaN),
+    # so the state carries the NaN in ``max``; every consumer then returns
+    # NaN, as the contract says.
+    # (With m = +inf, rest is NaN from inf - inf instead: the shared path.)
+    has_nan = xp.isnan(rest) & (m != math.inf)
+    usable = xp.all(xp.isfinite(m) | has_nan)
+    m = xp.where(has_nan, scalar(xp, math.nan, m), m)
+    return jax.lax.cond(
+        usable,
+        lambda: LSEState(m, count, rest),
+        lambda: _state_from_exponents(xp, x, (axis,), accumulator),
+    )
+
+
+def _row_count(n: int) -> int | None:
+    """Rows of 512 to 8192 entries (a multiple of 8) that ``n`` splits into, if any."""
+    for length in range(4096, 511, -8):
+        if n % length == 0 and n // length >= 2:
+            return n // length
+    for length in range(4104, 8193, 8):
+        if n % length == 0:
+            return n // length
+    return None
+
+
+def _state_from_exponents(
+    xp,
+    exponent: Array,
+    axes: tuple[int, ...],
+    accumulator,
+    *,
+    included: Array | None = None,
+    sign: Array | None = None,
+    scale: Array | None = None,
+    log_scale: Array | None = None,
+) -> LSEState:
+    """:func:`state_from_exponents` for every backend and every argument."""
     neg_inf = scalar(xp, -math.inf, exponent)
     masked = exponent if included is None else xp.where(included, exponent, neg_inf)
     m = reduce_max(xp, masked, axes)
@@ -370,9 +569,16 @@ def _log_softmax_parts(xp, x: Array, state: LSEState, *, compensated: bool) -> t
 
 
 def _two_sum(xp, a: Array, b: Array) -> tuple[Array, Array]:
-    """``s = fl(a + b)`` and the exact rounding error ``a + b - s`` (Knuth)."""
-    total = _opaque(xp, a + b)
-    b_virtual = _opaque(xp, total - a)
+    """``s = fl(a + b)`` and the exact rounding error ``a + b - s`` (Knuth).
+
+    No optimization barrier under ``jax.jit``: XLA's algebraic simplifier
+    folds ``(x + c) - c`` to ``x`` only for a compile-time constant ``c`` (as in
+    :func:`_log1p`'s note), never for two traced operands, and a barrier
+    would stop the fusion of every pass around it (jax 0.10, CPU;
+    ``tests/test_jax_fused.py`` fails if that ever changes).
+    """
+    total = a + b
+    b_virtual = total - a
     a_virtual = total - b_virtual
     return total, (a - a_virtual) + (b - b_virtual)
 

@@ -445,9 +445,9 @@ def test_jax_rules_compile_to_the_same_program_under_jit():
 
     with_rules = programs("autodiff")
     without_rules = programs("generic")
-    # The optimization barriers that keep TwoSum and the pairwise sums intact
-    # are part of both programs.
-    assert "optimization_barrier" in with_rules[0]
+    # No optimization barrier in either program: the float32 sums and TwoSum
+    # are written so that XLA can fuse them (tests/test_jax_fused.py).
+    assert "optimization_barrier" not in with_rules[0]
     assert with_rules[0] == without_rules[0]
     assert any(line.startswith("ENTRY") for line in with_rules[1])
     assert with_rules[1] == without_rules[1]
