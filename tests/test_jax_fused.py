@@ -223,3 +223,29 @@ def test_one_dimensional_input_as_rows_under_jit(case):
         # The max's -log1p(rest) keeps rest's relative accuracy (rest ~ 4e-14).
         exact_max = oracle.exact_log_softmax(x.astype(np.float64))[-1]
         assert oracle.ulp_error(log_softmax[-1:], np.asarray([exact_max]), np.float32)[0] <= ULPS
+
+
+def test_a_nan_among_finite_entries_wins_under_jit():
+    """XLA's CPU max under jit skipped this NaN (a (10, 1024) row); the
+    shared ``reduce_max`` puts it back, so every path gives NaN for the row."""
+    import jax
+    import jax.numpy as jnp
+
+    from lse_dispatch import _state
+
+    x = np.random.default_rng(0).standard_normal((10, 1024)).astype(np.float32)
+    x[3, 500] = np.nan
+    assert np.isnan(jax.jit(lambda a: _state.reduce_max(jnp, a, (1,)))(x)[3, 0])
+    weights = np.ones_like(x)
+    mask = np.ones(x.shape, bool)
+    results = {
+        "plain": jax.jit(lambda a: lse_dispatch.logsumexp(a, axis=-1))(x),
+        "b": jax.jit(lambda a, b: lse_dispatch.logsumexp(a, axis=-1, b=b))(x, weights),
+        "where": jax.jit(lambda a, w: lse_dispatch.logsumexp(a, axis=-1, where=w))(x, mask),
+        "log_softmax": jax.jit(lambda a, w: lse_dispatch.log_softmax(a, axis=-1, where=w))(x, mask)[:, 0],
+        "softmax": jax.jit(lambda a, w: lse_dispatch.softmax(a, axis=-1, where=w))(x, mask)[:, 0],
+    }
+    for name, value in results.items():
+        value = np.asarray(value)
+        assert np.isnan(value[3]), name
+        assert np.isfinite(np.delete(value, 3)).all(), name
