@@ -65,18 +65,20 @@ def _to_numpy(x):
     return x.detach().cpu().numpy()
 
 
-# Elements per tile.  A float32 tile of 2**18 elements (1 MiB) and its few
-# buffers stay in the caches between the ops that make a term, so that only
-# the first read of a tile goes to memory; and torch's reductions with
-# ``dtype=float64`` copy their input to float64 internally, into fresh
-# (page-faulting) memory when the piece is large.  Measured on the 2-core
-# machine, the logsumexp state of (4096, 4096) along axis -1: 2**24-element
-# tiles 52 ms, 2**20 19 ms, 2**18 13 ms, 2**16 18 ms (torch.logsumexp 38 ms).
-TILE_ELEMENTS = 1 << 18
+# Elements per tile.  A tile and its buffers stay in the caches between the ops
+# that make its terms, so that only the first read of a tile goes to memory;
+# and torch's reductions with ``dtype=float64`` copy their input to float64
+# internally, into fresh (page-faulting) memory when the piece is large.
+# Measured on the 2-core machine, quiet, the logsumexp state of (4096, 4096)
+# along axis -1: tiles of 2**24 elements 52 ms, 2**22 84 ms, 2**20 19 ms,
+# 2**18 28 ms, 2**16 42 ms (torch.logsumexp 34 ms); softmax, whose tiles have
+# three buffers: 2**22 108 ms, 2**20 55 ms, 2**18 49 ms (torch.softmax 22 ms).
+TILE_ELEMENTS = 1 << 20
+ACCURATE_TILE_ELEMENTS = 1 << 18
 # Inputs up to SERIAL_INPUT_ELEMENTS go in tiles of SERIAL_TILE_ELEMENTS: torch
 # runs an op on at most 32768 elements (its grain size) on the calling thread,
-# and a parallel region costs milliseconds on a busy machine, where a thread of
-# the pool waits for a core (measured for (64, 1000) under load: ...).
+# without a parallel region, which costs milliseconds whenever a thread of the
+# pool has to wait for a core on a busy machine.
 SERIAL_INPUT_ELEMENTS = 1 << 17
 SERIAL_TILE_ELEMENTS = 1 << 15
 # float32 lines whose fast total is below 1 + this are recomputed exactly.
@@ -134,14 +136,16 @@ def _declines(call) -> str | None:
     return None
 
 
-def _tile_elements(view) -> int:
-    """Elements per tile for ``view``: serial tiles for inputs up to ``SERIAL_INPUT``."""
-    return SERIAL_TILE_ELEMENTS if view.numel() <= SERIAL_INPUT_ELEMENTS else TILE_ELEMENTS
+def _tile_elements(view, accurate) -> int:
+    """Elements per tile of ``view``; ``accurate``: the terms of :func:`_terms` need three buffers."""
+    if view.numel() <= SERIAL_INPUT_ELEMENTS:
+        return SERIAL_TILE_ELEMENTS
+    return ACCURATE_TILE_ELEMENTS if accurate else TILE_ELEMENTS
 
 
-def _tiles(view, axis):
+def _tiles(view, axis, accurate):
     n, kept = view.shape[axis], view.shape[1 - axis]
-    size = _tile_elements(view)
+    size = _tile_elements(view, accurate)
     if axis == 1:
         step_n = min(n, size)
         step_k = max(1, size // step_n)
@@ -157,10 +161,10 @@ def _tiles(view, axis):
 class _Work:
     """Tile-sized scratch buffers, handed out as views shaped like a piece."""
 
-    def __init__(self, view, count):
+    def __init__(self, view, count, accurate):
         import torch
 
-        size = min(_tile_elements(view), view.numel())
+        size = min(_tile_elements(view, accurate), view.numel())
         self._buffers = [torch.empty(size, dtype=view.dtype) for _ in range(count)]
 
     def __call__(self, index, piece):
@@ -215,13 +219,13 @@ def _line_state(view, axis, exact_lines=None, accurate=False, keep=None, keep_di
 
     dtype = view.dtype
     kept = view.shape[1 - axis]
-    whole_lines = axis == 1 and view.shape[1] <= _tile_elements(view) and exact_lines is None
+    whole_lines = axis == 1 and view.shape[1] <= _tile_elements(view, accurate) and exact_lines is None
     maxes = torch.empty(kept, dtype=dtype) if whole_lines else torch.amax(view, dim=axis)
     count = torch.ones(kept, dtype=torch.float64)
     rest = torch.empty(kept, dtype=torch.float64)
-    work = _Work(view, 3 if accurate else 1)
+    work = _Work(view, 3 if accurate else 1, accurate)
     huge = torch.finfo(dtype).max
-    for k, reduced in _tiles(view, axis):
+    for k, reduced in _tiles(view, axis, accurate):
         if exact_lines is not None and not bool(exact_lines[k].any()):
             continue
         if whole_lines:

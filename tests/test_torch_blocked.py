@@ -37,6 +37,7 @@ def _worst(got, values, op, axis):
 def small_tiles(monkeypatch):
     """Tiles of 512 elements and no serial path: the multi-tile code on small inputs."""
     monkeypatch.setattr(blocked, "TILE_ELEMENTS", 512)
+    monkeypatch.setattr(blocked, "ACCURATE_TILE_ELEMENTS", 512)
     monkeypatch.setattr(blocked, "SERIAL_INPUT_ELEMENTS", 0)
     monkeypatch.setattr(blocked, "SMALL_ELEMENTS", 0)
 
