@@ -73,8 +73,10 @@ def _to_numpy(x):
 # along axis -1: tiles of 2**24 elements 52 ms, 2**22 84 ms, 2**20 19 ms,
 # 2**18 28 ms, 2**16 42 ms (torch.logsumexp 34 ms); softmax, whose tiles have
 # three buffers: 2**22 108 ms, 2**20 55 ms, 2**18 49 ms (torch.softmax 22 ms).
+# Every op on a tile ends in a barrier of torch's thread pool, which costs
+# milliseconds when other processes hold the cores (softmax with 2**20 took
+# 285 ms, with 2**18 361 ms, under a load average of 6), so 2**20 for both.
 TILE_ELEMENTS = 1 << 20
-ACCURATE_TILE_ELEMENTS = 1 << 18
 # Inputs up to SERIAL_INPUT_ELEMENTS go in tiles of SERIAL_TILE_ELEMENTS: torch
 # runs an op on at most 32768 elements (its grain size) on the calling thread,
 # without a parallel region, which costs milliseconds whenever a thread of the
@@ -137,10 +139,8 @@ def _declines(call) -> str | None:
 
 
 def _tile_elements(view, accurate) -> int:
-    """Elements per tile of ``view``; ``accurate``: the terms of :func:`_terms` need three buffers."""
-    if view.numel() <= SERIAL_INPUT_ELEMENTS:
-        return SERIAL_TILE_ELEMENTS
-    return ACCURATE_TILE_ELEMENTS if accurate else TILE_ELEMENTS
+    """Elements per tile of ``view`` (``accurate``: the terms of :func:`_terms`, three buffers)."""
+    return SERIAL_TILE_ELEMENTS if view.numel() <= SERIAL_INPUT_ELEMENTS else TILE_ELEMENTS
 
 
 def _tiles(view, axis, accurate):
@@ -440,10 +440,17 @@ def _normalised(call, log: bool):
         return (value if log else torch.exp(value)).to(call.plan.result)
     shape = (-1, 1) if axis == 1 else (1, -1)
     if log:
-        log_norm = torch.log1p((count - 1.0) + rest).reshape(shape)
-        out_view.sub_(log_norm.to(out.dtype))
+        norm = torch.log1p((count - 1.0) + rest).reshape(shape).to(out.dtype)
     else:
-        out_view.mul_((1.0 / (count + rest)).reshape(shape).to(out.dtype))
+        norm = (1.0 / (count + rest)).reshape(shape).to(out.dtype)
+    normalise = torch.Tensor.sub_ if log else torch.Tensor.mul_
+    if view.numel() > SERIAL_INPUT_ELEMENTS:
+        normalise(out_view, norm)  # one pass, one parallel region
+        return out
+    for k, reduced in _tiles(view, axis, True):  # serial pieces, no parallel region
+        tile_norm = norm[k] if axis == 1 else norm[:, k]
+        for r in reduced:
+            normalise(_piece(out_view, axis, k, r), tile_norm)
     return out
 
 

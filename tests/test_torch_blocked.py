@@ -33,12 +33,16 @@ def _worst(got, values, op, axis):
     return float(np.max(oracle.ulp_error(got.numpy(), exact, values.dtype)))
 
 
-@pytest.fixture
-def small_tiles(monkeypatch):
-    """Tiles of 512 elements and no serial path: the multi-tile code on small inputs."""
-    monkeypatch.setattr(blocked, "TILE_ELEMENTS", 512)
-    monkeypatch.setattr(blocked, "ACCURATE_TILE_ELEMENTS", 512)
-    monkeypatch.setattr(blocked, "SERIAL_INPUT_ELEMENTS", 0)
+@pytest.fixture(params=["parallel", "serial"])
+def small_tiles(monkeypatch, request):
+    """Tiles of 512 elements: the multi-tile code on small inputs, for the
+    large-input tiles (one whole-output normalising pass) and the serial
+    ones (normalised piece by piece)."""
+    if request.param == "parallel":
+        monkeypatch.setattr(blocked, "TILE_ELEMENTS", 512)
+        monkeypatch.setattr(blocked, "SERIAL_INPUT_ELEMENTS", 0)
+    else:
+        monkeypatch.setattr(blocked, "SERIAL_TILE_ELEMENTS", 512)
     monkeypatch.setattr(blocked, "SMALL_ELEMENTS", 0)
 
 
