@@ -12,8 +12,7 @@ reason and the generic implementation ran instead.  What declines what:
   compensated exponent of ``softmax_from_state`` is the generic path's) and
   float64 log_softmax (the max's ``-log1p(rest)`` needs terms ``exp(x - m)``
   of the exact difference, which only the shared state forms; see
-  ``spread``); ``torch.blocked`` declines float32 log_softmax too (its terms
-  are exp of a float32 difference) and calls that autograd records.
+  ``spread``); ``torch.blocked`` declines calls that autograd records.
 * ``jax.jit``: traced inputs (inside a JAX transform).
 * ``autodiff`` (torch and JAX): every call that is not being differentiated.
   They are also exercised for real: torch with ``requires_grad=True`` inputs
@@ -84,8 +83,8 @@ def _declines(implementation, op, dtype, *, layout=True, weighted=False, differe
     if implementation.endswith(".blocked"):
         float64_softmax = op == "softmax" and np.dtype(dtype) == np.float64
         autograd = differentiated and implementation == "torch.blocked"
-        # numpy.blocked forms float32 terms in float64; torch.blocked does not.
-        log_softmax = op == "log_softmax" and (np.dtype(dtype) == np.float64 or implementation == "torch.blocked")
+        # Both form float32 terms of the exact x - m (numpy in float64, torch by TwoSum).
+        log_softmax = op == "log_softmax" and np.dtype(dtype) == np.float64
         return weighted or not layout or float64_softmax or log_softmax or autograd
     raise AssertionError(f"no rule for {implementation!r}: add one")
 
