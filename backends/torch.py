@@ -161,11 +161,13 @@ def _tiles(view, axis, accurate):
 class _Work:
     """Tile-sized scratch buffers, handed out as views shaped like a piece."""
 
-    def __init__(self, view, count, accurate):
+    def __init__(self, view, count, accurate, wide=False):
         import torch
 
         size = min(_tile_elements(view, accurate), view.numel())
         self._buffers = [torch.empty(size, dtype=view.dtype) for _ in range(count)]
+        #: A float64 buffer for float64 terms of float32 input, or ``None``.
+        self.wide = torch.empty(size, dtype=torch.float64) if wide else None
 
     def __call__(self, index, piece):
         return self._buffers[index][: piece.numel()].view(piece.shape)
@@ -191,6 +193,13 @@ def _terms(piece, shift, work, accurate, keep=None, keep_difference=False):
     """
     import torch
 
+    if work.wide is not None:
+        # float64 terms: the difference is exact and float64 exp within an
+        # ulp of float64 (the exact recheck of lines near a cancellation).
+        difference = work.wide[: piece.numel()].view(piece.shape)
+        # Widen first: torch.sub(..., out=) would subtract in float32.
+        difference.copy_(piece).sub_(shift)
+        return difference.exp_(), None
     difference = keep if keep_difference else work(0, piece)
     torch.sub(piece, shift, out=difference)
     if not accurate:
@@ -208,12 +217,12 @@ def _terms(piece, shift, work, accurate, keep=None, keep_difference=False):
     return terms, correction
 
 
-def _line_state(view, axis, exact_lines=None, accurate=False, keep=None, keep_difference=False):
+def _line_state(view, axis, exact_lines=None, accurate=False, keep=None, keep_difference=False, wide=False):
     """``(max, count, rest)`` per line; see ``numpy.blocked`` for the two modes.
 
     ``accurate``: terms of the exact difference (see :func:`_terms`).
     ``keep``: the output as a view like ``view``, filled in the fast mode
-    (see :func:`_terms`).
+    (see :func:`_terms`).  ``wide``: float64 terms of float32 input.
     """
     import torch
 
@@ -223,7 +232,7 @@ def _line_state(view, axis, exact_lines=None, accurate=False, keep=None, keep_di
     maxes = torch.empty(kept, dtype=dtype) if whole_lines else torch.amax(view, dim=axis)
     count = torch.ones(kept, dtype=torch.float64)
     rest = torch.empty(kept, dtype=torch.float64)
-    work = _Work(view, 3 if accurate else 1, accurate)
+    work = _Work(view, 3 if accurate else 1, accurate, wide=wide and dtype != torch.float64)
     huge = torch.finfo(dtype).max
     for k, reduced in _tiles(view, axis, accurate):
         if exact_lines is not None and not bool(exact_lines[k].any()):
@@ -261,7 +270,19 @@ def _line_state(view, axis, exact_lines=None, accurate=False, keep=None, keep_di
     return maxes, count, rest
 
 
-def _state(call, accurate=False, keep=None, keep_difference=False):
+def _state(call, accurate=False, keep=None, keep_difference=False, cancelling=False):
+    """The call's state (keepdims shape), ``view`` and ``axis``.
+
+    float32 lines are computed in the fast mode, then rechecked exactly (max
+    masked out, float64 terms) where the max is not finite, where ``rest`` is
+    tiny next to 1 (see ``numpy.blocked``) and, with ``cancelling``, where
+    ``lse = m + log1p(rest)`` may cancel: float32 terms put a relative error
+    ``delta <= 2 u 2**-24`` on ``rest`` (see :func:`_normalised`), so an
+    absolute error ``delta * min(log1p(rest), 1)`` on ``lse``, which is at
+    most ``2u`` ulps of ``lse`` where ``|lse| >= min(log1p(rest), 1)``.
+    The other lines (``|lse|`` below that, as for normalised log-probabilities)
+    are rechecked.
+    """
     import torch
 
     from lse_dispatch._state import LSEState
@@ -273,8 +294,11 @@ def _state(call, accurate=False, keep=None, keep_difference=False):
     else:
         maxes, count, rest = _line_state(view, axis, accurate=accurate, keep=keep, keep_difference=keep_difference)
         recheck = ~torch.isfinite(maxes) | (rest < _RECHECK_BELOW)
+        if cancelling:
+            log_norm = torch.log1p(rest)
+            recheck |= (maxes + log_norm).abs() < torch.clamp(log_norm, max=1.0)
         if bool(recheck.any()):
-            _, exact_count, exact_rest = _line_state(view, axis, exact_lines=recheck, accurate=accurate)
+            _, exact_count, exact_rest = _line_state(view, axis, exact_lines=recheck, accurate=accurate, wide=True)
             count = torch.where(recheck, exact_count, count)
             rest = torch.where(recheck, exact_rest, rest)
     keep_shape = tuple(1 if ax in call.axes else n for ax, n in enumerate(call.shape))
@@ -290,8 +314,9 @@ def _small(call, op):
 
     As in ``numpy.blocked``: the same state, and for finite maxima the finite
     branch of :func:`~lse_dispatch._state.finalize` written out.  softmax and
-    log_softmax (float32 only: the kernel declines them for float64) form
-    the terms from the float64 difference, which is exact.
+    log_softmax (float32 only: the kernel declines them for float64), and
+    logsumexp of float32, form the terms from the float64 difference, which
+    is exact.
     """
     import torch
 
@@ -301,7 +326,9 @@ def _small(call, op):
     if not bool(torch.isfinite(line_max).all()):
         return None
     at_max = lines == line_max
-    wide = lines if op == "logsumexp" else lines.to(torch.float64)
+    # float64 terms of the exact difference (a logsumexp near a cancellation
+    # needs them as much as softmax does; see _state).
+    wide = lines.to(torch.float64)
     terms = torch.exp(wide - line_max).masked_fill_(at_max, 0.0)
     rest = torch.sum(terms, dim=1, keepdim=True, dtype=torch.float64)
     count = at_max.sum(dim=1, keepdim=True, dtype=torch.float64)
@@ -372,7 +399,7 @@ def _logsumexp(call):
         result = _small(call, "logsumexp")
         if result is not None:
             return result
-    state, _, _ = _state(call)
+    state, _, _ = _state(call, accurate=True, cancelling=True)
     m, count, rest = state
     if bool(torch.isfinite(m).all()):
         # The finite branch of finalize, written out (as in _small): the
