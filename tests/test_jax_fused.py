@@ -328,7 +328,7 @@ def test_count_free_form_meets_the_contract_under_jit(op, axis):
     assert all(error <= ULPS for error in worst.values()), worst
 
 
-@pytest.mark.xfail(strict=True, reason="float32 softmax_from_state: log1p(y)'s own rounding (|log y| / 2 ulps) is not compensated")
+@pytest.mark.xfail(strict=True, reason="float32 softmax_from_state: the rounding of log1p(y) is not compensated")
 def test_float32_softmax_with_a_large_log_sum_meets_the_contract_under_jit():
     # 5.5 ulps on this row, the same before the count-free form (measured):
     # exp(hi) * (1 + lo) recovers the roundings of x - m and of the
