@@ -328,6 +328,91 @@ def state_from_exponents(
 
 
 def _jax_float32_state(xp, x: Array, axis: int, accumulator) -> LSEState:
+    """The state of plain float32 JAX input (no ``b``, no ``where``): max and one fused sum.
+
+    The common case needs no separate ``count``: the fused sum runs over
+    every entry, those at the max included (their terms are exactly
+    ``exp(0) * (1 + 0) = 1``), giving ``t = c + r``, and the state is
+    ``(m, 1, t - 1)``, which has the same ``c + r`` and ``c - 1 + r``.  That
+    saves the count pass and the per-entry max mask.  Splitting ``c`` off
+    matters only when ``r`` is small next to ``c``, so this form is taken
+    only when every row has ``t >= 16`` (and a finite max or a NaN entry);
+    otherwise :func:`_jax_float32_state_exact` runs instead, through
+    ``lax.cond``.
+
+    Error: with ``y = c - 1 + r`` (what :func:`finalize` takes ``log1p``
+    of), the sum's bound of :func:`_fused_sum_last` applies to
+    ``T = c + r = 1 + y`` instead of ``r``, and ``fl(t - 1)`` rounds once, as
+    :func:`finalize`'s ``(c - 1) + r`` would have:
+
+        ``|computed - y| <= u y + (k - 1 + 2**-7 + 1.02 (n / k) 2**-23) u (1 + y)``
+
+    on top of the terms' own errors; ``t >= 16`` gives ``1 + y <= (16/15) y``,
+    so the summation part is at most 16/15 of the exact path's
+    ``(...) u r <= (...) u y``, and ``log1p(y) >= log 16`` keeps the
+    absolute error of the log below its value's.
+    """
+    import jax
+
+    work, work_axis, m, work_shift, rows = _jax_work_layout(xp, x, axis)
+    partial = _jax_grouped_terms(xp, x, axis, work, work_axis, work_shift, rows, below_max=False)
+    total = _limb_sum(xp, partial, axis)
+    has_nan = xp.isnan(total) & (m != math.inf)
+    usable = xp.all((xp.isfinite(m) & (total >= 16)) | has_nan)
+    m = xp.where(has_nan, scalar(xp, math.nan, m), m)
+    one = xp.ones_like(total)
+    return jax.lax.cond(
+        usable,
+        lambda: LSEState(m, one, total - one),
+        lambda: _jax_float32_state_exact(xp, x, axis, accumulator),
+    )
+
+
+def _jax_work_layout(xp, x: Array, axis: int):
+    """``(work, work_axis, m, work_shift, rows)``: ``x`` as rows (1-D input) and its max and shift."""
+    rows = _row_count(x.shape[0]) if x.ndim == 1 else None
+    if rows is None:
+        m = xp.max(x, axis=axis, keepdims=True)
+        return x, axis, m, _finite_shift(xp, m), None
+    # A 1-D input as rows: XLA's CPU runtime runs a reduction with a
+    # scalar broadcast into it 4x slower than one with a per-row operand
+    # (measured), so each row gets its own copy of the shift.
+    work = xp.reshape(x, (rows, x.shape[0] // rows))
+    row_max = xp.max(work, axis=1, keepdims=True)
+    m = xp.max(row_max, axis=0)
+    shift = _finite_shift(xp, m)
+    # shift itself (for +inf and NaN too), but an array XLA cannot fold.
+    work_shift = xp.minimum(xp.maximum(row_max, shift), shift)
+    return work, 1, m, work_shift, rows
+
+
+def _jax_grouped_terms(xp, x, axis, work, work_axis, work_shift, rows, *, below_max: bool) -> Array:
+    """Group sums (``n / k`` along ``axis``) of ``exp(d) * (1 + e)``, masked to ``x < m`` if ``below_max``."""
+    one = scalar(xp, 1.0, x)
+    shape, summed = _group_layout(work.shape, work_axis)
+    grouped = xp.reshape(work, shape)
+    # Broadcast m in the grouped shape: a reshape after the exp would make XLA
+    # write the terms out instead of fusing them into the sum.
+    extra = len(shape) - work.ndim + 1
+    grouped_shift = xp.reshape(work_shift, shape[:work_axis] + (1,) * extra + work_shift.shape[work_axis + 1 :])
+    diff = grouped - grouped_shift
+    # TwoSum's error of diff, from x clamped to m - 128 so that -inf gives a
+    # finite error (its term exp(-inf) is 0 anyway).  exp takes the unclamped
+    # diff: XLA's fused max and min can drop a NaN, exp and * cannot.
+    clamped = xp.maximum(grouped, grouped_shift - 128)
+    clamped_diff = clamped - grouped_shift
+    b_virtual = clamped_diff - clamped
+    error = (clamped - (clamped_diff - b_virtual)) + ((-grouped_shift) - b_virtual)
+    terms = xp.exp(diff) * (1 + error)
+    if below_max:
+        terms = terms * xp.minimum(xp.ceil(-diff), one)
+    partial = xp.sum(terms, axis=summed)
+    if rows is None:
+        return xp.reshape(partial, x.shape[:axis] + (-1,) + x.shape[axis + 1 :])
+    return xp.reshape(partial, (-1,))
+
+
+def _jax_float32_state_exact(xp, x: Array, axis: int, accumulator) -> LSEState:
     """The state of plain float32 JAX input (no ``b``, no ``where``), in two fused passes.
 
     XLA's CPU reductions fuse arithmetic producers (subtract, multiply, exp,
@@ -354,44 +439,13 @@ def _jax_float32_state(xp, x: Array, axis: int, accumulator) -> LSEState:
     """
     import jax
 
-    rows = _row_count(x.shape[0]) if x.ndim == 1 else None
-    if rows is None:
-        work, work_axis = x, axis
-        m = xp.max(x, axis=axis, keepdims=True)
-        shift = work_shift = _finite_shift(xp, m)
-    else:
-        # A 1-D input as rows: XLA's CPU runtime runs a reduction with a
-        # scalar broadcast into it 4x slower than one with a per-row operand
-        # (measured), so each row gets its own copy of the shift.
-        work, work_axis = xp.reshape(x, (rows, x.shape[0] // rows)), 1
-        row_max = xp.max(work, axis=1, keepdims=True)
-        m = xp.max(row_max, axis=0)
-        shift = _finite_shift(xp, m)
-        # shift itself (for +inf and NaN too), but an array XLA cannot fold.
-        work_shift = xp.minimum(xp.maximum(row_max, shift), shift)
+    work, work_axis, m, work_shift, rows = _jax_work_layout(xp, x, axis)
     one = scalar(xp, 1.0, x)
     # 1 exactly at the max: m - x is 0 only there (and inf for x = -inf).
     count = xp.sum(one - xp.minimum(xp.ceil(work_shift - work), one), axis=work_axis, keepdims=True)
-    shape, summed = _group_layout(work.shape, work_axis)
-    grouped = xp.reshape(work, shape)
-    # Broadcast m in the grouped shape: a reshape after the exp would make XLA
-    # write the terms out instead of fusing them into the sum.
-    extra = len(shape) - work.ndim + 1
-    grouped_shift = xp.reshape(work_shift, shape[:work_axis] + (1,) * extra + work_shift.shape[work_axis + 1 :])
-    diff = grouped - grouped_shift
-    # TwoSum's error of diff, from x clamped to m - 128 so that -inf gives a
-    # finite error (its term exp(-inf) is 0 anyway).  exp takes the unclamped
-    # diff: XLA's fused max and min can drop a NaN, exp and * cannot.
-    clamped = xp.maximum(grouped, grouped_shift - 128)
-    clamped_diff = clamped - grouped_shift
-    b_virtual = clamped_diff - clamped
-    error = (clamped - (clamped_diff - b_virtual)) + ((-grouped_shift) - b_virtual)
-    below_max = xp.minimum(xp.ceil(-diff), one)
-    partial = xp.sum(xp.exp(diff) * (1 + error) * below_max, axis=summed)
-    if rows is None:
-        partial = xp.reshape(partial, x.shape[:axis] + (-1,) + x.shape[axis + 1 :])
-    else:
-        partial, count = xp.reshape(partial, (-1,)), xp.sum(count, axis=0)
+    partial = _jax_grouped_terms(xp, x, axis, work, work_axis, work_shift, rows, below_max=True)
+    if rows is not None:
+        count = xp.sum(count, axis=0)
     rest = _limb_sum(xp, partial, axis)
     # Only a NaN entry makes rest NaN.  XLA's CPU max can miss that NaN (on
     # large inputs it returned -inf for a row of finite numbers and one NaN),

@@ -9,9 +9,13 @@ that a compiler upgrade could break, so they are checked under ``jax.jit``:
 * TwoSum with traced operands keeps its rounding error (XLA folds
   ``(x + c) - c`` only for a constant ``c``).
 
-Plus the select-free plain path (``_jax_float32_state``): its state matches
+Plus the select-free plain path (``_jax_float32_state_exact``): its state matches
 the shared implementation's, its results meet the 4-ulp contract on the hard
-cases, and every non-finite row takes the shared implementation.
+cases, and every non-finite row takes the shared implementation; and its
+count-free form (``_jax_float32_state``), taken only when every row sums to
+16 or more: it is taken there, meets the contract there (ties at the max,
+sums just above 16, a max near 0), and any smaller row sends the whole call
+to the exact form.
 """
 
 from __future__ import annotations
@@ -182,7 +186,7 @@ def test_plain_state_matches_the_shared_state():
     finite = _block(FINITE, -1)
 
     def both(x):
-        fast = _state._jax_float32_state(jnp, x, 1, jnp.float32)
+        fast = _state._jax_float32_state_exact(jnp, x, 1, jnp.float32)
         shared = _state._state_from_exponents(jnp, x, (1,), jnp.float32)
         return fast, shared
 
@@ -249,3 +253,84 @@ def test_a_nan_among_finite_entries_wins_under_jit():
         value = np.asarray(value)
         assert np.isnan(value[3]), name
         assert np.isfinite(np.delete(value, 3)).all(), name
+
+
+def _fast_rows() -> dict[str, np.ndarray]:
+    """Rows whose terms sum to 16 or more: the count-free form takes them."""
+    rng = np.random.default_rng(7)
+    n = 1024
+    rows = {
+        "normal": rng.standard_normal(n),
+        # One at 0, the rest at -4: t = 1 + 1023 exp(-4) = 19.7, lse near 3.
+        "just above 16": np.concatenate([[0.0], np.full(n - 1, -4.0)]),
+        # Four ties at the max and a spread of entries within 3 of it.
+        "ties": np.concatenate([np.full(4, 2.5), 2.5 - 3.0 * rng.random(n - 4)]),
+        # Max near 0, so that lse is not dominated by m.
+        "max near 0": np.concatenate([[1e-3], -rng.random(n - 1) * 5.0]),
+        "with -inf": np.where(rng.random(n) < 0.3, -np.inf, rng.standard_normal(n)),
+        "offset": -1e3 + rng.standard_normal(n),
+    }
+    return {name: row.astype(np.float32) for name, row in rows.items()}
+
+
+FAST = tuple(_fast_rows())
+
+
+def _fast_block(axis, extra=()):
+    fast, hard = _fast_rows(), _hard_rows()
+    block = np.stack([fast[name] for name in FAST] + [hard[name] for name in extra])
+    return np.ascontiguousarray(block.T) if axis == 0 else block
+
+
+def _states(x, axis):
+    def both(x):
+        fast = _state._jax_float32_state(jnp, x, axis, jnp.float32)
+        shared = _state._state_from_exponents(jnp, x, (axis,), jnp.float32)
+        return fast, shared
+
+    return jax.jit(both)(jnp.asarray(x))
+
+
+@pytest.mark.parametrize("axis", [1, 0])
+def test_count_free_form_is_taken_when_every_row_sums_to_16(axis):
+    fast, shared = _states(_fast_block(axis), axis)
+    # The count-free form: count 1 and rest t - 1, with the same c + r.
+    assert np.all(np.asarray(fast.count) == 1)
+    assert np.any(np.asarray(shared.count) > 1)  # the ties row
+    assert np.array_equal(np.asarray(fast.max), np.asarray(shared.max))
+    total = np.asarray(fast.count, np.float64) + np.asarray(fast.rest, np.float64)
+    want = np.asarray(shared.count, np.float64) + np.asarray(shared.rest, np.float64)
+    np.testing.assert_allclose(total, want, rtol=16 * U, atol=0)
+
+
+@pytest.mark.parametrize("small", ["dominant", "ties", "dominant spread"])
+def test_one_row_summing_below_16_sends_the_call_to_the_exact_form(small):
+    fast, shared = _states(_fast_block(1, extra=(small,)), 1)
+    assert np.array_equal(np.asarray(fast.count), np.asarray(shared.count))
+    np.testing.assert_allclose(np.asarray(fast.rest), np.asarray(shared.rest), rtol=16 * U, atol=0)
+
+
+def _fast_form_errors(op, axis):
+    block = _fast_block(axis)
+    got = np.asarray(jax.jit(lambda x: getattr(lse_dispatch, op)(x, axis=axis))(jnp.asarray(block)))
+    errors = oracle.ulp_error(got, EXACT[op](block.astype(np.float64), axis=axis), np.float32)
+    worst = errors if op == "logsumexp" else np.max(errors, axis=axis)
+    return dict(zip(FAST, worst, strict=True))
+
+
+@pytest.mark.parametrize("op", sorted(EXACT))
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_count_free_form_meets_the_contract_under_jit(op, axis):
+    worst = _fast_form_errors(op, axis)
+    if op == "softmax":
+        # See the xfail below: a miss of the float32 softmax finaliser itself.
+        worst.pop("max near 0")
+    assert all(error <= ULPS for error in worst.values()), worst
+
+
+@pytest.mark.xfail(strict=True, reason="float32 softmax_from_state: the rounding of log1p(y) is not compensated")
+def test_float32_softmax_with_a_large_log_sum_meets_the_contract_under_jit():
+    # 5.5 ulps on this row, the same before the count-free form (measured):
+    # exp(hi) * (1 + lo) recovers the roundings of x - m and of the
+    # subtraction, but not that of log1p(c - 1 + r) ~ 5.3 itself.
+    assert _fast_form_errors("softmax", -1)["max near 0"] <= ULPS
