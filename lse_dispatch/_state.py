@@ -662,17 +662,28 @@ def softmax_from_state(xp, x: Array, state: LSEState, included: Array | None) ->
     """``exp(log_softmax)`` (accumulator dtype), compensated when not widened.
 
     When the accumulator is wider than ``x`` (float32 in float64) the plain
-    exponent is already exact enough; otherwise the TwoSum-compensated
-    exponent keeps the result within about two ulps.
+    exponent ``exp((x - m) - log_norm)`` is exact enough.  Otherwise (float64,
+    float32 on JAX without x64) the result is ``exp(x - m) / (c + r)``, with
+    the difference's rounding recovered by TwoSum (:func:`_exp_difference`):
+    ``exp`` (about an ulp), the correction and the division (half an ulp
+    each) and the sum's own error, whatever the length.  The log form
+    ``exp(hi) * (1 + lo)`` could not recover the rounding of ``log_norm``
+    itself, half an ulp of a number near ``log n``: 7.8 ulps for a float64
+    row of 2**20 entries (``tests/test_known_gaps.py`` held that miss).
     """
-    compensated = x.dtype == state.rest.dtype
-    hi, lo = _log_softmax_parts(xp, x, state, compensated=compensated)
-    value = _log_softmax_limits(xp, x, state, included, hi)
-    out = xp.exp(value)
-    if lo is not None:
-        # exp(hi + lo) = exp(hi) * (1 + lo): one more rounding (half an ulp)
-        # than exp(hi) + exp(hi) * lo, but no subnormal product for a tiny
-        # exp(hi), which XLA flushes to zero (the correction lost: 106 ulps).
-        out = out * (1 + lo)
-    # XLA's fused exp does not carry NaN through (seen under jax.jit).
-    return xp.where(xp.isnan(state.max), scalar(xp, math.nan, out), out)
+    if x.dtype != state.rest.dtype:
+        hi, _ = _log_softmax_parts(xp, x, state, compensated=False)
+        out = xp.exp(_log_softmax_limits(xp, x, state, included, hi))
+        # XLA's fused exp does not carry NaN through (seen under jax.jit).
+        return xp.where(xp.isnan(state.max), scalar(xp, math.nan, out), out)
+    m, count, rest = state
+    one = scalar(xp, 1.0, count)
+    # count is 0 only when nothing is included; those entries end up 0.
+    total = xp.maximum(count, one) + rest
+    out = _exp_difference(xp, x, _finite_shift(xp, m), x.dtype) / total
+    # The limits of _log_softmax_limits, in linear space.
+    zero = scalar(xp, 0.0, out)
+    out = xp.where(m == math.inf, xp.where(x == math.inf, one / xp.maximum(count, one), zero), out)
+    if included is not None:
+        out = xp.where(included, out, zero)
+    return xp.where(xp.isnan(m), scalar(xp, math.nan, out), out)

@@ -322,15 +322,11 @@ def _fast_form_errors(op, axis):
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_count_free_form_meets_the_contract_under_jit(op, axis):
     worst = _fast_form_errors(op, axis)
-    if op == "softmax":
-        # See the xfail below: a miss of the float32 softmax finaliser itself.
-        worst.pop("max near 0")
     assert all(error <= ULPS for error in worst.values()), worst
 
 
-@pytest.mark.xfail(strict=True, reason="float32 softmax_from_state: the rounding of log1p(y) is not compensated")
 def test_float32_softmax_with_a_large_log_sum_meets_the_contract_under_jit():
-    # 5.5 ulps on this row, the same before the count-free form (measured):
-    # exp(hi) * (1 + lo) recovers the roundings of x - m and of the
-    # subtraction, but not that of log1p(c - 1 + r) ~ 5.3 itself.
+    # 5.5 ulps on this row with the former log form exp(hi) * (1 + lo), which
+    # recovered the roundings of x - m and of the subtraction but not that of
+    # log1p(c - 1 + r) ~ 5.3 itself; softmax_from_state now divides by c + r.
     assert _fast_form_errors("softmax", -1)["max near 0"] <= ULPS
