@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["Pairwise", "piece"]
+__all__ = ["Pairwise", "kernels", "piece"]
 
 
 class Pairwise:
@@ -33,3 +33,24 @@ class Pairwise:
 def piece(view, axis, k, r):
     """The tile ``(k, r)`` of a 2-D view whose reduced axis is ``axis``."""
     return view[k, r] if axis == 1 else view[r, k]
+
+
+def kernels(name, logsumexp, normalised, declines):
+    """The three ``Kernel`` entries of a blocked kernel called ``name``.
+
+    ``normalised(call, log)`` gives log_softmax (``log=True``) or softmax;
+    both decline float64, whose exponent needs the shared compensated path.
+    """
+    import functools
+
+    from lse_dispatch._dispatch import Kernel
+
+    from ._spec import FLOAT64_LOG_SOFTMAX, FLOAT64_SOFTMAX, declines_also
+
+    return (
+        Kernel("logsumexp", name, logsumexp, declines),
+        Kernel("softmax", name, functools.partial(normalised, log=False),
+               declines_also(declines, FLOAT64_SOFTMAX, dtype="float64")),
+        Kernel("log_softmax", name, functools.partial(normalised, log=True),
+               declines_also(declines, FLOAT64_LOG_SOFTMAX, dtype="float64")),
+    )

@@ -60,8 +60,9 @@ import math
 from array_api_compat import is_numpy_array
 
 from ._blocked import Pairwise as _Pairwise
+from ._blocked import kernels as _blocked_kernels
 from ._blocked import piece as _piece
-from ._spec import FLOAT64_LOG_SOFTMAX, FLOAT64_SOFTMAX, BackendSpec, Device, declines_also
+from ._spec import BackendSpec, Device
 
 
 def _namespace():
@@ -574,22 +575,8 @@ def _softmax_stored(view, out_view, axis) -> bool:
 _MIN_ROWS_ON_THE_FLY = 64
 
 
-def _log_softmax(call):
-    return _normalised(call, log=True)
-
-
-def _softmax(call):
-    return _normalised(call, log=False)
-
-
 def _kernels():
-    from lse_dispatch._dispatch import Kernel
-
-    return (
-        Kernel("logsumexp", "numpy.blocked", _logsumexp, _declines),
-        Kernel("softmax", "numpy.blocked", _softmax, declines_also(_declines, FLOAT64_SOFTMAX, dtype="float64")),
-        Kernel("log_softmax", "numpy.blocked", _log_softmax, declines_also(_declines, FLOAT64_LOG_SOFTMAX, dtype="float64")),
-    )
+    return _blocked_kernels("numpy.blocked", _logsumexp, _normalised, _declines)
 
 
 SPEC = BackendSpec(

@@ -38,8 +38,9 @@ from array_api_compat import is_torch_array
 
 from . import _torch_grad
 from ._blocked import Pairwise as _Pairwise
+from ._blocked import kernels as _blocked_kernels
 from ._blocked import piece as _piece
-from ._spec import FLOAT64_LOG_SOFTMAX, FLOAT64_SOFTMAX, BackendSpec, Device, declines_also
+from ._spec import BackendSpec, Device
 
 
 def _namespace():
@@ -481,24 +482,9 @@ def _normalised(call, log: bool):
     return out
 
 
-def _log_softmax(call):
-    return _normalised(call, log=True)
-
-
-def _softmax(call):
-    return _normalised(call, log=False)
-
-
 def _kernels():
-    from lse_dispatch._dispatch import Kernel
-
     # Gradient kernels (autograd.Function) are to be listed before these.
-    return (
-        Kernel("logsumexp", "torch.blocked", _logsumexp, _declines),
-        Kernel("softmax", "torch.blocked", _softmax, declines_also(_declines, FLOAT64_SOFTMAX, dtype="float64")),
-        Kernel("log_softmax", "torch.blocked", _log_softmax,
-               declines_also(_declines, FLOAT64_LOG_SOFTMAX, dtype="float64")),
-    )
+    return _blocked_kernels("torch.blocked", _logsumexp, _normalised, _declines)
 
 
 SPEC = BackendSpec(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from ._namespace import device_of, is_dask_namespace, is_jax_namespace, real_sign, scalar
+from ._namespace import is_dask_namespace, is_jax_namespace, real_sign, scalar
 
 __all__ = [
     "LSEState",
