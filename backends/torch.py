@@ -233,7 +233,9 @@ def _line_state(view, axis, exact_lines=None, accurate=False, keep=None, keep_di
     maxes = torch.empty(kept, dtype=dtype) if whole_lines else torch.amax(view, dim=axis)
     count = torch.ones(kept, dtype=torch.float64)
     rest = torch.empty(kept, dtype=torch.float64)
-    work = _Work(view, 3 if accurate else 1, accurate, wide=wide and dtype != torch.float64)
+    wide = wide and dtype != torch.float64
+    # float64 terms need only the wide buffer (see _terms).
+    work = _Work(view, 0 if wide else 3 if accurate else 1, accurate, wide=wide)
     huge = torch.finfo(dtype).max
     for k, reduced in _tiles(view, axis, accurate):
         if exact_lines is not None and not bool(exact_lines[k].any()):

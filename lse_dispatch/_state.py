@@ -258,18 +258,10 @@ def _exp_difference(xp, x: Array, shift: Array, accumulator, *, upper: Array | N
     if x.dtype != accumulator:
         diff = xp.astype(x, accumulator) - xp.astype(shift, accumulator)
         return xp.exp(diff if upper is None else xp.minimum(diff, xp.astype(upper, accumulator)))
-    # TwoSum written out so that few temporaries of x's size live at once
-    # (no barrier under jax.jit: see _two_sum)
-    # (logsumexp_blocked bounds its memory by the block).  Non-finite x get
-    # a finite stand-in here; their exp comes from x - shift itself below.
+    # Non-finite x get a finite stand-in for TwoSum; their exp comes from
+    # x - shift itself below.
     zero = scalar(xp, 0.0, x)
-    finite_x = xp.where(xp.isfinite(x), x, zero)
-    total = finite_x - shift
-    b_virtual = total - finite_x
-    error = finite_x - (total - b_virtual)
-    del finite_x, total
-    error = error + ((-shift) - b_virtual)
-    del b_virtual
+    _, error = _two_sum(xp, xp.where(xp.isfinite(x), x, zero), -shift)
     # An overflowing difference (x - huge) leaves a NaN error: exp is 0 there.
     error = xp.where(xp.isfinite(error), error, zero)
     diff = x - shift
@@ -399,10 +391,7 @@ def _jax_grouped_terms(xp, x, axis, work, work_axis, work_shift, rows, *, below_
     # TwoSum's error of diff, from x clamped to m - 128 so that -inf gives a
     # finite error (its term exp(-inf) is 0 anyway).  exp takes the unclamped
     # diff: XLA's fused max and min can drop a NaN, exp and * cannot.
-    clamped = xp.maximum(grouped, grouped_shift - 128)
-    clamped_diff = clamped - grouped_shift
-    b_virtual = clamped_diff - clamped
-    error = (clamped - (clamped_diff - b_virtual)) + ((-grouped_shift) - b_virtual)
+    _, error = _two_sum(xp, xp.maximum(grouped, grouped_shift - 128), -grouped_shift)
     terms = xp.exp(diff) * (1 + error)
     if below_max:
         terms = terms * xp.minimum(xp.ceil(-diff), one)
@@ -598,36 +587,22 @@ def log_softmax_from_state(xp, x: Array, state: LSEState, included: Array | None
     contract: ``k`` entries at ``+inf`` get ``-log k`` and the rest ``-inf``;
     excluded entries get ``-inf``; a NaN in the slice makes it all NaN.
     """
-    value, _ = _log_softmax_parts(xp, x, state, compensated=False)
-    return _log_softmax_limits(xp, x, state, included, value)
+    return _log_softmax_limits(xp, x, state, included, _log_softmax_value(xp, x, state))
 
 
-def _log_softmax_parts(xp, x: Array, state: LSEState, *, compensated: bool) -> tuple[Array, Array | None]:
-    """``(hi, lo)`` with ``hi + lo = (x - m) - log1p(c - 1 + r)`` (accumulator dtype).
+def _log_softmax_value(xp, x: Array, state: LSEState) -> Array:
+    """``(x - m) - log1p(c - 1 + r)`` in the accumulator dtype, before the limits.
 
-    Without ``compensated`` ``lo`` is ``None`` and ``hi`` carries the two
-    roundings of ``x - m`` and of the subtraction.  With it, both roundings
-    are recovered by Knuth's TwoSum, so that ``exp(hi) * (1 + lo)`` keeps
-    softmax within an ulp or two even where ``|log softmax|`` is large (the
-    plain form loses about ``|log softmax| / 2`` ulps there).
+    Two roundings, of ``x - m`` and of the subtraction; exact enough where the
+    accumulator is wider than ``x``, and for log_softmax itself (both terms
+    are <= 0, so nothing cancels).
     """
     m, count, rest = state
     acc = rest.dtype
     # count is 0 only when nothing is included; those entries end up -inf.
     log_norm = _log1p(xp, xp.maximum(count, scalar(xp, 1.0, count)) - 1 + rest)
     shift = xp.astype(_finite_shift(xp, m), acc)
-    x = xp.astype(x, acc)
-    if not compensated:
-        return (x - shift) - log_norm, None
-    diff = x - shift
-    value = diff - log_norm
-    # Error terms from finite stand-ins: infinities would form inf - inf, and
-    # their entries get their limits elsewhere.
-    zero = scalar(xp, 0.0, x)
-    _, diff_error = _two_sum(xp, xp.where(xp.isfinite(x), x, zero), -shift)
-    _, value_error = _two_sum(xp, xp.where(xp.isfinite(diff), diff, zero), -log_norm)
-    low = value_error + diff_error
-    return value, low
+    return (xp.astype(x, acc) - shift) - log_norm
 
 
 def _two_sum(xp, a: Array, b: Array) -> tuple[Array, Array]:
@@ -639,10 +614,12 @@ def _two_sum(xp, a: Array, b: Array) -> tuple[Array, Array]:
     would stop the fusion of every pass around it (jax 0.10, CPU;
     ``tests/test_jax_fused.py`` fails if that ever changes).
     """
+    # Written so that few temporaries of a's size live at once
+    # (logsumexp_blocked bounds its memory by the block).
     total = a + b
     b_virtual = total - a
-    a_virtual = total - b_virtual
-    return total, (a - a_virtual) + (b - b_virtual)
+    error = a - (total - b_virtual)
+    return total, error + (b - b_virtual)
 
 
 def _log_softmax_limits(xp, x: Array, state: LSEState, included: Array | None, value: Array) -> Array:
@@ -672,8 +649,7 @@ def softmax_from_state(xp, x: Array, state: LSEState, included: Array | None) ->
     row of 2**20 entries (``tests/test_known_gaps.py`` held that miss).
     """
     if x.dtype != state.rest.dtype:
-        hi, _ = _log_softmax_parts(xp, x, state, compensated=False)
-        out = xp.exp(_log_softmax_limits(xp, x, state, included, hi))
+        out = xp.exp(_log_softmax_limits(xp, x, state, included, _log_softmax_value(xp, x, state)))
         # XLA's fused exp does not carry NaN through (seen under jax.jit).
         return xp.where(xp.isnan(state.max), scalar(xp, math.nan, out), out)
     m, count, rest = state
