@@ -16,6 +16,7 @@ time a kernel sees a JAX array (so JAX is already loaded).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -37,6 +38,10 @@ class _Static:
     op: str
     plan: DtypePlan
     return_sign: bool = False
+    #: Whether ``d lse/d b`` is wanted: without it the weights' rules carry no
+    #: ``u``, which is infinite or NaN at ``b == 0`` entries on ``+inf`` or NaN
+    #: and would turn a zero tangent of ``b`` into NaN (Hessians in ``a``).
+    with_u: bool = True
 
 
 def _declines(call: Call) -> str | None:
@@ -73,18 +78,27 @@ def _rules():
     """Build the ``custom_jvp`` functions once JAX is imported."""
     import jax
     import jax.numpy as jnp
+    from jax.custom_derivatives import SymbolicZero
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
     def weights(static, a, b, where, value, sign):
         """``(w, u) = (d lse/d a, d lse/d b)``; ``value``, ``sign`` are not differentiated."""
         state = _generic.logsumexp_state(_rebuild(static, a, b, where))
-        return _autodiff.lse_weights(jnp, a, b, where, static.axes, value, sign, state)
+        w, u = _autodiff.lse_weights(jnp, a, b, where, static.axes, value, sign, state)
+        return w, (u if static.with_u else None)
 
-    @weights.defjvp
+    def _tangent(t, ref):
+        """A tangent as an array like ``ref``; ``None`` for JAX's symbolic zero."""
+        if isinstance(t, SymbolicZero):
+            return None
+        return jnp.asarray(t, dtype=ref.dtype)
+
+    @functools.partial(weights.defjvp, symbolic_zeros=True)
     def _weights_jvp(static, primals, tangents):
         w, u = weights(static, *primals)
-        da = jnp.asarray(tangents[0], dtype=w.dtype)
-        db = None if u is None else jnp.asarray(tangents[1], dtype=w.dtype)
+        da = _tangent(tangents[0], w)
+        da = jnp.zeros_like(w) if da is None else da
+        db = None if u is None else _tangent(tangents[1], w)
         return (w, u), _autodiff.weights_jvp(jnp, w, u, da, db, static.axes)
 
     def weights_of(static, a, b, where, value, sign, plan):
@@ -105,15 +119,17 @@ def _rules():
     def logsumexp(static, a, b, where):
         return _undifferentiated(_rebuild(static, a, b, where))
 
-    @logsumexp.defjvp
+    @functools.partial(logsumexp.defjvp, symbolic_zeros=True)
     def _logsumexp_jvp(static, primals, tangents):
         a, b, where = primals
         da, db, _ = tangents
         value, sign = logsumexp(static, a, b, where)
         plan = static.plan
-        w, u = weights_of(static, a, b, where, value, sign, plan)
-        da = _tangent_like(da, w, plan)
-        db = None if b is None else _tangent_like(db, w, plan)
+        # b is differentiated only if its tangent is not JAX's symbolic zero.
+        with_u = b is not None and not isinstance(db, SymbolicZero)
+        w, u = weights_of(dataclasses.replace(static, with_u=with_u), a, b, where, value, sign, plan)
+        da = jnp.zeros_like(w) if isinstance(da, SymbolicZero) else _tangent_like(da, w, plan)
+        db = _tangent_like(db, w, plan) if with_u else None
         tangent = _autodiff.lse_jvp(jnp, w, u, da, db, static.axes)
         return (value, sign), (tangent.astype(value.dtype), jnp.zeros_like(sign))
 

@@ -89,10 +89,15 @@ class _LSEWeightsReverse(torch.autograd.Function):
         outputs = output if ctx.weighted else (output,)
         ctx.save_for_backward(*outputs)
         ctx.save_for_forward(*outputs)
+        # An unused u gets no gradient (None), not zeros: u is infinite or NaN
+        # at b == 0 entries on +inf or NaN, and u * 0 would be NaN (Hessians in a).
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, gw, gu=None):
         w, u = (*ctx.saved_tensors, None)[:2]
+        if gw is None:
+            gw = torch.zeros_like(w)
         grad_a, grad_b = _autodiff.weights_vjp(xp, w, u, gw, gu, ctx.axes)
         return grad_a, grad_b, None, None, None, None, None, None, None
 
@@ -178,9 +183,10 @@ class _LogSumExpReverse(torch.autograd.Function):
     def backward(ctx, g_value, *_g_constants):
         a, b, where, value, sign, *state = _saved(ctx)
         w, u = weights(a, b, where, value, sign, state, ctx.static, ctx.plan)
-        grad_a, grad_b = _autodiff.lse_vjp(xp, w, u, g_value.to(w.dtype))
-        # Only inputs that need a gradient get one (an integer `a` with a float `b`).
+        # Only inputs that need a gradient get one (an integer `a` with a float `b`);
+        # without b's, u stays out of the graph (see _LSEWeightsReverse).
         needs_a, needs_b = ctx.needs_input_grad[:2]
+        grad_a, grad_b = _autodiff.lse_vjp(xp, w, u if needs_b else None, g_value.to(w.dtype))
         grad_a = _autodiff.unbroadcast(xp, grad_a, a.shape).to(a.dtype) if needs_a else None
         if grad_b is not None:
             grad_b = _autodiff.unbroadcast(xp, grad_b, b.shape).to(b.dtype) if needs_b else None

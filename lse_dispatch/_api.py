@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _dispatch
 from ._call import Call, prepare
+from ._namespace import unwrap_numpy_subclasses
 from ._validate import normalize_axis
 
 __all__ = ["log_softmax", "logsumexp", "softmax"]
@@ -39,7 +40,7 @@ def _short_lane_key(a):
     return None
 
 
-def _prepare(op: str, a, axis, b, where, return_sign: bool = False) -> Call:
+def _prepare(op: str, a, axis, b, where, return_sign: bool = False) -> tuple[Call, Any]:
     """``prepare()``, with a short lane for the commonest calls.
 
     A NumPy array or torch tensor of float32/float64 without ``b`` and
@@ -47,6 +48,9 @@ def _prepare(op: str, a, axis, b, where, return_sign: bool = False) -> Call:
     is built directly, with the namespace and dtype plan that ``prepare`` made
     for the first such call (cached per type, dtype and device).
     tests/test_dispatch.py checks that both lanes give equal calls.
+
+    Returns the call and the mask of a NumPy masked array input (see
+    ``unwrap_numpy_subclasses``), or ``None``.
     """
     if b is None and where is None:
         key = _short_lane_key(a)
@@ -55,11 +59,19 @@ def _prepare(op: str, a, axis, b, where, return_sign: bool = False) -> Call:
             if cached is not None:
                 xp, plan = cached
                 shape = tuple(a.shape)
-                return Call(op, xp, a, None, None, normalize_axis(axis, len(shape)), shape, plan, bool(return_sign))
+                return Call(op, xp, a, None, None, normalize_axis(axis, len(shape)), shape, plan, bool(return_sign)), None
             call = prepare(op, a, axis=axis, return_sign=return_sign)
             _FAST_PLANS[key] = (call.xp, call.plan)
-            return call
-    return prepare(op, a, axis=axis, b=b, where=where, return_sign=return_sign)
+            return call, None
+    a, b, where, mask = unwrap_numpy_subclasses(a, b, where)
+    return prepare(op, a, axis=axis, b=b, where=where, return_sign=return_sign), mask
+
+
+def _remask(out, mask):
+    """softmax/log_softmax of a masked array: a masked array with the input's mask."""
+    if mask is None:
+        return out
+    return np.ma.MaskedArray(out, mask=mask)
 
 
 def _squeeze(call: Call, x: Array, keepdims: bool) -> Array:
@@ -114,7 +126,7 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, where=
     >>> float(value), float(sign)
     (0.5413248546129181, -1.0)
     """
-    call = _prepare("logsumexp", a, axis, b, where, return_sign)
+    call, _ = _prepare("logsumexp", a, axis, b, where, return_sign)
     value, sign = _dispatch.run(call, backend)
     value = _squeeze(call, value, keepdims)
     if return_sign:
@@ -151,8 +163,8 @@ def softmax(x, axis=None, *, where=None, backend=None):
     >>> softmax(np.array([0.0, np.inf, np.inf]))
     array([0. , 0.5, 0.5])
     """
-    call = _prepare("softmax", x, axis, None, where)
-    return _dispatch.run(call, backend)
+    call, mask = _prepare("softmax", x, axis, None, where)
+    return _remask(_dispatch.run(call, backend), mask)
 
 
 def log_softmax(x, axis=None, *, where=None, backend=None):
@@ -183,5 +195,5 @@ def log_softmax(x, axis=None, *, where=None, backend=None):
     >>> float(log_softmax(np.array([0.0, -40.0]))[0])
     -4.248354255291589e-18
     """
-    call = _prepare("log_softmax", x, axis, None, where)
-    return _dispatch.run(call, backend)
+    call, mask = _prepare("log_softmax", x, axis, None, where)
+    return _remask(_dispatch.run(call, backend), mask)

@@ -40,7 +40,7 @@ import math
 from typing import Any
 
 from ._namespace import real_sign, scalar
-from ._state import LSEState
+from ._state import LSEState, undefined_where, weight_parts
 
 __all__ = [
     "lse_jvp",
@@ -120,16 +120,18 @@ def lse_weights(
     sign = xp.astype(sign, a.dtype)
     zero = scalar(xp, 0.0, a)
     one = scalar(xp, 1.0, a)
-    nan = scalar(xp, math.nan, a)
     finite = xp.isfinite(value)
     at_pos_inf = value == math.inf
     selected = xp.ones_like(a, dtype=xp.bool) if where is None else where
-    included = selected if b is None else (selected & (b != 0))
+    m, count, rest = state
+    acc = rest.dtype
+    if b is not None:
+        # b != 0, sign and log|b| as the forward took them (subnormal b on JAX).
+        nonzero, b_sign, log_b = weight_parts(xp, b, acc)
+    included = selected if b is None else (selected & nonzero)
 
     # log(lse - m) in the accumulator dtype, exactly as finalize forms it;
     # only used where the forward value is finite (so the state is too).
-    m, count, rest = state
-    acc = rest.dtype
     acc_zero = scalar(xp, 0.0, rest)
     total_sign = real_sign(xp, count + rest)
     log_norm = xp.log1p(xp.where(finite, (total_sign * count - 1) + total_sign * rest, acc_zero))
@@ -144,34 +146,34 @@ def lse_weights(
     else:
         # u = sign * exp(a - lse) is d lse / d b, also where b == 0.
         u_finite = sign * xp.astype(xp.exp(shifted), a.dtype)
-        abs_b = xp.abs(b)
-        normal = abs_b >= scalar(xp, xp.finfo(a.dtype).smallest_normal, a)
+        normal = xp.abs(b) >= scalar(xp, xp.finfo(a.dtype).smallest_normal, a)
         # a - lse <= -log|b| keeps b * u finite for normal b; for subnormal b,
         # form exp(a + log|b| - lse) instead, where exp(a - lse) may overflow.
-        log_b = xp.astype(xp.log(xp.where(included, abs_b, one)), acc)
         small = xp.exp(xp.where(included & finite, offset + log_b, acc_neg_inf))
-        small = sign * real_sign(xp, b) * xp.astype(small, a.dtype)
+        small = sign * b_sign * xp.astype(small, a.dtype)
         w_finite = xp.where(included, xp.where(normal, b * u_finite, small), zero)
 
     # +inf: the entries at +inf share the derivative as the forward shares
     # the value, by sign; the forward is NaN where those signs cancel.
     at_inf = included & (a == math.inf)
-    share = xp.ones_like(a) if b is None else real_sign(xp, b)
+    share = xp.ones_like(a) if b is None else b_sign
     count = _sum(xp, xp.where(at_inf, share, zero), axes)
     count = xp.where(count == 0, one, count)
     w_inf = xp.where(at_inf, share / count, zero)
 
+    # A NaN forward value makes the included weights NaN (taken from value:
+    # no NaN constant, see _state.undefined_where).
     undefined = xp.isnan(value) & selected
     w = xp.where(at_pos_inf, w_inf, xp.where(finite, w_finite, zero))
-    w = xp.where(undefined, nan, w)
+    w = xp.where(undefined, value, w)
     if b is None:
         return w, None
-    safe_b = xp.where(b == 0, one, b)
+    safe_b = xp.where(nonzero, b, one)
     # At +inf a b == 0 entry that is itself at +inf has no limit (it depends
     # on how fast it grows compared with the others).
-    u_inf = xp.where(b == 0, xp.where(selected & (a == math.inf), nan, zero), w_inf / safe_b)
+    u_inf = xp.where(nonzero, w_inf / safe_b, undefined_where(xp, selected & (a == math.inf), a))
     u = xp.where(at_pos_inf, u_inf, xp.where(finite, u_finite, zero))
-    u = xp.where(undefined, nan, u)
+    u = xp.where(undefined, value, u)
     return w, u
 
 

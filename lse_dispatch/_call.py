@@ -38,6 +38,8 @@ class Call:
 def prepare(op: str, a, *, axis, b=None, where=None, return_sign: bool = False) -> Call:
     """Resolve the namespace once, validate every argument and plan dtypes."""
     first = "a" if op == "logsumexp" else "x"
+    if a is None:
+        raise TypeError(f"argument '{first}' must be an array or a number, got None")
     xp, arrays = resolve_namespace({first: a, "b": b, "where": where}, booleans=("where",))
     a, b, where = arrays[first], arrays["b"], arrays["where"]
     if b is None:

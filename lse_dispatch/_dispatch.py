@@ -102,6 +102,9 @@ GENERIC: dict[str, Callable[[Call], Any]] = {
 # The catalogue: built-in backends, then plugins, looked up per array type.
 
 _BACKENDS_OF_TYPE: dict[type, tuple] = {}
+# At most this many array types are remembered (first in, first out), so that
+# dynamically created subclasses are neither kept alive nor piled up.
+_TYPE_CACHE_SIZE = 256
 _PLUGINS: list | None = None
 
 
@@ -123,8 +126,11 @@ def _compile_time_constant(fn):
 def plugins() -> list:
     """Specs of the third-party backends registered under the entry-point group.
 
-    Loaded once, on first use.  A plugin that fails to load, or that does not
-    provide a ``BackendSpec``, is skipped with a ``RuntimeWarning`` naming it.
+    Loaded once, on first use.  A plugin that fails to load, or whose spec is
+    malformed (not a ``BackendSpec``, kernels that are not ``Kernel`` s), is
+    skipped with a ``RuntimeWarning`` naming it.  The kernels of the loaded
+    ones are contained (:func:`_contained`): their failures warn and fall
+    back to the built-in implementation instead of failing the call.
     """
     global _PLUGINS
     if _PLUGINS is not None:
@@ -139,8 +145,7 @@ def plugins() -> list:
             spec = point.load()
             if callable(spec) and not isinstance(spec, BackendSpec):
                 spec = spec()
-            if not isinstance(spec, BackendSpec):
-                raise TypeError(f"it gave {type(spec).__name__}, not a BackendSpec")
+            found.append(_contained_spec(_validated(spec)))
         except Exception as exc:  # any failure of foreign code: warn, skip, go on
             warnings.warn(
                 f"lse_dispatch: skipping backend plugin {point.name!r} ({point.value}): "
@@ -148,10 +153,104 @@ def plugins() -> list:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            continue
-        found.append(spec)
     _PLUGINS = found
     return found
+
+
+def _validated(spec):
+    """``spec`` if it is a usable ``BackendSpec``, else ``TypeError`` saying what is wrong."""
+    from .backends import BackendSpec
+
+    if not isinstance(spec, BackendSpec):
+        raise TypeError(f"it gave {type(spec).__name__}, not a BackendSpec")
+    if not isinstance(spec.name, str) or not spec.name or spec.name in ("auto", "generic"):
+        raise TypeError(f"its name {spec.name!r} is not a usable backend name")
+    for field_name in ("is_array", "namespace", "devices", "to_numpy"):
+        if not callable(getattr(spec, field_name)):
+            raise TypeError(f"its {field_name} is not callable")
+    for kernel in spec.kernels:
+        if not isinstance(kernel, Kernel):
+            raise TypeError(f"its kernels hold {type(kernel).__name__}, not Kernel")
+        if kernel.op not in GENERIC:
+            raise TypeError(f"its kernel {kernel.name!r} is for unknown operation {kernel.op!r}")
+        if not isinstance(kernel.name, str) or not callable(kernel.run) or not callable(kernel.declines):
+            raise TypeError(f"its kernel {kernel.name!r} needs a string name and callable run and declines")
+    return spec
+
+
+def _contained_spec(spec):
+    """``spec`` with every kernel wrapped so that its failures cannot fail a call."""
+    import dataclasses
+
+    return dataclasses.replace(spec, kernels=tuple(_contained(kernel, spec.name) for kernel in spec.kernels))
+
+
+def _warn_plugin(plugin: str, kernel, problem: str) -> None:
+    warnings.warn(
+        f"lse_dispatch: backend plugin {plugin!r}, kernel {kernel.name!r} ({kernel.op}): {problem}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _contained(kernel, plugin: str):
+    """A plugin's kernel whose exceptions and malformed results fall back, with a warning.
+
+    Third-party code must never make a call fail or return a wrong result
+    shape: a ``declines`` that raises counts as declining, a ``run`` that
+    raises or returns something other than what the operation promises
+    (namespace, shape, dtype) is replaced by what would run without it.
+    """
+
+    def declines(call):
+        try:
+            return kernel.declines(call)
+        except Exception as exc:
+            _warn_plugin(plugin, kernel, f"declines() raised {type(exc).__name__}: {exc}; skipping the kernel")
+            return f"declines() raised {type(exc).__name__}"
+
+    def run(call):
+        try:
+            result = kernel.run(call)
+            problem = _result_problem(call, result)
+        except Exception as exc:
+            result, problem = None, f"raised {type(exc).__name__}: {exc}"
+        if problem is None:
+            return result
+        _warn_plugin(plugin, kernel, f"{problem}; falling back to the built-in implementation")
+        return run_without(call, kernel.name, builtin_only=True)
+
+    return Kernel(kernel.op, kernel.name, run, declines)
+
+
+def _result_problem(call: Call, result) -> str | None:
+    """What is wrong with a kernel's ``result`` for ``call``, or ``None``."""
+    import array_api_compat
+
+    if call.op == "logsumexp":
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            return f"returned {type(result).__name__}, expected a (value, sign) pair"
+        shape = tuple(1 if ax in call.axes else n for ax, n in enumerate(call.shape))
+        parts = tuple(result)
+    else:
+        shape, parts = tuple(call.shape), (result,)
+    for part in parts:
+        if not array_api_compat.is_array_api_obj(part):
+            return f"returned {type(part).__name__}, expected an array"
+        try:
+            array_api_compat.array_namespace(part, call.a)
+        except TypeError:
+            return f"returned a {type(part).__module__}.{type(part).__name__}, not an array of the input's library"
+        if not _same_shape(tuple(part.shape), shape):
+            return f"returned shape {tuple(part.shape)}, expected {shape}"
+        if part.dtype != call.plan.result:
+            return f"returned dtype {part.dtype}, expected {call.plan.result}"
+    return None
+
+
+def _same_shape(got: tuple, want: tuple) -> bool:
+    """Shape equality that takes unknown (NaN or None) extents of lazy arrays as equal."""
+    return len(got) == len(want) and all(g == w or (g != g and w != w) or None in (g, w) for g, w in zip(got, want))
 
 
 @_compile_time_constant
@@ -188,6 +287,8 @@ def backends_for(array) -> tuple:
             warnings.warn(f"lse_dispatch: backend {spec.name!r} failed to inspect an array: {exc}",
                           RuntimeWarning, stacklevel=2)
     found = tuple(matches)
+    if len(_BACKENDS_OF_TYPE) >= _TYPE_CACHE_SIZE:
+        del _BACKENDS_OF_TYPE[next(iter(_BACKENDS_OF_TYPE))]
     _BACKENDS_OF_TYPE[kind] = found
     return found
 
@@ -360,13 +461,17 @@ def _candidates(specs: tuple, choice: str) -> tuple[list, list[tuple[str, str]]]
     return keep, [(kernel.name, reason) for _, kernel in pairs if kernel not in keep]
 
 
-def run_without(call: Call, excluded: str) -> Any:
+def run_without(call: Call, excluded: str, *, builtin_only: bool = False) -> Any:
     """The first kernel other than ``excluded`` that takes ``call``, else generic.
 
     For wrapping kernels (the derivative rules), whose forward is whatever
-    would run without them.
+    would run without them; ``builtin_only`` skips plugins (the fallback of a
+    failed plugin kernel, which must not land on another plugin's).
     """
+    plugin_names = {spec.name for spec in _PLUGINS or ()} if builtin_only else set()
     for spec in backends_for(call.a):
+        if spec.name in plugin_names:
+            continue
         for kernel in spec.kernels:
             if kernel.name != excluded and kernel.op == call.op and kernel.declines(call) is None:
                 return kernel.run(call)

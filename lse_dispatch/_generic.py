@@ -12,7 +12,16 @@ from typing import Any
 
 from ._call import Call
 from ._namespace import real_sign, scalar
-from ._state import LSEState, finalize, log_softmax_from_state, softmax_from_state, state_from_exponents
+from ._state import (
+    LSEState,
+    finalize,
+    log_softmax_from_state,
+    narrow_max,
+    softmax_from_state,
+    state_from_exponents,
+    undefined_where,
+    weight_parts,
+)
 
 __all__ = ["log_softmax", "logsumexp", "logsumexp_from_state", "logsumexp_state", "softmax"]
 
@@ -35,37 +44,52 @@ def _keepdims_shape(call: Call) -> tuple:
 
 
 def _weights(call: Call):
-    """``(exponent, included, sign, scale, log_scale)`` for a real call."""
+    """``(exponent, included, sign, scale, a)`` of a real call, ``exponent = a + log|b|``.
+
+    Without weights: ``(a, where, None, None, None)``.  With weights and an
+    accumulator wider than the compute dtype (float32 where float64 exists),
+    everything is formed in the accumulator: a float32 ``a + log|b|`` rounds,
+    and the entry at the max would then count as exactly 1 where its term is
+    ``exp`` of that rounding -- 1.9e7 ulps on a logsumexp that cancels to near
+    0 (``logsumexp([1], b=[0.36787945])``, exactly 2.49e-8).  The state's max
+    is narrowed back afterwards (:func:`~lse_dispatch._state.narrow_max`).
+
+    Nothing is broadcast explicitly: elementwise operations broadcast, which
+    also works for Dask arrays of unknown chunk sizes, where
+    ``broadcast_arrays`` cannot.
+    """
     xp, plan = call.xp, call.plan
-    a = xp.astype(call.a, plan.compute)
-    included = call.where
     if call.b is None:
-        return a, included, None, None, None
-    b = xp.astype(call.b, plan.compute)
-    scale = xp.abs(b)
-    nonzero = b != 0
-    included = nonzero if included is None else (included & nonzero)
-    # log|b| only where b != 0: log(0) would warn, and those entries are excluded.
-    log_scale = xp.log(xp.where(nonzero, scale, scalar(xp, 1.0, scale)))
-    a, b, scale, log_scale = xp.broadcast_arrays(a, b, scale, log_scale)
-    return a + log_scale, included, real_sign(xp, b), scale, a
+        return xp.astype(call.a, plan.compute), call.where, None, None, None
+    work = plan.accumulator
+    a = xp.astype(call.a, work)
+    nonzero, sign, log_scale = weight_parts(xp, xp.astype(call.b, plan.compute), work)
+    included = nonzero if call.where is None else (call.where & nonzero)
+    scale = xp.abs(xp.astype(call.b, work))
+    return a + log_scale, included, sign, scale, a
 
 
 def logsumexp_state(call: Call) -> LSEState:
-    """The :class:`LSEState` of a real call, over ``call.axes`` (keepdims)."""
-    exponent, included, sign, scale, log_scale = _weights(call)
-    if included is not None:
-        included = call.xp.broadcast_to(included, exponent.shape)
-    return state_from_exponents(
-        call.xp,
+    """The :class:`LSEState` of a real call, over ``call.axes`` (keepdims).
+
+    Its ``max`` is in the compute dtype, ``count`` and ``rest`` in the
+    accumulator dtype, whatever the arguments.
+    """
+    xp, plan = call.xp, call.plan
+    exponent, included, sign, scale, a = _weights(call)
+    state = state_from_exponents(
+        xp,
         exponent,
         call.axes,
-        call.plan.accumulator,
+        plan.accumulator,
         included=included,
         sign=sign,
         scale=scale,
-        log_scale=log_scale,
+        log_scale=a,
     )
+    if exponent.dtype != plan.compute:
+        state = narrow_max(xp, state, plan.compute)
+    return state
 
 
 def logsumexp(call: Call) -> tuple[Array, Array]:
@@ -90,7 +114,7 @@ def logsumexp_from_state(call: Call, state: LSEState) -> tuple[Array, Array]:
     value, sign = finalize(xp, state, call.plan.result)
     if not call.return_sign:
         # A negative sum has no real logarithm.
-        value = xp.where(sign < 0, scalar(xp, math.nan, value), value)
+        value = value + undefined_where(xp, sign < 0, value)
     return value, sign
 
 
@@ -99,7 +123,10 @@ def _complex_logsumexp(call: Call) -> tuple[Array, Array]:
 
     The sum is ``exp(m) * sum b exp(a - m)``; its log takes the principal
     branch.  With ``return_sign`` the magnitude's log and the unit phase come
-    back separately.
+    back separately.  Limits: nothing included gives ``-inf`` (sign 0);
+    entries with real part ``+inf`` dominate, so the value is
+    ``inf + i theta`` and the sign ``exp(i theta)``, ``theta`` the phase of
+    ``sum b exp(i imag(a))`` over those entries (NaN if that sum is 0).
     """
     xp, plan = call.xp, call.plan
     a = xp.astype(call.a, plan.compute)
@@ -110,29 +137,53 @@ def _complex_logsumexp(call: Call) -> tuple[Array, Array]:
         nonzero = b != 0
         included = nonzero if included is None else included & nonzero
         real = real + xp.log(xp.where(nonzero, xp.abs(b), scalar(xp, 1.0, real)))
+    if included is None:
+        included = xp.ones_like(real, dtype=xp.bool)
     neg_inf = scalar(xp, -math.inf, real)
-    if included is not None:
-        included = xp.broadcast_to(included, xp.broadcast_arrays(a, real)[0].shape)
-        real = xp.where(included, real, neg_inf)
+    real = xp.where(included, real, neg_inf)
     m = xp.max(real, axis=call.axes, keepdims=True) if call.axes else real
-    shift = xp.where(xp.isfinite(m), m, scalar(xp, 0.0, m))
-    terms = xp.exp(a - xp.astype(shift, plan.compute))
-    if b is not None:
-        terms = b * terms
-    if included is not None:
-        terms = xp.where(included, terms, xp.zeros_like(terms))
-    total = xp.sum(terms, axis=call.axes, keepdims=True, dtype=plan.accumulator) if call.axes else terms
-    total = xp.astype(total, plan.compute)
-    magnitude = xp.abs(total)
+    finite = xp.isfinite(m)
+    shift = xp.where(finite, m, scalar(xp, 0.0, m))
+    complex_zero = xp.zeros_like(a)
+
+    def total(terms):
+        summed = xp.sum(terms, axis=call.axes, keepdims=True, dtype=plan.accumulator) if call.axes else terms
+        return xp.astype(summed, plan.compute)
+
+    def weighted(terms):
+        terms = terms if b is None else b * terms
+        return terms
+
+    # Finite rows: the shifted sum (other rows get 0 terms, no inf - inf).
+    in_finite_row = included & finite & (real != neg_inf)
+    shifted = xp.where(in_finite_row, a - xp.astype(shift, plan.compute), complex_zero)
+    finite_total = total(xp.where(in_finite_row, weighted(xp.exp(shifted)), complex_zero))
+    # Rows with a +inf entry: the phases of the +inf entries.
+    at_inf = included & (real == math.inf)
+    unit_terms = xp.exp(xp.astype(xp.imag(xp.where(at_inf, a, complex_zero)), plan.compute) * 1j)
+    inf_total = total(xp.where(at_inf, weighted(unit_terms), complex_zero))
+    row_total = xp.where(m == math.inf, inf_total, finite_total)
+
+    magnitude = xp.abs(row_total)
     real_dtype = magnitude.dtype
-    log_magnitude = xp.astype(shift, real_dtype) + xp.log(magnitude)
-    log_magnitude = xp.where(m == math.inf, m, log_magnitude)
+    empty = magnitude == 0
+    safe_magnitude = xp.where(empty, scalar(xp, 1.0, magnitude), magnitude)
+    unit = row_total / xp.astype(safe_magnitude, row_total.dtype)
+    # A zero sum of +inf entries' phases has no limit.
+    inf_undefined = (m == math.inf) & empty
+    log_magnitude = xp.astype(shift, real_dtype) + xp.log(safe_magnitude)
+    log_magnitude = xp.where(empty, scalar(xp, -math.inf, log_magnitude), log_magnitude)
+    log_magnitude = xp.where(finite, log_magnitude, xp.astype(m, real_dtype))
+    log_magnitude = log_magnitude + undefined_where(xp, inf_undefined, log_magnitude)
+    # NaN rows: NaN everywhere (m is NaN there).
+    nan_row = xp.isnan(m)
+    unit = xp.where(nan_row | inf_undefined, xp.astype(log_magnitude, unit.dtype), unit)
     if call.return_sign:
-        unit = total / xp.astype(xp.where(magnitude == 0, scalar(xp, 1.0, magnitude), magnitude), total.dtype)
         return log_magnitude, unit
     # Principal branch: the imaginary part lies in (-pi, pi].
-    value = xp.astype(xp.log(total) + xp.astype(shift, total.dtype), plan.result)
-    return value, xp.ones_like(value)
+    angle = xp.atan2(xp.imag(unit), xp.real(unit))
+    value = xp.astype(log_magnitude, plan.compute) + xp.astype(angle, plan.compute) * 1j
+    return xp.astype(value, plan.result), xp.ones_like(value)
 
 
 def _normalized(call: Call, from_state) -> Array:
@@ -142,8 +193,7 @@ def _normalized(call: Call, from_state) -> Array:
         return xp.astype(call.a, plan.result)
     state = logsumexp_state(call)
     x = xp.astype(call.a, plan.compute)
-    included = None if call.where is None else xp.broadcast_to(call.where, x.shape)
-    return xp.astype(from_state(xp, x, state, included), plan.result)
+    return xp.astype(from_state(xp, x, state, call.where), plan.result)
 
 
 def log_softmax(call: Call) -> Array:

@@ -21,6 +21,7 @@ __all__ = [
     "real_sign",
     "resolve_namespace",
     "scalar",
+    "unwrap_numpy_subclasses",
 ]
 
 Array = Any
@@ -61,14 +62,37 @@ def real_sign(xp, x: Array) -> Array:
 
 
 def _as_array(value, name: str):
-    """Return ``value`` if it is an array-API array, else a NumPy array of it."""
+    """``(array, from_python)``: ``value`` if it is an array-API array, else a NumPy array of it.
+
+    Python integers beyond int64 make NumPy's object arrays; they are taken as
+    float64, as NumPy's own functions take them (``np.exp(2**70)``).
+    """
     if array_api_compat.is_array_api_obj(value):
         return value, False
     try:
         converted = np.asarray(value)
-    except (TypeError, ValueError) as exc:  # ragged sequences and the like
+    except ValueError as exc:  # ragged nested sequences
+        raise ValueError(
+            f"argument '{name}' is a ragged sequence: its nested lists differ in length ({exc})"
+        ) from None
+    except TypeError as exc:
         raise TypeError(f"argument '{name}' must be an array or a number, got {type(value).__name__}") from exc
+    if converted.dtype == object and _all_python_numbers(converted):
+        is_complex = any(isinstance(item, complex) for item in converted.flat)
+        try:
+            converted = np.asarray(value, dtype=np.complex128 if is_complex else np.float64)
+        except OverflowError:
+            raise ValueError(f"argument '{name}' holds an integer too large for float64") from None
+    if converted.dtype.kind not in "biufc":
+        raise TypeError(
+            f"argument '{name}' must be numeric (an array, a number or a sequence of numbers), "
+            f"got {type(value).__name__}" + (f" of NumPy dtype {converted.dtype}" if converted.dtype != object else "")
+        )
     return converted, True
+
+
+def _all_python_numbers(array: np.ndarray) -> bool:
+    return all(isinstance(item, (int, float, complex)) for item in array.flat)
 
 
 def _check_kind(xp, x: Array, name: str, *, boolean: bool) -> None:
@@ -78,6 +102,38 @@ def _check_kind(xp, x: Array, name: str, *, boolean: bool) -> None:
         return
     if not xp.isdtype(x.dtype, ("bool", "integral", "real floating", "complex floating")):
         raise TypeError(f"argument '{name}' must be numeric (bool, integer, floating or complex), got dtype {x.dtype}")
+
+
+def unwrap_numpy_subclasses(a, b, where):
+    """``(a, b, where, mask)`` with NumPy masked arrays and matrices made plain.
+
+    A masked entry of ``a`` or ``b`` is excluded exactly as ``where=False``
+    excludes it (a masked ``where`` entry counts as False), so masked
+    arrays give the values of their unmasked data, never of what lies
+    under the mask.  ``mask`` is ``a``'s own mask (full shape) when ``a`` is a
+    masked array, for softmax and log_softmax to return a masked array
+    again, else ``None``.  ``np.matrix`` is computed as the 2-D ndarray it
+    holds, with ndarray results.  Other inputs pass through untouched.
+    """
+    kinds = (np.ma.MaskedArray, np.matrix)
+    if not any(isinstance(x, kinds) for x in (a, b, where)):
+        return a, b, where, None
+    excluded = []
+    mask = None
+    if isinstance(a, np.ma.MaskedArray):
+        mask = np.ma.getmaskarray(a)
+        excluded.append(mask)
+        a = np.ma.getdata(a)
+    if isinstance(b, np.ma.MaskedArray):
+        excluded.append(np.ma.getmaskarray(b))
+        b = np.ma.getdata(b)
+    if isinstance(where, np.ma.MaskedArray):
+        where = np.ma.filled(where, False)
+    a, b, where = (np.asarray(x) if isinstance(x, np.matrix) else x for x in (a, b, where))
+    if excluded:
+        included = ~np.logical_or.reduce(np.broadcast_arrays(*excluded)) if len(excluded) > 1 else ~excluded[0]
+        where = included if where is None else (np.asarray(where) & included)
+    return a, b, where, mask
 
 
 def resolve_namespace(
@@ -96,10 +152,6 @@ def resolve_namespace(
             continue
         converted, was_python = _as_array(value, name)
         (foreign if was_python else arrays)[name] = converted
-        if was_python and converted.dtype.kind not in "biufc":
-            raise TypeError(
-                f"argument '{name}' must be numeric, got {type(value).__name__} of NumPy dtype {converted.dtype}"
-            )
     if arrays:
         try:
             xp = array_api_compat.array_namespace(*arrays.values())

@@ -35,9 +35,12 @@ __all__ = [
     "log_softmax_from_state",
     "merge",
     "merge_along",
+    "narrow_max",
     "reduce_max",
     "softmax_from_state",
     "state_from_exponents",
+    "undefined_where",
+    "weight_parts",
 ]
 
 Array = Any
@@ -71,7 +74,9 @@ def reduce_max(xp, x: Array, axes: tuple[int, ...]) -> Array:
         return x
     m = xp.max(x, axis=axes, keepdims=True)
     if is_jax_namespace(xp):
-        m = xp.where(xp.any(xp.isnan(x), axis=axes, keepdims=True), scalar(xp, math.nan, m), m)
+        # The NaN is taken from x itself (a sum of its NaN entries, 0 when there
+        # are none): a NaN constant would trip jax.debug_nans on NaN-free input.
+        m = m + xp.sum(xp.where(xp.isnan(x), x, xp.zeros_like(x)), axis=axes, keepdims=True)
     return m
 
 
@@ -232,6 +237,100 @@ def _limb_sum(xp, values: Array, axis: int) -> Array:
         values = xp.concat([high, mid, low], axis=axis)
 
 
+def undefined_where(xp, mask: Array, like: Array) -> Array:
+    """NaN where ``mask`` is True and 0 elsewhere, in the dtype of ``like``.
+
+    Added to a result whose value has no limit there (``inf - inf``).  On
+    JAX it is made as ``z - z`` with ``z`` infinite under ``mask``, never by
+    selecting a NaN constant: a NaN made where the result is not NaN trips
+    ``jax.debug_nans`` on NaN-free input.  Elsewhere ``inf - inf`` would
+    raise NumPy's "invalid value" warning, so the constant is selected.
+    """
+    if is_jax_namespace(xp):
+        z = xp.where(mask, scalar(xp, math.inf, like), scalar(xp, 0.0, like))
+        return z - z
+    return xp.where(mask, scalar(xp, math.nan, like), scalar(xp, 0.0, like))
+
+
+def weight_parts(xp, b: Array, dtype=None) -> tuple[Array, Array, Array]:
+    """``(b != 0, sign(b), log|b|)`` of real weights; ``log|b|`` is 0 where ``b == 0``.
+
+    ``log|b|`` is taken in ``dtype`` (``b``'s own by default), from ``b``
+    itself: float32 weights of float32 input get a float64 log.
+
+    XLA treats subnormal operands as zero (flush-to-zero and
+    denormals-are-zero, jax 0.10 CPU, under ``jit`` and eagerly): ``1e-310 != 0``
+    is False there and ``log(1e-310)`` is ``-inf``, so a subnormal weight was
+    dropped.  On JAX the three parts come from the bits of ``b`` instead
+    (:func:`_jax_weight_parts`); integer operations are not flushed.
+    """
+    dtype = b.dtype if dtype is None else dtype
+    if is_jax_namespace(xp):
+        return _jax_weight_parts(xp, b, dtype)
+    nonzero = b != 0
+    log_abs = xp.log(xp.astype(xp.where(nonzero, xp.abs(b), scalar(xp, 1.0, b)), dtype))
+    return nonzero, real_sign(xp, b), log_abs
+
+
+# Cody and Waite's split of log 2: _LN2_HIGH has 32 significant bits, so
+# k * _LN2_HIGH is exact for |k| < 2**20 and k log 2 is formed to an ulp.
+_LN2_HIGH = 6.93147180369123816490e-01
+_LN2_LOW = 1.90821492927058770002e-10
+
+
+def _jax_weight_parts(xp, b: Array, dtype) -> tuple[Array, Array, Array]:
+    """:func:`weight_parts` from the bits of ``b`` (float16/32/64), immune to flushing.
+
+    A subnormal ``b`` is ``n * 2**-k`` with ``n`` its integer significand
+    (``k`` = 1074 for float64, 149 for float32, 24 for float16); ``n`` is
+    exact as a float of ``b``'s dtype and ``log|b| = log n - k log 2``.
+    (The float32 to float64 conversion of a subnormal is flushed too, so the
+    log is taken from the significand, never from a converted ``b``.)
+    """
+    import jax
+
+    info = xp.finfo(b.dtype)
+    bits_dtype = {8: xp.int64, 4: xp.int32, 2: xp.int16}[info.bits // 8]
+    bits = jax.lax.bitcast_convert_type(b, bits_dtype)
+    magnitude = bits & ((1 << (info.bits - 1)) - 1)
+    nonzero = magnitude != 0
+    one = scalar(xp, 1.0, b)
+    sign = xp.where(bits < 0, -one, one)
+    sign = xp.where(nonzero, sign, xp.zeros_like(sign))
+    subnormal = nonzero & (magnitude < (1 << info.nmant))
+    k = -math.frexp(float(info.smallest_subnormal))[1] + 1  # smallest subnormal = 2**-k
+    significand = xp.astype(xp.where(subnormal, magnitude, xp.ones_like(magnitude)), dtype)
+    log_subnormal = (xp.log(significand) - k * _LN2_LOW) - k * _LN2_HIGH
+    log_normal = xp.log(xp.astype(xp.where(nonzero & ~subnormal, xp.abs(b), one), dtype))
+    return nonzero, sign, xp.where(subnormal, log_subnormal, log_normal)
+
+
+def narrow_max(xp, state: LSEState, dtype) -> LSEState:
+    """``state`` with its ``max`` in ``dtype`` (narrower than the state's), same sum.
+
+    Weighted float32 input forms its exponents ``a + log|b|`` and its state in
+    float64 (see ``_generic``); the state's ``max`` is then narrowed back to
+    float32, as every state of float32 input has it.  ``m`` becomes
+    ``m' = fl(m)``, and ``exp(m) (c + r) = exp(m') (c + r) exp(m - m')``:
+
+    * ``|m| < 2 / eps`` (``2**24`` for float32): ``|m - m'|`` is at most half
+      an ulp of ``m'``, at most 1/2, so ``(m', 0, (c + r) exp(m - m'))``,
+      whose rest carries the float64 precision of the terms (``c`` no longer
+      splits off, which only mattered for float64 results);
+    * larger, infinite or NaN ``m``: ``(m', c, r)``.  The rounding of ``m``
+      is then at most half an ulp of the result, whose magnitude is that of
+      ``m``, and the limits keep their count.
+    """
+    m, count, rest = state
+    narrow = xp.astype(m, dtype)
+    small = xp.abs(m) < 2.0 / float(xp.finfo(dtype).eps)
+    # m - m' only where it is small: infinite m would give inf - inf.
+    zero = xp.zeros_like(count)
+    difference = xp.where(small, m - xp.astype(xp.where(small, narrow, xp.zeros_like(narrow)), m.dtype), zero)
+    moved = (count + rest) * xp.exp(difference)
+    return LSEState(narrow, xp.where(small, zero, count), xp.where(small, moved, rest))
+
+
 def _finite_shift(xp, m: Array) -> Array:
     """The value subtracted before ``exp``: ``m`` itself where it is finite.
 
@@ -351,7 +450,7 @@ def _jax_float32_state(xp, x: Array, axis: int, accumulator) -> LSEState:
     total = _limb_sum(xp, partial, axis)
     has_nan = xp.isnan(total) & (m != math.inf)
     usable = xp.all((xp.isfinite(m) & (total >= 16)) | has_nan)
-    m = xp.where(has_nan, scalar(xp, math.nan, m), m)
+    m = xp.where(has_nan, total, m)
     one = xp.ones_like(total)
     return jax.lax.cond(
         usable,
@@ -443,7 +542,7 @@ def _jax_float32_state_exact(xp, x: Array, axis: int, accumulator) -> LSEState:
     # (With m = +inf, rest is NaN from inf - inf instead: the shared path.)
     has_nan = xp.isnan(rest) & (m != math.inf)
     usable = xp.all(xp.isfinite(m) | has_nan)
-    m = xp.where(has_nan, scalar(xp, math.nan, m), m)
+    m = xp.where(has_nan, rest, m)
     return jax.lax.cond(
         usable,
         lambda: LSEState(m, count, rest),
@@ -571,8 +670,7 @@ def finalize(xp, state: LSEState, dtype) -> tuple[Array, Array]:
     m = xp.astype(m, acc)
     out = m + xp.where(xp.isfinite(m), log_abs, scalar(xp, 0.0, log_abs))
     # +inf entries whose signed weights cancel: inf - inf has no limit.
-    undefined = (m == math.inf) & (count == 0)
-    out = xp.where(undefined, scalar(xp, math.nan, out), out)
+    out = out + undefined_where(xp, (m == math.inf) & (count == 0), out)
     # Nothing included, or a sum of exactly zero: log 0 = -inf with sign 0.
     sign = xp.where(m == -math.inf, scalar(xp, 0.0, sign), sign)
     return xp.astype(out, dtype), xp.astype(sign, dtype)
@@ -631,8 +729,7 @@ def _log_softmax_limits(xp, x: Array, state: LSEState, included: Array | None, v
     value = xp.where(m == math.inf, xp.where(at_inf, at_inf_share, neg_inf), value)
     if included is not None:
         value = xp.where(included, value, neg_inf)
-    value = xp.where(xp.isnan(m), scalar(xp, math.nan, value), value)
-    return value
+    return xp.where(xp.isnan(m), xp.astype(m, value.dtype), value)
 
 
 def softmax_from_state(xp, x: Array, state: LSEState, included: Array | None) -> Array:
@@ -651,7 +748,7 @@ def softmax_from_state(xp, x: Array, state: LSEState, included: Array | None) ->
     if x.dtype != state.rest.dtype:
         out = xp.exp(_log_softmax_limits(xp, x, state, included, _log_softmax_value(xp, x, state)))
         # XLA's fused exp does not carry NaN through (seen under jax.jit).
-        return xp.where(xp.isnan(state.max), scalar(xp, math.nan, out), out)
+        return xp.where(xp.isnan(state.max), xp.astype(state.max, out.dtype), out)
     m, count, rest = state
     one = scalar(xp, 1.0, count)
     # count is 0 only when nothing is included; those entries end up 0.
@@ -662,4 +759,4 @@ def softmax_from_state(xp, x: Array, state: LSEState, included: Array | None) ->
     out = xp.where(m == math.inf, xp.where(x == math.inf, one / xp.maximum(count, one), zero), out)
     if included is not None:
         out = xp.where(included, out, zero)
-    return xp.where(xp.isnan(m), scalar(xp, math.nan, out), out)
+    return xp.where(xp.isnan(m), xp.astype(m, out.dtype), out)

@@ -53,22 +53,36 @@ def broadcast_shapes(shapes: Sequence[tuple], names: Sequence[str]) -> tuple:
     ndim = max(len(shape) for shape in shapes)
     result: list = [1] * ndim
     owner: list = [None] * ndim
+    named = dict(zip(names, shapes))
     for shape, name in zip(shapes, names):
         for offset, extent in enumerate(reversed(shape)):
             slot = ndim - 1 - offset
             current = result[slot]
-            if extent == 1 or _unknown(extent):
-                if _unknown(extent) and current == 1:
-                    result[slot] = extent
+            if extent == 1:
                 continue
-            if current == 1 or _unknown(current):
+            if current == 1:
                 result[slot], owner[slot] = extent, name
+            elif _unknown(extent) or _unknown(current):
+                # Two unknown extents are taken to fit; unknown against known cannot be aligned.
+                if not _unknown(current):
+                    _unknown_against_known(name, shape, owner[slot], named[owner[slot]])
+                if not _unknown(extent):
+                    _unknown_against_known(owner[slot], named[owner[slot]], name, shape)
             elif current != extent:
                 raise ValueError(
                     f"argument '{name}' with shape {tuple(shape)} does not broadcast against "
-                    f"'{owner[slot]}' with shape {tuple(dict(zip(names, shapes))[owner[slot]])}"
+                    f"'{owner[slot]}' with shape {tuple(named[owner[slot]])}"
                 )
     return tuple(result)
+
+
+def _unknown_against_known(unknown_name, unknown_shape, known_name, known_shape) -> None:
+    raise ValueError(
+        f"argument '{unknown_name}' with shape {tuple(unknown_shape)} has unknown extents (a lazy array with "
+        f"unknown chunk sizes) where '{known_name}' with shape {tuple(known_shape)} has known ones, so they "
+        f"cannot be aligned; compute the chunk sizes first (Dask: x.compute_chunk_sizes()) or derive "
+        f"'{known_name}' from '{unknown_name}'"
+    )
 
 
 def _unknown(extent) -> bool:

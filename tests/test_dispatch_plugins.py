@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 PLUGIN_SOURCE = Path(__file__).parent / "plugins" / "lse_toy_backends"
+MISBEHAVING_SOURCE = Path(__file__).parent / "plugins" / "lse_misbehaving_backends"
 
 SCRIPT = r"""
 import json, sys, warnings
@@ -47,12 +48,10 @@ print(json.dumps(report))
 """
 
 
-@pytest.fixture(scope="module")
-def plugin_path(tmp_path_factory):
-    """Install the test plugin package with pip into a fresh directory."""
-    root = tmp_path_factory.mktemp("plugins")
+def _install(source_dir: Path, root: Path, dist: str) -> Path:
+    """Install a test plugin package with pip into a fresh directory under ``root``."""
     source = root / "source"
-    shutil.copytree(PLUGIN_SOURCE, source)
+    shutil.copytree(source_dir, source)
     target = root / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
@@ -61,14 +60,24 @@ def plugin_path(tmp_path_factory):
         capture_output=True,
         timeout=300,
     )
-    assert (target / "lse_toy_backends-0.1.0.dist-info" / "entry_points.txt").exists()
+    assert (target / f"{dist}-0.1.0.dist-info" / "entry_points.txt").exists()
     return target
 
 
-def _run(plugin_path):
+@pytest.fixture(scope="module")
+def plugin_path(tmp_path_factory):
+    return _install(PLUGIN_SOURCE, tmp_path_factory.mktemp("plugins"), "lse_toy_backends")
+
+
+@pytest.fixture(scope="module")
+def misbehaving_path(tmp_path_factory):
+    return _install(MISBEHAVING_SOURCE, tmp_path_factory.mktemp("misbehaving"), "lse_misbehaving_backends")
+
+
+def _run(plugin_path, script=SCRIPT):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")]))
     env.pop("LSE_DISPATCH_BACKEND", None)
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -93,3 +102,61 @@ def test_plugin_kernels_are_selected_by_name(plugin_path):
     assert report["declined"][4]["toy.counting"] == "generic chosen"
     assert report["toy_calls"] == ["logsumexp", "log_softmax"]
     assert report["same_value"] is True
+
+
+CONTAINMENT_SCRIPT = r"""
+import json, warnings
+import numpy as np
+import lse_dispatch
+from lse_dispatch import oracle
+report = {"calls": {}}
+x = np.array([[0.5, -1.0, 2.0], [1.0, 3.0, -2.0]])
+where = np.array([[True, False, True], [True, True, True]])
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    report["available"] = sorted(lse_dispatch.available())
+report["load_warnings"] = [str(w.message) for w in caught]
+for choice in ("auto", "explodes", "declines_raises", "wrong_shape", "wrong_dtype", "wrong_library", "generic"):
+    for op in ("logsumexp", "softmax", "log_softmax"):
+        with warnings.catch_warnings(record=True) as caught, lse_dispatch.use(choice):
+            out = getattr(lse_dispatch, op)(x, axis=1, where=where)
+        exact = getattr(oracle, "exact_" + op)(x, axis=1, where=where)
+        errors = oracle.ulp_error(out, exact, "float64")
+        report["calls"][f"{choice}/{op}"] = {
+            "type": type(out).__name__, "shape": list(out.shape), "dtype": str(out.dtype),
+            "worst_ulps": float(errors.max()), "warnings": [str(w.message) for w in caught],
+        }
+print(json.dumps(report))
+"""
+
+
+def test_misbehaving_plugins_are_contained(misbehaving_path):
+    """A plugin's broken kernel warns, names itself and falls back; a malformed spec is skipped."""
+    report = _run(misbehaving_path, CONTAINMENT_SCRIPT)
+    # kernels=(None,) is refused when the plugins load, with the reason; the rest load.
+    (refused,) = report["load_warnings"]
+    assert "skipping backend plugin 'no_kernels'" in refused and "not Kernel" in refused
+    assert "no_kernels" not in report["available"]
+    assert {"explodes", "declines_raises", "wrong_shape", "wrong_dtype", "wrong_library"} <= set(report["available"])
+    expected_problem = {
+        "explodes": "raised RuntimeError: kernel exploded mid-call",
+        "declines_raises": "declines() raised ValueError: declines exploded",
+        "wrong_shape": "returned shape",
+        "wrong_dtype": "returned dtype float16, expected float64",
+        "wrong_library": "returned list",
+    }
+    for key, outcome in report["calls"].items():
+        choice, op = key.split("/")
+        # Every call returns the right array, whatever the plugin did.
+        assert outcome["type"] == "ndarray", key
+        assert outcome["shape"] == ([2] if op == "logsumexp" else [2, 3]), key
+        assert outcome["dtype"] == "float64", key
+        assert outcome["worst_ulps"] <= 4.0, key
+        if choice in expected_problem:
+            (message,) = outcome["warnings"]
+            assert f"backend plugin {choice!r}" in message and expected_problem[choice] in message, (key, message)
+        elif choice == "generic":
+            assert outcome["warnings"] == [], key
+    # Under auto the first plugin that takes the call (alphabetical: declines_raises,
+    # then explodes, ...) is contained: warnings, but right values (checked above).
+    assert report["calls"]["auto/logsumexp"]["warnings"], report["calls"]["auto/logsumexp"]

@@ -1,0 +1,343 @@
+"""Wrong values found by checks written outside this suite, and their families.
+
+Differential fuzzing against mpmath and other projects' test suites found
+these; each case is here with the family it belongs to, on every backend it
+concerns, against the oracle where a value is involved:
+
+1. float32 with weights: the exponent ``a + log|b|`` must be formed in the
+   float64 accumulator (the entry at the max then counts as exactly 1);
+2. subnormal weights on JAX (XLA flushes subnormal operands);
+3. Hessians in ``a`` with ``b == 0`` on a ``+inf`` or NaN entry;
+4. NumPy masked arrays and matrices;
+6. Dask arrays of unknown chunk sizes with ``b`` or ``where``;
+7. the sign of a complex sum with ``+inf`` terms, Python integers beyond
+   int64, the bounded per-type cache;
+8. ``jax.debug_nans``: NaN-free input never creates a NaN.
+
+(5, contained plugin kernels, is in ``test_dispatch_plugins.py``.)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import lse_dispatch
+from lse_dispatch import log_softmax, logsumexp, oracle, softmax
+
+mpmath = pytest.importorskip("mpmath")
+
+ULPS = 4.0
+
+# torch's own forward-AD setup (torch.func.hessian) still calls torch.jit.script.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script.*` is deprecated:DeprecationWarning")
+
+
+def _f32(values):
+    return np.asarray(values, dtype=np.float32).astype(np.float64)
+
+
+def _ulps(got, a, b, dtype, **kw):
+    exact = oracle.exact_logsumexp(a, b=b, **kw)
+    return float(np.max(oracle.ulp_error(got, exact, dtype)))
+
+
+# -- 1. float32 with weights -----------------------------------------------------
+
+REPORTED = [
+    # logsumexp([1], b=[e**-1 rounded]) = 1 + log(b) = 2.49e-8; was 0.0.
+    ([1.0], [0.36787945]),
+    # was -1.09e-7 for -4.226e-8.
+    ([-1.2622875, -1.6318495], [2.9706955, 0.8144275]),
+    # signed weights, condition number 77: was 42.7 ulps off.
+    ([2.0975153] * 3, [1.0175668, -2.139016, 1.1774211]),
+]
+
+
+def _needs_float64(backend):
+    if "float64" not in backend.dtypes:
+        pytest.skip(f"{backend.id} has no float64 accumulator (float32 weights are exempt there)")
+
+
+@pytest.mark.parametrize("a, b", REPORTED, ids=["one-entry", "two-entries", "signed"])
+def test_float32_weights_reported(backend, a, b):
+    _needs_float64(backend)
+    a, b = _f32(a), _f32(b)
+    value, sign = backend.call(logsumexp, backend.asarray(a, "float32"), b=backend.asarray(b, "float32"), return_sign=True)
+    backend.check_array(value, "float32", ())
+    assert _ulps(backend.to_numpy(value), a, b, "float32") <= ULPS
+    assert float(backend.to_numpy(sign)) == float(np.sign(sum(w * math.exp(x) for x, w in zip(a, b))))
+
+
+def _float32_weight_family(seed: int):
+    """Random float32 (a, b) whose sums cancel to near 0 or in sign.
+
+    ``a + log|b|`` sits near a common value ``c``, so the result is near
+    ``c + log k`` and, with ``c = -log k``, near 0, where every rounding of
+    an exponent shows; signed weights cancel up to a condition number of
+    about 1e5, which float64 terms absorb (1e5 * 2**-53 is far below a
+    float32 ulp).
+    """
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, 6))
+    a = _f32(rng.uniform(-3, 3, k))
+    target = -math.log(k) + rng.normal(scale=1e-3)
+    b = _f32(np.exp(target - a) * rng.uniform(0.999, 1.001, k))
+    if seed % 2:
+        b[0] = -b[0]
+        b = _f32(b)
+    return a, b
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_float32_weights_family(backend, seed):
+    _needs_float64(backend)
+    a, b = _float32_weight_family(seed)
+    exact = oracle.exact_logsumexp(a, b=b)
+    total = sum(w * math.exp(x) for x, w in zip(a, b))
+    condition = sum(abs(w) * math.exp(x) for x, w in zip(a, b)) / abs(total)
+    assert condition < 1e5
+    value, _ = backend.call(logsumexp, backend.asarray(a, "float32"), b=backend.asarray(b, "float32"), return_sign=True)
+    err = float(oracle.ulp_error(backend.to_numpy(value), exact, "float32").max())
+    assert err <= ULPS, (a, b, err)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_weights_stay_within_one_ulp(backend, dtype):
+    if dtype not in backend.dtypes:
+        pytest.skip(f"{backend.id} has no {dtype}")
+    a = oracle_round([1.0, -0.5, 0.25], dtype)
+    b = oracle_round([0.37, 0.8, -0.3], dtype)
+    value, _ = backend.call(logsumexp, backend.asarray(a, dtype), b=backend.asarray(b, dtype), return_sign=True)
+    assert _ulps(backend.to_numpy(value).astype(np.float64), a, b, dtype) <= 1.0
+
+
+def oracle_round(values, dtype):
+    from lse_dispatch.cases import round_to
+
+    return round_to(values, dtype)
+
+
+def test_weighted_state_keeps_the_compute_dtype():
+    """The float64 exponents are narrowed back: the state of float32 input has a float32 max."""
+    a, b = np.float32([1.0, 2.0]), np.float32([0.5, 0.25])
+    state = lse_dispatch.lse_state(a, b=b)
+    assert state.max.dtype == np.float32 and state.rest.dtype == np.float64
+    assert lse_dispatch.lse_finalize(state).dtype == np.float32
+    huge = lse_dispatch.lse_state(np.float32([3e38, 1.0]), b=np.float32([0.5, 1.0]))
+    assert float(lse_dispatch.lse_finalize(huge)) == pytest.approx(3e38 + math.log(0.5), rel=2**-23)
+
+
+# -- 2. subnormal weights ------------------------------------------------------------
+
+
+def test_subnormal_weights_count(backend):
+    _needs_float64(backend)
+    a, b = np.array([16.5]), np.array([1e-310])
+    value = backend.call(logsumexp, backend.asarray(a, "float64"), b=backend.asarray(b, "float64"))
+    assert _ulps(backend.to_numpy(value), a, b, "float64") <= ULPS  # -697.30138
+    a, b = np.array([-np.inf, np.inf]), np.array([1.0, 1e-310])
+    value, sign = backend.call(logsumexp, backend.asarray(a, "float64"), b=backend.asarray(b, "float64"), return_sign=True)
+    assert (float(backend.to_numpy(value)), float(backend.to_numpy(sign))) == (math.inf, 1.0)
+    a, b = np.array([16.5, 0.0, 1.0]), np.array([-1e-310, 5e-324, 0.0])
+    value, sign = backend.call(logsumexp, backend.asarray(a, "float64"), b=backend.asarray(b, "float64"), return_sign=True)
+    assert _ulps(backend.to_numpy(value), a, b, "float64") <= ULPS
+    assert float(backend.to_numpy(sign)) == -1.0
+
+
+def test_float32_subnormal_weights_count(backend):
+    a, b = np.array([16.5]), _f32([1e-40])
+    value = backend.call(logsumexp, backend.asarray(a, "float32"), b=backend.asarray(b, "float32"))
+    # log(1e-40) + 16.5 = -75.6: within the contract whether or not float64 exists.
+    assert _ulps(backend.to_numpy(value), a, b, "float32") <= ULPS
+
+
+def test_gradient_at_a_subnormal_weight():
+    """The weights of the derivative rules see subnormal b too (d lse/d a of one entry is 1)."""
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    with jax.enable_x64(True):
+        b = jnp.array([1e-310, 1.0])
+        grad = jax.grad(lambda a: logsumexp(a, b=b))(jnp.array([760.0, 0.0]))
+        # exp(760) * 1e-310 = 1.0e20 dominates exp(0) * 1: the gradient is (1 - 1e-20, 1e-20).
+        np.testing.assert_allclose(np.asarray(grad), [1.0, 0.0], atol=1e-15)
+
+
+# -- 3. Hessians with b == 0 on +inf or NaN --------------------------------------------
+
+EXPECTED_HESSIAN = np.array([[0.0, 0.0, 0.0], [0.0, 0.19661193324148185, -0.19661193324148185],
+                             [0.0, -0.19661193324148185, 0.19661193324148185]])
+
+
+@pytest.mark.parametrize("first", [math.inf, math.nan], ids=["inf", "nan"])
+@pytest.mark.parametrize("how", ["autograd", "torch.func"])
+def test_torch_hessian_ignores_an_excluded_nonfinite_entry(first, how):
+    torch = pytest.importorskip("torch")
+    x = torch.tensor([first, 2.0, 3.0], dtype=torch.float64)
+    b = torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)
+    f = lambda a: logsumexp(a, b=b)  # noqa: E731
+    hessian = torch.autograd.functional.hessian(f, x) if how == "autograd" else torch.func.hessian(f)(x)
+    np.testing.assert_allclose(hessian.numpy(), EXPECTED_HESSIAN, rtol=1e-12, atol=0)
+    # The gradient in b is still the limit: +inf at the +inf entry.
+    bg = b.clone().requires_grad_(True)
+    (grad_b,) = torch.autograd.grad(logsumexp(x, b=bg), bg)
+    assert float(grad_b[0]) == (math.inf if first == math.inf else float(grad_b[0])) or math.isnan(first)
+
+
+@pytest.mark.parametrize("first", [math.inf, math.nan], ids=["inf", "nan"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_jax_hessian_ignores_an_excluded_nonfinite_entry(first, jit):
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    with jax.enable_x64(True):
+        b = jnp.array([0.0, 1.0, 1.0])
+        hessian = jax.hessian(lambda a: logsumexp(a, b=b))
+        hessian = jax.jit(hessian) if jit else hessian
+        np.testing.assert_allclose(np.asarray(hessian(jnp.array([first, 2.0, 3.0]))), EXPECTED_HESSIAN, rtol=1e-12, atol=0)
+
+
+# -- 4. NumPy masked arrays and matrices ------------------------------------------
+
+
+def test_masked_entries_are_excluded_like_where():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masked = np.ma.masked_array([0.0, 1000.0], mask=[0, 1])
+        assert float(logsumexp(masked)) == 0.0
+        x = np.ma.array([1.0, 2.0, 3.0], mask=[0, 1, 0])
+        where = np.array([True, False, True])
+        for fn in (softmax, log_softmax):
+            out = fn(x)
+            assert isinstance(out, np.ma.MaskedArray)
+            np.testing.assert_array_equal(np.ma.getmaskarray(out), [False, True, False])
+            np.testing.assert_array_equal(np.ma.getdata(out), fn(np.array([1.0, 2.0, 3.0]), where=where))
+        # All masked: the contract's empty sum; a masked weight excludes too.
+        assert float(logsumexp(np.ma.array([1.0, 2.0], mask=[1, 1]))) == -math.inf
+        weights = np.ma.array([1.0, 5.0, 3.0], mask=[0, 1, 0])
+        assert float(logsumexp(np.array([1.0, 2.0, 3.0]), b=weights)) == float(logsumexp([1.0, 3.0], b=[1.0, 3.0]))
+        # A masked where counts as False where masked.
+        mask_of_where = np.ma.array([True, True, True], mask=[0, 1, 0])
+        assert float(logsumexp([1.0, 2.0, 3.0], where=mask_of_where)) == float(logsumexp([1.0, 3.0]))
+
+
+def test_matrices_compute_as_ndarrays():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        m = np.matrix([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    row = np.asarray(m)
+    out = softmax(m, axis=1)
+    assert type(out) is np.ndarray
+    np.testing.assert_array_equal(out, softmax(row, axis=1))
+    np.testing.assert_array_equal(logsumexp(m, axis=1), logsumexp(row, axis=1))
+
+
+# -- 6. Dask arrays with unknown chunk sizes ------------------------------------------
+
+
+def _unknown_chunks():
+    da = pytest.importorskip("dask.array")
+    x = da.from_array(np.arange(10.0), chunks=3)
+    return x[x > 2], np.arange(3.0, 10.0)
+
+
+@pytest.mark.parametrize("op", ["logsumexp", "softmax", "log_softmax"])
+def test_dask_unknown_chunks_with_where(op):
+    x, values = _unknown_chunks()
+    where = values > 4
+    out = getattr(lse_dispatch, op)(x, where=x > 4).compute()
+    exact = getattr(oracle, f"exact_{op}")(values, where=where)
+    assert float(oracle.ulp_error(out, exact, "float64").max()) <= ULPS
+
+
+@pytest.mark.parametrize("weights", ["scalar", "derived"])
+def test_dask_unknown_chunks_with_b(weights):
+    x, values = _unknown_chunks()
+    b, b_values = (2.0, np.full(7, 2.0)) if weights == "scalar" else (x - 2.5, values - 2.5)
+    out = logsumexp(x, b=b).compute()
+    assert _ulps(out, values, b_values, "float64") <= ULPS
+
+
+def test_dask_unknown_against_known_chunks_names_the_argument():
+    da = pytest.importorskip("dask.array")
+    x, _ = _unknown_chunks()
+    with pytest.raises(ValueError, match=r"argument 'a' .* unknown extents .* 'b' with shape \(7,\)"):
+        logsumexp(x, b=da.ones(7, chunks=3))
+    with pytest.raises(ValueError, match=r"'where' with shape \(7,\) has known ones"):
+        softmax(x, where=da.ones(7, chunks=3, dtype=bool))
+
+
+# -- 7. smaller ones ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "complex128"])
+def test_complex_infinite_terms_have_a_defined_phase(backend, dtype):
+    if dtype not in backend.complex_dtypes:
+        pytest.skip(f"{backend.id} has no {dtype}")
+    z = np.array([np.inf + 1j, 0.0, 2.0 - 1.0j])
+    value, sign = backend.call(logsumexp, backend.asarray(z, dtype), return_sign=True)
+    assert float(backend.to_numpy(value)) == math.inf
+    tolerance = 4 * float(np.finfo(np.float32 if dtype == "complex64" else np.float64).eps)
+    assert abs(complex(backend.to_numpy(sign)) - complex(math.cos(1), math.sin(1))) <= tolerance
+    principal = complex(backend.to_numpy(backend.call(logsumexp, backend.asarray(z, dtype))))
+    assert principal.real == math.inf and abs(principal.imag - 1.0) <= tolerance
+    # Two +inf terms: the phase of e^{1j} + e^{2j}, i.e. 1.5.
+    both = backend.asarray(np.array([np.inf + 1j, np.inf + 2j]), dtype)
+    assert abs(complex(backend.to_numpy(backend.call(logsumexp, both))).imag - 1.5) <= tolerance
+    # Nothing included: -inf with sign 0, no warning.
+    value, sign = backend.call(logsumexp, backend.asarray(np.array([-np.inf + 1j, -np.inf]), dtype), return_sign=True)
+    assert float(backend.to_numpy(value)) == -math.inf and complex(backend.to_numpy(sign)) == 0
+
+
+def test_python_integers_beyond_int64():
+    assert float(logsumexp([2**70, 1])) == float(2**70)
+    assert float(logsumexp(2**70)) == float(2**70)
+    assert complex(logsumexp([2**70, 1j])) == complex(2**70)
+    with pytest.raises(ValueError, match="argument 'a' holds an integer too large for float64"):
+        logsumexp([2**2000])
+
+
+def test_the_per_type_cache_is_bounded():
+    from lse_dispatch import _dispatch
+
+    for index in range(_dispatch._TYPE_CACHE_SIZE + 50):
+        subclass = type(f"Sub{index}", (np.ndarray,), {})
+        logsumexp(np.zeros(3).view(subclass))
+    assert len(_dispatch._BACKENDS_OF_TYPE) <= _dispatch._TYPE_CACHE_SIZE
+
+
+# -- 8. jax.debug_nans -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["float32", "x64"])
+@pytest.mark.parametrize("jit", ["jit", "disable_jit"])
+@pytest.mark.parametrize("op", ["logsumexp", "softmax", "log_softmax"])
+def test_debug_nans_never_fires_on_nan_free_input(op, jit, x64):
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    fn = getattr(lse_dispatch, op)
+    scalar_fn = (lambda x: fn(x)) if op == "logsumexp" else (lambda x: fn(x)[0])
+    x = jnp.array([1.0, 2.0, 3.0])
+    b = jnp.array([0.5, 0.0, 2.0])
+    with jax.enable_x64(x64), jax.debug_nans(True):
+        context = jax.disable_jit() if jit == "disable_jit" else _nothing()
+        with context:
+            for f in (fn, jax.grad(scalar_fn), jax.jit(fn)):
+                f(x)
+            if op == "logsumexp":
+                fn(x, b=b, return_sign=True)
+                fn(x, where=b > 0)
+                jax.grad(lambda a: fn(a, b=b))(x)
+                jax.hessian(lambda a: fn(a, b=b))(x)
+            else:
+                fn(x, where=b > 0)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
