@@ -20,14 +20,15 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
-from lse_dispatch import _autodiff, _dispatch, _generic
+from lse_dispatch import _autodiff, _generic, _kernel
 from lse_dispatch._call import Call
-from lse_dispatch._dispatch import Kernel
+from lse_dispatch._kernel import Kernel, Priority
 from lse_dispatch._namespace import DtypePlan
+from lse_dispatch._ops import Op
 
-__all__ = ["KERNELS", "NAME"]
+from ._spec import AUTODIFF
 
-NAME = "autodiff"
+__all__ = ["KERNELS"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def _rebuild(static: _Static, a, b, where) -> Call:
 
 def _undifferentiated(call: Call):
     """The forward that would run without derivatives: native kernel or generic."""
-    return _dispatch.run_without(call, NAME)
+    return _kernel.dispatch(call, without=AUTODIFF)
 
 
 @functools.cache
@@ -143,7 +144,7 @@ def _rules():
         out = normalized(static, x, where)
         compute = static.plan.compute
         out_c, dx = out.astype(compute), jnp.asarray(tangents[0], dtype=compute)
-        if static.op == "softmax":
+        if static.op == Op.SOFTMAX:
             tangent = _autodiff.softmax_jvp(jnp, out_c, dx, static.axes)
         else:
             tangent = _autodiff.log_softmax_jvp(jnp, out_c, where, dx, static.axes)
@@ -164,7 +165,7 @@ def _normalized(call: Call):
 
 #: Kernels for backends/jax.py: they take every traced call.
 KERNELS = (
-    Kernel("logsumexp", NAME, _logsumexp, _declines),
-    Kernel("softmax", NAME, _normalized, _declines),
-    Kernel("log_softmax", NAME, _normalized, _declines),
+    Kernel(Op.LOGSUMEXP, AUTODIFF, _logsumexp, _declines, Priority.DERIVATIVE),
+    Kernel(Op.SOFTMAX, AUTODIFF, _normalized, _declines, Priority.DERIVATIVE),
+    Kernel(Op.LOG_SOFTMAX, AUTODIFF, _normalized, _declines, Priority.DERIVATIVE),
 )

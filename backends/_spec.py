@@ -7,7 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FLOAT64_LOG_SOFTMAX", "FLOAT64_SOFTMAX", "LOG_SOFTMAX", "BackendSpec", "Device", "declines_also"]
+__all__ = ["AUTODIFF", "FLOAT64_LOG_SOFTMAX", "FLOAT64_SOFTMAX", "LOG_SOFTMAX", "BackendSpec", "Device", "declines_also"]
+
+#: The name of the derivative-rule kernels (torch and JAX), which other
+#: kernels' forwards are run without (``_dispatch.run_without``).
+AUTODIFF = "autodiff"
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,11 @@ class BackendSpec:
     to_numpy
         Copies an array of this library to NumPy (host), for checking.
     kernels
-        Native implementations the dispatcher may choose (dispatch issue).
+        Native implementations the dispatcher may choose
+        (:class:`~lse_dispatch._kernel.Kernel`, each with its priority).
+    numerics
+        The library's :class:`~lse_dispatch._numerics.Numerics`, where the
+        shared math needs care on it (JAX, Dask); ``None`` for the defaults.
     """
 
     name: str
@@ -52,6 +60,7 @@ class BackendSpec:
     dtypes: tuple[str, ...]
     to_numpy: Callable[[Any], Any]
     kernels: tuple = field(default=())
+    numerics: Any = None
 
     def installed(self) -> bool:
         """Whether the library imports here (this imports it)."""

@@ -19,19 +19,20 @@ from dataclasses import dataclass
 import array_api_compat.torch as xp
 import torch
 
-from lse_dispatch import _autodiff, _dispatch, _generic
+from lse_dispatch import _autodiff, _generic, _kernel
 from lse_dispatch._call import Call
 from lse_dispatch._namespace import DtypePlan
+from lse_dispatch._ops import Op
 from lse_dispatch._state import LSEState
 
-from ._torch_grad import NAME
+from ._spec import AUTODIFF
 
-__all__ = ["LogSumExp", "Normalized", "logsumexp", "normalized"]
+__all__ = ["LogSumExp", "Normalised", "logsumexp", "normalised"]
 
 
 def _undifferentiated(call: Call):
     """The forward that would run without derivatives: native kernel or generic."""
-    return _dispatch.run_without(call, NAME)
+    return _kernel.dispatch(call, without=AUTODIFF)
 
 
 def _rebuild(a, b, where, static) -> Call:
@@ -206,7 +207,7 @@ class LogSumExp(_LogSumExpReverse):
         return tangent.to(value.dtype), None, None, None, None
 
 
-class _NormalizedReverse(torch.autograd.Function):
+class _NormalisedReverse(torch.autograd.Function):
     """softmax or log_softmax; the backward uses the output only."""
 
     generate_vmap_rule = True
@@ -226,21 +227,21 @@ class _NormalizedReverse(torch.autograd.Function):
     def backward(ctx, g):
         out, where = _saved(ctx)
         out_c, g_c = out.to(ctx.compute), g.to(ctx.compute)
-        if ctx.op == "softmax":
+        if ctx.op == Op.SOFTMAX:
             result = _autodiff.softmax_vjp(xp, out_c, g_c, ctx.axes)
         else:
             result = _autodiff.log_softmax_vjp(xp, out_c, where, g_c, ctx.axes)
         return result.to(out.dtype), None, None
 
 
-class Normalized(_NormalizedReverse):
+class Normalised(_NormalisedReverse):
     """With the forward-mode rule (``jvp``): outside ``torch.compile``."""
 
     @staticmethod
     def jvp(ctx, dx, _where, _static):
         out, where = _saved(ctx)
         out_c, dx_c = out.to(ctx.compute), dx.to(ctx.compute)
-        if ctx.op == "softmax":
+        if ctx.op == Op.SOFTMAX:
             result = _autodiff.softmax_jvp(xp, out_c, dx_c, ctx.axes)
         else:
             result = _autodiff.log_softmax_jvp(xp, out_c, where, dx_c, ctx.axes)
@@ -249,7 +250,7 @@ class Normalized(_NormalizedReverse):
 
 _LSEWeightsClassic = _classic(LSEWeights)
 _LogSumExpClassic = _classic(LogSumExp)
-_NormalizedClassic = _classic(Normalized)
+_NormalisedClassic = _classic(Normalised)
 
 
 def logsumexp(call: Call):
@@ -260,7 +261,7 @@ def logsumexp(call: Call):
     return value, sign
 
 
-def normalized(call: Call):
+def normalised(call: Call):
     """softmax or log_softmax of a call, through :class:`Normalized`."""
     static = _Static(call.axes, call.op, call.plan)
-    return _pick(Normalized, _NormalizedReverse, _NormalizedClassic).apply(call.a, call.where, static)
+    return _pick(Normalised, _NormalisedReverse, _NormalisedClassic).apply(call.a, call.where, static)

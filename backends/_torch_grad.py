@@ -14,11 +14,12 @@ time a kernel sees a torch tensor (so torch is already loaded).
 from __future__ import annotations
 
 from lse_dispatch._call import Call
-from lse_dispatch._dispatch import Kernel
+from lse_dispatch._kernel import Kernel, Priority
+from lse_dispatch._ops import Op
+
+from ._spec import AUTODIFF
 
 __all__ = ["KERNELS"]
-
-NAME = "autodiff"
 
 
 def _differentiating(call: Call) -> bool:
@@ -54,15 +55,15 @@ def _logsumexp(call: Call):
     return _torch_autograd.logsumexp(call)
 
 
-def _normalized(call: Call):
+def _normalised(call: Call):
     from . import _torch_autograd
 
-    return _torch_autograd.normalized(call)
+    return _torch_autograd.normalised(call)
 
 
 #: Kernels for backends/torch.py: they take a call only while it is differentiated.
 KERNELS = (
-    Kernel("logsumexp", NAME, _logsumexp, _declines),
-    Kernel("softmax", NAME, _normalized, _declines),
-    Kernel("log_softmax", NAME, _normalized, _declines),
+    Kernel(Op.LOGSUMEXP, AUTODIFF, _logsumexp, _declines, Priority.DERIVATIVE),
+    Kernel(Op.SOFTMAX, AUTODIFF, _normalised, _declines, Priority.DERIVATIVE),
+    Kernel(Op.LOG_SOFTMAX, AUTODIFF, _normalised, _declines, Priority.DERIVATIVE),
 )

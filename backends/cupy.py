@@ -70,17 +70,19 @@ def _fused_normalize(op):
 
 
 def _kernels():
-    from lse_dispatch._dispatch import Kernel
+    from lse_dispatch._kernel import Kernel, Priority
+    from lse_dispatch._ops import Op
 
     from ._spec import LOG_SOFTMAX, declines_also
 
+    fused = Priority.COMPILED
     return (
-        Kernel("logsumexp", "cupy-fused", _fused_logsumexp, _fused_declines),
-        Kernel("softmax", "cupy-fused", _fused_normalize("softmax"), _fused_declines),
+        Kernel(Op.LOGSUMEXP, "cupy-fused", _fused_logsumexp, _fused_declines, fused),
+        Kernel(Op.SOFTMAX, "cupy-fused", _fused_normalize("softmax"), _fused_declines, fused),
         # The kernel's float32 terms carry the rounding of x - m, which the
         # entry at a dominant max, -log1p(rest), would inherit (as
         # torch.blocked's do): log_softmax stays on the generic path.
-        Kernel("log_softmax", "cupy-fused", _fused_normalize("log_softmax"), declines_also(_fused_declines, LOG_SOFTMAX)),
+        Kernel(Op.LOG_SOFTMAX, "cupy-fused", _fused_normalize("log_softmax"), declines_also(_fused_declines, LOG_SOFTMAX), fused),
     )
 
 

@@ -27,6 +27,9 @@ from functools import partial
 
 from array_api_compat import is_dask_array
 
+from lse_dispatch._kernel import Kernel, Priority, state_kernels
+from lse_dispatch._numerics import Numerics
+
 from ._spec import BackendSpec, Device
 
 # The three state fields are three reductions of the same graph: the chunk and
@@ -59,15 +62,17 @@ def _block_state(block, weights=None, *, axis, keepdims, kind):
     """``chunk`` of the tree: the keepdims state of one NumPy block.
 
     ``weights`` carries ``b`` (``kind="b"``), the ``where`` mask
-    (``kind="where"``) or nothing.  Goes through the public preparation, so a
-    block is reduced exactly as the eager path reduces an array.
+    (``kind="where"``) or nothing.  Goes through the preparation and the
+    dispatcher, so a block is reduced exactly as the eager path reduces a
+    NumPy array, by the fastest NumPy kernel that takes it.
     """
     from lse_dispatch._call import prepare
-    from lse_dispatch.streaming import _state_of_call
+    from lse_dispatch._kernel import dispatch
+    from lse_dispatch._ops import Op
 
     b = weights if kind == "b" else None
     where = weights if kind == "where" else None
-    return _state_of_call(prepare("logsumexp", block, axis=axis, b=b, where=where))
+    return dispatch(prepare(Op.STATE, block, axis=axis, b=b, where=where))
 
 
 def _flatten(parts):
@@ -155,46 +160,24 @@ def state_of(call):
     return LSEState(xp.astype(maximum, plan.compute), count, rest)
 
 
-def _logsumexp(call):
-    from lse_dispatch._namespace import scalar
-    from lse_dispatch._state import finalize
+class DaskNumerics(Numerics):
+    """Dask's hook: sums stay per chunk and combine in a tree (a reshape to one trailing axis would rechunk)."""
 
-    xp = call.xp
-    value, sign = finalize(xp, state_of(call), call.plan.result)
-    if not call.return_sign:
-        value = xp.where(sign < 0, scalar(xp, math.nan, value), value)
-    return value, sign
-
-
-def _elementwise_inputs(call):
-    xp, plan = call.xp, call.plan
-    x = xp.astype(call.a, plan.compute)
-    included = None if call.where is None else xp.broadcast_to(call.where, x.shape)
-    return x, included
-
-
-def _log_softmax(call):
-    """The state by one tree reduction, then one elementwise pass over ``x``."""
-    from lse_dispatch._state import log_softmax_from_state
-
-    x, included = _elementwise_inputs(call)
-    return call.xp.astype(log_softmax_from_state(call.xp, x, state_of(call), included), call.plan.result)
-
-
-def _softmax(call):
-    from lse_dispatch._state import softmax_from_state
-
-    x, included = _elementwise_inputs(call)
-    return call.xp.astype(softmax_from_state(call.xp, x, state_of(call), included), call.plan.result)
+    def sum(self, xp, x, axes, dtype):
+        return xp.sum(x, axis=axes, dtype=dtype, keepdims=True)
 
 
 def _kernels():
-    from lse_dispatch._dispatch import Kernel
-
+    # The state by one tree reduction; logsumexp finalises it, softmax and
+    # log_softmax make one elementwise pass over the input with it.
+    tree = state_kernels("dask-single-pass-tree", state_of, declines_tree, priority=Priority.NATIVE)
+    state, logsumexp, softmax, log_softmax = tree
+    elementwise = "dask-state-then-elementwise"
     return (
-        Kernel("logsumexp", "dask-single-pass-tree", _logsumexp, declines_tree),
-        Kernel("log_softmax", "dask-state-then-elementwise", _log_softmax, declines_tree),
-        Kernel("softmax", "dask-state-then-elementwise", _softmax, declines_tree),
+        state,
+        logsumexp,
+        Kernel(softmax.op, elementwise, softmax.run, declines_tree, Priority.NATIVE),
+        Kernel(log_softmax.op, elementwise, log_softmax.run, declines_tree, Priority.NATIVE),
     )
 
 
@@ -204,6 +187,7 @@ class _DaskSpec(BackendSpec):
 
 
 SPEC = _DaskSpec(
+    numerics=DaskNumerics(),
     name="dask",
     module="dask",
     is_array=is_dask_array,

@@ -7,16 +7,20 @@ generic path's accuracy and limit semantics, ``b`` and ``where`` included.
 
 It declines traced inputs (calls made inside ``jax.jit``, ``jax.grad``,
 ``vmap``...): there the generic code is already traced into the caller's
-computation, and gradients belong to the custom-derivative kernels of the
-gradients work, which are to be listed *before* ``jax.jit`` in
-``SPEC.kernels``.
+computation, and gradients belong to the custom-derivative kernels
+(``autodiff``, :mod:`._jax_grad`, at a higher priority).  XLA's numerics
+are the spec's ``numerics`` (:mod:`._jax_numerics`).
 """
 
 import functools
 
 from array_api_compat import is_jax_array
 
+from lse_dispatch._kernel import Kernel, Priority
+from lse_dispatch._ops import Op
+
 from . import _jax_grad
+from ._jax_numerics import JaxNumerics
 from ._spec import BackendSpec, Device
 
 
@@ -54,14 +58,15 @@ def _declines(call):
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled(op, axes, plan, return_sign, has_b, has_where):
+def _compiled(op):
+    """The generic implementation of ``op`` under ``jax.jit``, the call's non-array parts static."""
     import dataclasses
 
     import jax
 
-    from lse_dispatch._dispatch import GENERIC
+    from lse_dispatch._generic import IMPLEMENTATIONS
 
-    generic = GENERIC[op]
+    generic = IMPLEMENTATIONS[op]
 
     def run(call, a, b, where):
         return generic(dataclasses.replace(call, a=a, b=b, where=where))
@@ -78,15 +83,13 @@ def _static(call):
 
 
 def _run(call):
-    fn = _compiled(call.op, call.axes, call.plan, call.return_sign, call.b is not None, call.where is not None)
-    return fn(_static(call), call.a, call.b, call.where)
+    # jax.jit keys its own cache on the static call (op, axes, plan, return_sign)
+    # and on which of b and where are given.
+    return _compiled(call.op)(_static(call), call.a, call.b, call.where)
 
 
 def _kernels():
-    from lse_dispatch._dispatch import Kernel
-
-    # Gradient kernels (jax.custom_jvp) are to be listed before these.
-    return tuple(Kernel(op, "jax.jit", _run, _declines) for op in ("logsumexp", "softmax", "log_softmax"))
+    return tuple(Kernel(op, "jax.jit", _run, _declines, Priority.NATIVE) for op in Op)
 
 
 SPEC = BackendSpec(
@@ -97,6 +100,7 @@ SPEC = BackendSpec(
     devices=_devices,
     dtypes=("float16", "bfloat16", "float32", "float64"),
     to_numpy=_to_numpy,
-    # Derivative rules first: they take every traced call (free under jit).
+    # The derivative rules (a higher priority) take every traced call (free under jit).
     kernels=(*_jax_grad.KERNELS, *_kernels()),
+    numerics=JaxNumerics(),
 )

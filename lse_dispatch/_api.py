@@ -6,21 +6,24 @@ dispatcher picks and returns in the input's namespace, device and dtype.
 
 from __future__ import annotations
 
-from typing import Any
-
 import sys
+from typing import Any, overload, Literal
 
 import numpy as np
 
 from . import _dispatch
 from ._call import Call, prepare
 from ._namespace import unwrap_numpy_subclasses
+from ._ops import Op
 from ._validate import normalize_axis
 
 __all__ = ["log_softmax", "logsumexp", "softmax"]
 
+#: An array of any array-API library, or what NumPy accepts as one (Python
+#: scalars and sequences).
 Array = Any
-
+#: ``None``, an axis, or a tuple of axes.
+Axis = int | tuple[int, ...] | None
 
 _FAST_PLANS: dict = {}
 
@@ -28,19 +31,20 @@ _FAST_PLANS: dict = {}
 def _short_lane_key(a):
     """A hashable key that fixes ``prepare``'s namespace and dtype plan, or ``None``.
 
-    Only exact NumPy arrays and torch tensors of a real floating dtype: their
-    namespace follows from the type and their plan from dtype and device.
+    Only exact NumPy arrays and torch tensors of a real floating dtype and
+    at least one dimension: their namespace follows from the type and their
+    plan from dtype and device.
     """
     kind = type(a)
     if kind is np.ndarray:
-        return (kind, a.dtype) if a.dtype in (np.float32, np.float64) else None
+        return (kind, a.dtype) if a.dtype in (np.float32, np.float64) and a.ndim else None
     torch = sys.modules.get("torch")
-    if torch is not None and kind is torch.Tensor and a.dtype in (torch.float32, torch.float64):
+    if torch is not None and kind is torch.Tensor and a.dtype in (torch.float32, torch.float64) and a.ndim:
         return (kind, a.dtype, a.device)
     return None
 
 
-def _prepare(op: str, a, axis, b, where, return_sign: bool = False) -> tuple[Call, Any]:
+def _prepare(op: Op, a, axis, b, where, return_sign: bool = False) -> tuple[Call, Any]:
     """``prepare()``, with a short lane for the commonest calls.
 
     A NumPy array or torch tensor of float32/float64 without ``b`` and
@@ -67,11 +71,20 @@ def _prepare(op: str, a, axis, b, where, return_sign: bool = False) -> tuple[Cal
     return prepare(op, a, axis=axis, b=b, where=where, return_sign=return_sign), mask
 
 
-def _remask(out, mask):
-    """softmax/log_softmax of a masked array: a masked array with the input's mask."""
-    if mask is None:
-        return out
-    return np.ma.MaskedArray(out, mask=mask)
+def _out(x: Array) -> Array:
+    """A 0-d NumPy result as the NumPy scalar SciPy returns (``np.float64``, not a 0-d array)."""
+    if type(x) is np.ndarray and x.ndim == 0:
+        return x[()]
+    return x
+
+
+def _normalised_out(call: Call, out: Array, mask) -> Array:
+    """softmax/log_softmax output: 0-d for 0-d input, a masked array for a masked one."""
+    if call.from_scalar:
+        out = call.xp.reshape(out, ())
+    if mask is not None:
+        return np.ma.MaskedArray(out, mask=mask)
+    return _out(out)
 
 
 def _squeeze(call: Call, x: Array, keepdims: bool) -> Array:
@@ -80,7 +93,28 @@ def _squeeze(call: Call, x: Array, keepdims: bool) -> Array:
     return call.xp.squeeze(x, axis=call.axes)
 
 
-def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, where=None, backend=None):
+@overload
+def logsumexp(
+    a: Array, axis: Axis = ..., b: Array | None = ..., keepdims: bool = ...,
+    return_sign: Literal[False] = ..., *, where: Array | None = ..., backend: str | None = ...,
+) -> Array: ...
+@overload
+def logsumexp(
+    a: Array, axis: Axis = ..., b: Array | None = ..., keepdims: bool = ...,
+    *, return_sign: Literal[True], where: Array | None = ..., backend: str | None = ...,
+) -> tuple[Array, Array]: ...
+
+
+def logsumexp(
+    a: Array,
+    axis: Axis = None,
+    b: Array | None = None,
+    keepdims: bool = False,
+    return_sign: bool = False,
+    *,
+    where: Array | None = None,
+    backend: str | None = None,
+) -> Array | tuple[Array, Array]:
     """Logarithm of the sum of exponentials, ``log(sum(b * exp(a)))``, accurately.
 
     Parameters
@@ -126,15 +160,15 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, where=
     >>> float(value), float(sign)
     (0.5413248546129181, -1.0)
     """
-    call, _ = _prepare("logsumexp", a, axis, b, where, return_sign)
+    call, _ = _prepare(Op.LOGSUMEXP, a, axis, b, where, return_sign)
     value, sign = _dispatch.run(call, backend)
-    value = _squeeze(call, value, keepdims)
+    value = _out(_squeeze(call, value, keepdims))
     if return_sign:
-        return value, _squeeze(call, sign, keepdims)
+        return value, _out(_squeeze(call, sign, keepdims))
     return value
 
 
-def softmax(x, axis=None, *, where=None, backend=None):
+def softmax(x: Array, axis: Axis = None, *, where: Array | None = None, backend: str | None = None) -> Array:
     """Softmax, ``exp(x - logsumexp(x))``, with limit semantics at infinities.
 
     Parameters
@@ -163,11 +197,11 @@ def softmax(x, axis=None, *, where=None, backend=None):
     >>> softmax(np.array([0.0, np.inf, np.inf]))
     array([0. , 0.5, 0.5])
     """
-    call, mask = _prepare("softmax", x, axis, None, where)
-    return _remask(_dispatch.run(call, backend), mask)
+    call, mask = _prepare(Op.SOFTMAX, x, axis, None, where)
+    return _normalised_out(call, _dispatch.run(call, backend), mask)
 
 
-def log_softmax(x, axis=None, *, where=None, backend=None):
+def log_softmax(x: Array, axis: Axis = None, *, where: Array | None = None, backend: str | None = None) -> Array:
     """Logarithm of softmax, computed without cancellation at the max entry.
 
     Parameters
@@ -195,5 +229,5 @@ def log_softmax(x, axis=None, *, where=None, backend=None):
     >>> float(log_softmax(np.array([0.0, -40.0]))[0])
     -4.248354255291589e-18
     """
-    call, mask = _prepare("log_softmax", x, axis, None, where)
-    return _remask(_dispatch.run(call, backend), mask)
+    call, mask = _prepare(Op.LOG_SOFTMAX, x, axis, None, where)
+    return _normalised_out(call, _dispatch.run(call, backend), mask)

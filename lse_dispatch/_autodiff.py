@@ -40,7 +40,7 @@ import math
 from typing import Any
 
 from ._namespace import real_sign, scalar
-from ._state import LSEState, undefined_where, weight_parts
+from ._state import LSEState, log_norm, undefined_where, weight_parts
 
 __all__ = [
     "lse_jvp",
@@ -119,61 +119,72 @@ def lse_weights(
     value = xp.astype(value, a.dtype)
     sign = xp.astype(sign, a.dtype)
     zero = scalar(xp, 0.0, a)
-    one = scalar(xp, 1.0, a)
     finite = xp.isfinite(value)
-    at_pos_inf = value == math.inf
     selected = xp.ones_like(a, dtype=xp.bool) if where is None else where
-    m, count, rest = state
-    acc = rest.dtype
-    if b is not None:
-        # b != 0, sign and log|b| as the forward took them (subnormal b on JAX).
-        nonzero, b_sign, log_b = weight_parts(xp, b, acc)
-    included = selected if b is None else (selected & nonzero)
-
-    # log(lse - m) in the accumulator dtype, exactly as finalize forms it;
-    # only used where the forward value is finite (so the state is too).
-    acc_zero = scalar(xp, 0.0, rest)
-    total_sign = real_sign(xp, count + rest)
-    log_norm = xp.log1p(xp.where(finite, (total_sign * count - 1) + total_sign * rest, acc_zero))
-    m = xp.where(finite, m, xp.zeros_like(m))
-    # Finite lse: exp(a - lse), with the argument replaced by -inf wherever the
-    # branch is not taken, so neither exp nor its derivative sees inf - inf.
-    acc_neg_inf = scalar(xp, -math.inf, rest)
-    offset = (xp.astype(a, acc) - xp.astype(m, acc)) - log_norm
-    shifted = xp.where(selected & finite, offset, acc_neg_inf)
-    if b is None:
-        w_finite = xp.astype(xp.exp(shifted), a.dtype)
-    else:
-        # u = sign * exp(a - lse) is d lse / d b, also where b == 0.
-        u_finite = sign * xp.astype(xp.exp(shifted), a.dtype)
-        normal = xp.abs(b) >= scalar(xp, xp.finfo(a.dtype).smallest_normal, a)
-        # a - lse <= -log|b| keeps b * u finite for normal b; for subnormal b,
-        # form exp(a + log|b| - lse) instead, where exp(a - lse) may overflow.
-        small = xp.exp(xp.where(included & finite, offset + log_b, acc_neg_inf))
-        small = sign * b_sign * xp.astype(small, a.dtype)
-        w_finite = xp.where(included, xp.where(normal, b * u_finite, small), zero)
-
-    # +inf: the entries at +inf share the derivative as the forward shares
-    # the value, by sign; the forward is NaN where those signs cancel.
-    at_inf = included & (a == math.inf)
-    share = xp.ones_like(a) if b is None else b_sign
-    count = _sum(xp, xp.where(at_inf, share, zero), axes)
-    count = xp.where(count == 0, one, count)
-    w_inf = xp.where(at_inf, share / count, zero)
+    # b != 0, sign and log|b| as the forward took them (subnormal b on JAX).
+    parts = None if b is None else weight_parts(xp, b, state.rest.dtype)
+    included = selected if parts is None else (selected & parts[0])
+    w_finite, u_finite = _finite_weights(xp, a, b, parts, selected & finite, included & finite, sign, state, finite)
+    w_inf, u_inf = _infinite_weights(xp, a, b, parts, selected, included, axes)
 
     # A NaN forward value makes the included weights NaN (taken from value:
     # no NaN constant, see _state.undefined_where).
     undefined = xp.isnan(value) & selected
-    w = xp.where(at_pos_inf, w_inf, xp.where(finite, w_finite, zero))
-    w = xp.where(undefined, value, w)
+    at_pos_inf = value == math.inf
+    w = xp.where(undefined, value, xp.where(at_pos_inf, w_inf, xp.where(finite, w_finite, zero)))
     if b is None:
         return w, None
-    safe_b = xp.where(nonzero, b, one)
-    # At +inf a b == 0 entry that is itself at +inf has no limit (it depends
-    # on how fast it grows compared with the others).
-    u_inf = xp.where(nonzero, w_inf / safe_b, undefined_where(xp, selected & (a == math.inf), a))
-    u = xp.where(at_pos_inf, u_inf, xp.where(finite, u_finite, zero))
-    u = xp.where(undefined, value, u)
+    u = xp.where(undefined, value, xp.where(at_pos_inf, u_inf, xp.where(finite, u_finite, zero)))
+    return w, u
+
+
+def _finite_weights(xp, a, b, parts, selected, included, sign, state: LSEState, finite):
+    """``(w, u)`` where the forward value is finite: ``exp((a - m) - log|c + r|)`` from the state.
+
+    ``selected``/``included`` are already restricted to finite lines, whose
+    ``log|c + r|`` is formed exactly as :func:`~lse_dispatch._state.finalize`
+    forms it; elsewhere the argument of ``exp`` is ``-inf``, so that neither
+    ``exp`` nor its derivative sees ``inf - inf``.
+    """
+    m, count, rest = state
+    acc = rest.dtype
+    total_sign = real_sign(xp, count + rest)
+    signed_count = xp.where(finite, total_sign * count, scalar(xp, 1.0, count))
+    normaliser = log_norm(xp, signed_count, xp.where(finite, total_sign * rest, scalar(xp, 0.0, rest)))
+    m = xp.where(finite, m, xp.zeros_like(m))
+    acc_neg_inf = scalar(xp, -math.inf, rest)
+    offset = (xp.astype(a, acc) - xp.astype(m, acc)) - normaliser
+    exponential = xp.astype(xp.exp(xp.where(selected, offset, acc_neg_inf)), a.dtype)
+    if b is None:
+        return exponential, None
+    nonzero, b_sign, log_b = parts
+    # u = sign * exp(a - lse) is d lse / d b, also where b == 0.
+    u = sign * exponential
+    normal = xp.abs(b) >= scalar(xp, xp.finfo(a.dtype).smallest_normal, a)
+    # a - lse <= -log|b| keeps b * u finite for normal b; for subnormal b,
+    # form exp(a + log|b| - lse) instead, where exp(a - lse) may overflow.
+    small = xp.exp(xp.where(included, offset + log_b, acc_neg_inf))
+    small = sign * b_sign * xp.astype(small, a.dtype)
+    w = xp.where(included, xp.where(normal, b * u, small), scalar(xp, 0.0, a))
+    return w, u
+
+
+def _infinite_weights(xp, a, b, parts, selected, included, axes):
+    """``(w, u)`` where the forward value is ``+inf``: the entries at ``+inf`` share it by sign.
+
+    The forward is NaN where those signs cancel.  A ``b == 0`` entry that is
+    itself at ``+inf`` has no limit of ``u`` (it depends on how fast it grows
+    compared with the others).
+    """
+    zero, one = scalar(xp, 0.0, a), scalar(xp, 1.0, a)
+    at_inf = included & (a == math.inf)
+    share = xp.ones_like(a) if b is None else parts[1]
+    count = _sum(xp, xp.where(at_inf, share, zero), axes)
+    w = xp.where(at_inf, share / xp.where(count == 0, one, count), zero)
+    if b is None:
+        return w, None
+    nonzero = parts[0]
+    u = xp.where(nonzero, w / xp.where(nonzero, b, one), undefined_where(xp, selected & (a == math.inf), a))
     return w, u
 
 

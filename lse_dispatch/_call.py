@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._namespace import DtypePlan, device_of, plan_dtypes, resolve_namespace
+from ._namespace import DtypePlan, device_of, is_python_scalar, plan_dtypes, resolve_namespace
+from ._ops import Op
 from ._validate import broadcast_shapes, normalize_axis
 
 __all__ = ["Call", "prepare"]
@@ -13,14 +14,14 @@ __all__ = ["Call", "prepare"]
 
 @dataclass(frozen=True)
 class Call:
-    """One validated call of ``logsumexp``, ``softmax`` or ``log_softmax``.
+    """One validated call of an operation (:class:`~lse_dispatch._ops.Op`).
 
     ``a`` is the input (``x`` for softmax) in its own dtype, ``b`` and
     ``where`` are ``None`` or arrays of the same namespace and device, ``axes``
     the sorted non-negative reduced axes of the broadcast ``shape``.
     """
 
-    op: str
+    op: Op
     xp: Any
     a: Any
     b: Any
@@ -29,19 +30,29 @@ class Call:
     shape: tuple
     plan: DtypePlan
     return_sign: bool = False
+    #: The input was 0-d and is computed as the 1-d array of its one entry
+    #: (as SciPy does); softmax and log_softmax return 0-d again.
+    from_scalar: bool = False
 
     @property
     def device(self):
         return device_of(self.a)
 
 
-def prepare(op: str, a, *, axis, b=None, where=None, return_sign: bool = False) -> Call:
+def prepare(op: Op | str, a, *, axis, b=None, where=None, return_sign: bool = False) -> Call:
     """Resolve the namespace once, validate every argument and plan dtypes."""
-    first = "a" if op == "logsumexp" else "x"
+    op = Op(op)
+    first = "a" if op in (Op.LOGSUMEXP, Op.STATE) else "x"
     if a is None:
         raise TypeError(f"argument '{first}' must be an array or a number, got None")
+    weak = (is_python_scalar(a), is_python_scalar(b))
     xp, arrays = resolve_namespace({first: a, "b": b, "where": where}, booleans=("where",))
     a, b, where = arrays[first], arrays["b"], arrays["where"]
+    from_scalar = all(x is None or x.ndim == 0 for x in (a, b, where))
+    if from_scalar:
+        # SciPy computes 0-d input as the 1-d array of its one entry: axis 0
+        # and -1 are accepted, and keepdims gives shape (1,).
+        a, b, where = (None if x is None else xp.reshape(x, (1,)) for x in (a, b, where))
     if b is None:
         shape = tuple(a.shape)
     else:
@@ -54,5 +65,6 @@ def prepare(op: str, a, *, axis, b=None, where=None, return_sign: bool = False) 
                 f"input's shape {shape}, not enlarge it"
             )
     axes = normalize_axis(axis, len(shape))
-    plan = plan_dtypes(xp, a, b)
-    return Call(op, xp, a, b, where, axes, shape, plan, bool(return_sign))
+    strong = [x for x, is_weak in zip((a, b), weak) if x is not None and not is_weak]
+    plan = plan_dtypes(xp, *strong, weak=tuple(x for x, is_weak in zip((a, b), weak) if is_weak))
+    return Call(op, xp, a, b, where, axes, shape, plan, bool(return_sign), from_scalar)

@@ -45,18 +45,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _generic
 from ._call import Call
+from ._generic import IMPLEMENTATIONS as GENERIC
+from . import _kernel, _numerics
+from ._kernel import Kernel, Priority
+from ._numerics import compile_time_constant as _compile_time_constant
+from ._ops import Op
 
 __all__ = [
     "ENV_VAR",
     "GENERIC",
     "Decision",
     "Kernel",
+    "Priority",
     "Trace",
     "available",
     "backend_for",
     "backends_for",
+    "kernels_for",
     "plugins",
     "run",
     "run_without",
@@ -72,32 +78,6 @@ ENTRY_POINT_GROUP = "lse_dispatch.backends"
 logger = logging.getLogger("lse_dispatch.dispatch")
 
 
-@dataclass(frozen=True)
-class Kernel:
-    """A native implementation of one operation.
-
-    ``name`` is ``"<backend>.<implementation>"`` and is shared by the kernels
-    of the three operations that one implementation provides; users select it
-    by that name.  ``run`` takes a :class:`Call` and returns what the generic
-    implementation returns (``(value, sign)`` with kept dims for logsumexp, the
-    array for softmax and log_softmax).  ``declines`` returns ``None`` when the
-    kernel can take the call, or a short reason why not; a kernel that does not
-    meet the accuracy contract for a call must decline it.
-    """
-
-    op: str
-    name: str
-    run: Callable[[Call], Any]
-    declines: Callable[[Call], str | None] = lambda call: None
-
-
-GENERIC: dict[str, Callable[[Call], Any]] = {
-    "logsumexp": _generic.logsumexp,
-    "softmax": _generic.softmax,
-    "log_softmax": _generic.log_softmax,
-}
-
-
 # --------------------------------------------------------------------------
 # The catalogue: built-in backends, then plugins, looked up per array type.
 
@@ -105,22 +85,8 @@ _BACKENDS_OF_TYPE: dict[type, tuple] = {}
 # At most this many array types are remembered (first in, first out), so that
 # dynamically created subclasses are neither kept alive nor piled up.
 _TYPE_CACHE_SIZE = 256
+_KERNELS_OF_TYPE: dict[tuple, tuple] = {}
 _PLUGINS: list | None = None
-
-
-def _compile_time_constant(fn):
-    """Mark ``fn`` as host logic whose result torch.compile takes as a constant.
-
-    This is what ``torch.compiler.assume_constant_result`` does (it sets this
-    attribute and nothing else), done here by hand so that importing
-    lse_dispatch imports no array library.  Dynamo then calls ``fn`` once
-    while tracing instead of tracing into it: context variables, entry points
-    and ``sys.modules`` are beyond its reach.  The choice of implementation is
-    thereby fixed when a graph is traced, as every other host-side decision
-    of the dispatcher is.
-    """
-    fn._dynamo_marked_constant = True
-    return fn
 
 
 def plugins() -> list:
@@ -171,8 +137,6 @@ def _validated(spec):
     for kernel in spec.kernels:
         if not isinstance(kernel, Kernel):
             raise TypeError(f"its kernels hold {type(kernel).__name__}, not Kernel")
-        if kernel.op not in GENERIC:
-            raise TypeError(f"its kernel {kernel.name!r} is for unknown operation {kernel.op!r}")
         if not isinstance(kernel.name, str) or not callable(kernel.run) or not callable(kernel.declines):
             raise TypeError(f"its kernel {kernel.name!r} needs a string name and callable run and declines")
     return spec
@@ -220,18 +184,22 @@ def _contained(kernel, plugin: str):
         _warn_plugin(plugin, kernel, f"{problem}; falling back to the built-in implementation")
         return run_without(call, kernel.name, builtin_only=True)
 
-    return Kernel(kernel.op, kernel.name, run, declines)
+    return Kernel(kernel.op, kernel.name, run, declines, kernel.priority)
 
 
 def _result_problem(call: Call, result) -> str | None:
     """What is wrong with a kernel's ``result`` for ``call``, or ``None``."""
     import array_api_compat
 
-    if call.op == "logsumexp":
+    keepdims = tuple(1 if ax in call.axes else n for ax, n in enumerate(call.shape))
+    if call.op == Op.LOGSUMEXP:
         if not isinstance(result, (tuple, list)) or len(result) != 2:
             return f"returned {type(result).__name__}, expected a (value, sign) pair"
-        shape = tuple(1 if ax in call.axes else n for ax, n in enumerate(call.shape))
-        parts = tuple(result)
+        shape, parts = keepdims, tuple(result)
+    elif call.op == Op.STATE:
+        if not isinstance(result, tuple) or len(result) != 3:
+            return f"returned {type(result).__name__}, expected an LSEState (max, count, rest)"
+        shape, parts = keepdims, tuple(result)
     else:
         shape, parts = tuple(call.shape), (result,)
     for part in parts:
@@ -243,9 +211,18 @@ def _result_problem(call: Call, result) -> str | None:
             return f"returned a {type(part).__module__}.{type(part).__name__}, not an array of the input's library"
         if not _same_shape(tuple(part.shape), shape):
             return f"returned shape {tuple(part.shape)}, expected {shape}"
-        if part.dtype != call.plan.result:
-            return f"returned dtype {part.dtype}, expected {call.plan.result}"
+    wanted = _result_dtypes(call)
+    for part, dtype in zip(parts, wanted):
+        if part.dtype != dtype:
+            return f"returned dtype {part.dtype}, expected {dtype}"
     return None
+
+
+def _result_dtypes(call: Call) -> tuple:
+    plan = call.plan
+    if call.op == Op.STATE:
+        return (plan.compute, plan.accumulator, plan.accumulator)
+    return (plan.result, plan.result)
 
 
 def _same_shape(got: tuple, want: tuple) -> bool:
@@ -257,14 +234,6 @@ def _same_shape(got: tuple, want: tuple) -> bool:
 def _load_plugins() -> None:
     """:func:`plugins` for :func:`backends_for`, which torch.compile may be tracing."""
     plugins()
-
-
-def _reset_catalogue() -> None:
-    """Forget cached plugins and type lookups (for tests that install plugins)."""
-    global _PLUGINS
-    _PLUGINS = None
-    _BACKENDS_OF_TYPE.clear()
-    _KNOWN_NAMES.clear()
 
 
 def backends_for(array) -> tuple:
@@ -290,6 +259,23 @@ def backends_for(array) -> tuple:
     if len(_BACKENDS_OF_TYPE) >= _TYPE_CACHE_SIZE:
         del _BACKENDS_OF_TYPE[next(iter(_BACKENDS_OF_TYPE))]
     _BACKENDS_OF_TYPE[kind] = found
+    return found
+
+
+def kernels_for(array, op: Op) -> tuple[tuple[str, Kernel], ...]:
+    """``(backend name, kernel)`` of ``op`` for ``array``, highest priority first.
+
+    Ties keep the order of the backends (built-in ones, then plugins in name
+    order) and of each backend's declaration.
+    """
+    key = (type(array), op)
+    found = _KERNELS_OF_TYPE.get(key)
+    if found is None:
+        pairs = [(spec.name, kernel) for spec in backends_for(array) for kernel in spec.kernels if kernel.op == op]
+        found = tuple(sorted(pairs, key=lambda pair: -pair[1].priority))  # stable: ties keep their order
+        if len(_KERNELS_OF_TYPE) >= 4 * _TYPE_CACHE_SIZE:
+            del _KERNELS_OF_TYPE[next(iter(_KERNELS_OF_TYPE))]
+        _KERNELS_OF_TYPE[key] = found
     return found
 
 
@@ -451,9 +437,8 @@ def trace() -> Iterator[Trace]:
 # Dispatch.
 
 
-def _candidates(specs: tuple, choice: str) -> tuple[list, list[tuple[str, str]]]:
-    """Kernels to try for ``choice``, and the ones ruled out by it."""
-    pairs = [(spec.name, kernel) for spec in specs for kernel in spec.kernels]
+def _candidates(pairs: tuple, choice: str) -> tuple[list, list[tuple[str, str]]]:
+    """Kernels to try for ``choice`` (in priority order), and the ones ruled out by it."""
     if choice == "auto":
         return [kernel for _, kernel in pairs], []
     keep = [kernel for owner, kernel in pairs if choice in (owner, kernel.name)]
@@ -469,32 +454,21 @@ def run_without(call: Call, excluded: str, *, builtin_only: bool = False) -> Any
     failed plugin kernel, which must not land on another plugin's).
     """
     plugin_names = {spec.name for spec in _PLUGINS or ()} if builtin_only else set()
-    for spec in backends_for(call.a):
-        if spec.name in plugin_names:
-            continue
-        for kernel in spec.kernels:
-            if kernel.name != excluded and kernel.op == call.op and kernel.declines(call) is None:
-                return kernel.run(call)
+    for owner, kernel in kernels_for(call.a, call.op):
+        if owner not in plugin_names and kernel.name != excluded and kernel.declines(call) is None:
+            return kernel.run(call)
     return GENERIC[call.op](call)
 
 
 def run(call: Call, backend: str | None = None) -> Any:
     """Run ``call`` with the implementation the user's choice selects."""
     choice, source = _resolve(backend)
-    specs = backends_for(call.a)
+    pairs = kernels_for(call.a, call.op)
     verbose = _observed()
     declined: list[tuple[str, str]] = []
-    if not specs and choice not in ("auto", "generic"):
-        declined.append((choice, "not a backend of this input"))
-    kernels, skipped = _candidates(specs, choice) if specs else ([], [])
-    if verbose:
-        declined.extend(skipped)
+    kernels, skipped = _candidates(pairs, choice)
     chosen = None
-    seen = set()
     for kernel in kernels:
-        if kernel.op != call.op:
-            continue
-        seen.add(kernel.name)
         reason = kernel.declines(call)
         if reason is None:
             chosen = kernel
@@ -502,12 +476,43 @@ def run(call: Call, backend: str | None = None) -> Any:
         if verbose:
             declined.append((kernel.name, reason))
     if verbose:
-        owners = {spec.name for spec in specs}
-        if choice not in ("auto", "generic") and choice not in seen and choice not in owners and specs:
-            declined.append((choice, "does not apply to this input's backend"))
-        declined = [pair for pair in declined if chosen is None or pair[0] != chosen.name]
-        _record(call.op, specs[0].name if specs else None, choice, source,
-                "generic" if chosen is None else chosen.name, tuple(dict.fromkeys(declined)))
+        _record_run(call, choice, source, chosen, skipped + declined, {kernel.name for kernel in kernels})
     if chosen is None:
         return GENERIC[call.op](call)
     return chosen.run(call)
+
+
+def _record_run(call: Call, choice: str, source: str, chosen, declined: list, seen: set) -> None:
+    """The trace record of one :func:`run`, with every reason a kernel did not run."""
+    specs = backends_for(call.a)
+    owners = {spec.name for spec in specs}
+    if choice not in ("auto", "generic"):
+        if not specs:
+            declined.insert(0, (choice, "not a backend of this input"))
+        elif choice not in seen and choice not in owners:
+            declined.append((choice, "does not apply to this input's backend"))
+    declined = [pair for pair in declined if chosen is None or pair[0] != chosen.name]
+    _record(call.op, specs[0].name if specs else None, choice, source,
+            "generic" if chosen is None else chosen.name, tuple(dict.fromkeys(declined)))
+
+
+def _run_for_kernels(call: Call, without: str | None) -> Any:
+    """What ``_kernel.dispatch`` runs: ``auto`` (the array's own best kernel), minus ``without``."""
+    if without is None:
+        return run(call, "auto")
+    return run_without(call, without)
+
+
+def _declared_numerics(xp):
+    """The numerics a built-in backend declares for namespace ``xp``, or ``None``."""
+    from . import backends
+
+    for name in backends.BUILTIN:
+        spec = backends.get(name)
+        if spec.numerics is not None and spec.module in sys.modules and spec.namespace() is xp:
+            return spec.numerics
+    return None
+
+
+_kernel.bind_dispatcher(_run_for_kernels)
+_numerics.bind_lookup(_declared_numerics)

@@ -2,7 +2,11 @@
 
 Each function takes a prepared :class:`~lse_dispatch._call.Call` (namespace
 resolved, arguments validated, dtypes planned) and returns results with the
-reduced axes kept.  The math itself lives in :mod:`lse_dispatch._state`.
+reduced axes kept: the state of the call (:func:`state`, the ``STATE``
+operation), then the one finalisation or normalisation of
+:mod:`lse_dispatch._state`, which holds the math itself.  The functions that
+turn a state into results (:func:`logsumexp_from_state`,
+:func:`normalised_from_state`) are the ones every kernel finishes with.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import math
 from typing import Any
 
 from ._call import Call
-from ._namespace import real_sign, scalar
+from ._numerics import numerics_for
+from ._ops import Op
+from ._namespace import scalar
 from ._state import (
     LSEState,
     finalize,
@@ -23,12 +29,22 @@ from ._state import (
     weight_parts,
 )
 
-__all__ = ["log_softmax", "logsumexp", "logsumexp_from_state", "logsumexp_state", "softmax"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "keepdims_shape",
+    "log_softmax",
+    "logsumexp",
+    "logsumexp_from_state",
+    "logsumexp_state",
+    "normalised_from_state",
+    "softmax",
+    "state",
+]
 
 Array = Any
 
 
-def _reduced_is_empty(call: Call) -> bool:
+def is_empty(call: Call) -> bool:
     """Nothing to reduce, or nothing to return (an empty kept axis).
 
     Either way the answer is a constant of the keepdims shape: ``-inf`` where
@@ -39,12 +55,13 @@ def _reduced_is_empty(call: Call) -> bool:
     return any(extent == 0 for extent in call.shape)
 
 
-def _keepdims_shape(call: Call) -> tuple:
+def keepdims_shape(call: Call) -> tuple:
+    """The shape of a reduction's result with the reduced axes kept."""
     return tuple(1 if ax in call.axes else n for ax, n in enumerate(call.shape))
 
 
 def _weights(call: Call):
-    """``(exponent, included, sign, scale, a)`` of a real call, ``exponent = a + log|b|``.
+    """``(exponent, included, sign, weight, a)`` of a real call, ``exponent = a + log|b|``.
 
     Without weights: ``(a, where, None, None, None)``.  With weights and an
     accumulator wider than the compute dtype (float32 where float64 exists),
@@ -63,40 +80,56 @@ def _weights(call: Call):
         return xp.astype(call.a, plan.compute), call.where, None, None, None
     work = plan.accumulator
     a = xp.astype(call.a, work)
-    nonzero, sign, log_scale = weight_parts(xp, xp.astype(call.b, plan.compute), work)
+    nonzero, sign, log_weight = weight_parts(xp, xp.astype(call.b, plan.compute), work)
     included = nonzero if call.where is None else (call.where & nonzero)
-    scale = xp.abs(xp.astype(call.b, work))
-    return a + log_scale, included, sign, scale, a
+    weight = xp.abs(xp.astype(call.b, work))
+    return a + log_weight, included, sign, weight, a
 
 
 def logsumexp_state(call: Call) -> LSEState:
-    """The :class:`LSEState` of a real call, over ``call.axes`` (keepdims).
+    """The :class:`LSEState` of a real, non-empty call, over ``call.axes`` (keepdims).
 
     Its ``max`` is in the compute dtype, ``count`` and ``rest`` in the
-    accumulator dtype, whatever the arguments.
+    accumulator dtype, whatever the arguments.  Plain input (no ``b``, no
+    ``where``) may take the backend's own faster state
+    (``Numerics.plain_state``), which must equal this one's within its
+    documented bound.
     """
     xp, plan = call.xp, call.plan
-    exponent, included, sign, scale, a = _weights(call)
-    state = state_from_exponents(
-        xp,
-        exponent,
-        call.axes,
-        plan.accumulator,
-        included=included,
-        sign=sign,
-        scale=scale,
-        log_scale=a,
+    if call.b is None and call.where is None:
+        fast = numerics_for(xp).plain_state(xp, xp.astype(call.a, plan.compute), call.axes, plan.accumulator)
+        if fast is not None:
+            return fast
+    exponent, included, sign, weight, a = _weights(call)
+    found = state_from_exponents(
+        xp, exponent, call.axes, plan.accumulator, included=included, sign=sign, weight=weight, unweighted=a
     )
-    if exponent.dtype != plan.compute:
-        state = narrow_max(xp, state, plan.compute)
-    return state
+    return narrow_max(xp, found, plan.compute) if exponent.dtype != plan.compute else found
+
+
+def state(call: Call) -> LSEState:
+    """The ``STATE`` operation: the keepdims state of a real call; an empty reduction gives ``(-inf, 0, 0)``."""
+    xp, plan = call.xp, call.plan
+    if plan.is_complex:
+        raise TypeError(
+            f"argument 'a' must be real for a log-sum-exp state, got dtype {call.a.dtype}; "
+            "use logsumexp() for complex input"
+        )
+    if any(call.shape[ax] == 0 for ax in call.axes):
+        shape, device = keepdims_shape(call), call.device
+        return LSEState(
+            xp.full(shape, -math.inf, dtype=plan.compute, device=device),
+            xp.zeros(shape, dtype=plan.accumulator, device=device),
+            xp.zeros(shape, dtype=plan.accumulator, device=device),
+        )
+    return logsumexp_state(call)
 
 
 def logsumexp(call: Call) -> tuple[Array, Array]:
     """``(log|sum b exp(a)|, sign)`` with the reduced axes kept."""
     xp, plan = call.xp, call.plan
-    if _reduced_is_empty(call):
-        shape = _keepdims_shape(call)
+    if is_empty(call):
+        shape = keepdims_shape(call)
         device = call.device
         out = xp.full(shape, -math.inf, dtype=plan.result, device=device)
         return out, xp.zeros(shape, dtype=plan.result, device=device)
@@ -106,9 +139,10 @@ def logsumexp(call: Call) -> tuple[Array, Array]:
 
 
 def logsumexp_from_state(call: Call, state: LSEState) -> tuple[Array, Array]:
-    """``(value, sign)`` of a real, non-empty call from its state.
+    """``(value, sign)`` of a real, non-empty call from its state: the one finalisation.
 
-    Separate so that the derivative rules can keep the state of the forward.
+    Every kernel's logsumexp ends here (or, for lines whose max is finite
+    and whose sum has no sign, in ``m + log_norm``, the same rule).
     """
     xp = call.xp
     value, sign = finalize(xp, state, call.plan.result)
@@ -186,25 +220,34 @@ def _complex_logsumexp(call: Call) -> tuple[Array, Array]:
     return xp.astype(value, plan.result), xp.ones_like(value)
 
 
-def _normalized(call: Call, from_state) -> Array:
-    """The state over ``call.axes``, then ``from_state`` elementwise."""
+def normalised_from_state(call: Call, state: LSEState, log: bool) -> Array:
+    """log_softmax (``log``) or softmax of a real, non-empty call from its state."""
     xp, plan = call.xp, call.plan
-    if _is_empty(call):
-        return xp.astype(call.a, plan.result)
-    state = logsumexp_state(call)
     x = xp.astype(call.a, plan.compute)
+    from_state = log_softmax_from_state if log else softmax_from_state
     return xp.astype(from_state(xp, x, state, call.where), plan.result)
+
+
+def _normalised(call: Call, log: bool) -> Array:
+    if is_empty(call):
+        return call.xp.astype(call.a, call.plan.result)
+    return normalised_from_state(call, logsumexp_state(call), log)
 
 
 def log_softmax(call: Call) -> Array:
     """``x - logsumexp(x)`` over ``call.axes``, the max entry kept exact."""
-    return _normalized(call, log_softmax_from_state)
+    return _normalised(call, True)
 
 
 def softmax(call: Call) -> Array:
     """``exp(log_softmax(x))``, its exponent compensated for rounding."""
-    return _normalized(call, softmax_from_state)
+    return _normalised(call, False)
 
 
-def _is_empty(call: Call) -> bool:
-    return any(extent == 0 for extent in call.shape)
+#: The generic implementation of each operation.
+IMPLEMENTATIONS = {
+    Op.LOGSUMEXP: logsumexp,
+    Op.SOFTMAX: softmax,
+    Op.LOG_SOFTMAX: log_softmax,
+    Op.STATE: state,
+}

@@ -15,26 +15,15 @@ import numpy as np
 __all__ = [
     "DtypePlan",
     "device_of",
-    "is_dask_namespace",
-    "is_jax_namespace",
     "plan_dtypes",
     "real_sign",
     "resolve_namespace",
     "scalar",
+    "is_python_scalar",
     "unwrap_numpy_subclasses",
 ]
 
 Array = Any
-
-
-def is_dask_namespace(xp) -> bool:
-    """True for Dask's array namespace, whose reductions are chunked trees."""
-    return array_api_compat.is_dask_namespace(xp)
-
-
-def is_jax_namespace(xp) -> bool:
-    """True for JAX's namespace, whose XLA kernels need some care."""
-    return array_api_compat.is_jax_namespace(xp)
 
 
 def device_of(x: Array):
@@ -136,6 +125,11 @@ def unwrap_numpy_subclasses(a, b, where):
     return a, b, where, mask
 
 
+def is_python_scalar(value) -> bool:
+    """A Python ``bool``, ``int``, ``float`` or ``complex`` (a weak scalar for promotion)."""
+    return isinstance(value, (bool, int, float, complex)) and not isinstance(value, np.generic)
+
+
 def resolve_namespace(
     named: dict[str, Any], *, booleans: tuple[str, ...] = ()
 ) -> tuple[Any, dict[str, Array]]:
@@ -183,6 +177,15 @@ class DtypePlan(NamedTuple):
     is_complex: bool
 
 
+def _promoted(xp, dtypes: list):
+    """The namespace's result type of ``dtypes``; the floating ones' where kinds may not mix."""
+    try:
+        return xp.result_type(*dtypes)
+    except TypeError:
+        floating = [d for d in dtypes if xp.isdtype(d, ("real floating", "complex floating"))]
+        return xp.result_type(*floating) if floating else None
+
+
 def _on_device(info_method, device):
     try:
         return info_method(device=device)
@@ -190,20 +193,28 @@ def _on_device(info_method, device):
         return info_method()
 
 
-def plan_dtypes(xp, *arrays: Array | None) -> DtypePlan:
+def plan_dtypes(xp, *arrays: Array | None, weak: tuple[Array, ...] = ()) -> DtypePlan:
     """Choose result, compute and accumulator dtypes for the given inputs.
 
-    The result is the floating result type of the floating inputs; integer and
-    boolean inputs alone give the namespace's default real floating dtype.
+    The result is the namespace's own promotion of the inputs (NumPy's
+    makes ``int32`` with ``float32`` ``float64``, as SciPy's does; where the
+    namespace refuses to mix kinds, as array-api-strict does, the floating
+    inputs' alone), made floating: integer and boolean inputs alone give the
+    namespace's default real floating dtype.  ``weak`` inputs came from
+    Python scalars and do not widen the others (NumPy 2, torch and the array
+    API treat them so): ``float32`` with ``b=2.0`` stays ``float32``, a
+    Python ``complex`` makes a real result complex of the same precision.
     """
     present = [x for x in arrays if x is not None]
-    device = device_of(present[0])
+    device = device_of((present or list(weak))[0])
     info = xp.__array_namespace_info__()
-    floating = [x.dtype for x in present if xp.isdtype(x.dtype, ("real floating", "complex floating"))]
-    if floating:
-        result = xp.result_type(*floating)
-    else:
-        result = _on_device(info.default_dtypes, device)["real floating"]
+    defaults = _on_device(info.default_dtypes, device)
+    result = _promoted(xp, [x.dtype for x in present]) if present else None
+    if result is None or not xp.isdtype(result, ("real floating", "complex floating")):
+        weak_float = [x.dtype for x in weak if xp.isdtype(x.dtype, ("real floating", "complex floating"))]
+        result = _promoted(xp, weak_float) if (weak_float and not present) else defaults["real floating"]
+    if any(xp.isdtype(x.dtype, "complex floating") for x in weak) and not xp.isdtype(result, "complex floating"):
+        result = xp.complex128 if result == getattr(xp, "float64", None) else xp.complex64
     available = _on_device(info.dtypes, device)
     if xp.isdtype(result, "complex floating"):
         widest = "complex128" in available and result == xp.complex64

@@ -9,14 +9,20 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 
+import numpy as np
+
 __all__ = ["AxisError", "broadcast_shapes", "normalize_axis"]
 
 
-class AxisError(ValueError, IndexError):
+class AxisError(np.exceptions.AxisError):
     """An ``axis`` argument that is out of range or repeats an axis.
 
-    Subclasses both ``ValueError`` and ``IndexError``, as NumPy's does.
+    A ``numpy.exceptions.AxisError`` (so ``except np.exceptions.AxisError``
+    keeps catching it), hence also a ``ValueError`` and an ``IndexError``.
     """
+
+    def __init__(self, message: str):
+        super().__init__(message)
 
 
 def normalize_axis(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:

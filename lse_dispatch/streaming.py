@@ -22,11 +22,12 @@ from typing import Any
 
 import array_api_compat
 
+from . import _dispatch
 from ._call import prepare
-from ._generic import logsumexp_state
-from ._namespace import plan_dtypes, scalar
-from ._state import LSEState, finalize, log_softmax_from_state, merge, softmax_from_state
-from ._validate import normalize_axis
+from ._namespace import plan_dtypes
+from ._ops import Op
+from ._state import LSEState, finalize, log_softmax_from_state, merge, softmax_from_state, undefined_where
+from ._validate import broadcast_shapes, normalize_axis
 
 __all__ = [
     "LSEState",
@@ -41,34 +42,13 @@ Array = Any
 
 
 def _state_of_call(call) -> LSEState:
-    """The keepdims state of a prepared real call; empty reductions give ``-inf``."""
-    xp, plan = call.xp, call.plan
-    if plan.is_complex:
-        raise TypeError(
-            f"argument 'a' must be real for a log-sum-exp state, got dtype {call.a.dtype}; "
-            "use logsumexp() for complex input"
-        )
-    if any(call.shape[ax] == 0 for ax in call.axes):
-        shape = tuple(1 if ax in call.axes else n for ax, n in enumerate(call.shape))
-        device = call.device
-        return LSEState(
-            xp.full(shape, -math.inf, dtype=plan.compute, device=device),
-            xp.zeros(shape, dtype=plan.accumulator, device=device),
-            xp.zeros(shape, dtype=plan.accumulator, device=device),
-        )
-    return logsumexp_state(call)
+    """The keepdims state of a prepared ``STATE`` call, by the kernel the dispatcher picks.
 
-
-def _native_state(call) -> LSEState:
-    """The state by the backend's own reduction where it has one (Dask's tree)."""
-    from ._namespace import is_dask_namespace
-
-    if is_dask_namespace(call.xp):
-        from .backends import dask as dask_backend
-
-        if dask_backend.declines_tree(call) is None:
-            return dask_backend.state_of(call)
-    return _state_of_call(call)
+    Dask arrays get one tree reduction (``dask-single-pass-tree``), NumPy
+    and torch arrays their native kernels; empty reductions give
+    ``(-inf, 0, 0)`` and complex input a ``TypeError`` (``_generic.state``).
+    """
+    return _dispatch.run(call)
 
 
 def _squeeze_state(xp, state: LSEState, axes: tuple[int, ...]) -> LSEState:
@@ -110,8 +90,8 @@ def lse_state(a, axis=None, b=None, *, where=None, keepdims=False) -> LSEState:
     >>> float(lse_finalize(lse_merge(left, right)))
     4.248354255291589e-18
     """
-    call = prepare("logsumexp", a, axis=axis, b=b, where=where)
-    state = _native_state(call)
+    call = prepare(Op.STATE, a, axis=axis, b=b, where=where)
+    state = _state_of_call(call)
     return state if keepdims else _squeeze_state(call.xp, state, call.axes)
 
 
@@ -122,8 +102,31 @@ def lse_merge(first: LSEState, second: LSEState) -> LSEState:
     :func:`lse_finalize`); ``-inf`` states merge to ``-inf`` and NaN
     propagates.  The fields of the two states broadcast together.
     """
-    xp = array_api_compat.array_namespace(*first, *second)
-    return merge(xp, LSEState(*first), LSEState(*second))
+    first, second = _as_state(first, "first"), _as_state(second, "second")
+    xp = _namespace_of({"first": first, "second": second})
+    broadcast_shapes([tuple(first.max.shape), tuple(second.max.shape)], ["first", "second"])
+    return merge(xp, first, second)
+
+
+def _as_state(value, name: str) -> LSEState:
+    """``value`` as an :class:`LSEState` of arrays, or a ``TypeError`` naming the argument."""
+    fields = tuple(value) if isinstance(value, tuple) else None
+    if fields is None or len(fields) != 3 or not all(map(array_api_compat.is_array_api_obj, fields)):
+        got = type(value).__name__ if fields is None else f"{type(value).__name__} of " + ", ".join(
+            type(field).__name__ for field in fields
+        )
+        raise TypeError(f"argument '{name}' must be an LSEState (max, count, rest) of arrays, as lse_state returns; got {got}")
+    return LSEState(*fields)
+
+
+def _namespace_of(states: dict[str, LSEState]):
+    """The one namespace of the named states' fields; a ``TypeError`` naming them if they mix libraries."""
+    try:
+        return array_api_compat.array_namespace(*(field for state in states.values() for field in state))
+    except TypeError:
+        libraries = ", ".join(f"'{name}' holds {type(state.max).__module__}.{type(state.max).__name__}"
+                              for name, state in states.items())
+        raise TypeError(f"the states come from different array libraries ({libraries}); merge states of one library") from None
 
 
 def lse_finalize(state: LSEState, *, return_sign=False, dtype=None):
@@ -139,12 +142,12 @@ def lse_finalize(state: LSEState, *, return_sign=False, dtype=None):
         Result dtype; the dtype of ``state.max`` by default (pass float16 to
         get back the dtype of float16 input).
     """
-    state = LSEState(*state)
-    xp = array_api_compat.array_namespace(*state)
+    state = _as_state(state, "state")
+    xp = _namespace_of({"state": state})
     value, sign = finalize(xp, state, state.max.dtype if dtype is None else dtype)
     if return_sign:
         return value, sign
-    return xp.where(sign < 0, scalar(xp, math.nan, value), value)
+    return value + undefined_where(xp, sign < 0, value)
 
 
 class OnlineLogSumExp:
@@ -180,12 +183,21 @@ class OnlineLogSumExp:
 
     def update(self, chunk, b=None, *, where=None) -> OnlineLogSumExp:
         """Fold one chunk (with optional weights ``b`` and mask ``where``) in."""
-        call = prepare("logsumexp", chunk, axis=self.axis, b=b, where=where)
+        call = prepare(Op.STATE, chunk, axis=self.axis, b=b, where=where)
         if self._axes is not None and len(call.shape) != len(self._axes[1]):
             raise ValueError(
                 f"argument 'chunk' has {len(call.shape)} dimensions; earlier chunks had {len(self._axes[1])}"
             )
-        state = _native_state(call)
+        state = _state_of_call(call)
+        if self.state is not None:
+            try:
+                array_api_compat.array_namespace(self.state.max, state.max)
+            except TypeError:
+                raise TypeError(
+                    f"argument 'chunk' is a {type(call.a).__module__}.{type(call.a).__name__}, but the stream's "
+                    f"earlier chunks were {type(self.state.max).__module__}.{type(self.state.max).__name__}: "
+                    "one OnlineLogSumExp takes chunks of one array library"
+                ) from None
         self.state = state if self.state is None else merge(call.xp, self.state, state)
         self._axes = (call.axes, call.shape)
         self._result_dtype = call.plan.result
@@ -211,7 +223,7 @@ class OnlineLogSumExp:
 
     def _prepared_chunk(self, chunk):
         state = self._require_state()
-        call = prepare("log_softmax", chunk, axis=self.axis)
+        call = prepare(Op.LOG_SOFTMAX, chunk, axis=self.axis)
         if call.plan.is_complex:
             raise TypeError(f"argument 'chunk' must be real, got dtype {call.a.dtype}")
         if len(call.shape) != len(self._axes[1]):
@@ -271,7 +283,7 @@ def _blocked_state(array, axes: tuple[int, ...], block_bytes: int, release=None)
     if array.nbytes <= block_bytes or array.ndim == 0:
         # np.asarray of a memmap slice reads its pages; the temporaries of the
         # state (a few arrays of the block's size) are the extra memory.
-        state = _state_of_call(prepare("logsumexp", np.asarray(array), axis=axes))
+        state = _state_of_call(prepare(Op.STATE, np.asarray(array), axis=axes))
         if release is not None:
             release(array)
         return state

@@ -3,7 +3,7 @@
 The float32 JAX path (no float64 accumulator) relies on two facts about XLA
 that a compiler upgrade could break, so they are checked under ``jax.jit``:
 
-* the limb sums of ``_state._limb_sum`` are exact whatever order XLA adds in,
+* the limb sums of ``_jax_numerics._limb_sum`` are exact whatever order XLA adds in,
   and ``_fused_sum_last`` meets its documented bound on data whose plain
   float32 (sequential) sum is many ulps off;
 * TwoSum with traced operands keeps its rounding error (XLA folds
@@ -33,6 +33,7 @@ pytest.importorskip("mpmath")
 
 import lse_dispatch  # noqa: E402
 from lse_dispatch import _state  # noqa: E402
+from lse_dispatch.backends import _jax_numerics  # noqa: E402
 
 U = 2.0**-24  # float32 unit roundoff
 ULPS = 4.0
@@ -65,7 +66,7 @@ def test_limb_sum_is_exact_to_a_rounding_under_jit(n):
     exact = math.fsum(values.astype(np.float64))
     # The data are hard: summed one after another in float32 they are many ulps off.
     assert _f32_ulps(_sequential_f32(values), exact) > ULPS
-    total = jax.jit(lambda v: _state._limb_sum(jnp, v, axis=0))(jnp.asarray(values))
+    total = jax.jit(lambda v: _jax_numerics._limb_sum(jnp, v, axis=0))(jnp.asarray(values))
     # Bound: u |sum| + (2**-7 + 1.02 n 2**-23) u T, T = sum = exact here.
     bound = U * exact * (1 + 2.0**-7 + 1.02 * n * 2.0**-23)
     assert abs(float(total[0]) - exact) <= bound
@@ -76,7 +77,7 @@ def test_fused_sum_meets_its_bound_under_jit(shape):
     values = np.stack([_hard_sum_data(shape[1], seed=row) for row in range(shape[0])])
     signs = np.where(np.random.default_rng(7).random(shape) < 0.1, -1.0, 1.0).astype(np.float32)
     values = values * signs
-    totals = np.asarray(jax.jit(lambda v: _state._fused_sum_last(jnp, v))(jnp.asarray(values)))
+    totals = np.asarray(jax.jit(lambda v: _jax_numerics._fused_sum_last(jnp, v))(jnp.asarray(values)))
     n = shape[1]
     group = next(k for k in (8, 4, 2, 1) if n % k == 0)
     for row, total in zip(values, totals, strict=True):
@@ -92,7 +93,7 @@ def test_fused_sum_beats_the_sequential_sum_on_a_dominant_term():
     values[0, 0] = 1.0
     exact = math.fsum(values[0].astype(np.float64))
     assert _f32_ulps(_sequential_f32(values[0]), exact) > 100
-    total = float(jax.jit(lambda v: _state._fused_sum_last(jnp, v))(jnp.asarray(values))[0])
+    total = float(jax.jit(lambda v: _jax_numerics._fused_sum_last(jnp, v))(jnp.asarray(values))[0])
     assert _f32_ulps(total, exact) <= 1.0
 
 
@@ -100,7 +101,7 @@ def test_two_sum_keeps_its_error_under_jit():
     rng = np.random.default_rng(3)
     a = rng.standard_normal(4096).astype(np.float32)
     b = (rng.standard_normal(4096) * 1e-3).astype(np.float32)
-    total, error = jax.jit(lambda a, b: _state._two_sum(jnp, a, b))(jnp.asarray(a), jnp.asarray(b))
+    total, error = jax.jit(lambda a, b: _state.two_sum(jnp, a, b))(jnp.asarray(a), jnp.asarray(b))
     total, error = np.asarray(total, np.float64), np.asarray(error, np.float64)
     # Exact: s + e == a + b in float64 (both float32 sums fit), and e is nonzero often.
     assert np.array_equal(total + error, a.astype(np.float64) + b.astype(np.float64))
@@ -111,7 +112,7 @@ def test_exp_difference_is_compensated_under_jit():
     rng = np.random.default_rng(4)
     x = (-30 - 10 * rng.random(2048)).astype(np.float32)
     shift = np.float32(0.7123)
-    got = np.asarray(jax.jit(lambda x, s: _state._exp_difference(jnp, x, s, jnp.float32))(jnp.asarray(x), shift))
+    got = np.asarray(jax.jit(lambda x, s: _state.exp_difference(jnp, x, s, jnp.float32))(jnp.asarray(x), shift))
     exact = np.exp(x.astype(np.float64) - np.float64(shift))
     naive = np.exp(x - shift).astype(np.float64)
     spacing = np.spacing(exact.astype(np.float32)).astype(np.float64)
@@ -186,8 +187,8 @@ def test_plain_state_matches_the_shared_state():
     finite = _block(FINITE, -1)
 
     def both(x):
-        fast = _state._jax_float32_state_exact(jnp, x, 1, jnp.float32)
-        shared = _state._state_from_exponents(jnp, x, (1,), jnp.float32)
+        fast = _jax_numerics._jax_float32_state_exact(jnp, x, 1, jnp.float32)
+        shared = _state.state_from_exponents(jnp, x, (1,), jnp.float32)
         return fast, shared
 
     fast, shared = jax.jit(both)(jnp.asarray(finite))
@@ -284,8 +285,8 @@ def _fast_block(axis, extra=()):
 
 def _states(x, axis):
     def both(x):
-        fast = _state._jax_float32_state(jnp, x, axis, jnp.float32)
-        shared = _state._state_from_exponents(jnp, x, (axis,), jnp.float32)
+        fast = _jax_numerics._jax_float32_state(jnp, x, axis, jnp.float32)
+        shared = _state.state_from_exponents(jnp, x, (axis,), jnp.float32)
         return fast, shared
 
     return jax.jit(both)(jnp.asarray(x))

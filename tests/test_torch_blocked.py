@@ -128,15 +128,17 @@ def test_minus_inf_entries_in_finite_lines(small_tiles):
 @pytest.fixture
 def tiny_calls(monkeypatch):
     """Record the calls that take the Python-float path."""
-    seen = []
-    original = blocked._tiny
+    from lse_dispatch.backends import _tiled
 
-    def spy(call, op):
-        result = original(call, op)
-        seen.append((op, result is not None))
+    seen = []
+    original = _tiled.tiny
+
+    def spy(ops, call):
+        result = original(ops, call)
+        seen.append((call.op, result is not None))
         return result
 
-    monkeypatch.setattr(blocked, "_tiny", spy)
+    monkeypatch.setattr(_tiled, "tiny", spy)
     return seen
 
 

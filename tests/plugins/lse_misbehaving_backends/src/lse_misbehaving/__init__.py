@@ -8,8 +8,7 @@ those calls.
 import numpy as np
 from array_api_compat import is_numpy_array
 
-from lse_dispatch._dispatch import Kernel
-from lse_dispatch.backends import BackendSpec, Device
+from lse_dispatch.backends import BackendSpec, Device, Kernel
 
 OPS = ("logsumexp", "softmax", "log_softmax")
 

@@ -7,8 +7,7 @@ so that tests can see both outcomes in a trace.
 
 from array_api_compat import is_numpy_array
 
-from lse_dispatch._dispatch import GENERIC, Kernel
-from lse_dispatch.backends import BackendSpec, Device
+from lse_dispatch.backends import GENERIC, BackendSpec, Device, Kernel
 
 MIN_SIZE = 4
 CALLS = []

@@ -1,0 +1,138 @@
+"""What a kernel is: the operations, and the declaration a backend makes for each.
+
+Backend authors use these through :mod:`lse_dispatch.backends` (``Op``,
+``Kernel``, ``Priority``, :func:`state_kernels`); the dispatcher
+(:mod:`lse_dispatch._dispatch`) chooses among them.
+
+Every kernel of the library computes the shared state ``(max, count, rest)``
+and leaves the finalisation and its limit rules to
+:mod:`lse_dispatch._state`; :func:`state_kernels` builds the four entries of
+a kernel from its state function (and, where it fuses one, its
+normalisation pass), so that no kernel writes the finalisation again.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import _generic
+from ._ops import Op
+
+__all__ = ["Kernel", "Op", "Priority", "bind_dispatcher", "dispatch", "never_declines", "state_kernels"]
+
+
+class Priority(enum.IntEnum):
+    """Declared order of the kernels of an array's backends: higher runs first.
+
+    A kernel that declines a call leaves it to the next one, and the
+    generic implementation runs when all decline.  Plugins declare their
+    own (``THIRD_PARTY`` by default, after the built-in kernels).
+    """
+
+    #: Derivative rules: they take only calls being differentiated, and run
+    #: the forward of whatever would run without them.
+    DERIVATIVE = 400
+    #: Fused compiled kernels (numba on CPU memory, Triton on CUDA).
+    COMPILED = 300
+    #: Eager native kernels (tiled CPU kernels, ``jax.jit``, Dask's tree).
+    NATIVE = 200
+    #: Third-party kernels that declare nothing.
+    THIRD_PARTY = 100
+
+
+def never_declines(call) -> str | None:
+    """The ``declines`` of a kernel that takes every call."""
+    return None
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A native implementation of one operation.
+
+    ``name`` is ``"<backend>.<implementation>"`` and is shared by the kernels
+    of the operations that one implementation provides; users select it by
+    that name.  ``run`` takes a prepared :class:`~lse_dispatch._call.Call`
+    and returns what the generic implementation returns for ``op``.
+    ``declines`` returns ``None`` when the kernel can take the call, or a
+    short reason why not; a kernel that does not meet the accuracy contract
+    for a call must decline it.  ``priority`` orders the kernels of an
+    array's backends (:class:`Priority`).
+    """
+
+    op: Op
+    name: str
+    run: Callable[[Any], Any]
+    declines: Callable[[Any], str | None] = never_declines
+    priority: int = Priority.THIRD_PARTY
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "op", Op(self.op))
+        except ValueError:
+            raise ValueError(f"kernel {self.name!r}: unknown operation {self.op!r}") from None
+
+
+def state_kernels(
+    name: str,
+    state: Callable[[Any], Any],
+    declines: Callable[[Any], str | None],
+    *,
+    priority: int,
+    normalised: Callable[[Any, bool], Any] | None = None,
+    logsumexp: Callable[[Any], Any] | None = None,
+    declines_normalised: Callable[[Any], str | None] | None = None,
+) -> tuple[Kernel, ...]:
+    """The four kernels of an implementation that computes states.
+
+    ``state(call)`` returns the keepdims state; logsumexp finalises it with
+    the shared :func:`~lse_dispatch._generic.logsumexp_from_state` unless a
+    ``logsumexp`` of the kernel's own is given (one that finalises its
+    finite lines faster and hands the rest to the shared rules).
+    ``normalised(call, log)`` is the kernel's fused softmax (``log=False``)
+    or log_softmax; without it they take the state and the shared
+    elementwise pass.  ``declines_normalised`` (default ``declines``)
+    decides for softmax and log_softmax.
+    """
+    def finalised(call):
+        return _generic.logsumexp_from_state(call, state(call))
+
+    def from_state(log: bool):
+        if normalised is not None:
+            return lambda call: normalised(call, log)
+        return lambda call: _generic.normalised_from_state(call, state(call), log)
+
+    declines_normalised = declines if declines_normalised is None else declines_normalised
+    return (
+        Kernel(Op.STATE, name, state, declines, priority),
+        Kernel(Op.LOGSUMEXP, name, finalised if logsumexp is None else logsumexp, declines, priority),
+        Kernel(Op.SOFTMAX, name, from_state(False), declines_normalised, priority),
+        Kernel(Op.LOG_SOFTMAX, name, from_state(True), declines_normalised, priority),
+    )
+
+
+# The dispatcher, bound by lse_dispatch._dispatch when it is imported (always,
+# with the package): kernels that run other kernels -- derivative rules
+# around the forward, Dask around the state of each block -- reach it here,
+# so that no backend imports the layer that imports the backends.
+_DISPATCHER: Callable[[Any, str | None], Any] | None = None
+
+
+def bind_dispatcher(dispatcher: Callable[[Any, str | None], Any]) -> None:
+    """Install ``dispatcher(call, without)`` (done once, by ``lse_dispatch._dispatch``)."""
+    global _DISPATCHER
+    _DISPATCHER = dispatcher
+
+
+def dispatch(call, *, without: str | None = None):
+    """Run ``call`` with the kernel ``auto`` picks, skipping the kernel named ``without``.
+
+    For kernels that wrap others: the derivative rules run their forward
+    ``without`` themselves; Dask reduces each block as the eager path
+    reduces a NumPy array.
+    """
+    if _DISPATCHER is None:  # pragma: no cover - lse_dispatch/__init__ always binds it
+        raise RuntimeError("lse_dispatch._dispatch is not imported")
+    return _DISPATCHER(call, without)

@@ -1,0 +1,134 @@
+"""The declared hook for backend numerics: the few operations whose accurate form depends on the backend.
+
+The shared math (:mod:`lse_dispatch._state`) is written once against the
+array API, but a handful of its operations are not equally accurate on
+every library: XLA's float64 ``log1p`` is 128 ulps off on (-0.5, 0), its CPU
+``max`` can skip a NaN under ``jit``, it flushes subnormal operands, NumPy
+sums strided axes one element after another, Dask's reductions are chunked
+trees.  Those operations go through a :class:`Numerics` object: the
+defaults here are plain array-API calls, and a backend whose library needs
+care declares a subclass in its spec (``BackendSpec.numerics``; JAX's is in
+``backends/_jax_numerics.py``, Dask's in ``backends/dask.py``).  The core
+never branches on the library.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from ._namespace import real_sign, scalar
+
+__all__ = ["Numerics", "bind_lookup", "compile_time_constant", "numerics_for"]
+
+Array = Any
+
+# Reductions over more than this many elements are summed along a contiguous
+# trailing axis, so that NumPy-like backends use pairwise summation instead of
+# adding one strided element after another.
+PAIRWISE_THRESHOLD = 32
+
+
+def compile_time_constant(fn):
+    """Mark ``fn`` as host logic whose result torch.compile takes as a constant.
+
+    This is what ``torch.compiler.assume_constant_result`` does (it sets this
+    attribute and nothing else), done here by hand so that importing
+    lse_dispatch imports no array library.  Dynamo then calls ``fn`` once
+    while tracing instead of tracing into it: context variables, entry points
+    and ``sys.modules`` are beyond its reach.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+class Numerics:
+    """The backend-dependent operations of the shared math, in their array-API form."""
+
+    def max(self, xp, x: Array, axes: tuple[int, ...]) -> Array:
+        """``max`` over ``axes`` with ``keepdims=True``; NaN wins, as in the standard."""
+        return xp.max(x, axis=axes, keepdims=True)
+
+    def log1p(self, xp, x: Array) -> Array:
+        """``log(1 + x)`` to about an ulp."""
+        return xp.log1p(x)
+
+    def sum(self, xp, x: Array, axes: tuple[int, ...], dtype) -> Array:
+        """Sum over ``axes`` (keepdims) accumulating in ``dtype``, never sequentially.
+
+        NumPy adds strided elements one after another (error growing like
+        ``sqrt(n) * eps``) when the reduced axis is not the innermost in
+        memory.  When no wider accumulator exists, the reduced axes are moved
+        to the end and flattened, so that the sum runs over one contiguous
+        trailing axis, which NumPy sums pairwise and torch by cascade.
+        """
+        reduced = math.prod([x.shape[ax] for ax in axes])  # a list: torch.compile traces no generator here
+        if x.dtype != dtype or reduced < PAIRWISE_THRESHOLD:
+            return xp.sum(x, axis=axes, dtype=dtype, keepdims=True)
+        kept = tuple(ax for ax in range(x.ndim) if ax not in axes)
+        order = kept + tuple(axes)
+        moved = x if order == tuple(range(x.ndim)) else xp.permute_dims(x, order)
+        kept_shape = tuple(x.shape[ax] for ax in kept)
+        # Through 1-D: a reshape to (kept, n) may return the strided view itself,
+        # while flattening lays the reduced entries out contiguously, last.
+        flat = xp.reshape(xp.reshape(moved, (-1,)), kept_shape + (reduced,))
+        total = self.sum_last(xp, flat, dtype)
+        keep_shape = tuple(1 if ax in axes else x.shape[ax] for ax in range(x.ndim))
+        return xp.reshape(total, keep_shape)
+
+    def sum_last(self, xp, x: Array, dtype) -> Array:
+        """Sum over the contiguous last axis (no keepdims), in the library's most accurate order."""
+        return xp.sum(x, axis=-1, dtype=dtype)
+
+    def weight_parts(self, xp, b: Array, dtype) -> tuple[Array, Array, Array]:
+        """``(b != 0, sign(b), log|b|)`` of real weights; ``log|b|`` in ``dtype``, 0 where ``b == 0``."""
+        nonzero = b != 0
+        log_abs = xp.log(xp.astype(xp.where(nonzero, xp.abs(b), scalar(xp, 1.0, b)), dtype))
+        return nonzero, real_sign(xp, b), log_abs
+
+    def undefined_where(self, xp, mask: Array, like: Array) -> Array:
+        """NaN where ``mask`` is True and 0 elsewhere, in the dtype of ``like``.
+
+        Added to a result whose value has no limit there.  A selected NaN
+        constant: ``inf - inf`` would raise NumPy's "invalid value" warning.
+        """
+        return xp.where(mask, scalar(xp, math.nan, like), scalar(xp, 0.0, like))
+
+    def plain_state(self, xp, x: Array, axes: tuple[int, ...], accumulator):
+        """A faster state of plain input (no ``b``, no ``where``), or ``None`` for the shared one."""
+        return None
+
+
+DEFAULT = Numerics()
+_BY_NAMESPACE: dict[str, Numerics] = {}
+# Finds the numerics a backend declares for a namespace; bound by
+# lse_dispatch._dispatch, which knows the backends (this module must not
+# import them: they import it).
+_LOOKUP: Callable[[Any], Numerics | None] | None = None
+
+
+def bind_lookup(lookup: Callable[[Any], Numerics | None]) -> None:
+    """Install ``lookup(xp)``, the declared numerics of a namespace or ``None``."""
+    global _LOOKUP
+    _LOOKUP = lookup
+
+
+def numerics_for(xp) -> Numerics:
+    """The :class:`Numerics` of namespace ``xp``: its backend's, else the defaults.
+
+    Looked up once per namespace (a namespace's module name identifies it).
+    The lookup is host logic that torch.compile takes as a constant; the
+    object itself comes from a module-level dict, where Dynamo can trace
+    its methods.
+    """
+    return _BY_NAMESPACE[_numerics_key(xp)]
+
+
+@compile_time_constant
+def _numerics_key(xp) -> str:
+    key = getattr(xp, "__name__", repr(xp))
+    if key not in _BY_NAMESPACE:
+        declared = None if _LOOKUP is None else _LOOKUP(xp)
+        _BY_NAMESPACE[key] = DEFAULT if declared is None else declared
+    return key
