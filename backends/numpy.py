@@ -59,6 +59,7 @@ import math
 
 from array_api_compat import is_numpy_array
 
+from . import _fused_cpu
 from ._blocked import Pairwise as _Pairwise
 from ._blocked import kernels as _blocked_kernels
 from ._blocked import piece as _piece
@@ -587,7 +588,7 @@ SPEC = BackendSpec(
     devices=lambda: [Device("cpu", "cpu")],
     dtypes=("float16", "float32", "float64"),
     to_numpy=_to_numpy,
-    kernels=_kernels(),
+    kernels=(*_fused_cpu.numpy_kernels(), *_kernels()),
 )
 
 __all__ = ["SPEC", "TILE_ELEMENTS"]
