@@ -21,10 +21,11 @@ other included entries -- and, for softmax and log_softmax, its outputs:
   state is computed in cache (two passes over it), the states are merged as
   :func:`lse_dispatch._state.merge` does, and an output pass reads the row
   once more;
-* columns are processed in blocks of adjacent lines, vectorised across the
-  lines (the reduced axis is the outer loop): whole columns at once when a
-  block of them fits in ``FUSED_BYTES`` (then outputs are fused as for rows),
-  otherwise in row segments whose states are merged.
+* columns are processed in blocks of adjacent lines: whole columns when 16
+  of them fit in ``FUSED_BYTES`` (then outputs are fused as for rows),
+  otherwise in row segments whose states are merged; each block is
+  transposed into a scratch array and goes through the row code (per-column
+  accumulation loops did not vectorise: LLVM gave up on aliasing checks).
 
 Lines whose max is not finite (``+inf``, NaN, nothing included) are only
 *flagged* here (``bad[line] = 1``): their limits are the shared Python
@@ -84,15 +85,12 @@ sums are float64.
 * log_softmax: ``(x - m) - L`` in float64, rounded once: 0.5 ulp plus L's
   relative error (``L >= r / (c + r)``, so ``delta * rho <= delta * L``).
 
-float64 input (no wider accumulator): ``x - m`` by TwoSum (``d + e`` exact),
-terms ``exp(d) + exp(d) e``, and every sum compensated (TwoSum into ``W``
-vector lanes, whose errors are summed apart; then the lanes compensated):
-``rest`` is within about ``3 u`` (Ogita, Rump & Oishi, "Accurate sum and dot
-product", SIAM J. Sci. Comput. 26, 2005: the compensated sum is as accurate as
-a sum in twice the precision, rounded once).  softmax is ``t / total``
-(``1.7 + 1 + 3 + 0.5`` u in the worst case, far less in practice: the stored
-term is ``exp(d) + exp(d) e`` rounded once); log_softmax ``(x - m) - L`` with
-both terms non-positive (1.5 ulps plus ``L``'s error).
+float64 input (no wider accumulator): ``x - m`` by TwoSum (``d + e``
+exact), terms ``exp(d) + exp(d) e``, and every sum exact-split
+(:func:`_split_sum`: within about ``1.1 u``), so ``rest`` is within about
+``2.8 u``.  softmax is ``t / total``; log_softmax ``(x - m) - L`` with both
+terms non-positive (1.5 ulps plus ``L``'s error).  Bounds and measurements:
+docs/fused_cpu.md.
 
 Compile time and the cache
 --------------------------
