@@ -14,6 +14,7 @@ when a kernel runs.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import array_api_compat.torch as xp
@@ -25,6 +26,7 @@ from lse_dispatch._namespace import DtypePlan
 from lse_dispatch._ops import Op
 from lse_dispatch._state import LSEState
 
+from . import _fused_cpu
 from ._spec import AUTODIFF
 
 __all__ = ["LogSumExp", "Normalised", "logsumexp", "normalised"]
@@ -220,12 +222,18 @@ class _NormalisedReverse(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, where, static = inputs
         ctx.axes, ctx.op = static.axes, static.op
+        # The forward ran torch.fused (numba loaded): the backward may too.
+        ctx.fused = "numba" in sys.modules and _fused_cpu.available()
         ctx.compute = static.plan.compute
         _save(ctx, output, where)
 
     @staticmethod
     def backward(ctx, g):
         out, where = _saved(ctx)
+        if not torch.is_grad_enabled() and ctx.fused:  # double backward keeps the op form
+            fused = _fused_cpu.softmax_backward(ctx.op, out, where, g, ctx.axes)
+            if fused is not None:
+                return fused, None, None
         out_c, g_c = out.to(ctx.compute), g.to(ctx.compute)
         if ctx.op == Op.SOFTMAX:
             result = _autodiff.softmax_vjp(xp, out_c, g_c, ctx.axes)

@@ -35,6 +35,7 @@ import functools
 import numpy as np
 from array_api_compat import is_numpy_array
 
+from . import _fused_cpu
 from ._spec import BackendSpec, Device
 from ._tiled import PLAIN, WIDE, TiledKernel
 
@@ -155,5 +156,5 @@ SPEC = BackendSpec(
     devices=lambda: [Device("cpu", "cpu")],
     dtypes=("float16", "float32", "float64"),
     to_numpy=_to_numpy,
-    kernels=_KERNEL.kernels(),
+    kernels=(*_fused_cpu.numpy_kernels(), *_KERNEL.kernels()),
 )

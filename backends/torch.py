@@ -27,7 +27,7 @@ import functools
 
 from array_api_compat import is_torch_array
 
-from . import _torch_grad
+from . import _fused_cpu, _torch_grad
 from ._spec import BackendSpec, Device
 from ._tiled import COMPENSATED, TiledKernel
 
@@ -200,5 +200,5 @@ SPEC = BackendSpec(
     devices=_devices,
     dtypes=("float16", "bfloat16", "float32", "float64"),
     to_numpy=_to_numpy,
-    kernels=(*_torch_grad.KERNELS, *_KERNEL.kernels()),
+    kernels=(*_torch_grad.KERNELS, *_fused_cpu.torch_kernels(), *_KERNEL.kernels()),
 )

@@ -13,6 +13,10 @@ reason and the generic implementation ran instead.  What declines what:
   float64 log_softmax (the max's ``-log1p(rest)`` needs terms ``exp(x - m)``
   of the exact difference, which only the shared state forms; see
   ``spread``); ``torch.blocked`` declines calls that autograd records.
+* ``numpy.fused`` / ``torch.fused`` (numba): ``b``, other layouts, calls
+  autograd records, tiny calls that the blocked kernels take (and every call
+  when numba is not installed); the module warms them up first so that they
+  take these small inputs.
 * ``jax.jit``: traced inputs (inside a JAX transform).
 * ``autodiff`` (torch and JAX): every call that is not being differentiated.
   They are also exercised for real: torch with ``requires_grad=True`` inputs
@@ -29,6 +33,7 @@ import pytest
 
 import lse_dispatch
 from lse_dispatch import oracle
+from lse_dispatch.backends import _fused_cpu
 
 mpmath = pytest.importorskip("mpmath")
 
@@ -46,6 +51,19 @@ def _paths():
 
 
 PATHS = list(_paths())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fused_compiled():
+    """The fused kernels compiled (from numba's cache after the first run), so
+    that they take the small inputs here; forgotten afterwards, so that other
+    modules see the default of a fresh process."""
+    seen = set(_fused_cpu._SIGNATURES_SEEN)
+    if _fused_cpu.available():
+        _fused_cpu.warm_up(masks=True)
+    yield
+    _fused_cpu._SIGNATURES_SEEN.clear()
+    _fused_cpu._SIGNATURES_SEEN.update(seen)
 
 
 def _convert(backend, array):
@@ -67,15 +85,24 @@ def _host(x):
     return np.asarray(x)
 
 
-def _declines(implementation, op, dtype, *, layout=True, weighted=False, differentiated=False):
+def _declines(implementation, op, dtype, *, layout=True, weighted=False, masked=False, differentiated=False,
+              tiny=False):
     """Whether ``implementation`` must decline the call (worked out here, not asked of it).
 
     ``layout``: the reduced axes are the leading or trailing axes of a
-    contiguous array; ``weighted``: ``b`` or ``where`` given;
-    ``differentiated``: a derivative is being taken.
+    contiguous array; ``weighted``: ``b`` given; ``masked``: ``where`` given;
+    ``differentiated``: a derivative is being taken; ``tiny``: at most 16
+    entries, all reduced.
     """
     if implementation == "generic":
         return False
+    if implementation.endswith(".fused"):
+        # Compiled kernels (numba): b, other layouts, autograd-recorded calls,
+        # and tiny calls the blocked kernels' Python-float path takes faster.
+        if not _fused_cpu.available():
+            return True
+        tiny_blocked = tiny and not masked and (op == "logsumexp" or np.dtype(dtype) == np.float32)
+        return weighted or not layout or differentiated or tiny_blocked
     if implementation == "autodiff":
         return not differentiated
     if implementation == "jax.jit":
@@ -85,7 +112,7 @@ def _declines(implementation, op, dtype, *, layout=True, weighted=False, differe
         autograd = differentiated and implementation == "torch.blocked"
         # Both form float32 terms of the exact x - m (numpy in float64, torch by TwoSum).
         log_softmax = op == "log_softmax" and np.dtype(dtype) == np.float64
-        return weighted or not layout or float64_softmax or log_softmax or autograd
+        return weighted or masked or not layout or float64_softmax or log_softmax or autograd
     raise AssertionError(f"no rule for {implementation!r}: add one")
 
 
@@ -194,7 +221,8 @@ def test_hard_inputs_within_4_ulps(backend, implementation, op, dtype):
         values = values.astype(dtype)
         x = _convert(backend, values)
         # The middle-axis layout is outside the blocked kernels' reach.
-        declines = _declines(implementation, op, dtype, layout=name != "random-3d-middle")
+        tiny = values.size <= 16 and axis is None
+        declines = _declines(implementation, op, dtype, layout=name != "random-3d-middle", tiny=tiny)
         got = _run(backend, implementation, op, x, declines=declines, axis=axis)
         exact = EXACT[op](values, axis=axis)
         what = f"{op} {name} ({backend}, {implementation})"
@@ -295,11 +323,12 @@ def test_where_and_b(backend, implementation):
     if _differentiable(backend, implementation):
         runners.append((_run_differentiated, True))
     for runner, differentiated in runners:
-        def declines(op):
-            return _declines(implementation, op, values.dtype, weighted=True, differentiated=differentiated)
+        def declines(op, weighted=False):
+            return _declines(implementation, op, values.dtype, weighted=weighted, masked=not weighted,
+                             differentiated=differentiated)
 
         what = f"({backend}, {implementation}, {runner.__name__})"
-        value, sign = runner(backend, implementation, "logsumexp", x, declines=declines("logsumexp"),
+        value, sign = runner(backend, implementation, "logsumexp", x, declines=declines("logsumexp", weighted=True),
                              axis=1, b=b, return_sign=True)
         exact = oracle.exact_logsumexp(values, axis=1, b=weights)
         _assert_ulps(value, exact, values.dtype, "logsumexp with b " + what)

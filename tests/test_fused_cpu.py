@@ -1,0 +1,508 @@
+"""The compiled CPU kernels (``numpy.fused``, ``torch.fused``; numba) on each of their paths.
+
+Paths: rows that fit a segment (state and outputs in one visit), rows longer
+than a segment (segment states merged, then an output pass), columns fused in
+cache (at most ``FUSED_BYTES`` per block of whole columns) and columns in row
+segments; float32 and float64; with and without ``where``.  Every test forces
+the kernel with ``use()`` and checks in the trace that it ran; values are
+held to the oracle (4 ulps), with exact values in closed form for long lines
+(a few distinct values with multiplicities).  Also: the exponential's error
+bound on dense samples, the exact-split sum, the limits (``+inf``, NaN, all
+``-inf``) handed to the shared functions, the fused backward, the library
+without numba, and numba's cache in a read-only install.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lse_dispatch
+from lse_dispatch import oracle
+from lse_dispatch.backends import _fused_cpu
+
+numba = pytest.importorskip("numba")
+mpmath = pytest.importorskip("mpmath")
+
+from lse_dispatch.backends import _numba_kernels as K  # noqa: E402  (needs numba)
+
+ULPS = 4.0
+EXACT = {"logsumexp": oracle.exact_logsumexp, "log_softmax": oracle.exact_log_softmax, "softmax": oracle.exact_softmax}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiled():
+    seen = set(_fused_cpu._SIGNATURES_SEEN)
+    _fused_cpu.warm_up(masks=True)
+    yield
+    _fused_cpu._SIGNATURES_SEEN.clear()
+    _fused_cpu._SIGNATURES_SEEN.update(seen)
+
+
+def _fused(library, op, x, **kwargs):
+    name = f"{library}.fused"
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+        if isinstance(kwargs.get("where"), np.ndarray):
+            kwargs["where"] = torch.from_numpy(kwargs["where"])
+    with lse_dispatch.use(name), lse_dispatch.trace() as seen:
+        result = getattr(lse_dispatch, op)(x, **kwargs)
+    (decision,) = seen.records
+    assert decision.implementation == name, str(decision)
+    if isinstance(result, tuple):
+        return tuple(np.asarray(part) for part in result)
+    return np.asarray(result)
+
+
+def _assert_ulps(got, exact, dtype, what):
+    errors = oracle.ulp_error(np.asarray(got, dtype=np.float64), exact, np.dtype(dtype))
+    assert errors.max() <= ULPS, f"{what}: {errors.max():.2f} ulps at {int(np.argmax(errors))}"
+
+
+def _exact_from_counts(values, counts):
+    with mpmath.workprec(160):
+        lse = mpmath.log(mpmath.fsum(c * mpmath.exp(mpmath.mpf(float(v))) for v, c in zip(values, counts)))
+        log_sm = [mpmath.mpf(float(v)) - lse for v in values]
+        return lse, np.array(log_sm, dtype=object), np.array([mpmath.exp(t) for t in log_sm], dtype=object)
+
+
+LIBRARIES = ["numpy", "torch"]
+DTYPES = ["float32", "float64"]
+
+
+# --------------------------------------------------------------------------
+# The exponential and the sum.
+
+
+def test_polynomial_fits_meet_their_bounds():
+    """``1 + r q(r)`` with the float64 coefficients, against exp in mpmath on 4001 points of [-ln2/2, ln2/2]."""
+    with mpmath.workprec(200):
+        half = mpmath.log(2) / 2
+        for coefficients, bound in ((K.EXP_COEFFICIENTS, 2.0**-56.5), (K.EXP7_COEFFICIENTS, 2.0**-33.08)):
+            first, *rest = coefficients
+            worst = 0
+            for i in range(4001):
+                r = (-half + 2 * half * i / 4000) * (1 + mpmath.mpf(2) ** -40)  # |r| exceeds ln2/2 by rounding only
+                q = mpmath.mpf(first)
+                for c in rest:
+                    q = q * r + mpmath.mpf(c)
+                worst = max(worst, abs((1 + r * q) / mpmath.exp(r) - 1))
+            assert worst <= bound, f"degree {len(coefficients)}: {float(worst):.3g}"
+
+
+def _samples():
+    rng = np.random.default_rng(17)
+    ln2 = math.log(2)
+    k = rng.integers(0, 1022, 6000)
+    # Dense on [-708, 0], the edges of the reduction (k ln2 +- ln2/2), near 0, the subnormal range.
+    return np.concatenate([
+        -rng.uniform(0, 708, 20000),
+        -(k * ln2 + ln2 / 2) * (1 + rng.uniform(-1e-15, 1e-15, k.size)),
+        -(k * ln2 - ln2 / 2) * (1 + rng.uniform(-1e-15, 1e-15, k.size)),
+        -rng.uniform(0, 1e-6, 2000),
+        [0.0, -0.0, -1e-300, -ln2 / 2, -ln2],
+    ])
+
+
+def _batch(function):
+    def apply(d):
+        out = np.empty_like(d)
+        for i in range(d.size):
+            out[i] = function(d[i])
+        return out
+
+    return numba.njit(apply)
+
+
+def test_exp_within_its_bound():
+    """:func:`_exp` within 1.7 float64 ulps (its proven bound) where exp(d) is normal,
+    :func:`_exp7` within 2**-33 + 2**-52; both carry NaN and give 0 at -inf."""
+    d = _samples()
+    accurate, fast = _batch(K._exp)(d), _batch(K._exp7)(d)
+    with mpmath.workprec(120):
+        exact = np.array([float(mpmath.exp(mpmath.mpf(float(v)))) for v in d])
+        # Relative errors against the exact values (mpf), not their float64 roundings.
+        rel = np.array([float(abs(mpmath.mpf(float(a)) / mpmath.exp(mpmath.mpf(float(v))) - 1)) for a, v in zip(accurate, d)])
+        rel7 = np.array([float(abs(mpmath.mpf(float(a)) / mpmath.exp(mpmath.mpf(float(v))) - 1)) for a, v in zip(fast, d)])
+    normal = exact >= np.finfo(np.float64).smallest_normal
+    assert rel[normal].max() <= 1.7 * 2.0**-53, rel[normal].max() / 2.0**-53
+    assert rel7[normal].max() <= 2.0**-33 + 2.0**-52
+    tiny = ~normal
+    assert np.all(np.abs(accurate[tiny] - exact[tiny]) <= np.finfo(np.float64).smallest_subnormal)
+    special = _batch(K._exp)(np.array([-np.inf, np.nan, -746.0, -1e308]))
+    assert special[0] == 0 and np.isnan(special[1]) and special[2] == 0 and special[3] == 0
+
+
+def test_split_sum_is_exact_where_a_plain_sum_is_not():
+    """1 + 1000 * 2**-53: a sequential float64 sum gives 1; the exact split keeps every term."""
+    buffer = np.array([1.0] + [2.0**-53] * 1000 + [3.0 * 2.0**-60] * 3000)
+    exponent = (int(buffer.max().view(np.int64)) >> 52) + 1 + 16
+    sigma = float(np.array((exponent << 52) | (1 << 51), np.int64).view(np.float64))
+    assert K._split_sum(buffer, buffer.size, sigma) == math.fsum(buffer)
+    sequential = 0.0
+    for value in buffer:
+        sequential += value
+    assert sequential == 1.0 != math.fsum(buffer)  # what the test would catch
+
+
+# --------------------------------------------------------------------------
+# Every path against the oracle.
+
+# (shape, axis, path): rows in one segment, rows longer than a segment,
+# columns fused in cache, columns in row segments.
+LONG = K.SEGMENT + 37
+
+
+def _layouts(dtype):
+    fused_rows = K.FUSED_BYTES // (16 * np.dtype(dtype).itemsize)
+    return [((37, 300), -1, "rows"), ((2, LONG), -1, "long rows"), ((300, 37), 0, "columns"),
+            ((fused_rows + 9, 5), 0, "column segments")]
+
+
+def _spread_line(n, rng, offset=0.0):
+    """A line of a few distinct values (the max once, a runner-up three times)."""
+    values = np.array([12.0, 11.5, 3.25, -7.0, -30.2, -55.0, -62.029507, -72.9]) + offset
+    counts = [1, 3] + [(n - 4) // 6] * 6
+    counts[-1] += n - sum(counts)
+    line = np.repeat(values, counts)
+    rng.shuffle(line)
+    return line, values, counts
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0.0, 1.0e4], ids=["plain", "offset-1e4"])
+def test_every_path_against_closed_form(library, dtype, offset):
+    rng = np.random.default_rng(3)
+    for shape, axis, path in _layouts(dtype):
+        n = shape[axis]
+        lines = shape[1 - (axis % 2)]
+        data, exact = [], []
+        for _ in range(lines):
+            line, values, counts = _spread_line(n, rng, offset)
+            line = line.astype(dtype)
+            values = values.astype(dtype)
+            data.append(line)
+            exact.append((values, _exact_from_counts(values, counts)))
+        x = np.stack(data, axis=0 if axis == -1 else 1)
+        got = {op: _fused(library, op, x, axis=axis) for op in EXACT}
+        for k, (values, (lse, log_sm, soft)) in enumerate(exact):
+            line = x[k] if axis == -1 else x[:, k]
+            picks = [int(np.flatnonzero(line == v)[0]) for v in values]
+            what = f"{library} {dtype} {path} line {k} offset {offset}"
+            lse_got = got["logsumexp"].reshape(-1)[k]
+            _assert_ulps(np.array([lse_got]), np.array([lse], dtype=object), dtype, "logsumexp " + what)
+            for op, want in (("log_softmax", log_sm), ("softmax", soft)):
+                out = got[op][k] if axis == -1 else got[op][:, k]
+                _assert_ulps(out[picks], want, dtype, f"{op} {what}")
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_random_inputs_against_the_oracle(library, dtype):
+    """Normal rows (sd 1 and 30), ties, a dominant max, per layout (short lines: mpmath per entry)."""
+    rng = np.random.default_rng(5)
+    cases = [
+        ((rng.standard_normal((40, 257)) * 30), -1),
+        ((rng.standard_normal((23, 64))), -1),
+        ((rng.standard_normal((257, 19)) * 30), 0),
+        (np.array([[3.0, 3.0, 3.0, -1.0, 0.5], [-2.0, 7.0, 7.0, 0.0, 7.0], [0.0, -40.0, -50.0, -17.5, -60.0]]), -1),
+        (np.array([[0.0, -40.0], [-20.0, -745.0], [-30.0, 0.0]]), 0),
+    ]
+    for values, axis in cases:
+        x = values.astype(dtype)
+        for op in EXACT:
+            got = _fused(library, op, x, axis=axis)
+            exact = EXACT[op](x.astype(np.float64), axis=axis)
+            if op == "logsumexp":
+                got, exact = got.reshape(-1), exact.reshape(-1)
+            _assert_ulps(got, exact, dtype, f"{op} {library} {dtype} {x.shape} axis {axis}")
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("pad", [0, 3000, LONG], ids=["short", "rows", "long-rows"])
+def test_logsumexp_that_cancels_to_near_zero(library, pad):
+    """``[-1, c, c]`` with ``e^-1 + 2 e^c`` about 1 (lse = -1.7e-9, condition 6e8): float32
+    terms of float64 accuracy; short rows take the exact recheck, long ones the exact sum."""
+    c = np.float32(-1 + np.log((np.e - 1) / 2))
+    values = np.array([-1.0, c, c] + [-300.0] * pad, dtype=np.float32)
+    lse, log_sm, _ = _exact_from_counts([-1.0, float(c), -300.0], [1, 2, pad])
+    got = _fused(library, "logsumexp", values[None, :], axis=-1).reshape(-1)
+    _assert_ulps(got, np.array([lse], dtype=object), np.float32, f"logsumexp pad {pad}")
+    both = np.stack([values, np.full_like(values, 2.5)], axis=1)
+    got = _fused(library, "logsumexp", both, axis=0).reshape(-1)
+    with mpmath.workprec(160):
+        second = mpmath.mpf(2.5) + mpmath.log(len(values))
+    _assert_ulps(got, np.array([lse, second], dtype=object), np.float32, f"columns pad {pad}")
+    got = _fused(library, "log_softmax", values[None, :], axis=-1)[0]
+    _assert_ulps(got[:3], log_sm[[0, 1, 1]], np.float32, "log_softmax")
+
+
+INF, NAN = math.inf, math.nan
+LIMITS = [
+    ([INF, 1.0, INF], INF, [0.5, 0.0, 0.5], [-math.log(2), -INF, -math.log(2)]),
+    ([-INF, -INF, -INF], -INF, [0.0, 0.0, 0.0], [-INF, -INF, -INF]),
+    ([-INF, 0.0, -INF], 0.0, [0.0, 1.0, 0.0], [-INF, 0.0, -INF]),
+    ([NAN, 0.0, 1.0], NAN, [NAN, NAN, NAN], [NAN, NAN, NAN]),
+    ([INF, NAN, 0.0], NAN, [NAN, NAN, NAN], [NAN, NAN, NAN]),
+    ([0.0, NAN, 1.0], NAN, [NAN, NAN, NAN], [NAN, NAN, NAN]),
+    ([1.0e30, 1.0e30, -1.0e30], 1.0e30 + math.log(2), [0.5, 0.5, 0.0], [-math.log(2), -math.log(2), -2.0e30]),
+]
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pad", [0, 300, LONG], ids=["short", "rows", "long-rows"])
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_limits_go_to_the_shared_functions(library, dtype, pad, axis):
+    """Flagged lines (max not finite, a NaN) take the shared limit rules: the
+    contract's values exactly, next to an ordinary line, on every path."""
+    if axis == 0 and pad == LONG:
+        pad = K.FUSED_BYTES // (16 * np.dtype(dtype).itemsize) + 5  # column segments
+    fill = {"softmax": 0.0, "log_softmax": -INF}
+    rows = [row[0] + [-INF] * pad for row in LIMITS] + [[0.0, -1.0, -2.0] + [-INF] * pad]
+    values = np.array(rows, dtype=dtype)
+    x = values if axis == -1 else np.ascontiguousarray(values.T)
+    ordinary = np.array([0.0, -1.0, -2.0])
+    expected = {
+        "logsumexp": [row[1] for row in LIMITS] + [float(np.log(np.exp(ordinary).sum()))],
+        "softmax": [row[2] + [fill["softmax"] if row[1] == row[1] else NAN] * pad for row in LIMITS],
+        "log_softmax": [row[3] + [fill["log_softmax"] if row[1] == row[1] else NAN] * pad for row in LIMITS],
+    }
+    for op in EXACT:
+        got = _fused(library, op, x, axis=axis)
+        got = got.reshape(-1) if op == "logsumexp" else (got if axis == -1 else got.T)
+        if op == "logsumexp":
+            np.testing.assert_array_equal(got[:-1], np.array(expected[op][:-1], dtype=dtype), err_msg=op)
+            np.testing.assert_allclose(got[-1], expected[op][-1], rtol=4e-7)
+        else:
+            np.testing.assert_array_equal(got[:-1], np.array(expected[op], dtype=dtype), err_msg=f"{op} {axis}")
+            exact = EXACT[op](values[-1:, :3].astype(np.float64), axis=-1)
+            _assert_ulps(got[-1:, :3], exact, dtype, f"{op} ordinary line")
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_where_masks(library, dtype):
+    """Excluded entries: softmax 0, log_softmax -inf; a line with nothing
+    included: the shared limits; a broadcast mask; both layouts, long rows."""
+    rng = np.random.default_rng(9)
+    for shape, axis, path in _layouts(dtype):
+        x = (rng.standard_normal(shape) * 10).astype(dtype)
+        mask = rng.uniform(size=shape) < 0.7
+        first_line = (slice(0, 1), slice(None)) if axis == -1 else (slice(None), slice(0, 1))
+        mask[first_line] = False  # nothing included
+        x[~mask & (rng.uniform(size=shape) < 0.1)] = np.nan  # excluded NaN entries change nothing
+        for op in EXACT:
+            got = _fused(library, op, x, axis=axis, where=mask)
+            reference = np.where(mask, x, 0.0).astype(np.float64)
+            if op == "logsumexp":
+                exact = oracle.exact_logsumexp(reference, axis=axis, where=mask)
+                first = got.reshape(-1)[0]
+                assert first == -np.inf
+                _assert_ulps(got.reshape(-1)[1:], exact.reshape(-1)[1:], dtype, f"{op} {path}")
+                continue
+            line = got[first_line]
+            assert np.all(line == (0.0 if op == "softmax" else -np.inf))
+            if shape[axis] > 4096:
+                continue  # long lines: the closed-form test covers their values
+            exact = EXACT[op](reference, axis=axis, where=mask)
+            keep = mask.copy()
+            keep[first_line] = False
+            _assert_ulps(got[keep], exact[keep], dtype, f"{op} {path}")
+            assert np.all(got[~mask] == (0.0 if op == "softmax" else -np.inf))
+    # A mask broadcast along the kept axis.
+    x = (rng.standard_normal((16, 50)) * 3).astype(dtype)
+    row_mask = rng.uniform(size=(1, 50)) < 0.6
+    got = _fused(library, "softmax", x, axis=-1, where=row_mask)
+    exact = oracle.exact_softmax(x.astype(np.float64), axis=-1, where=np.broadcast_to(row_mask, x.shape))
+    _assert_ulps(got[:, row_mask[0]], exact[:, row_mask[0]], dtype, "broadcast mask")
+
+
+# --------------------------------------------------------------------------
+# Declines, threads, gradients.
+
+
+def test_declines_say_why():
+    x = np.ones((300, 40))
+    with lse_dispatch.use("numpy.fused"), lse_dispatch.trace() as seen:
+        lse_dispatch.logsumexp(x, b=x)
+        lse_dispatch.logsumexp(x.astype(np.complex128))
+        lse_dispatch.logsumexp(np.ma.array(x))
+        lse_dispatch.logsumexp(x.astype(">f8"))
+        lse_dispatch.logsumexp(np.ones((3, 4, 5)), axis=1)
+        lse_dispatch.logsumexp(x.T, axis=0)
+        lse_dispatch.logsumexp(np.arange(3.0))
+    reasons = [dict(record.declined)["numpy.fused"] for record in seen.records]
+    assert seen.implementations == ["generic"] * 7
+    assert reasons[0] == "b given" and reasons[1] == "complex input"
+    assert reasons[2].startswith("MaskedArray") and reasons[3] == "non-native byte order"
+    assert reasons[4].startswith("layout") and reasons[5].startswith("layout")
+    assert reasons[6].startswith("tiny input")
+
+
+def test_a_fresh_process_compiles_only_for_large_inputs():
+    code = textwrap.dedent("""
+        import sys, numpy as np, lse_dispatch
+        with lse_dispatch.trace() as t:
+            lse_dispatch.softmax(np.ones((64, 1000), np.float32), axis=-1)
+        assert "numba" not in sys.modules, "a small call imported numba"
+        print(t.records[0].implementation, dict(t.records[0].declined)["numpy.fused"][:16])
+        with lse_dispatch.trace() as t:
+            lse_dispatch.softmax(np.ones((1024, 1024), np.float32), axis=-1)
+            lse_dispatch.softmax(np.ones((64, 1000), np.float32), axis=-1)
+        print(*t.implementations)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, second = result.stdout.strip().splitlines()
+    assert first == "numpy.blocked not compiled yet"
+    # The large call compiles (or loads) its signature; the small one is serial, a signature of its own.
+    assert second.split()[0] == "numpy.fused"
+
+
+def test_threads_setting(monkeypatch):
+    with pytest.raises(ValueError, match="'threads'"):
+        _fused_cpu.set_num_threads(0)
+    try:
+        _fused_cpu.set_num_threads(1)
+        assert _fused_cpu.get_num_threads() == 1
+        x = np.random.default_rng(1).standard_normal((1024, 512))
+        got = _fused("numpy", "logsumexp", x, axis=-1)
+        np.testing.assert_allclose(got.reshape(-1), np.log(np.exp(x).sum(axis=-1)), rtol=1e-14)
+    finally:
+        _fused_cpu.set_num_threads(None)
+    monkeypatch.setenv(_fused_cpu.ENV_THREADS, "1")
+    assert _fused_cpu.get_num_threads() == 1
+    torch = pytest.importorskip("torch")
+    monkeypatch.delenv(_fused_cpu.ENV_THREADS)
+    assert _fused_cpu.get_num_threads("torch") == min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_torch_autograd_uses_the_fused_forward_and_backward(op, axis, monkeypatch):
+    torch = pytest.importorskip("torch")
+    calls = []
+    original = _fused_cpu.softmax_backward
+
+    def spy(*args):
+        result = original(*args)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(_fused_cpu, "softmax_backward", spy)
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.standard_normal((33, 47)) * 3).requires_grad_(True)
+    weights = torch.from_numpy(rng.standard_normal((33, 47)))
+    with lse_dispatch.trace() as seen:
+        (getattr(lse_dispatch, op)(x, axis=axis) * weights).sum().backward()
+    assert seen.implementations == ["autodiff"]
+    assert calls == [True]
+    want = torch.autograd.grad((getattr(torch, op)(x, dim=axis) * weights).sum(), x)[0]
+    torch.testing.assert_close(x.grad, want, rtol=1e-12, atol=1e-14)
+    # Inside the Function's forward, torch.fused ran (grad mode is off there).
+    with lse_dispatch.trace() as inner, torch.no_grad():
+        getattr(lse_dispatch, op)(x.detach(), axis=axis)
+    assert inner.implementations == ["torch.fused"]
+    # Double backward keeps the op form (create_graph): gradgradcheck holds.
+    small = torch.from_numpy(rng.standard_normal((3, 5))).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda t: getattr(lse_dispatch, op)(t, axis=axis), (small,))
+
+
+def test_masked_log_softmax_backward_matches_the_op_form():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.standard_normal((20, 30)).astype(np.float32)).requires_grad_(True)
+    mask = torch.from_numpy(rng.uniform(size=(20, 30)) < 0.6)
+    g = torch.from_numpy(rng.standard_normal((20, 30)).astype(np.float32))
+    (lse_dispatch.log_softmax(x, axis=-1, where=mask) * g).sum().backward()
+    fused = x.grad.clone()
+    x.grad = None
+    with lse_dispatch.use("generic"):
+        (lse_dispatch.log_softmax(x, axis=-1, where=mask) * g).sum().backward()
+    torch.testing.assert_close(fused, x.grad, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Imports, no numba, the cache in a read-only install.
+
+
+def test_importing_lse_dispatch_imports_no_numba():
+    code = "import sys, lse_dispatch, lse_dispatch.backends; print('numba' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_everything_works_without_numba():
+    """numba made unimportable: the fused kernels decline, results are the oracle's."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["numba"] = None
+        import numpy as np, torch, lse_dispatch
+        from lse_dispatch import oracle
+        x = np.random.default_rng(0).standard_normal((1100, 1000)).astype(np.float32)
+        with lse_dispatch.trace() as t:
+            got = lse_dispatch.log_softmax(x, axis=-1)
+            lse_dispatch.logsumexp(torch.from_numpy(x), axis=0)
+        with lse_dispatch.use("numpy.fused"), lse_dispatch.trace() as forced:
+            lse_dispatch.softmax(x, axis=0)
+        print(*t.implementations, forced.records[0].implementation)
+        print(dict(t.records[0].declined)["numpy.fused"])
+        print(oracle.ulp_error(got[:3], oracle.exact_log_softmax(x[:3].astype(float), axis=-1), np.float32).max())
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    ran, reason, worst = result.stdout.strip().splitlines()
+    assert ran == "numpy.blocked torch.blocked generic"
+    assert reason.startswith("numba is not installed")
+    assert float(worst) <= ULPS
+
+
+def test_cache_survives_a_read_only_install(tmp_path):
+    """The package copied to a read-only folder: numba caches in the user-wide folder instead,
+    and a second process loads from there."""
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "lse_dispatch", site / "lse_dispatch", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "backends", site / "lse_dispatch" / "backends", ignore=shutil.ignore_patterns("__pycache__"))
+    if os.geteuid() == 0:
+        # Permission bits do not stop root: block the in-tree cache folder
+        # with a file of its name, which fails numba's writability probe
+        # (os.makedirs, then a temporary file) exactly as a read-only folder does.
+        (site / "lse_dispatch" / "backends" / "__pycache__").write_text("")
+    for path in [site, *site.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    cache_home = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(site), "XDG_CACHE_HOME": str(cache_home), "HOME": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    code = textwrap.dedent("""
+        import numpy as np, lse_dispatch
+        from lse_dispatch.backends import _numba_kernels as K
+        assert K.__file__.startswith(%r), K.__file__
+        x = np.random.default_rng(0).standard_normal((8, 100))
+        values, bad = np.empty(8), np.zeros(8, np.uint8)
+        K.logsumexp_lines(x, 1, None, values, bad, False)
+        assert np.allclose(values, np.log(np.exp(x).sum(axis=1)))
+        print(sum(K._rows_serial.stats.cache_hits.values()), sum(K._rows_serial.stats.cache_misses.values()))
+    """ % str(site))
+    try:
+        first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert first.returncode == 0, first.stderr[-2000:]
+        assert first.stdout.split() == ["0", "1"]  # compiled, and written...
+        written = list(cache_home.rglob("*.nbi"))
+        assert written, "no cache index in the user-wide folder"
+        assert not list(site.rglob("*.nbi"))  # ...not into the read-only install
+        second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert second.stdout.split() == ["1", "0"]  # loaded from the user-wide cache
+    finally:
+        for path in [site, *site.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
