@@ -254,4 +254,4 @@ def test_docs_matrix_command_is_named():
     docs = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
     if not docs.exists():
         pytest.skip("docs/conformance.md not generated in this checkout")
-    assert "python -m lse_dispatch.conformance.make_readme_matrix" in docs.read_text()
+    assert "python scripts/make_conformance_matrix.py" in docs.read_text()
