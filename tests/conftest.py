@@ -139,3 +139,25 @@ def pytest_collection_modifyitems(config, items):
         reason = KNOWN_FAILURES.get(item.name)
         if reason is not None:
             item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Skips counted by reason on one line (``-rs`` would list each one):
+    most are a backend, device or dtype this machine does not have."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped or "s" in (config.option.reportchars or "").replace("a", "s"):
+        return
+    counts: dict[str, int] = {}
+    for report in skipped:
+        reason = _skip_reason(report)
+        counts[reason] = counts.get(reason, 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    shown = "; ".join(f"{n} {reason}" for reason, n in ranked[:8])
+    rest = f"; {len(ranked) - 8} more reasons (pytest -rs lists every skip)" if len(ranked) > 8 else ""
+    terminalreporter.write_line(f"skipped by reason: {shown}{rest}")
