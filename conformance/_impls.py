@@ -90,6 +90,13 @@ class Implementation:
         """Whether it has every function in ``ops``."""
         return all(op in self.functions for op in ops)
 
+    def summary(self) -> dict:
+        """What reports record about it."""
+        has_xfails = self.xfail_file is not None and self.xfail_file.exists()
+        return {"name": self.name, "description": self.description, "strict": self.strict,
+                "functions": [op for op in OPS if op in self.functions],
+                "xfail_file": self.xfail_file.name if has_xfails else None, "versions": self.versions}
+
     def __call__(self, op: str, x, **kwargs):
         """Call ``op`` with the keyword arguments that are not ``None``/default."""
         if op not in self.functions:

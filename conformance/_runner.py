@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ._checks import FAMILIES, Check, Context, Outcome
-from ._impls import OPS, Implementation, NotApplicable, Unsupported, WrongResult, load
+from ._impls import Implementation, NotApplicable, Unsupported, WrongResult, load
 from ._registry import registry
 from ._targets import Target, discover, select
 
@@ -163,17 +163,21 @@ def _dtypes_of(check: Check, target: Target, wanted: tuple[str, ...] | None) -> 
     return [d for d in chosen if wanted is None or d in wanted]
 
 
-def _selected(checks: list[Check], families, patterns, quick: bool) -> list[Check]:
-    out = []
-    for check in checks:
-        if families and check.family not in families:
-            continue
-        if patterns and not any(fnmatch.fnmatchcase(check.id, p) for p in patterns):
-            continue
-        if quick and check.slow:
-            continue
-        out.append(check)
-    return out
+def select_checks(families: Iterable[str] | None, patterns: Iterable[str] | None, quick: bool) -> list[Check]:
+    """The registered checks of ``families`` whose ids match ``patterns``
+    (``None``: all), less the slow ones in quick mode."""
+    unknown = sorted(set(families or ()) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
+                         f"known: {', '.join(FAMILIES)}")
+    patterns = tuple(patterns or ())
+    return [
+        check
+        for check in registry()
+        if (not families or check.family in families)
+        and (not patterns or any(fnmatch.fnmatchcase(check.id, p) for p in patterns))
+        and not (quick and check.slow)
+    ]
 
 
 @dataclass(frozen=True)
@@ -304,9 +308,10 @@ def run(
     Parameters
     ----------
     impl
-        ``"ours"``, ``"scipy"``, ``"torch"``, ``"jax"``, ``"cupy"``, a triple
-        ``"mod:logsumexp,mod:softmax,mod:log_softmax"``, an
-        :class:`Implementation`, or a list of those.
+        ``"ours"``, ``"scipy"``, ``"torch"``, ``"jax"``, ``"cupy"``, a module
+        name, ``module:function`` references (positional in the order
+        logsumexp, softmax, log_softmax, or ``op=module:function``; any
+        subset), an :class:`Implementation`, or a list of those.
     backends, device
         Patterns narrowing the targets (``"numpy,torch:cpu"``); ``None``: the
         ``LSE_CONFORMANCE_BACKENDS`` / ``LSE_CONFORMANCE_DEVICE`` variables.
@@ -324,29 +329,19 @@ def run(
     impls = [impl] if isinstance(impl, (str, Implementation)) else list(impl)
     impls = [load(i, xfail=xfail) if xfail is not None else load(i) for i in impls]
     families = tuple(families) if families else None
-    unknown = sorted(set(families or ()) - set(FAMILIES))
-    if unknown:
-        raise ValueError(f"unknown famil{'ies' if len(unknown) > 1 else 'y'} {unknown}; known: {', '.join(FAMILIES)}")
     wanted_dtypes = tuple(dtypes) if dtypes else None
-    chosen = _selected(registry(), families, tuple(checks) if checks else None, quick)
+    chosen = select_checks(families, checks, quick)
     examples = max_examples if max_examples is not None else (10 if quick else 25)
     jobs, ran, skipped = plan(impls, select(backends, device), chosen, dtypes=wanted_dtypes, max_examples=examples)
     records: list[Record] = []
     for done, job in enumerate(jobs, 1):
-        record = _execute(job, xfail)
-        if record is not None:
-            records.append(record)
+        records.append(_execute(job, xfail))
         if progress is not None:
-            progress({"done": done, "total": len(jobs), "job": job, "record": record})
+            progress({"done": done, "total": len(jobs), "job": job, "record": records[-1]})
+    records = [record for record in records if record is not None]  # None: not applicable there
     return Result(
         records=records,
-        implementations=[
-            {"name": i.name, "description": i.description, "strict": i.strict,
-             "functions": [op for op in OPS if op in i.functions],
-             "xfail_file": str(i.xfail_file.name) if i.xfail_file and i.xfail_file.exists() else None,
-             "versions": i.versions}
-            for i in impls
-        ],
+        implementations=[i.summary() for i in impls],
         targets=ran,
         skipped_targets=skipped,
         versions=versions(),

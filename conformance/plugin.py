@@ -59,25 +59,19 @@ def _impls(config) -> list[str]:
 
 def _plan(config) -> list:
     """The jobs the options ask for; ``pytest.UsageError`` (one line) on a mistake."""
-    from ._checks import FAMILIES
     from ._impls import load
-    from ._registry import registry
-    from ._runner import _selected, plan
+    from ._runner import plan, select_checks
     from ._targets import select
 
-    families = config.getoption("--lse-family")
-    unknown = sorted(set(families or ()) - set(FAMILIES))
-    if unknown:
-        raise pytest.UsageError(f"--lse-family: unknown {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
     quick = config.getoption("--lse-quick")
     examples = config.getoption("--lse-max-examples") or (10 if quick else 25)
     try:
         impls = [load(spec, name=config.getoption("--lse-name"), xfail=config.getoption("--lse-xfail"))
                  for spec in _impls(config)]
         targets = select(config.getoption("--lse-backends"), config.getoption("--lse-device"))
+        checks = select_checks(config.getoption("--lse-family"), config.getoption("--lse-check"), quick)
     except (ValueError, ImportError, RuntimeError) as exc:
         raise pytest.UsageError(f"lse-dispatch conformance plugin: {exc}") from None
-    checks = _selected(registry(), families, config.getoption("--lse-check"), quick)
     dtypes = tuple(config.getoption("--lse-dtype") or ()) or None
     jobs, _, _ = plan(impls, targets, checks, dtypes=dtypes, max_examples=examples)
     return jobs

@@ -362,7 +362,7 @@ def test_plugin_usage_mistakes_are_one_line_errors(tmp_path):
     for extra, message in [
         (["--lse-impl", "mymod:lse", "--lse-backends", "nump"], "backend pattern(s) nump match no installed target"),
         (["--lse-impl", "nomod:f"], "cannot import 'nomod'"),
-        (["--lse-impl", "mymod:lse", "--lse-family", "acuracy"], "--lse-family: unknown acuracy"),
+        (["--lse-impl", "mymod:lse", "--lse-family", "acuracy"], "unknown family acuracy"),
     ]:
         done = subprocess.run(base + extra, cwd=here, capture_output=True, text=True, timeout=300)
         output = done.stdout + done.stderr
