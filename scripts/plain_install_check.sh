@@ -9,9 +9,14 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
+# A clean copy of the checkout: setuptools builds in the source folder and
+# never empties build/, whose stale files would end up in the wheel.
+mkdir source
+tar -C "$root" --exclude=./.git --exclude=./.venv --exclude=./build --exclude='*.egg-info' \
+    --exclude=__pycache__ -cf - . | tar -C source -xf -
 python3 -m venv venv
 venv/bin/python -m pip install --quiet --upgrade pip
-venv/bin/python -m pip install --quiet "$root"
+venv/bin/python -m pip install --quiet ./source
 echo "plain install: $(venv/bin/python -m pip list --format=freeze | tr '\n' ' ')"
 venv/bin/lse-dispatch --version
 venv/bin/lse-dispatch report --quick

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,11 +15,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: Not part of a clean checkout: left out of the copy the wheel is built from
+#: (setuptools never empties build/, so a stale file there would be shipped).
+LOCAL = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+                               ".hypothesis", "conformance.json")
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    """A wheel built from this checkout (pip, build isolation, no deps), and pip's output."""
+    """A wheel built from a clean copy of this checkout (pip, build isolation,
+    no deps), and pip's output."""
     out = tmp_path_factory.mktemp("wheel")
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), "-v", str(ROOT)],
+    source = tmp_path_factory.mktemp("source") / "lse-dispatch"
+    shutil.copytree(ROOT, source, ignore=LOCAL)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), "-v", str(source)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (path,) = out.glob("lse_dispatch-*.whl")
