@@ -106,7 +106,8 @@ class Goal:
     """A target: ``ours / reference <= limit`` (``faster``: reference / ours
     >= limit) on the cases of ``role``; ``kind`` "overhead" compares the
     difference in microseconds, "memory" the peak extra bytes in % of the
-    input, "residuals" the bytes saved for the backward pass."""
+    input, "residuals" the bytes saved for the backward pass.  A
+    ``stretch`` goal (the issue's moonshot) is printed but not counted."""
 
     name: str
     group: str
@@ -115,11 +116,12 @@ class Goal:
     limit: float
     ops: tuple[str, ...] = OPS
     kind: str = "ratio"
+    stretch: bool = False
 
 
 GOALS = (
     Goal("numpy: <= 1.0x bare np.exp", "numpy", "large", "bare np.exp", 1.0),
-    Goal("numpy moonshot: <= 0.5x bare np.exp", "numpy", "large", "bare np.exp", 0.5, ("logsumexp",)),
+    Goal("numpy moonshot: <= 0.5x bare np.exp", "numpy", "large", "bare np.exp", 0.5, ("logsumexp",), stretch=True),
     Goal("numpy: <= 1.5x bare np.exp", "numpy", "medium", "bare np.exp", 1.5),
     Goal("numpy: >= 3x faster than SciPy", "numpy", "large", "scipy.special", 3.0, kind="faster"),
     Goal("numpy float64: <= 1.5x bare np.exp", "numpy", "large64", "bare np.exp", 1.5),
@@ -164,6 +166,7 @@ class Verdict:
     unit: str
     met: bool
     detail: str = ""
+    stretch: bool = False
 
 
 @dataclass
@@ -415,6 +418,7 @@ def judge_targets(report: Report) -> None:
                         == (goal.group, ours.case, ours.op, goal.reference)), None)
             verdict = _judge(goal, ours, ref)
             if verdict is not None:
+                verdict.stretch = goal.stretch
                 report.targets.append(verdict)
 
 
@@ -452,10 +456,20 @@ def print_report(report: Report, out) -> None:
           file=out)
     for v in report.targets:
         relation = ">=" if "faster" in v.name else "<="
-        print(f"  {'met   ' if v.met else 'MISSED'} {v.name:<48} {v.op:<12} {v.case:<30} "
+        verdict = ("met" if v.met else "missed" if v.stretch else "MISSED").ljust(6)
+        print(f"  {verdict} {v.name:<48} {v.op:<12} {v.case:<30} "
               f"{v.measured:8.2f} {v.unit} ({relation} {v.limit:g}) {v.detail}", file=out)
-    met = sum(v.met for v in report.targets)
-    print(f"\n{met} of {len(report.targets)} targets met" + (" (smoke test)" if report.quick else ""), file=out)
+    print("\n" + _tally([asdict(v) for v in report.targets], report.quick), file=out)
+
+
+def _tally(targets: list[dict], quick: bool) -> str:
+    """``N of M targets met`` (stretch goals counted apart)."""
+    counted = [t for t in targets if not t.get("stretch")]
+    stretch = [t for t in targets if t.get("stretch")]
+    text = f"{sum(t['met'] for t in counted)} of {len(counted)} targets met"
+    if stretch:
+        text += f" (stretch goals, not counted: {sum(t['met'] for t in stretch)} of {len(stretch)})"
+    return text + (" (smoke test)" if quick else "")
 
 
 def _grouped(timings: list[Timing]) -> dict:
@@ -485,11 +499,10 @@ def render_markdown(data: dict) -> str:
     lines += ["", "| target | op | case | measured | limit | verdict | compared |", "|---|---|---|---|---|---|---|"]
     for v in data["targets"]:
         relation = ">=" if "faster" in v["name"] else "<="
-        verdict = "met" if v["met"] else "**missed**"
+        verdict = "met" if v["met"] else "missed (stretch)" if v.get("stretch") else "**missed**"
         lines.append(f"| {v['name']} | {v['op']} | {v['case']} | {v['measured']:.2f} {v['unit']} | "
                      f"{relation} {v['limit']:g} {v['unit']} | {verdict} | {v['detail']} |")
-    met = sum(v["met"] for v in data["targets"])
-    lines += ["", f"{met} of {len(data['targets'])} targets met" + (" (smoke test)." if data.get("quick") else ".")]
+    lines += ["", _tally(data["targets"], data.get("quick", False)) + "."]
     return "\n".join(lines) + "\n"
 
 
