@@ -92,9 +92,10 @@ def targets(names: list[str] | None = None, devices: list[str] | None = None) ->
 
 
 def _plan(target: Target, long_cases: bool) -> list[tuple[str, cases.Case]]:
+    dtypes = [d for d in target.spec.dtypes if d in target.dtypes]  # the backend's own order
     return [
         (dtype, case)
-        for dtype in target.dtypes
+        for dtype in dtypes
         for case in cases.CASES
         if cases.applies(case, dtype, target) is None and (long_cases or not case.id.startswith("accuracy/long-"))
     ]
