@@ -110,7 +110,8 @@ class Context:
         """The implementation's ``op``; with ``return_sign`` the result must be a pair."""
         result = self.impl(op, x, **kwargs)
         if kwargs.get("return_sign") and not (isinstance(result, tuple) and len(result) == 2):
-            raise WrongResult(f"{op}(..., return_sign=True): expected a (value, sign) pair, got {describe(result)}")
+            raise WrongResult(f"{op}(..., return_sign=True): expected a (value, sign) pair, "
+                              f"got {_cases.describe(result)}")
         return result
 
     def numpy(self, result):
@@ -118,13 +119,6 @@ class Context:
         if isinstance(result, tuple):
             return tuple(self.numpy(r) for r in result)
         return np.asarray(self.target.to_numpy(result)).astype(np.float64)
-
-
-def describe(result) -> str:
-    """``numpy.ndarray of shape (3, 4)``: what came back, in a few words."""
-    shape = getattr(result, "shape", None)
-    kind = f"{type(result).__module__}.{type(result).__name__}"
-    return f"{kind} of shape {tuple(shape)}" if shape is not None else f"{kind} {result!r:.60}"
 
 
 #: Every registered check; filled by the family modules as they are imported

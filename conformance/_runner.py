@@ -261,7 +261,8 @@ def _execute(job: Job, xfail: str | Path | None) -> Record | None:
     matched = job.expected_failure()
     if matched is not None and status in ("fail", "pass"):
         status, reason = ("xfail" if status == "fail" else "xpass"), matched.reason
-    rerun = rerun_command(job.impl, job.target, job.check, job.dtype, job.max_examples, xfail) if status != "pass" else ""
+    rerun = "" if status == "pass" else rerun_command(job.impl, job.target, job.check, job.dtype, job.max_examples,
+                                                      xfail)
     return Record(job.impl.name, job.target.label, job.check.family, job.check.id, job.dtype, status,
                   outcome.detail, outcome.example, reason, round(time.perf_counter() - began, 4), rerun)
 

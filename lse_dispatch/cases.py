@@ -34,6 +34,7 @@ __all__ = [
     "applies",
     "cases",
     "compare",
+    "describe",
     "evaluate",
     "exact",
     "expected_shape",
@@ -421,7 +422,8 @@ def _functions() -> dict:
     return {"logsumexp": _api.logsumexp, "softmax": _api.softmax, "log_softmax": _api.log_softmax}
 
 
-def _describe(result) -> str:
+def describe(result) -> str:
+    """``numpy.ndarray of shape (3, 4)``: what came back, in a few words."""
     shape = getattr(result, "shape", None)
     kind = f"{type(result).__module__}.{type(result).__name__}"
     return f"{kind} of shape {tuple(shape)}" if shape is not None else f"{kind} {result!r:.60}"
@@ -447,7 +449,7 @@ def run_case(case: Case, dtype: str, target, call=None, *, tolerance=None, check
     result = target.call(fn, target.asarray(values["a"], dtype), **kwargs)
     pair = bool(kwargs.get("return_sign"))
     if pair and not (isinstance(result, tuple) and len(result) == 2):
-        return Verdict(False, math.inf, f"expected a (value, sign) pair, got {_describe(result)}")
+        return Verdict(False, math.inf, f"expected a (value, sign) pair, got {describe(result)}")
     shape = expected_shape(case.op, np.shape(values["a"]), kwargs.get("axis"), kwargs.get("keepdims", False))
     parts = result if pair else (result,)
     for part in parts:

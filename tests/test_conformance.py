@@ -291,7 +291,8 @@ def _cli(*args, cwd):
 
 
 def test_impl_is_found_in_the_current_folder_and_a_subset_runs(tmp_path):
-    done = _cli("--impl", "mymod:lse", "--backends", "numpy:cpu", "--quick", "--family", "api", cwd=_author_folder(tmp_path))
+    done = _cli("--impl", "mymod:lse", "--backends", "numpy:cpu", "--quick", "--family", "api",
+                cwd=_author_folder(tmp_path))
     assert done.returncode == 1, done.stderr  # it ignores return_sign: that fails
     assert "No module named" not in done.stdout + done.stderr
     assert "mymod: no softmax, log_softmax: their checks did not run" in done.stdout
