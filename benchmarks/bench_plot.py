@@ -82,19 +82,23 @@ def plot(report, path: Path) -> bool:
     except ImportError:
         return False
     groups = [g for g in NATIVE if any(t.group == g for t in report.timings)]
-    widths = [max(3, len({t.case for t in report.timings if t.group == g})) for g in groups]
-    fig, axes = plt.subplots(1, len(groups), figsize=(1.1 * sum(widths) + 2, 5.2), squeeze=False,
-                             gridspec_kw={"width_ratios": widths})
-    for ax, group in zip(axes[0], groups):
-        _panel(ax, report, group)
-    axes[0][0].set_ylabel("median time / native function's (log scale; lower is faster)")
-    title = "lse-dispatch bench, float32 unless the case says float64"
+    # One row per backend, all as wide as the one with the most cases.
+    columns = max(len({t.case for t in report.timings if t.group == g}) for g in groups)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(max(8.0, 1.25 * columns + 2), 3.3 * len(groups) + 1.2),
+                             squeeze=False)
+    for row, group in zip(axes, groups):
+        _panel(row[0], report, group)
+        row[0].set_ylabel("time / native")
+    title = ("lse-dispatch bench: median time relative to the native function (log scale; below 1 is faster); "
+             "float32 unless the case says float64")
     if report.quick:
         title = "QUICK SMOKE TEST: small cases, few repeats; these ratios do not measure the targets"
-    machine = ", ".join(f"{k} {v}" for k, v in report.machine.items() if k != "python")
+    machine = ", ".join(f"{k} {v}" for k, v in report.machine.items() if k not in ("python", "XLA_FLAGS"))
+    if "XLA_FLAGS" in report.machine:
+        machine += f"\nXLA_FLAGS {report.machine['XLA_FLAGS']}"
     fig.suptitle(f"{title}\n{machine}", fontsize=9)
     _legend(fig, report)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
