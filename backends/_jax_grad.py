@@ -76,7 +76,12 @@ def _undifferentiated(call: Call):
 
 @functools.cache
 def _rules():
-    """Build the ``custom_jvp`` functions once JAX is imported."""
+    """Build the ``custom_jvp`` functions once JAX is imported.
+
+    Long because the rules are defined inside, as closures over the JAX
+    module (imported here, not at import time) and over each other: the
+    weights' rule is the derivative of the forward's.
+    """
     import jax
     import jax.numpy as jnp
     from jax.custom_derivatives import SymbolicZero

@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lse_dispatch import cases as _cases
-from lse_dispatch import oracle as _oracle
+from lse_dispatch._validate import normalize_axis
+from lse_dispatch.oracle import move_to_end
 
-from ._impls import Implementation, Unsupported
+from ._impls import OPS, Implementation, Unsupported, WrongResult
 
-__all__ = ["Check", "Context", "Outcome", "Unsupported", "condition", "compare_exact", "register", "registry"]
+__all__ = ["FAMILIES", "Check", "Context", "Outcome", "Unsupported", "compare_exact", "condition", "register"]
 
 
 @dataclass
@@ -50,16 +51,28 @@ class Check:
     ``id`` is stable (``family/name/op``); ``dtypes`` the dtypes it runs in
     (``None``: once, in the target's widest float dtype); ``backends`` the
     backend names it applies to (``None``: all); ``slow`` checks are left out
-    in quick mode.
+    in quick mode; ``ops`` the functions it calls (default: the op its id
+    ends with), so that an implementation of a subset of the three
+    functions runs exactly the checks it can answer.
     """
 
     id: str
     family: str
-    run: Callable[["Context"], Outcome]
+    run: Callable[[Context], Outcome]
     dtypes: tuple[str, ...] | None = None
     backends: tuple[str, ...] | None = None
     slow: bool = False
     what: str = ""
+    ops: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.ops:
+            last = self.id.rsplit("/", 1)[-1]
+            # e.g. metadata/dtype/logsumexp-return-sign calls logsumexp
+            op = next((o for o in sorted(OPS, key=len, reverse=True) if last.startswith(o)), None)
+            if op is None:
+                raise ValueError(f"check {self.id} names no function; give ops=")
+            object.__setattr__(self, "ops", (op,))
 
 
 @dataclass
@@ -86,36 +99,38 @@ class Context:
         return _cases.ULP_BUDGET[self.dtype]
 
     def array(self, values, dtype: str | None = None):
-        return self.target.array(_cases.round_to(values, dtype or self.dtype), dtype or self.dtype)
+        """``values`` rounded to ``dtype`` (default: the check's) as an array of the target."""
+        dtype = dtype or self.dtype
+        return self.target.asarray(_cases.round_to(values, dtype), dtype)
 
     def mask(self, values):
-        return self.target.bool_array(values)
+        return self.target.asarray(np.asarray(values, dtype=bool), "bool")
 
     def call(self, op: str, x, **kwargs):
-        return self.impl(op, x, **kwargs)
+        """The implementation's ``op``; with ``return_sign`` the result must be a pair."""
+        result = self.impl(op, x, **kwargs)
+        if kwargs.get("return_sign") and not (isinstance(result, tuple) and len(result) == 2):
+            raise WrongResult(f"{op}(..., return_sign=True): expected a (value, sign) pair, "
+                              f"got {_cases.describe(result)}")
+        return result
 
     def numpy(self, result):
+        """A result (or a ``(value, sign)`` pair) as NumPy float64."""
         if isinstance(result, tuple):
-            return tuple(self.target.to_numpy(r) for r in result)
-        return self.target.to_numpy(result)
+            return tuple(self.numpy(r) for r in result)
+        return np.asarray(self.target.to_numpy(result)).astype(np.float64)
 
 
-_REGISTRY: list[Check] = []
+#: Every registered check; filled by the family modules as they are imported
+#: (``_registry.registry()`` imports them all).
+REGISTRY: list[Check] = []
 
 
 def register(check: Check) -> Check:
-    if any(c.id == check.id for c in _REGISTRY):
+    if any(c.id == check.id for c in REGISTRY):
         raise ValueError(f"duplicate check id {check.id}")
-    _REGISTRY.append(check)
+    REGISTRY.append(check)
     return check
-
-
-def registry() -> list[Check]:
-    """Every check, families in report order."""
-    from . import _family_api, _family_cases, _family_invariants, _family_transforms  # noqa: F401
-
-    order = {f: i for i, f in enumerate(FAMILIES)}
-    return sorted(_REGISTRY, key=lambda c: order[c.family])
 
 
 FAMILIES = (
@@ -129,45 +144,6 @@ FAMILIES = (
     "differentiation",
     "input-safety",
 )
-
-
-def numpy_dtype(dtype: str):
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(dtype)
-
-
-def finfo(dtype: str):
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.finfo(ml_dtypes.bfloat16)
-    return np.finfo(dtype)
-
-
-def spacing(values, dtype: str) -> np.ndarray:
-    """The ulp of ``dtype`` at each value, as float64; below the smallest
-    normal number the unit is that number, as in ``oracle.ulp_error``."""
-    values = np.abs(np.asarray(values, dtype=np.float64))
-    smallest_normal = float(finfo(dtype).smallest_normal)
-    with np.errstate(all="ignore"):
-        out = np.spacing(values.astype(numpy_dtype(dtype))).astype(np.float64)
-    return np.where((values < smallest_normal) | ~np.isfinite(out), smallest_normal, out)
-
-
-def _move(array: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    kept = tuple(ax for ax in range(array.ndim) if ax not in axes)
-    moved = np.transpose(array, kept + axes)
-    return moved.reshape(tuple(array.shape[ax] for ax in kept) + (-1,))
-
-
-def normalize_axes(axis, ndim: int) -> tuple[int, ...]:
-    if axis is None:
-        return tuple(range(ndim))
-    axes = axis if isinstance(axis, tuple) else (axis,)
-    return tuple(sorted(ax % ndim for ax in axes))
 
 
 def condition(op: str, a, axis=None, b=None, where=None, exact=None) -> np.ndarray:
@@ -193,8 +169,8 @@ def condition(op: str, a, axis=None, b=None, where=None, exact=None) -> np.ndarr
     a = np.broadcast_to(a, shape)
     weights = np.broadcast_to(np.ones(()) if b is None else np.asarray(b, np.float64), shape)
     mask = np.broadcast_to(np.ones((), bool) if where is None else np.asarray(where, bool), shape)
-    axes = normalize_axes(axis, len(shape))
-    fa, fb, fm = (_move(x, axes) for x in (a, weights, mask))
+    axes = normalize_axis(axis, len(shape))
+    fa, fb, fm = (move_to_end(x, axes) for x in (a, weights, mask))
     with np.errstate(all="ignore"):
         include = fm & (fb != 0)
         safe_a = np.where(include & np.isfinite(fa), fa, -np.inf)
@@ -259,24 +235,12 @@ def _jsonable(value):
 
 def compare_exact(ctx: Context, got, exact, kappa, inputs: dict, kwargs: dict) -> Outcome:
     """``got`` against oracle values ``exact`` (object array of mpf), per tolerance."""
-    got = np.asarray(got, dtype=np.float64)
     exact = np.asarray(exact, dtype=object)
+    verdict = _cases.compare(got, exact, ctx.dtype, tolerance(ctx, kappa))
     example = {
         "inputs": {k: summarize(v) for k, v in inputs.items() if v is not None},
         "kwargs": {k: repr(v) for k, v in kwargs.items()},
-        "got": summarize(got),
-        "expected": summarize(exact.astype(np.float64)),
+        "got": summarize(verdict.got),
+        "expected": summarize(verdict.expected),
     }
-    if got.shape != exact.shape:
-        return Outcome(False, f"shape {got.shape}, expected {exact.shape}", example)
-    errors = _oracle.ulp_error(got, exact, numpy_dtype(ctx.dtype))
-    allowed = np.broadcast_to(tolerance(ctx, kappa), errors.shape)
-    bad = errors > allowed
-    if not bad.any():
-        return Outcome(True, f"worst {float(errors.max()) if errors.size else 0.0:.3g} ulps")
-    index = np.unravel_index(int(np.argmax(np.where(bad, errors / np.maximum(allowed, 1e-300), -1))), errors.shape)
-    detail = (
-        f"{errors[index]:.4g} ulps (allowed {allowed[index]:.3g}) at index {tuple(int(i) for i in index)}: "
-        f"got {float(got[index])!r}, exact {float(exact[index])!r}"
-    )
-    return Outcome(False, detail, example)
+    return Outcome(verdict.passed, verdict.detail, None if verdict.passed else example)

@@ -1,11 +1,23 @@
-"""Implementations under test: ours, the built-in adapters, or any triple.
+"""Implementations under test: ours, the built-in adapters, or your functions.
 
-An implementation is three functions with ``scipy.special``'s signatures
-(``logsumexp(a, axis, b, keepdims, return_sign, *, where)``, ``softmax(x,
-axis, *, where)``, ``log_softmax(x, axis, *, where)``).  Adapters translate
-those to a library's own API; where the library has no equivalent (torch has
-no ``b``), they raise :class:`Unsupported`, which the report shows as
-"unsupported", never as a pass.
+An implementation is up to three functions with ``scipy.special``'s
+signatures (``logsumexp(a, axis, b, keepdims, return_sign, *, where)``,
+``softmax(x, axis, *, where)``, ``log_softmax(x, axis, *, where)``); the
+suite runs the checks of the functions given and leaves out the others.
+Adapters translate those to a library's own API; where the library has no
+equivalent (torch has no ``b``), they raise :class:`Unsupported`, which the
+report shows as "unsupported", never as a pass.
+
+An ``--impl`` value (see :func:`load`) is one of::
+
+    ours | scipy | torch | jax | cupy          built-in
+    mymod                                      mymod.logsumexp / .softmax / .log_softmax, those it has
+    mymod:f,mymod:g,mymod:h                    positional: logsumexp, softmax, log_softmax, in that
+    mymod:f                                    order, as many as given (one: logsumexp only)
+    softmax=mymod:g,log_softmax=mymod:h        named: any subset, any order
+
+Modules are imported as ``python -m`` would: the current folder first, then
+``sys.path``; ``pkg.mod:Class.method`` paths work.
 """
 
 from __future__ import annotations
@@ -15,7 +27,7 @@ import inspect
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 __all__ = ["BUILTIN", "Implementation", "NotApplicable", "Unsupported", "load"]
@@ -32,6 +44,10 @@ class NotApplicable(Exception):
     """The check has nothing to test on this target (not counted in the report)."""
 
 
+class WrongResult(Exception):
+    """The implementation returned something of the wrong kind (message says what)."""
+
+
 @dataclass(frozen=True)
 class Implementation:
     """Three functions under test and what the suite should expect of them.
@@ -41,7 +57,8 @@ class Implementation:
     name
         Label in reports, and the stem of its expected-failures file.
     functions
-        ``{"logsumexp": f, "softmax": g, "log_softmax": h}``.
+        ``{"logsumexp": f, "softmax": g, "log_softmax": h}``, or any
+        non-empty subset: checks of the missing functions do not run.
     backends
         Backend names whose arrays it accepts; ``None``: any.
     strict
@@ -58,12 +75,32 @@ class Implementation:
     xfail_file: Path | None = None
     description: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    source: str = ""  # the --impl text that loads it again ("" when built in Python)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.functions) - set(OPS))
+        if unknown or not self.functions:
+            raise ValueError(f"implementation {self.name!r}: functions must be a non-empty subset of "
+                             f"{', '.join(OPS)}; got {', '.join(unknown) or 'none'}")
 
     def accepts(self, backend: str) -> bool:
         return self.backends is None or backend in self.backends
 
+    def provides(self, ops) -> bool:
+        """Whether it has every function in ``ops``."""
+        return all(op in self.functions for op in ops)
+
+    def summary(self) -> dict:
+        """What reports record about it."""
+        has_xfails = self.xfail_file is not None and self.xfail_file.exists()
+        return {"name": self.name, "description": self.description, "strict": self.strict,
+                "functions": [op for op in OPS if op in self.functions],
+                "xfail_file": self.xfail_file.name if has_xfails else None, "versions": self.versions}
+
     def __call__(self, op: str, x, **kwargs):
         """Call ``op`` with the keyword arguments that are not ``None``/default."""
+        if op not in self.functions:
+            raise NotApplicable(f"{self.name} has no {op}")
         func = self.functions[op]
         given = {k: v for k, v in kwargs.items() if v is not None and v is not False}
         if "axis" in kwargs and kwargs["axis"] is None:
@@ -85,13 +122,6 @@ def _require_parameters(func, given: dict) -> None:
         raise Unsupported(f"{getattr(func, '__qualname__', func)} has no parameter {', '.join(missing)}")
 
 
-def _version(module: str) -> str:
-    try:
-        return str(importlib.import_module(module).__version__)
-    except Exception:
-        return "not installed"
-
-
 # -- ours ----------------------------------------------------------------------
 
 
@@ -105,6 +135,7 @@ def _ours() -> Implementation:
         xfail_file=XFAIL_DIR / "ours.toml",
         description="lse_dispatch (this project)",
         versions={"lse_dispatch": lse_dispatch.__version__},
+        source="ours",
     )
 
 
@@ -144,6 +175,7 @@ def _scipy() -> Implementation:
         "scipy",
         {"logsumexp": logsumexp, "softmax": softmax, "log_softmax": log_softmax},
         xfail_file=XFAIL_DIR / "scipy.toml",
+        source="scipy",
         description="scipy.special with SCIPY_ARRAY_API=1",
         versions={"scipy": scipy.__version__},
     )
@@ -183,6 +215,7 @@ def _torch() -> Implementation:
         },
         backends=("torch",),
         xfail_file=XFAIL_DIR / "torch.toml",
+        source="torch",
         description="torch.logsumexp / torch.softmax / torch.log_softmax",
         versions={"torch": torch.__version__},
     )
@@ -209,6 +242,7 @@ def _jax() -> Implementation:
         {"logsumexp": logsumexp, "softmax": softmax, "log_softmax": log_softmax},
         backends=("jax",),
         xfail_file=XFAIL_DIR / "jax.toml",
+        source="jax",
         description="jax.nn.logsumexp / softmax / log_softmax",
         versions={"jax": jax.__version__},
     )
@@ -241,6 +275,7 @@ def _cupy() -> Implementation:
         {"logsumexp": logsumexp, "softmax": softmax, "log_softmax": log_softmax},
         backends=("cupy",),
         xfail_file=XFAIL_DIR / "cupy.toml",
+        source="cupy",
         description="cupyx.scipy.special",
         versions={"cupy": cupy.__version__},
     )
@@ -256,38 +291,85 @@ BUILTIN: dict[str, Callable[[], Implementation]] = {
 }
 
 
+def _import(module_name: str):
+    """Import ``module_name`` as ``python -m`` would: the current folder first."""
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"cannot import {module_name!r} (looked in {here} and sys.path): {exc}") from None
+
+
 def _resolve(reference: str) -> Callable:
     module_name, _, attribute = reference.strip().partition(":")
-    if not attribute:
+    if not module_name or not attribute:
         raise ValueError(f"{reference!r} is not of the form module:function")
-    target = importlib.import_module(module_name)
+    target = _import(module_name)
     for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"{reference!r}: {getattr(target, '__name__', target)!r} has no attribute {part!r}")
         target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"{reference!r} is a {type(target).__name__}, not a function")
     return target
 
 
-def load(spec: str | Implementation, *, name: str | None = None, xfail: str | Path | None = None) -> Implementation:
-    """An :class:`Implementation` from a built-in name or a triple.
+def parse(spec: str) -> dict[str, str]:
+    """``op -> "module:function"`` for an ``--impl`` value (see the module docstring).
 
-    ``spec`` is ``ours``, ``scipy``, ``torch``, ``jax``, ``cupy`` or
-    ``module:logsumexp,module:softmax,module:log_softmax``.
+    Raises ``ValueError`` with a one-line message on a malformed value.
+    """
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise ValueError("--impl is empty")
+    chosen: dict[str, str] = {}
+    for position, part in enumerate(parts):
+        op, equals, reference = part.rpartition("=")
+        if not equals:
+            if chosen.keys() - set(OPS[:position]):
+                raise ValueError(f"--impl {spec!r}: a positional reference ({part!r}) follows a named one")
+            if position >= len(OPS):
+                raise ValueError(f"--impl {spec!r}: more than three functions")
+            op = OPS[position]
+        elif op not in OPS:
+            raise ValueError(f"--impl {spec!r}: {op!r} is not one of {', '.join(OPS)}")
+        if op in chosen:
+            raise ValueError(f"--impl {spec!r}: {op} is given twice")
+        chosen[op] = reference
+    return chosen
+
+
+def _from_references(spec: str, name: str | None) -> Implementation:
+    text = spec.strip()
+    if not any(mark in text for mark in ":=,"):  # a module: the functions it has
+        module = _import(text)
+        functions = {op: getattr(module, op) for op in OPS if callable(getattr(module, op, None))}
+        if not functions:
+            raise ValueError(f"--impl {spec!r}: module {text!r} has none of {', '.join(OPS)}")
+        label = text
+    else:
+        references = parse(text)
+        functions = {op: _resolve(reference) for op, reference in references.items()}
+        label = next(iter(references.values())).split(":")[0]
+    return Implementation(name or label, functions, description=spec, source=text)
+
+
+def load(spec: str | Implementation, *, name: str | None = None, xfail: str | Path | None = None) -> Implementation:
+    """An :class:`Implementation` from a built-in name or references to functions.
+
+    ``spec`` is ``ours``, ``scipy``, ``torch``, ``jax``, ``cupy``, a module
+    name, or ``module:function`` references, positional and/or ``op=``
+    named (see the module docstring).  Errors are ``ValueError`` with a
+    one-line message.
     """
     if isinstance(spec, Implementation):
         impl = spec
     elif spec in BUILTIN:
         impl = BUILTIN[spec]()
     else:
-        parts = [p for p in spec.split(",") if p.strip()]
-        if len(parts) != 3:
-            raise ValueError(
-                f"--impl must be one of {', '.join(BUILTIN)} or three module:function references "
-                f"(logsumexp,softmax,log_softmax), got {spec!r}"
-            )
-        functions = dict(zip(OPS, map(_resolve, parts)))
-        label = name or parts[0].split(":")[0]
-        impl = Implementation(label, functions, description=spec)
+        impl = _from_references(spec, name)
     if name is not None or xfail is not None:
-        from dataclasses import replace
-
         impl = replace(impl, name=name or impl.name, xfail_file=Path(xfail) if xfail else impl.xfail_file)
     return impl

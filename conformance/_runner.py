@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import platform
+import shlex
 import time
 import traceback
 import warnings
@@ -12,13 +13,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ._checks import FAMILIES, Check, Context, Outcome, registry
-from ._impls import Implementation, NotApplicable, Unsupported, load
+from ._checks import FAMILIES, Check, Context, Outcome
+from ._impls import Implementation, NotApplicable, Unsupported, WrongResult, load
+from ._registry import registry
 from ._targets import Target, discover, select
 
-__all__ = ["ExpectedFailure", "Record", "Result", "load_xfails", "run"]
-
-STATUSES = ("pass", "fail", "xfail", "xpass", "unsupported")
+__all__ = ["ExpectedFailure", "Record", "Result", "load_xfails", "rerun_command", "run"]
 
 #: Distributions whose versions every report records.
 DISTRIBUTIONS = ("lse-dispatch", "numpy", "scipy", "torch", "jax", "jaxlib", "dask", "array-api-strict",
@@ -73,6 +73,7 @@ class Record:
     example: dict | None = None
     reason: str = ""
     seconds: float = 0.0
+    rerun: str = ""  # a command that runs exactly this check again
 
 
 @dataclass
@@ -162,17 +163,69 @@ def _dtypes_of(check: Check, target: Target, wanted: tuple[str, ...] | None) -> 
     return [d for d in chosen if wanted is None or d in wanted]
 
 
-def _selected(checks: list[Check], families, patterns, quick: bool) -> list[Check]:
-    out = []
-    for check in checks:
-        if families and check.family not in families:
-            continue
-        if patterns and not any(fnmatch.fnmatchcase(check.id, p) for p in patterns):
-            continue
-        if quick and check.slow:
-            continue
-        out.append(check)
-    return out
+def select_checks(families: Iterable[str] | None, patterns: Iterable[str] | None, quick: bool) -> list[Check]:
+    """The registered checks of ``families`` whose ids match ``patterns``
+    (``None``: all), less the slow ones in quick mode."""
+    unknown = sorted(set(families or ()) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
+                         f"known: {', '.join(FAMILIES)}")
+    patterns = tuple(patterns or ())
+    return [
+        check
+        for check in registry()
+        if (not families or check.family in families)
+        and (not patterns or any(fnmatch.fnmatchcase(check.id, p) for p in patterns))
+        and not (quick and check.slow)
+    ]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One check of one implementation on one target and dtype."""
+
+    impl: Implementation
+    xfails: tuple[ExpectedFailure, ...]
+    reference: Target | None
+    target: Target
+    check: Check
+    dtype: str
+    max_examples: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.impl.name}|{self.target.label}|{self.check.id}|{self.dtype}"
+
+    def context(self) -> Context:
+        return Context(self.impl, self.target, self.dtype, reference=self.reference, max_examples=self.max_examples)
+
+    def expected_failure(self) -> ExpectedFailure | None:
+        return next((x for x in self.xfails if x.matches(self.check.id, self.target, self.dtype)), None)
+
+
+def plan(impls: list[Implementation], targets: list[Target], checks: list[Check], *,
+         dtypes: tuple[str, ...] | None = None, max_examples: int = 25) -> tuple[list[Job], dict, dict]:
+    """Every job to run, with ``{impl: [target labels run]}`` and
+    ``{impl: [target labels it does not take]}``.  Checks of functions an
+    implementation does not have are left out."""
+    everything = discover()
+    jobs: list[Job] = []
+    ran: dict[str, list[str]] = {}
+    skipped: dict[str, list[str]] = {}
+    for impl in impls:
+        xfails = tuple(load_xfails(impl.xfail_file))
+        reference = _reference(impl, everything)
+        for target in targets:
+            if not impl.accepts(target.spec.name):
+                skipped.setdefault(impl.name, []).append(target.label)
+                continue
+            ran.setdefault(impl.name, []).append(target.label)
+            other = None if reference is None or reference.label == target.label else reference
+            jobs += [Job(impl, xfails, other, target, check, dtype, max_examples)
+                     for check in checks
+                     if impl.provides(check.ops) and (check.backends is None or target.spec.name in check.backends)
+                     for dtype in _dtypes_of(check, target, dtypes)]
+    return jobs, ran, skipped
 
 
 def run_one(check: Check, ctx: Context) -> tuple[str, Outcome]:
@@ -183,15 +236,59 @@ def run_one(check: Check, ctx: Context) -> tuple[str, Outcome]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             outcome = check.run(ctx)
-    except (Unsupported, NotApplicable) as exc:
-        if isinstance(exc, NotApplicable):
-            raise
+    except NotApplicable:
+        raise
+    except Unsupported as exc:
         return "unsupported", Outcome(False, str(exc))
+    except WrongResult as exc:
+        return "fail", Outcome(False, str(exc))
     except Exception as exc:  # noqa: BLE001 - an implementation may raise anything
         where = traceback.extract_tb(exc.__traceback__)[-1]
         return "fail", Outcome(False, f"raised {type(exc).__name__}: {str(exc).strip()[:300]} "
                                       f"(at {Path(where.filename).name}:{where.lineno})")
     return ("pass" if outcome.passed else "fail"), outcome
+
+
+def _execute(job: Job, xfail: str | Path | None) -> Record | None:
+    """Run one job; ``None`` when the check does not apply there."""
+    began = time.perf_counter()
+    with job.target.scope():
+        try:
+            status, outcome = run_one(job.check, job.context())
+        except NotApplicable:
+            return None
+    reason = ""
+    matched = job.expected_failure()
+    if matched is not None and status in ("fail", "pass"):
+        status, reason = ("xfail" if status == "fail" else "xpass"), matched.reason
+    rerun = "" if status == "pass" else rerun_command(job.impl, job.target, job.check, job.dtype, job.max_examples,
+                                                      xfail)
+    return Record(job.impl.name, job.target.label, job.check.family, job.check.id, job.dtype, status,
+                  outcome.detail, outcome.example, reason, round(time.perf_counter() - began, 4), rerun)
+
+
+def rerun_command(impl: Implementation, target: Target, check: Check, dtype: str, max_examples: int,
+                  xfail: str | Path | None = None) -> str:
+    """A command that runs exactly this check again (on the command line when
+    the implementation came from ``--impl``, else a ``conformance.run`` call)."""
+    if not impl.source:
+        return (f"lse_dispatch.conformance.run(<{impl.name}>, backends={target.label!r}, checks=[{check.id!r}], "
+                f"dtypes=[{dtype!r}], max_examples={max_examples})")
+    words = ["lse-dispatch", "conformance", "--impl", impl.source]
+    if impl.source not in ("ours", "scipy", "torch", "jax", "cupy") and impl.name != load_label(impl.source):
+        words += ["--name", impl.name]
+    if xfail is not None:
+        words += ["--xfail", str(xfail)]
+    words += ["--backends", target.label, "--check", check.id, "--dtype", dtype]
+    if check.family == "invariants":
+        words += ["--max-examples", str(max_examples)]
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def load_label(source: str) -> str:
+    """The label ``load`` gives an implementation loaded from ``source``."""
+    first = source.split(",")[0].split("=")[-1]
+    return first.split(":")[0]
 
 
 def run(
@@ -212,9 +309,10 @@ def run(
     Parameters
     ----------
     impl
-        ``"ours"``, ``"scipy"``, ``"torch"``, ``"jax"``, ``"cupy"``, a triple
-        ``"mod:logsumexp,mod:softmax,mod:log_softmax"``, an
-        :class:`Implementation`, or a list of those.
+        ``"ours"``, ``"scipy"``, ``"torch"``, ``"jax"``, ``"cupy"``, a module
+        name, ``module:function`` references (positional in the order
+        logsumexp, softmax, log_softmax, or ``op=module:function``; any
+        subset), an :class:`Implementation`, or a list of those.
     backends, device
         Patterns narrowing the targets (``"numpy,torch:cpu"``); ``None``: the
         ``LSE_CONFORMANCE_BACKENDS`` / ``LSE_CONFORMANCE_DEVICE`` variables.
@@ -231,68 +329,20 @@ def run(
     started = time.perf_counter()
     impls = [impl] if isinstance(impl, (str, Implementation)) else list(impl)
     impls = [load(i, xfail=xfail) if xfail is not None else load(i) for i in impls]
-    targets = select(backends, device)
-    everything = discover()
     families = tuple(families) if families else None
-    if families:
-        unknown = set(families) - set(FAMILIES)
-        if unknown:
-            raise ValueError(f"unknown famil{'ies' if len(unknown) > 1 else 'y'} {sorted(unknown)}; known: {', '.join(FAMILIES)}")
     wanted_dtypes = tuple(dtypes) if dtypes else None
-    chosen = _selected(registry(), families, tuple(checks) if checks else None, quick)
+    chosen = select_checks(families, checks, quick)
     examples = max_examples if max_examples is not None else (10 if quick else 25)
+    jobs, ran, skipped = plan(impls, select(backends, device), chosen, dtypes=wanted_dtypes, max_examples=examples)
     records: list[Record] = []
-    ran: dict[str, list[str]] = {}
-    skipped: dict[str, list[str]] = {}
-    plan = []
-    for implementation in impls:
-        expected = load_xfails(implementation.xfail_file)
-        reference = _reference(implementation, everything)
-        for target in targets:
-            if not implementation.accepts(target.spec.name):
-                skipped.setdefault(implementation.name, []).append(target.label)
-                continue
-            ran.setdefault(implementation.name, []).append(target.label)
-            plan.append((implementation, expected, reference, target))
-    total = sum(
-        len(_dtypes_of(c, t, wanted_dtypes))
-        for _, _, _, t in plan
-        for c in chosen
-        if c.backends is None or t.spec.name in c.backends
-    )
-    done = 0
-    for implementation, expected, reference, target in plan:
-        target.prepare()
-        for check in chosen:
-            if check.backends is not None and target.spec.name not in check.backends:
-                continue
-            for dtype in _dtypes_of(check, target, wanted_dtypes):
-                done += 1
-                ctx = Context(implementation, target, dtype,
-                              reference=None if reference is None or reference.label == target.label else reference,
-                              max_examples=examples)
-                began = time.perf_counter()
-                try:
-                    status, outcome = run_one(check, ctx)
-                except NotApplicable:
-                    continue
-                reason = ""
-                matched = next((x for x in expected if x.matches(check.id, target, dtype)), None)
-                if matched is not None and status in ("fail", "pass"):
-                    status, reason = ("xfail" if status == "fail" else "xpass"), matched.reason
-                record = Record(implementation.name, target.label, check.family, check.id, dtype, status,
-                                outcome.detail, outcome.example, reason, round(time.perf_counter() - began, 4))
-                records.append(record)
-                if progress is not None:
-                    progress({"done": done, "total": total, "record": record})
+    for done, job in enumerate(jobs, 1):
+        records.append(_execute(job, xfail))
+        if progress is not None:
+            progress({"done": done, "total": len(jobs), "job": job, "record": records[-1]})
+    records = [record for record in records if record is not None]  # None: not applicable there
     return Result(
         records=records,
-        implementations=[
-            {"name": i.name, "description": i.description, "strict": i.strict,
-             "xfail_file": str(i.xfail_file.name) if i.xfail_file and i.xfail_file.exists() else None,
-             "versions": i.versions}
-            for i in impls
-        ],
+        implementations=[i.summary() for i in impls],
         targets=ran,
         skipped_targets=skipped,
         versions=versions(),

@@ -1,17 +1,30 @@
-"""``lse-dispatch conformance``: run the suite from the command line.
+"""lse-dispatch conformance: run the suite from the command line.
 
 Exits 0 when nothing failed unexpectedly, 1 when something did, 2 on a usage
-error.  Progress goes to stderr; ``--json`` and ``--markdown`` write reports.
+error.  A progress line goes to stderr on a terminal only; the results (one
+line per implementation and target, each unexpected failure with a command
+that re-runs it, the totals) go to stdout; --json and --markdown write
+reports.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
-import time
+from collections import Counter
 
 __all__ = ["main"]
+
+IMPL_HELP = """\
+what to test; repeatable.  Built in: ours (default), scipy, torch, jax, cupy,
+anchors (those of scipy, torch, jax, cupy that are installed).  Your own
+functions: 'mymod' (its logsumexp, softmax and log_softmax, whichever it has),
+'mymod:f,mymod:g,mymod:h' (positional: logsumexp, softmax, log_softmax; give
+one or two for a prefix, e.g. 'mymod:f' is logsumexp only) or
+'softmax=mymod:g,log_softmax=mymod:h' (named: any subset).  Modules are found
+as python -m finds them: the current folder first."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,11 +32,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="lse-dispatch conformance",
         description="Run the conformance suite: accuracy, overflow, special values, API, metadata, "
         "invariants, laziness, differentiation and input safety, on every installed backend and device.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Each unexpected failure is printed with a command that runs exactly that check again.",
     )
-    parser.add_argument("--impl", action="append", metavar="IMPL",
-                        help="ours (default), scipy, torch, jax, cupy, 'anchors' (the installed ones of "
-                             "scipy, torch, jax, cupy), or mod:logsumexp,mod:softmax,mod:log_softmax; repeatable")
-    parser.add_argument("--name", help="label for a --impl triple (also the stem of its xfail file)")
+    parser.add_argument("--impl", action="append", metavar="IMPL", help=IMPL_HELP)
+    parser.add_argument("--name", help="label for your --impl (also the stem of its xfail file)")
     parser.add_argument("--xfail", metavar="TOML", help="expected-failures file (overrides the implementation's own)")
     parser.add_argument("--backends", help="comma-separated patterns: numpy, numpy:readonly, torch:cpu, "
                                            "array_api_strict:device1, ... (default: $LSE_CONFORMANCE_BACKENDS or all)")
@@ -36,100 +49,96 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", help="write the JSON report here")
     parser.add_argument("--markdown", metavar="PATH", help="write the Markdown report here")
     parser.add_argument("--list", action="store_true", help="list the targets and checks, run nothing")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress line, even on a terminal")
     return parser
 
 
-class Progress:
-    """A one-line counter on a terminal; one summary line per target otherwise."""
-
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.current = None
-        self.counts: dict[str, int] = {}
-        self.started = time.perf_counter()
-
-    def __call__(self, event: dict) -> None:
-        record = event["record"]
-        key = (record.impl, record.target)
-        if key != self.current:
-            self.flush()
-            self.current, self.counts, self.started = key, {}, time.perf_counter()
-        self.counts[record.status] = self.counts.get(record.status, 0) + 1
-        if self.tty:
-            text = f"[{event['done']:>5}/{event['total']}] {record.impl} {record.target} {record.check} {record.dtype}"
-            self.stream.write("\r" + text[:110].ljust(110))
-            self.stream.flush()
-        if record.status == "fail":
-            self.stream.write(("\n" if self.tty else "") + f"FAIL {record.impl} {record.target} {record.check} "
-                              f"{record.dtype}: {record.detail[:200]}\n")
-
-    def flush(self) -> None:
-        if self.current is None:
-            return
-        summary = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items()))
-        prefix = "\r" if self.tty else ""
-        self.stream.write(f"{prefix}{self.current[0]:<8} {self.current[1]:<28} {summary} "
-                          f"({time.perf_counter() - self.started:.1f} s)".ljust(110 if self.tty else 0) + "\n")
-        self.stream.flush()
-        self.current = None
-
-
 def _impls(args) -> list:
-    from ._impls import BUILTIN
+    """The implementations named by ``--impl`` (loaded: errors surface here)."""
+    from ._impls import BUILTIN, load
 
     chosen = []
     for value in args.impl or ["ours"]:
         if value == "anchors":
-            for name in ("scipy", "torch", "jax", "cupy"):
-                try:
-                    chosen.append(BUILTIN[name]())
-                except ImportError:
-                    continue
+            names = [n for n in ("scipy", "torch", "jax", "cupy") if importlib.util.find_spec(n) is not None]
+            chosen += [load(n, xfail=args.xfail) for n in names]
+        elif value in BUILTIN:
+            chosen.append(load(value, xfail=args.xfail))
         else:
-            chosen.append(value)
-    if args.name or args.xfail:
-        from ._impls import load
-
-        chosen = [load(c, name=args.name, xfail=args.xfail) if not isinstance(c, str) or c not in BUILTIN or args.xfail
-                  else c for c in chosen]
+            chosen.append(load(value, name=args.name, xfail=args.xfail))
     return chosen
+
+
+class _Display:
+    """Feeds the progress line from the runner's events."""
+
+    def __init__(self, progress) -> None:
+        self.progress = progress
+
+    def __call__(self, event: dict) -> None:
+        job = event["job"]
+        self.progress.total = event["total"]
+        self.progress.step(f"{job.impl.name} {job.target.label} {job.check.id} {job.dtype}")
+
+
+def _summary(result) -> list[str]:
+    lines = []
+    for (impl, target), counts in _by_target(result).items():
+        lines.append(f"{impl:<10} {target:<28} " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    for impl in result.implementations:
+        missing = [op for op in ("logsumexp", "softmax", "log_softmax") if op not in impl.get("functions", [])]
+        if missing:
+            lines.append(f"{impl['name']}: no {', '.join(missing)}: their checks did not run")
+    if importlib.util.find_spec("hypothesis") is None and any(r.family == "invariants" for r in result.records):
+        lines.append("hypothesis is not installed: invariants ran seeded random examples without shrinking")
+    for record in result.failures():
+        lines += [f"FAIL {record.impl} {record.target} {record.check} {record.dtype}: {record.detail[:300]}",
+                  f"  rerun: {record.rerun}"]
+    return lines
+
+
+def _by_target(result) -> dict:
+    table: dict[tuple[str, str], Counter] = {}
+    for record in result.records:
+        table.setdefault((record.impl, record.target), Counter())[record.status] += 1
+    return table
+
+
+def _list(targets) -> int:
+    from ._registry import registry
+
+    print("targets: " + ", ".join(f"{t.label} ({'/'.join(t.dtypes)})" for t in targets))
+    for check in registry():
+        print(f"{check.id:<52} {check.family:<16} {check.what}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     # SciPy reads SCIPY_ARRAY_API once, at import: set it before anything imports SciPy.
     os.environ.setdefault("SCIPY_ARRAY_API", "1")
     args = _parser().parse_args(argv)
+    from lse_dispatch._progress import Progress
+
     from . import _runner
-    from ._checks import registry
     from ._targets import select
 
     try:
         targets = select(args.backends, args.device)
         impls = _impls(args)
-    except (ValueError, ImportError, RuntimeError, AttributeError) as exc:
-        print(f"lse-dispatch conformance: {exc}", file=sys.stderr)
-        return 2
-    if args.list:
-        print("targets: " + ", ".join(f"{t.label} ({'/'.join(t.dtypes)})" for t in targets))
-        for check in registry():
-            print(f"{check.id:<52} {check.family:<16} {check.what}")
-        return 0
-    progress = None if args.quiet else Progress()
-    try:
-        result = _runner.run(impls, backends=args.backends, device=args.device, families=args.family,
-                             checks=args.check, dtypes=args.dtype, quick=args.quick,
-                             max_examples=args.max_examples, progress=progress)
+        if args.list:
+            return _list(targets)
+        with Progress(0, "conformance", enabled=False if args.quiet else None) as progress:
+            result = _runner.run(impls, backends=args.backends, device=args.device, families=args.family,
+                                 checks=args.check, dtypes=args.dtype, quick=args.quick,
+                                 max_examples=args.max_examples, xfail=args.xfail, progress=_Display(progress))
     except (ValueError, ImportError, RuntimeError) as exc:
         print(f"lse-dispatch conformance: {exc}", file=sys.stderr)
         return 2
-    if progress is not None:
-        progress.flush()
     if args.json:
         result.to_json(args.json)
     if args.markdown:
         result.to_markdown(args.markdown)
+    print("\n".join(_summary(result)))
     totals = result.totals()
     print(", ".join(f"{n} {s}" for s, n in sorted(totals.items())) + f" in {result.seconds:.1f} s"
           + ("" if result.ok else f"; {totals['fail']} unexpected failure(s)"))

@@ -1,10 +1,16 @@
-"""The built-in catalogue of hard inputs and contract rows.
+"""The built-in catalogue of hard inputs and contract rows, and its runner.
 
 One list serves ``lse-dispatch report``, the test suite and the conformance
 suite.  Each :class:`Case` makes NumPy float64 inputs (values exactly
 representable in the dtype under test), names the operation and its keyword
 arguments, and either leaves the expected values to the mpmath oracle
 (``family="accuracy"``) or states them (the contract table's rows).
+
+:func:`run_case` is the one way the three of them run a case: it makes the
+inputs on a :class:`~lse_dispatch.backends._target.Target`, calls an
+implementation there, checks what comes back (a ``(value, sign)`` pair where
+``return_sign`` asks for one; namespace, device, dtype and shape) and returns
+the :class:`Verdict` of :func:`evaluate`.
 """
 
 from __future__ import annotations
@@ -16,7 +22,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CASES", "Case", "ULP_BUDGET", "Verdict", "cases", "evaluate", "inputs", "round_to"]
+from . import oracle as _oracle
+from ._validate import normalize_axis
+
+__all__ = [
+    "CASES",
+    "OPS",
+    "Case",
+    "ULP_BUDGET",
+    "Verdict",
+    "applies",
+    "cases",
+    "compare",
+    "describe",
+    "evaluate",
+    "exact",
+    "expected_shape",
+    "inputs",
+    "round_to",
+    "run_case",
+]
 
 #: Relative error allowed against the oracle, in ulps of the result dtype.
 #: float16 and bfloat16 are computed in float32 and rounded once, so they
@@ -29,13 +54,9 @@ _INF, _NAN = math.inf, math.nan
 
 
 def round_to(values, dtype: str) -> np.ndarray:
-    """``values`` rounded to ``dtype`` and returned as float64 (exactly)."""
-    values = np.asarray(values, dtype=np.float64)
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return values.astype(ml_dtypes.bfloat16).astype(np.float64)
-    return values.astype(dtype).astype(np.float64)
+    """``values`` rounded to ``dtype`` and returned as float64 (exactly); see
+    :func:`lse_dispatch.oracle.round_to`."""
+    return _oracle.round_to(values, dtype)
 
 
 @dataclass(frozen=True)
@@ -249,33 +270,18 @@ def cases(*, family: str | None = None, op: str | None = None, dtype: str | None
     ]
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """How one result compares with a case's expectation."""
+def applies(case: Case, dtype: str, target) -> str | None:
+    """Why ``case`` does not run in ``dtype`` on ``target``, or ``None`` if it does."""
+    if dtype not in case.dtypes:
+        return f"{case.id} is not a {dtype} case"
+    if dtype not in target.dtypes:
+        return f"{target.id} has no {dtype}"
+    if case.needs_float64 and "float64" not in target.dtypes:
+        return f"{target.id} has no float64 accumulator for {dtype}"
+    return None
 
-    passed: bool
-    worst_ulps: float
-    detail: str
 
-
-def _stated_match(got: np.ndarray, want: np.ndarray, dtype: str) -> tuple[bool, float]:
-    """Stated rows: same shape, same non-finite pattern, finite values within budget."""
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    if got.shape != want.shape:
-        return False, math.inf
-    same_nan = np.isnan(got) == np.isnan(want)
-    finite = np.isfinite(want)
-    same_inf = np.where(finite | np.isnan(want), True, got == want)
-    if not (same_nan.all() and same_inf.all() and np.isfinite(got[finite]).all()):
-        return False, math.inf
-    if not finite.any():
-        return True, 0.0
-    spacing = np.spacing(np.abs(round_to(want[finite], dtype)).astype(dtype)).astype(np.float64)
-    spacing = np.where(spacing > 0, spacing, np.finfo(np.float16 if dtype == "float16" else dtype if dtype != "bfloat16" else np.float32).smallest_subnormal)
-    ulps = np.abs(got[finite] - want[finite]) / spacing
-    worst = float(ulps.max())
-    return worst <= ULP_BUDGET[dtype], worst
+# -- inputs and exact values ----------------------------------------------------
 
 
 def _built_in(case: Case) -> bool:
@@ -298,53 +304,157 @@ def _cached_exact(case_id: str, dtype: str) -> np.ndarray:
 
 
 def _exact(case: Case, values: dict) -> np.ndarray:
-    from . import oracle
-
     x = values["a"]
     axis = case.kwargs.get("axis")
     if case.op == "logsumexp":
-        return oracle.exact_logsumexp(x, axis=axis, b=values.get("b"), where=values.get("where"))
+        return _oracle.exact_logsumexp(x, axis=axis, b=values.get("b"), where=values.get("where"))
     if case.op == "log_softmax":
-        return oracle.exact_log_softmax(x, axis=axis, where=values.get("where"))
-    return oracle.exact_softmax(x, axis=axis, where=values.get("where"))
+        return _oracle.exact_log_softmax(x, axis=axis, where=values.get("where"))
+    return _oracle.exact_softmax(x, axis=axis, where=values.get("where"))
 
 
-def evaluate(case: Case, dtype: str, inputs: dict, got) -> Verdict:
+def exact(case: Case, dtype: str, values: dict | None = None) -> np.ndarray:
+    """The oracle's values (``mpf``) for an oracle row; cached for built-in
+    cases on their own inputs, which every implementation and target share."""
+    if _built_in(case) and (values is None or values is _cached_inputs(case.id, dtype)):
+        return _cached_exact(case.id, dtype)
+    return _exact(case, inputs(case, dtype) if values is None else values)
+
+
+def expected_shape(op: str, shape: tuple, axis, keepdims: bool = False) -> tuple:
+    """The result shape the contract promises for an input of ``shape``."""
+    if op != "logsumexp":
+        return tuple(shape)
+    axes = normalize_axis(axis, len(shape))
+    if keepdims:
+        return tuple(1 if ax in axes else n for ax, n in enumerate(shape))
+    return tuple(n for ax, n in enumerate(shape) if ax not in axes)
+
+
+# -- verdicts --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How one result compares with a case's expectation.
+
+    ``got`` is the result as NumPy float64 (a ``(value, sign)`` tuple with
+    ``return_sign``) when one came back; ``expected`` the stated values or the
+    oracle's rounded to float64.
+    """
+
+    passed: bool
+    worst_ulps: float
+    detail: str
+    got: object = None
+    expected: object = None
+
+
+def compare(got, exact_values, dtype: str, allowed=None) -> Verdict:
+    """``got`` against exact values (``mpf`` or floats) in ulps of ``dtype``.
+
+    ``allowed`` is the error allowed per element, in ulps (default: the
+    dtype's budget, :data:`ULP_BUDGET`).  Shapes must match.
+    """
+    got = np.asarray(got, dtype=np.float64)
+    exact_values = np.asarray(exact_values, dtype=object)
+    want = exact_values.astype(np.float64) if exact_values.size else np.zeros(exact_values.shape)
+    if got.shape != exact_values.shape:
+        return Verdict(False, math.inf, f"shape {got.shape}, expected {exact_values.shape}", got, want)
+    errors = _oracle.ulp_error(got, exact_values, dtype)
+    allowed = np.broadcast_to(ULP_BUDGET[dtype] if allowed is None else np.asarray(allowed, np.float64), errors.shape)
+    worst = float(errors.max()) if errors.size else 0.0
+    bad = errors > allowed
+    if not bad.any():
+        return Verdict(True, worst, f"worst {worst:.3g} ulps", got, want)
+    index = np.unravel_index(int(np.argmax(np.where(bad, errors / np.maximum(allowed, 1e-300), -1))), errors.shape)
+    detail = (f"{errors[index]:.4g} ulps (allowed {allowed[index]:.3g}) at index {tuple(int(i) for i in index)}: "
+              f"got {float(got[index])!r}, exact {float(exact_values[index])!r}")
+    return Verdict(False, worst, detail, got, want)
+
+
+def _stated(got, want, dtype: str) -> Verdict:
+    """A stated row: same shape, the same NaN, infinities and zeros exactly
+    (the contract's limits), other finite values within the ulp budget."""
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    mismatch = f"expected {want!r}, got {got!r}"
+    if got.shape != want.shape:
+        return Verdict(False, math.inf, mismatch, got, want)
+    limits = ~np.isfinite(want) | (want == 0)
+    same = np.where(np.isnan(want), np.isnan(got), got == want)
+    if not same[limits].all() or not np.isfinite(got[~limits]).all():
+        return Verdict(False, math.inf, mismatch, got, want)
+    verdict = compare(got[~limits], want[~limits], dtype)
+    return Verdict(verdict.passed, verdict.worst_ulps, "" if verdict.passed else mismatch, got, want)
+
+
+def evaluate(case: Case, dtype: str, inputs: dict, got, *, tolerance=None) -> Verdict:
     """Compare ``got`` (NumPy, or a ``(value, sign)`` pair) with the case.
 
-    Stated rows compare exactly at non-finite entries and within the ulp
-    budget elsewhere; oracle rows compare every entry with the mpmath oracle.
+    Stated rows compare exactly at the limits (NaN, infinities, zeros) and
+    within the ulp budget elsewhere; oracle rows compare every entry with
+    the mpmath oracle, within ``tolerance(exact)`` ulps per element if given
+    (the conformance suite's conditioning-aware allowance), else the budget.
     """
-    from . import oracle
+    if case.expected is None:
+        exact_values = exact(case, dtype, inputs)
+        allowed = None if tolerance is None else tolerance(exact_values)
+        return compare(got, exact_values, dtype, allowed)
+    want = case.expected(inputs)
+    pairs = list(zip(got, want)) if isinstance(want, tuple) else [(got, want)]
+    worst = 0.0
+    for got_part, want_part in pairs:
+        verdict = _stated(got_part, want_part, dtype)
+        worst = max(worst, verdict.worst_ulps)
+        if not verdict.passed:
+            return Verdict(False, worst, verdict.detail, got, want)
+    return Verdict(True, worst, f"worst {worst:.3g} ulps", got, want)
 
-    budget = ULP_BUDGET[dtype]
-    if case.expected is not None:
-        want = case.expected(inputs)
-        pairs = list(zip(got, want)) if isinstance(want, tuple) else [(got, want)]
-        worst = 0.0
-        for got_part, want_part in pairs:
-            ok, ulps = _stated_match(got_part, want_part, dtype)
-            worst = max(worst, ulps)
-            if not ok:
-                return Verdict(False, worst, f"expected {np.asarray(want_part)!r}, got {np.asarray(got_part)!r}")
-        return Verdict(True, worst, "")
-    if _built_in(case) and inputs is _cached_inputs(case.id, dtype):
-        exact = _cached_exact(case.id, dtype)
-    else:
-        exact = _exact(case, inputs)
-    np_dtype = np.float32 if dtype == "bfloat16" else dtype
-    if dtype == "bfloat16":
-        import ml_dtypes
 
-        np_dtype = ml_dtypes.bfloat16
-    errors = oracle.ulp_error(got, exact, np_dtype)
-    worst = float(np.max(errors)) if errors.size else 0.0
-    if worst <= budget:
-        return Verdict(True, worst, "")
-    where_worst = np.unravel_index(int(np.argmax(errors)), errors.shape) if errors.ndim else ()
-    return Verdict(
-        False,
-        worst,
-        f"{worst:.3g} ulps at index {tuple(int(i) for i in where_worst)}: got "
-        f"{float(np.asarray(got, dtype=np.float64)[where_worst])!r}, exact {float(exact[where_worst])!r}",
-    )
+# -- running a case ------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _functions() -> dict:
+    from . import _api
+
+    return {"logsumexp": _api.logsumexp, "softmax": _api.softmax, "log_softmax": _api.log_softmax}
+
+
+def describe(result) -> str:
+    """``numpy.ndarray of shape (3, 4)``: what came back, in a few words."""
+    shape = getattr(result, "shape", None)
+    kind = f"{type(result).__module__}.{type(result).__name__}"
+    return f"{kind} of shape {tuple(shape)}" if shape is not None else f"{kind} {result!r:.60}"
+
+
+def run_case(case: Case, dtype: str, target, call=None, *, tolerance=None, check_metadata: bool = True) -> Verdict:
+    """Run ``case`` in ``dtype`` on ``target`` and judge the result.
+
+    ``call(op, x, **kwargs)`` is the implementation (default: lse_dispatch's
+    functions); it runs under the target's regime (``jax.jit``, guarded Dask
+    compute).  With ``check_metadata`` every result must be an array of the
+    target's library on its device, of ``dtype`` and of the contract's shape;
+    without it only the shape is held (the conformance suite checks the
+    rest in its metadata family).  Exceptions from the call propagate.
+    """
+    values = inputs(case, dtype)
+    kwargs = dict(case.kwargs)
+    if "b" in values:
+        kwargs["b"] = target.asarray(values["b"], dtype)
+    if "where" in values:
+        kwargs["where"] = target.asarray(np.asarray(values["where"], dtype=bool), "bool")
+    fn = _functions()[case.op] if call is None else functools.partial(call, case.op)
+    result = target.call(fn, target.asarray(values["a"], dtype), **kwargs)
+    pair = bool(kwargs.get("return_sign"))
+    if pair and not (isinstance(result, tuple) and len(result) == 2):
+        return Verdict(False, math.inf, f"expected a (value, sign) pair, got {describe(result)}")
+    shape = expected_shape(case.op, np.shape(values["a"]), kwargs.get("axis"), kwargs.get("keepdims", False))
+    parts = result if pair else (result,)
+    for part in parts:
+        problem = target.mismatch(part, dtype, shape) if check_metadata else None
+        if problem is not None:
+            return Verdict(False, math.inf, problem)
+    got = tuple(np.asarray(target.to_numpy(part), dtype=np.float64) for part in parts)
+    return evaluate(case, dtype, values, got if pair else got[0], tolerance=tolerance)

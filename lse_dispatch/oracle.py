@@ -3,47 +3,132 @@
 The oracle works on NumPy float64 copies of the inputs, which hold every
 float16/bfloat16/float32 value exactly, and returns exact results as object
 arrays of ``mpmath.mpf``.  Used by the tests, ``lse-dispatch report`` and the
-conformance suite; needs the ``mpmath`` package (the ``test`` extra).
+conformance suite.  mpmath is a dependency of the package (pure Python); it
+is imported when an oracle function first runs, not with ``lse_dispatch``.
+
+This module also owns the unit every accuracy figure of the project is
+counted in (:func:`ulp`) and the rounding of test inputs to a dtype
+(:func:`round_to`), both in plain NumPy for the four float formats, bfloat16
+included, so that neither needs ml_dtypes.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-__all__ = ["exact_log_softmax", "exact_logsumexp", "exact_softmax", "ulp_error"]
+from ._validate import normalize_axis
+
+__all__ = [
+    "FORMATS",
+    "dtype_name",
+    "exact_log_softmax",
+    "exact_logsumexp",
+    "exact_softmax",
+    "move_to_end",
+    "round_to",
+    "ulp",
+    "ulp_error",
+]
 
 # Bits of working precision: enough that every sum of up to 2**24 terms in
 # the exponent range of float64 is far more accurate than a float64 ulp.
 PRECISION = 160
 
+#: name -> (significand bits including the implicit one, smallest normal
+#: exponent, largest exponent) of the formats the contract covers.  bfloat16
+#: has float32's exponent range and 8 significand bits.
+FORMATS = {
+    "float64": (53, -1022, 1023),
+    "float32": (24, -126, 127),
+    "float16": (11, -14, 15),
+    "bfloat16": (8, -126, 127),
+}
+
 
 def _mp():
-    try:
-        import mpmath
-    except ImportError as exc:  # pragma: no cover - exercised without the extra
-        raise ImportError("the oracle needs mpmath: pip install 'lse-dispatch[test]'") from exc
+    import mpmath
+
     return mpmath
 
 
-def _slices(array: np.ndarray, axes: tuple[int, ...]):
-    """Move ``axes`` to the end and flatten them: shape (kept..., n)."""
+def dtype_name(dtype) -> str:
+    """``"float32"`` for ``"float32"``, ``np.float32``, ``np.dtype("float32")``,
+    ``ml_dtypes.bfloat16`` or ``torch.float32``."""
+    if isinstance(dtype, str):
+        name = dtype
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = str(dtype).rsplit(".", 1)[-1]
+    if name not in FORMATS:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(FORMATS)}")
+    return name
+
+
+def round_to(values, dtype) -> np.ndarray:
+    """``values`` rounded to ``dtype`` (nearest, ties to even) and returned as float64.
+
+    The result holds the rounded values exactly.  Overflow gives infinities
+    and results below the smallest normal number are the format's subnormals,
+    as a cast to the dtype would give; NaN and infinities pass through.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    name = dtype_name(dtype)
+    if name != "bfloat16":
+        with np.errstate(over="ignore"):
+            return values.astype(name).astype(np.float64)
+    bits, emin, emax = FORMATS[name]
+    # Through float32 first, as ml_dtypes and the libraries' casts do (a
+    # double rounding that differs from direct rounding only at rare ties).
+    with np.errstate(over="ignore"):
+        values = values.astype(np.float32).astype(np.float64)
+    _, exponent = np.frexp(values)  # |x| = m 2**e with m in [0.5, 1)
+    # One ulp of the format at x; below the normal range the subnormal step.
+    quantum = np.ldexp(1.0, np.maximum(exponent, emin + 1) - bits)
+    with np.errstate(invalid="ignore"):
+        rounded = np.where(np.isfinite(values), np.rint(values / quantum) * quantum, values)
+    largest = (2.0 - 2.0 ** (1 - bits)) * 2.0**emax
+    return np.where(np.abs(rounded) > largest, np.copysign(np.inf, values), rounded)
+
+
+def ulp(values, dtype) -> np.ndarray:
+    """The unit in the last place of ``dtype`` in the binade of each ``|value|``.
+
+    ``values`` are taken as they are (not rounded to ``dtype`` first):
+    ``2**floor(log2 |x|) * eps``.  Below the smallest normal number the unit
+    is that number: XLA on CPU and GPUs flush subnormal results to zero, and
+    gradual underflow is not part of the contract.  Infinities and NaN give
+    NaN: there is no tolerance around a limit, so every comparison with such
+    a unit fails and limits must be compared exactly.  Callers that want the
+    spacing at the value rounded to ``dtype`` pass ``round_to(values, dtype)``.
+    """
+    bits, emin, _ = FORMATS[dtype_name(dtype)]
+    magnitude = np.abs(np.asarray(values, dtype=np.float64))
+    _, exponent = np.frexp(magnitude)
+    binade = np.where(magnitude > 0, exponent - 1, emin - 1)  # |x| in [2**binade, 2**(binade + 1))
+    unit = np.where(binade < emin, np.ldexp(1.0, emin), np.ldexp(1.0, binade - (bits - 1)))
+    return np.where(np.isfinite(magnitude), unit, np.nan)
+
+
+def move_to_end(array: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Move ``axes`` to the end and flatten them: shape (kept..., n).  Works
+    for empty arrays (the flattened length is computed, not inferred)."""
     kept = tuple(ax for ax in range(array.ndim) if ax not in axes)
     moved = np.transpose(array, kept + axes)
-    return moved.reshape(tuple(array.shape[ax] for ax in kept) + (-1,))
-
-
-def _normalize(axis, ndim):
-    if axis is None:
-        return tuple(range(ndim))
-    axes = axis if isinstance(axis, tuple) else (axis,)
-    return tuple(sorted(ax % ndim for ax in axes))
+    length = math.prod(array.shape[ax] for ax in axes)
+    return moved.reshape(tuple(array.shape[ax] for ax in kept) + (length,))
 
 
 def exact_logsumexp(a, axis=None, b=None, where=None) -> np.ndarray:
     """Exact ``log(sum(b * exp(a)))`` over finite-or-masked inputs, as ``mpf``.
 
-    Returns an object array of the reduced shape.  A negative sum gives the
-    log of its magnitude (callers compare signs separately).
+    Returns an object array of the reduced shape (empty when that shape is).
+    Excluded entries (``where`` False or ``b == 0``) do not count; an empty
+    or all-excluded slice gives ``-inf``.  A negative sum gives the log of
+    its magnitude (callers compare signs separately).
     """
     mp = _mp()
     a = np.asarray(a, dtype=np.float64)
@@ -51,8 +136,8 @@ def exact_logsumexp(a, axis=None, b=None, where=None) -> np.ndarray:
     a = np.broadcast_to(a, shape)
     weights = np.broadcast_to(np.ones(()) if b is None else np.asarray(b, dtype=np.float64), shape)
     mask = np.broadcast_to(np.ones((), bool) if where is None else np.asarray(where, bool), shape)
-    axes = _normalize(axis, len(shape))
-    flat_a, flat_b, flat_w = (_slices(x, axes) for x in (a, weights, mask))
+    axes = normalize_axis(axis, len(shape))
+    flat_a, flat_b, flat_w = (move_to_end(x, axes) for x in (a, weights, mask))
     out = np.empty(flat_a.shape[:-1], dtype=object)
     if flat_a.shape[-1] > _LONG_SLICE and b is None and where is None:
         return _long_logsumexp(flat_a, out)
@@ -84,8 +169,6 @@ def _long_logsumexp(flat_a: np.ndarray, out: np.ndarray) -> np.ndarray:
     oracle's error by 1e-15 relative in the sum, under 0.5 float64 ulp of
     their logsumexp (about 14), and far under a float32 ulp.
     """
-    import math
-
     mp = _mp()
     with mp.workprec(PRECISION):
         for index in np.ndindex(out.shape):
@@ -100,7 +183,7 @@ def exact_log_softmax(x, axis=None, where=None) -> np.ndarray:
     """Exact ``x - logsumexp(x)``; excluded entries get ``-inf``."""
     mp = _mp()
     x = np.asarray(x, dtype=np.float64)
-    axes = _normalize(axis, x.ndim)
+    axes = normalize_axis(axis, x.ndim)
     lse = exact_logsumexp(x, axis=axes, where=where)
     lse = np.expand_dims(lse, axes) if axes else lse
     mask = np.broadcast_to(np.ones((), bool) if where is None else np.asarray(where, bool), x.shape)
@@ -115,46 +198,38 @@ def exact_log_softmax(x, axis=None, where=None) -> np.ndarray:
 def exact_softmax(x, axis=None, where=None) -> np.ndarray:
     """Exact ``exp(x - logsumexp(x))``; excluded entries get 0."""
     mp = _mp()
+    log_values = exact_log_softmax(x, axis=axis, where=where)
+    out = np.empty(log_values.shape, dtype=object)
     with mp.workprec(PRECISION):
-        return np.vectorize(mp.exp, otypes=[object])(exact_log_softmax(x, axis=axis, where=where))
-
-
-def _finfo(dtype):
-    """``finfo`` that also knows ml_dtypes' bfloat16."""
-    try:
-        return np.finfo(dtype)
-    except ValueError:
-        import ml_dtypes
-
-        return ml_dtypes.finfo(dtype)
+        for index in np.ndindex(out.shape):
+            out[index] = mp.exp(log_values[index])
+    return out
 
 
 def ulp_error(got, exact: np.ndarray, dtype) -> np.ndarray:
     """``|got - exact|`` in units of the last place of ``dtype`` at ``exact``.
 
-    The ulp is the spacing of ``dtype`` at the exact value rounded to it, so
-    a correctly rounded result scores at most 0.5.  Below the smallest normal
-    number the unit is the smallest normal number (flush to zero is allowed).  Equal infinities and
-    matching NaNs score 0; anything else non-finite scores ``inf``.
+    The unit is :func:`ulp` at the exact value rounded to ``dtype``, so a
+    correctly rounded result scores at most 0.5; below the smallest normal
+    number it is the smallest normal number (flush to zero is allowed).
+    Equal infinities and matching NaNs score 0; anything else non-finite
+    scores ``inf``.  ``exact`` may hold ``mpf`` or floats.
     """
     mp = _mp()
     got = np.asarray(got, dtype=np.float64)
     exact = np.asarray(exact, dtype=object)
     got, exact = np.broadcast_arrays(got, exact)
+    nearest = exact.astype(np.float64) if exact.size else np.zeros(exact.shape)
+    rounded = round_to(nearest, dtype)
+    # A finite exact value beyond the dtype's range is counted in the units
+    # of its own binade (rounding it gives infinity, which has none).
+    units = ulp(np.where(np.isinf(rounded), nearest, rounded), dtype)
     errors = np.empty(got.shape, dtype=np.float64)
-    smallest_normal = float(_finfo(dtype).smallest_normal)
     for index in np.ndindex(got.shape):
         g, e = got[index], exact[index]
         if not mp.isfinite(e) or not np.isfinite(g):
             same = (mp.isnan(e) and np.isnan(g)) or (not mp.isnan(e) and float(e) == g)
             errors[index] = 0.0 if same else np.inf
             continue
-        # Below the smallest normal number the unit is that number: XLA on
-        # CPU and GPUs flush subnormal results to zero, and gradual
-        # underflow is not part of the contract.
-        if abs(float(e)) < smallest_normal:
-            spacing = smallest_normal
-        else:
-            spacing = float(np.spacing(np.abs(np.asarray(float(e)).astype(dtype))))
-        errors[index] = float(abs(mp.mpf(float(g)) - e) / mp.mpf(float(spacing)))
+        errors[index] = float(abs(mp.mpf(float(g)) - e) / mp.mpf(float(units[index])))
     return errors

@@ -10,15 +10,22 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 venv="$root/.venv"
 stamp="$venv/.lse-dispatch-installed"
-wanted="$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -d' ' -f1)"
+wanted="$(cat pyproject.toml setup.py requirements/constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
-    echo "installing the pinned environment into .venv (once)..." >&2
-    "$venv/bin/python" -m pip install --quiet --upgrade pip
-    # The constraints pin torch==2.13.0 (a CPU build) and every other package.
-    "$venv/bin/python" -m pip install --quiet -c requirements/constraints.txt -e ".[all]"
+    # pip's and the build backend's chatter (setuptools prints a notice box
+    # for every editable install) goes to a log, shown only if pip fails.
+    log="$venv/install.log"
+    echo "installing the pinned environment into .venv (once; log: $log)..." >&2
+    if ! { "$venv/bin/python" -m pip install --quiet --upgrade pip &&
+           # The constraints pin torch==2.13.0 (a CPU build) and every other package.
+           "$venv/bin/python" -m pip install --quiet -c requirements/constraints.txt -e ".[all]"; } >"$log" 2>&1; then
+        tail -n 40 "$log" >&2
+        echo "pip failed; the full log is $log" >&2
+        exit 1
+    fi
     echo "$wanted" > "$stamp"
 fi
 job="${1:-test}"

@@ -1,8 +1,9 @@
 """The ``backend`` fixture: every test runs on every array library and device.
 
-Each parameter is a :class:`Backend`: the library's namespace, the device the
-test's arrays live on, the dtypes it offers, and :meth:`Backend.call`, which
-runs a function the way that variant demands:
+Each parameter is a :class:`~lse_dispatch.backends._target.Target` (the type
+``lse-dispatch report`` and the conformance suite use too): the library's
+namespace, the device the test's arrays live on, the dtypes it offers, and
+``call``, which runs a function the way that variant demands:
 
 * ``jax:jit`` / ``jax:x64:jit`` / ``jax:gpu`` trace it under ``jax.jit`` (array
   arguments traced, everything else static);
@@ -18,16 +19,15 @@ library or the device is missing.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
 from lse_dispatch import backends
+from lse_dispatch.backends._target import ComputedTooEarly, Target, refuse_to_compute
+
+__all__ = ["Backend", "ComputedTooEarly", "make_backend"]
 
 # Reproducible property tests: the same examples on every run and machine.
 # The backend fixture is function-scoped but stateless between examples
@@ -43,122 +43,10 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted(fn, static_kw: tuple):
-    """One ``jax.jit`` per function and static arguments, so that traces are reused."""
-    import jax
-
-    static = dict(static_kw)
-    return jax.jit(lambda args, kwargs: fn(*args, **kwargs, **static))
-
-
-class ComputedTooEarly(AssertionError):
-    """A Dask graph was computed inside the call under test."""
-
-
-def _refuse_to_compute(dsk, keys, **kwargs):
-    raise ComputedTooEarly("the Dask graph was computed before the test computed it")
-
-
-@dataclass
-class Backend:
-    """One array library on one device, as a test sees it."""
-
-    id: str
-    spec: Any
-    xp: Any
-    device: Any  # backends.Device
-    dtypes: tuple[str, ...]
-    readonly: bool = False
-    jit: bool = False
-    x64: bool = False
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def lazy(self) -> bool:
-        return self.spec.name == "dask"
-
-    @property
-    def complex_dtypes(self) -> tuple[str, ...]:
-        return ("complex64", "complex128") if "float64" in self.dtypes else ("complex64",)
-
-    def dtype(self, name: str):
-        """The library's dtype object called ``name``."""
-        found = getattr(self.xp, name, None)
-        if found is None and self.lazy:
-            # Dask's array-API namespace omits float16, which its arrays hold.
-            found = np.dtype(name)
-        if found is None:
-            raise AttributeError(f"{self.id} has no dtype {name}")
-        return found
-
-    def default_float(self):
-        info = self.xp.__array_namespace_info__()
-        try:
-            return info.default_dtypes(device=self.device.device)["real floating"]
-        except TypeError:
-            return info.default_dtypes()["real floating"]
-
-    def asarray(self, values, dtype: str | None = None):
-        """``values`` (NumPy or nested lists) as this backend's array on its device.
-
-        ``dtype`` is a dtype name; ``None`` keeps NumPy's (bool stays bool).
-        """
-        values = np.asarray(values)
-        dtype = dtype or values.dtype.name
-        if self.readonly:
-            out = np.array(values, dtype=dtype if dtype != "bfloat16" else None)
-            out.setflags(write=False)
-            return out
-        if dtype in ("bool",) or dtype.startswith(("int", "uint", "complex")):
-            if self.lazy:
-                import dask.array as da
-
-                return da.from_array(values.astype(dtype), chunks=tuple(max(1, -(-n // 3)) for n in values.shape))
-            return self.xp.asarray(values.astype(dtype), dtype=self.dtype(dtype), device=self.device.device)
-        if dtype == "bfloat16":
-            # NumPy has no bfloat16; go through float32, which holds every bfloat16.
-            wide = self.spec.from_numpy(values.astype(np.float32), "float32", self.device)
-            return self.xp.astype(wide, self.dtype("bfloat16"))
-        return self.spec.from_numpy(values.astype(np.float64), dtype, self.device)
-
-    def to_numpy(self, x) -> np.ndarray:
-        """A NumPy copy of a result (computes Dask graphs)."""
-        return np.asarray(self.spec.to_numpy(x))
-
-    def call(self, fn, *args, **kwargs):
-        """``fn(*args, **kwargs)`` under this variant's regime (jit, lazy)."""
-        if self.jit:
-            import jax
-
-            is_traced = lambda v: isinstance(v, jax.Array)  # noqa: E731
-            traced_args = tuple(a for a in args if is_traced(a))
-            if len(traced_args) != len(args):
-                return fn(*args, **kwargs)  # Python inputs: nothing to trace
-            traced_kw = {k: v for k, v in kwargs.items() if is_traced(v)}
-            static_kw = tuple(sorted((k, v) for k, v in kwargs.items() if not is_traced(v)))
-            return _jitted(fn, static_kw)(traced_args, traced_kw)
-        if self.lazy:
-            import dask
-
-            with dask.config.set(scheduler=_refuse_to_compute):
-                return fn(*args, **kwargs)
-        return fn(*args, **kwargs)
-
-    def check_array(self, out, dtype, shape=None) -> None:
-        """``out`` is in this backend's namespace, on its device, of ``dtype``."""
-        import array_api_compat
-
-        assert array_api_compat.array_namespace(out) is self.xp, type(out)
-        assert array_api_compat.device(out) == self.device.device, (array_api_compat.device(out), self.device)
-        want = self.dtype(dtype) if isinstance(dtype, str) else dtype
-        assert out.dtype == want, (out.dtype, want)
-        if shape is not None:
-            assert tuple(out.shape) == tuple(shape)
+# The fixture's arrays and calls: one backend on one device in one regime.
+# ``Backend`` is the name the tests use for the shared target type.
+Backend = Target
+_refuse_to_compute = refuse_to_compute
 
 
 def _jax_gpu_device():
@@ -199,15 +87,10 @@ BACKEND_IDS = [
 ]
 
 
-def make_backend(variant_id: str, stack: contextlib.ExitStack) -> Backend:
-    """Build the :class:`Backend` ``variant_id``; skips when it is unavailable here."""
+def make_backend(variant_id: str, stack: contextlib.ExitStack) -> Target:
+    """Build the target ``variant_id``; skips when it is unavailable here."""
     _, name, options = next(v for v in VARIANTS if v[0] == variant_id)
     pytest.importorskip(backends.get(name).module)
-    if name == "jax":
-        import jax
-
-        # x64 is a scoped flag: entered for this test only, restored after it.
-        stack.enter_context(jax.enable_x64(options.get("x64", False)))
     spec = backends.get(name)
     wanted = options.get("device")
     if name == "jax" and wanted == "gpu":
@@ -221,19 +104,18 @@ def make_backend(variant_id: str, stack: contextlib.ExitStack) -> Backend:
         if not matching:
             pytest.skip(f"{name} has no device {wanted!r} here")
         device = matching[0]
-    dtypes = spec.dtypes
-    if name == "jax" and not options.get("x64"):
-        dtypes = tuple(d for d in dtypes if d != "float64")
-    return Backend(
-        id=variant_id,
-        spec=spec,
-        xp=spec.namespace(),
-        device=device,
-        dtypes=tuple(dtypes),
+    target = Target(
+        spec,
+        device,
         readonly=options.get("readonly", False),
         jit=options.get("jit", False),
-        x64=options.get("x64", False),
+        # x64 is a scoped flag: entered for this test only, restored after it.
+        x64=options.get("x64", False) if name == "jax" else None,
+        guard_compute=name == "dask",
+        variant=variant_id,
     )
+    stack.enter_context(target.scope())
+    return target
 
 
 @pytest.fixture(params=BACKEND_IDS)
@@ -257,3 +139,25 @@ def pytest_collection_modifyitems(config, items):
         reason = KNOWN_FAILURES.get(item.name)
         if reason is not None:
             item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Skips counted by reason on one line (``-rs`` would list each one):
+    most are a backend, device or dtype this machine does not have."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped or "s" in (config.option.reportchars or "").replace("a", "s"):
+        return
+    counts: dict[str, int] = {}
+    for report in skipped:
+        reason = _skip_reason(report)
+        counts[reason] = counts.get(reason, 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    shown = "; ".join(f"{n} {reason}" for reason, n in ranked[:8])
+    rest = f"; {len(ranked) - 8} more reasons (pytest -rs lists every skip)" if len(ranked) > 8 else ""
+    terminalreporter.write_line(f"skipped by reason: {shown}{rest}")

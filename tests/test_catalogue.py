@@ -12,8 +12,6 @@ import pytest
 
 from lse_dispatch import cases
 
-from ._helpers import case_inputs, run_case
-
 # The 2**20-entry cases cost most in the oracle and in Dask's graph; they run
 # on one variant per library (both JAX precisions) rather than on all of them.
 LONG_BACKENDS = {"numpy", "array_api_strict", "torch", "torch:cuda", "jax", "jax:x64", "jax:gpu", "dask", "cupy"}
@@ -28,18 +26,15 @@ def _params():
 
 @pytest.mark.parametrize(("case", "dtype"), list(_params()))
 def test_catalogue_case(backend, case, dtype):
-    if dtype not in backend.dtypes:
-        pytest.skip(f"{backend.id} has no {dtype}")
+    reason = cases.applies(case, dtype, backend)
+    if reason is not None:
+        pytest.skip(reason)
     if backend.id in ("jax", "jax:x64") and dtype in ("float16", "bfloat16"):
         # Eager JAX compiles each primitive per shape; jax:x64:jit runs these.
         pytest.skip("float16/bfloat16 catalogue on JAX runs under jit (jax:x64:jit)")
-    if case.needs_float64 and "float64" not in backend.dtypes:
-        pytest.skip(f"{backend.id} has no float64 accumulator for float32")
     if case.id.startswith("accuracy/long-") and backend.id not in LONG_BACKENDS:
         pytest.skip("2**20-entry cases run on one variant per library")
-    inputs = case_inputs(case, dtype)
-    got = run_case(backend, case, dtype, inputs)
-    verdict = cases.evaluate(case, dtype, inputs, got)
+    verdict = cases.run_case(case, dtype, backend)
     assert verdict.passed, f"{case.id} on {backend.id} in {dtype}: {verdict.detail} ({case.row})"
 
 

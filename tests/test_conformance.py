@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -254,4 +256,166 @@ def test_docs_matrix_command_is_named():
     docs = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
     if not docs.exists():
         pytest.skip("docs/conformance.md not generated in this checkout")
-    assert "python -m lse_dispatch.conformance.make_readme_matrix" in docs.read_text()
+    assert "python scripts/make_conformance_matrix.py" in docs.read_text()
+
+
+# -- as a library author meets it ------------------------------------------------------
+
+_AUTHOR_MODULE = '''\
+import numpy as np
+
+def lse(a, axis=None, b=None, keepdims=False, return_sign=False):
+    """Shifted, but ignores return_sign."""
+    m = np.max(a, axis=axis, keepdims=True)
+    out = np.log(np.sum(np.exp(a - m), axis=axis, keepdims=True)) + m
+    return out if keepdims else np.squeeze(out, axis=axis)
+
+def sm(x, axis=None):
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+def logsumexp(a, axis=None, keepdims=False):
+    return np.log(np.sum(np.exp(a), axis=axis, keepdims=keepdims))
+'''
+
+
+def _author_folder(tmp_path) -> Path:
+    (tmp_path / "mymod.py").write_text(_AUTHOR_MODULE)
+    return tmp_path
+
+
+def _cli(*args, cwd):
+    """The installed ``lse-dispatch`` command (not ``python -m``, which would
+    put the current folder on sys.path by itself), without PYTHONPATH."""
+    command = Path(sys.executable).with_name("lse-dispatch")
+    if not command.exists():
+        pytest.skip("the lse-dispatch command is not installed beside this Python")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([str(command), "conformance", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_impl_is_found_in_the_current_folder_and_a_subset_runs(tmp_path):
+    done = _cli("--impl", "mymod:lse", "--backends", "numpy:cpu", "--quick", "--family", "api",
+                cwd=_author_folder(tmp_path))
+    assert done.returncode == 1, done.stderr  # it ignores return_sign: that fails
+    assert "No module named" not in done.stdout + done.stderr
+    assert "mymod: no softmax, log_softmax: their checks did not run" in done.stdout
+    checks = re.findall(r"^FAIL mymod numpy:cpu (\S+) ", done.stdout, flags=re.MULTILINE)
+    assert checks and all(check.endswith("/logsumexp") for check in checks)
+
+
+def test_subsets_by_position_name_and_module(monkeypatch, tmp_path):
+    monkeypatch.chdir(_author_folder(tmp_path))
+    positional = conformance.load("mymod:lse,mymod:sm")
+    assert sorted(positional.functions) == ["logsumexp", "softmax"]
+    named = conformance.load("softmax=mymod:sm")
+    assert list(named.functions) == ["softmax"] and named.name == "mymod"
+    module = conformance.load("mymod")
+    assert list(module.functions) == ["logsumexp"] and module.functions["logsumexp"].__name__ == "logsumexp"
+    result = conformance.run(named, backends="numpy:cpu", families=["special-values", "api"])
+    assert result.records and {r.check.rsplit("/", 1)[-1] for r in result.records} == {"softmax"}
+    assert result.implementations[0]["functions"] == ["softmax"]
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("nomod:f", "cannot import 'nomod' (looked in {here} and sys.path): No module named 'nomod'"),
+    ("mymod:nope", "'mymod:nope': 'mymod' has no attribute 'nope'"),
+    ("exp=mymod:lse", "--impl 'exp=mymod:lse': 'exp' is not one of logsumexp, softmax, log_softmax"),
+    ("softmax=mymod:sm,mymod:lse", "--impl 'softmax=mymod:sm,mymod:lse': a positional reference ('mymod:lse') "
+                                   "follows a named one"),
+    ("mymod:lse,softmax=mymod:sm,softmax=mymod:sm", "--impl 'mymod:lse,softmax=mymod:sm,softmax=mymod:sm': "
+                                                    "softmax is given twice"),
+])
+def test_impl_mistakes_are_one_line_usage_errors(tmp_path, spec, message):
+    here = _author_folder(tmp_path)
+    done = _cli("--impl", spec, "--backends", "numpy:cpu", cwd=here)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == f"lse-dispatch conformance: {message.format(here=here)}\n"
+
+
+def test_ignoring_return_sign_is_reported_as_a_missing_pair(monkeypatch, tmp_path):
+    monkeypatch.chdir(_author_folder(tmp_path))
+    result = conformance.run("mymod:lse", backends="numpy:cpu", checks=["api/return-sign/logsumexp",
+                                                                       "special-values/negative-sum-sign/logsumexp"],
+                             dtypes=["float64"])
+    details = {r.check: r.detail for r in result.records}
+    assert details["api/return-sign/logsumexp"] == (
+        "logsumexp(..., return_sign=True): expected a (value, sign) pair, got numpy.ndarray of shape (3, 4)")
+    assert "expected a (value, sign) pair, got numpy" in details["special-values/negative-sum-sign/logsumexp"]
+
+
+def test_printed_rerun_commands_run_exactly_that_check(tmp_path):
+    here = _author_folder(tmp_path)
+    first = _cli("--impl", "mymod:lse,mymod:sm", "--backends", "numpy", "--quick", "--family", "invariants",
+                 "--family", "api", cwd=here)
+    reruns = re.findall(r"^  rerun: (.+)$", first.stdout, flags=re.MULTILINE)
+    failures = re.findall(r"^FAIL (\S+) (\S+) (\S+) (\S+): ", first.stdout, flags=re.MULTILINE)
+    assert len(reruns) == len(failures) >= 2
+    for command, (impl, target, check, dtype) in [(reruns[0], failures[0]), (reruns[-1], failures[-1])]:
+        words = shlex.split(command)
+        assert words[:2] == ["lse-dispatch", "conformance"]
+        again = _cli(*words[2:], "--json", str(tmp_path / "again.json"), cwd=here)
+        assert again.returncode == 1, again.stderr
+        records = json.loads((tmp_path / "again.json").read_text())["records"]
+        assert [(r["impl"], r["target"], r["check"], r["dtype"], r["status"]) for r in records] == [
+            (impl, target, check, dtype, "fail")]
+
+
+def test_plugin_usage_mistakes_are_one_line_errors(tmp_path):
+    here = _author_folder(tmp_path)
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "lse_dispatch.conformance.plugin"]
+    for extra, message in [
+        (["--lse-impl", "mymod:lse", "--lse-backends", "nump"], "backend pattern(s) nump match no installed target"),
+        (["--lse-impl", "nomod:f"], "cannot import 'nomod'"),
+        (["--lse-impl", "mymod:lse", "--lse-family", "acuracy"], "unknown family acuracy"),
+    ]:
+        done = subprocess.run(base + extra, cwd=here, capture_output=True, text=True, timeout=300)
+        output = done.stdout + done.stderr
+        assert done.returncode == 4, output  # pytest's usage error
+        assert "INTERNALERROR" not in output and "Traceback" not in output
+        errors = [line for line in output.splitlines() if line.startswith("ERROR:")]
+        assert len(errors) == 1 and message in errors[0], output
+
+
+def test_plugin_rerun_line_runs_exactly_that_item(tmp_path):
+    here = _author_folder(tmp_path)
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+    done = subprocess.run(base + ["-p", "lse_dispatch.conformance.plugin", "--lse-impl", "mymod:lse,mymod:sm",
+                                  "--lse-backends", "numpy:cpu", "--lse-check", "overflow/*"],
+                          cwd=here, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    reruns = re.findall(r"^  rerun: python -m pytest (.+)$", done.stdout, flags=re.MULTILINE)
+    assert reruns
+    again = subprocess.run(base + shlex.split(reruns[0]), cwd=here, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and re.search(r"^1 failed in ", again.stdout.splitlines()[-1]), again.stdout
+
+
+def test_conformance_modules_import_without_cycles():
+    """Walk every import edge between the suite's modules (including imports
+    inside functions): the graph has no cycle."""
+    import ast
+    import importlib.util
+
+    package = Path(importlib.util.find_spec("lse_dispatch.conformance").origin).parent
+    edges: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        name = path.stem
+        edges[name] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = [node.module] if node.module else [alias.name for alias in node.names]
+                edges[name].update(t.split(".")[0] for t in targets)
+    cycles = []
+
+    def visit(node, stack):
+        for nxt in sorted(edges.get(node, ())):
+            if nxt in stack:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt in edges:
+                visit(nxt, stack + [nxt])
+
+    for start in edges:
+        visit(start, [start])
+    assert cycles == []
+    assert "_family_api" in edges["_registry"] and "_registry" not in edges["_checks"]

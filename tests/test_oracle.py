@@ -1,0 +1,91 @@
+"""The oracle and the unit every accuracy figure is counted in."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import lse_dispatch
+from lse_dispatch import cases, oracle
+
+
+@pytest.mark.parametrize(("shape", "axis", "reduced"), [((10, 0), 0, (0,)), ((10, 0), 1, (10,)), ((0,), None, ()),
+                                                        ((0, 3), 1, (0,)), ((2, 0, 3), (0, 2), (0,))])
+def test_logsumexp_of_empty_input(shape, axis, reduced):
+    out = oracle.exact_logsumexp(np.zeros(shape), axis=axis)
+    assert out.shape == reduced and out.dtype == object
+    # An empty slice sums to 0: log 0 = -inf.
+    assert all(value == -math.inf for value in out.reshape(-1))
+
+
+@pytest.mark.parametrize("function", [oracle.exact_softmax, oracle.exact_log_softmax])
+@pytest.mark.parametrize(("shape", "axis"), [((10, 0), 0), ((10, 0), 1), ((0,), None), ((0, 3), 1)])
+def test_normalisations_of_empty_input(function, shape, axis):
+    out = function(np.zeros(shape), axis=axis)
+    assert out.shape == shape and out.size == 0
+
+
+def test_axis_errors_are_the_library_s():
+    with pytest.raises(lse_dispatch.AxisError, match="axis 2 is out of range"):
+        oracle.exact_logsumexp(np.zeros((2, 3)), axis=2)
+    with pytest.raises(ValueError, match="repeats axis 0"):
+        oracle.exact_logsumexp(np.zeros((2, 3)), axis=(0, -2))
+
+
+def test_ulp_is_the_spacing_in_the_binade_floored_at_the_smallest_normal():
+    for dtype in ("float64", "float32", "float16"):
+        info = np.finfo(dtype)
+        values = np.array([1.0, 1.5, 3.0, 1000.0, float(info.smallest_normal) * 3, float(info.max) / 2])
+        expected = np.spacing(values.astype(dtype)).astype(np.float64)
+        np.testing.assert_array_equal(oracle.ulp(values, dtype), expected)
+        # At the largest finite value: the spacing below it (np.spacing overflows).
+        assert oracle.ulp(float(info.max), dtype) == expected[-1] * 2
+        below = np.array([0.0, float(info.smallest_normal) / 3, float(info.smallest_subnormal)])
+        np.testing.assert_array_equal(oracle.ulp(below, dtype), float(info.smallest_normal))
+    np.testing.assert_array_equal(oracle.ulp([1.0, 3.0, 1e-40], "bfloat16"), [2.0**-7, 2.0**-6, 2.0**-126])
+    # No tolerance around a limit: every comparison with NaN fails.
+    assert np.isnan(oracle.ulp([math.inf, -math.inf, math.nan], "float32")).all()
+
+
+def test_bfloat16_rounding_without_ml_dtypes_matches_it():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(0)
+    scales = rng.choice([1e-45, 1e-40, 1e-38, 1e-10, 1.0, 1e10, 1e38, 3.39e38, 3.4e38], 50_000)
+    values = np.concatenate([rng.normal(size=50_000) * scales,
+                             [0.0, -0.0, math.inf, -math.inf, 1.00390625, 1.01171875, 3.3961775292304e38]])
+    with np.errstate(over="ignore"):
+        expected = values.astype(ml_dtypes.bfloat16).astype(np.float64)
+    np.testing.assert_array_equal(oracle.round_to(values, "bfloat16"), expected)
+    assert np.isnan(oracle.round_to([math.nan], "bfloat16")).all()
+    finite = expected[np.isfinite(expected) & (np.abs(expected) >= 2.0**-126) & (np.abs(expected) < 3.3e38)]
+    np.testing.assert_array_equal(oracle.ulp(finite, "bfloat16"),
+                                  np.spacing(np.abs(finite).astype(ml_dtypes.bfloat16)).astype(np.float64))
+
+
+def test_round_to_is_the_dtype_cast_for_ieee_formats():
+    values = np.random.default_rng(1).normal(size=1000) * 1e3
+    for dtype in ("float64", "float32", "float16"):
+        with np.errstate(over="ignore"):
+            np.testing.assert_array_equal(oracle.round_to(values, dtype), values.astype(dtype).astype(np.float64))
+    assert cases.round_to is not oracle.round_to and cases.round_to([1.1], "float16")[0] == np.float16(1.1)
+
+
+def test_ulp_error_counts_in_ulps_of_the_rounded_exact_value():
+    exact = oracle.exact_logsumexp([0.0, -40.0]).reshape(1)
+    tiny = float(exact[0])  # 4.25e-18: the unit is float64's at that magnitude
+    assert oracle.ulp_error([tiny + 2 * np.spacing(tiny)], exact, "float64")[0] == pytest.approx(2.0, abs=0.5)
+    assert oracle.ulp_error([0.0], exact, np.float64)[0] > 1e15  # torch's answer
+    assert oracle.ulp_error([math.inf, math.nan], np.array([math.inf, math.nan], dtype=object), "float32").tolist() \
+        == [0.0, 0.0]
+    assert oracle.ulp_error([1.0], np.array([math.inf], dtype=object), "float32")[0] == math.inf
+
+
+def test_stated_rows_compare_limits_exactly():
+    case = next(c for c in cases.CASES if c.id == "special-values/pos-inf/softmax")
+    inputs = cases.inputs(case, "float32")
+    assert cases.evaluate(case, "float32", inputs, np.array([0.0, 0.5, 0.0, 0.5])).passed
+    # A zero that is not exactly zero is a wrong limit, however small.
+    verdict = cases.evaluate(case, "float32", inputs, np.array([1e-45, 0.5, 0.0, 0.5]))
+    assert not verdict.passed and "expected" in verdict.detail
