@@ -30,10 +30,7 @@ leading axis at most 3 ulps (three float32 roundings).
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
-from array_api_compat import is_numpy_array
 
 from . import _fused_cpu
 from ._spec import BackendSpec, Device
@@ -46,6 +43,11 @@ def _namespace():
     import array_api_compat.numpy as xp
 
     return xp
+
+
+def _is_array(x) -> bool:
+    """A NumPy array or scalar (a plain isinstance, as array-api-compat's check, without its cache)."""
+    return isinstance(x, (np.ndarray, np.generic))
 
 
 def _to_numpy(x):
@@ -71,7 +73,7 @@ class NumpyOps:
     float64_terms = PLAIN
     float32, float64 = np.dtype(np.float32), np.dtype(np.float64)
 
-    @functools.cached_property
+    @property
     def xp(self):
         return _namespace()
 
@@ -151,7 +153,7 @@ _KERNEL = TiledKernel("numpy.blocked", NumpyOps())
 SPEC = BackendSpec(
     name="numpy",
     module="numpy",
-    is_array=is_numpy_array,
+    is_array=_is_array,
     namespace=_namespace,
     devices=lambda: [Device("cpu", "cpu")],
     dtypes=("float16", "float32", "float64"),

@@ -23,9 +23,8 @@ transform wraps, so the two never compete.
 from __future__ import annotations
 
 import contextlib
-import functools
 
-from array_api_compat import is_torch_array
+import sys
 
 from . import _fused_cpu, _torch_grad
 from ._spec import BackendSpec, Device
@@ -38,6 +37,12 @@ def _namespace():
     import array_api_compat.torch as xp
 
     return xp
+
+
+def _is_array(x) -> bool:
+    """A torch tensor (a plain isinstance: torch.compile traces it without array-api-compat's cached checks)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def _devices():
@@ -88,21 +93,23 @@ class TorchOps:
     float32_terms = COMPENSATED
     float64_terms = COMPENSATED
 
-    @functools.cached_property
+    # Plain properties, not functools.cached_property: torch.compile cannot
+    # trace the lock that guards a cached property's first access.
+    @property
     def torch(self):
         import torch
 
         return torch
 
-    @functools.cached_property
+    @property
     def xp(self):
         return _namespace()
 
-    @functools.cached_property
+    @property
     def float32(self):
         return self.torch.float32
 
-    @functools.cached_property
+    @property
     def float64(self):
         return self.torch.float64
 
@@ -195,7 +202,7 @@ _KERNEL = TiledKernel("torch.blocked", TorchOps())
 SPEC = BackendSpec(
     name="torch",
     module="torch",
-    is_array=is_torch_array,
+    is_array=_is_array,
     namespace=_namespace,
     devices=_devices,
     dtypes=("float16", "bfloat16", "float32", "float64"),

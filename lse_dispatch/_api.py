@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _dispatch
 from ._call import Call, prepare
-from ._namespace import unwrap_numpy_subclasses
+from ._namespace import plan_dtypes, unwrap_numpy_subclasses
 from ._ops import Op
 from ._validate import normalize_axis
 
@@ -28,19 +28,26 @@ Axis = int | tuple[int, ...] | None
 _FAST_PLANS: dict = {}
 
 
-def _short_lane_key(a):
-    """A hashable key that fixes ``prepare``'s namespace and dtype plan, or ``None``.
+def _short_lane(a):
+    """``(key, namespace)`` of the calls the short lane takes, or ``None``.
 
     Only exact NumPy arrays and torch tensors of a real floating dtype and
-    at least one dimension: their namespace follows from the type and their
-    plan from dtype and device.
+    at least one dimension: their namespace follows from the type (taken
+    without array-api-compat's type checks, which torch.compile would trace)
+    and their plan from dtype and device.
     """
     kind = type(a)
     if kind is np.ndarray:
-        return (kind, a.dtype) if a.dtype in (np.float32, np.float64) and a.ndim else None
+        if a.dtype in (np.float32, np.float64) and a.ndim:
+            import array_api_compat.numpy as xp
+
+            return (kind, a.dtype), xp
+        return None
     torch = sys.modules.get("torch")
     if torch is not None and kind is torch.Tensor and a.dtype in (torch.float32, torch.float64) and a.ndim:
-        return (kind, a.dtype, a.device)
+        import array_api_compat.torch as xp
+
+        return (kind, a.dtype, a.device), xp
     return None
 
 
@@ -49,24 +56,21 @@ def _prepare(op: Op, a, axis, b, where, return_sign: bool = False) -> tuple[Call
 
     A NumPy array or torch tensor of float32/float64 without ``b`` and
     ``where`` needs no namespace resolution or conversion; its :class:`Call`
-    is built directly, with the namespace and dtype plan that ``prepare`` made
-    for the first such call (cached per type, dtype and device).
-    tests/test_dispatch.py checks that both lanes give equal calls.
+    is built directly, with the dtype plan made once per type, dtype and
+    device.  tests/test_dispatch.py checks that both lanes give equal calls.
 
     Returns the call and the mask of a NumPy masked array input (see
     ``unwrap_numpy_subclasses``), or ``None``.
     """
     if b is None and where is None:
-        key = _short_lane_key(a)
-        if key is not None:
-            cached = _FAST_PLANS.get(key)
-            if cached is not None:
-                xp, plan = cached
-                shape = tuple(a.shape)
-                return Call(op, xp, a, None, None, normalize_axis(axis, len(shape)), shape, plan, bool(return_sign)), None
-            call = prepare(op, a, axis=axis, return_sign=return_sign)
-            _FAST_PLANS[key] = (call.xp, call.plan)
-            return call, None
+        lane = _short_lane(a)
+        if lane is not None:
+            key, xp = lane
+            plan = _FAST_PLANS.get(key)
+            if plan is None:
+                plan = _FAST_PLANS[key] = plan_dtypes(xp, a)
+            shape = tuple(a.shape)
+            return Call(op, xp, a, None, None, normalize_axis(axis, len(shape)), shape, plan, bool(return_sign)), None
     a, b, where, mask = unwrap_numpy_subclasses(a, b, where)
     return prepare(op, a, axis=axis, b=b, where=where, return_sign=return_sign), mask
 

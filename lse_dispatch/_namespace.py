@@ -27,8 +27,17 @@ Array = Any
 
 
 def device_of(x: Array):
-    """The device of ``x`` (``"cpu"`` for NumPy)."""
-    return array_api_compat.device(x)
+    """The device of ``x`` (``"cpu"`` for NumPy).
+
+    The standard's ``x.device`` where the array has one (NumPy 2, torch,
+    CuPy, array-api-strict, concrete JAX arrays), which torch.compile traces
+    without array-api-compat's cached type checks; array-api-compat's
+    ``device`` for the rest (Dask arrays, JAX tracers, NumPy 1).
+    """
+    try:
+        return x.device
+    except AttributeError:
+        return array_api_compat.device(x)
 
 
 def scalar(xp, value: float, like: Array) -> Array:

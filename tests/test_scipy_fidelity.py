@@ -144,3 +144,32 @@ def test_mixing_libraries_in_streams_names_the_argument():
     running = OnlineLogSumExp(axis=0).update(np.ones(3))
     with pytest.raises(TypeError, match=r"argument 'chunk' is a torch.Tensor, but the stream's earlier chunks were numpy"):
         running.update(torch.ones(3))
+
+
+# -- 10. a clean run prints what a person needs ----------------------------------------------
+
+COMPILE_SCRIPT = r"""
+import json, warnings, torch, lse_dispatch
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    f = torch.compile(lambda x: lse_dispatch.logsumexp(x, axis=1) + lse_dispatch.softmax(x, axis=1).sum(1)
+                      + lse_dispatch.log_softmax(x, axis=1).sum(1), fullgraph=True)
+    value = f(torch.randn(4, 5))
+print(json.dumps([[w.category.__name__, w.filename, str(w.message)] for w in caught]))
+"""
+
+
+def test_torch_compile_of_a_first_call_warns_nothing_of_ours():
+    """In a fresh process (no cached type lookups), torch.compile(fullgraph=True)
+    traces the three functions without Dynamo warning about array-api-compat's
+    cached type checks (17 such warnings before)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    caught = json.loads(done.stdout.strip().splitlines()[-1])
+    ours = [w for w in caught if "array_api_compat" in w[2] or "_helpers.py" in w[2] or "lse_dispatch" in w[1]
+            or "lru_cache" in w[2]]
+    assert ours == [], ours
