@@ -36,7 +36,7 @@ import math
 
 from array_api_compat import is_torch_array
 
-from . import _torch_grad
+from . import _torch_grad, _torch_triton
 from ._blocked import Pairwise as _Pairwise
 from ._blocked import kernels as _blocked_kernels
 from ._blocked import piece as _piece
@@ -498,7 +498,7 @@ SPEC = BackendSpec(
     dtypes=("float16", "bfloat16", "float32", "float64"),
     to_numpy=_to_numpy,
     # Derivative rules first: they take a call only while it is differentiated.
-    kernels=(*_torch_grad.KERNELS, *_kernels()),
+    kernels=(*_torch_triton.KERNELS, *_torch_grad.KERNELS, *_kernels()),
 )
 
 __all__ = ["SPEC", "TILE_ELEMENTS"]

@@ -160,8 +160,8 @@ def test_choice_is_task_local():
 def test_available_lists_builtin_kernels():
     catalogue = lse_dispatch.available()
     assert catalogue["numpy"] == ("numpy.blocked",)
-    # The derivative kernels come first: they take only differentiated calls.
-    assert catalogue["torch"] == ("autodiff", "torch.blocked")
+    # torch.triton (CUDA) first, then the derivative kernels: they take only differentiated calls.
+    assert catalogue["torch"] == ("torch.triton", "autodiff", "torch.blocked")
     assert catalogue["jax"] == ("autodiff", "jax.jit")
     assert set(catalogue) >= {"numpy", "array_api_strict", "torch", "jax", "cupy", "dask"}
 
