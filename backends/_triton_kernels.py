@@ -34,8 +34,9 @@ other included entries), both float64.
   with ``u = 1 + x``, exact where ``u == 1`` (``x`` itself); its relative
   error is a few float64 ulps (Goldberg, "What every computer scientist
   should know about floating-point arithmetic", Theorem 4).
-* Rows of at most ``ONE_PASS_MAX`` entries are read once, kept on chip and
-  written once (softmax, log_softmax), several short rows per program.
+* Rows of at most ``ONE_PASS_MAX`` entries (half that for float64 input)
+  are read once, kept in registers and written once (softmax, log_softmax),
+  several short rows per program.
   Longer rows are split into parts of ``PART_TILES`` tiles of
   ``PART_BLOCK`` entries; each part folds its tiles into an online state
   (per-lane float64 sums, rescaled once per tile whose max is new), the
@@ -74,8 +75,13 @@ __all__ = [
     "rows_forward",
 ]
 
-#: Rows up to this many entries take the one-pass kernel.
+#: Rows up to this many entries take the one-pass kernel (float64 input:
+#: half as many, since each entry then holds float64 temporaries).
 ONE_PASS_MAX = 8192
+#: Entries per thread of the one-pass kernels (float64: half), so that the
+#: row stays in registers: at 16 warps (the 128-register cap) float32 rows
+#: of 8192 compile without spills for sm_90, float64 rows of 8192 spilled.
+ENTRIES_PER_THREAD = 16
 #: Entries per tile of the multi-part kernels.
 PART_BLOCK = 2048
 #: Tiles per part: a part is PART_BLOCK * PART_TILES entries.
@@ -435,24 +441,29 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _warps(elements: int) -> int:
-    return 1 if elements <= 256 else 2 if elements <= 512 else 4 if elements <= 2048 else 8 if elements <= 4096 else 16
+def _warps(elements: int, per_thread: int = 8) -> int:
+    """Warps for a program over ``elements`` entries, ``per_thread`` each (1 to 16)."""
+    return max(1, min(16, elements // (32 * per_thread)))
 
 
-def config(n_rows: int, n_cols: int):
+def config(n_rows: int, n_cols: int, wide: bool = True):
     """``("one", ROWS, BLOCK, warps, grid)`` or ``("parts", n_parts, ...)`` for a (rows, n) shape.
 
-    Cached per shape and tuning constants, so a repeated call pays a dict lookup.
+    ``wide``: float32-computed input (float64 input gets half the one-pass
+    length and entries per thread).  Cached per shape and tuning constants,
+    so a repeated call pays a dict lookup.
     """
-    key = (n_rows, n_cols, ONE_PASS_MAX, PART_BLOCK, PART_TILES, MERGE_BLOCK, ELEMENTWISE_BLOCK)
+    key = (n_rows, n_cols, wide, ONE_PASS_MAX, ENTRIES_PER_THREAD, PART_BLOCK, PART_TILES, MERGE_BLOCK,
+           ELEMENTWISE_BLOCK)
     found = _CONFIGS.get(key)
     if found is not None:
         return found
-    if n_cols <= ONE_PASS_MAX:
+    per_thread = ENTRIES_PER_THREAD if wide else max(1, ENTRIES_PER_THREAD // 2)
+    if n_cols <= (ONE_PASS_MAX if wide else max(1, ONE_PASS_MAX // 2)):
         block = _next_pow2(n_cols)
         # Short rows: several per program, about 2048 entries in all.
         rows = max(1, min(_next_pow2(n_rows), max(1, 2048 // block)))
-        found = ("one", rows, block, _warps(rows * block), (triton.cdiv(n_rows, rows),))
+        found = ("one", rows, block, _warps(rows * block, per_thread), (triton.cdiv(n_rows, rows),))
     else:
         n_parts = triton.cdiv(n_cols, PART_BLOCK * PART_TILES)
         n_blocks = triton.cdiv(n_cols, ELEMENTWISE_BLOCK)
@@ -514,7 +525,7 @@ def rows_forward(x2d, where2d, op: int, out=None, value=None):
     w = where2d if has_where else x2d
     out = x2d if out is None else out
     value = m if value is None else value
-    cfg = config(n_rows, n_cols)
+    cfg = config(n_rows, n_cols, wide)
     with _Quiet():
         if cfg[0] == "one":
             _, rows, block, warps, grid = cfg
@@ -595,7 +606,7 @@ def normalized_backward(y2d, g2d, where2d, log: bool, out):
     has_where = where2d is not None
     w = where2d if has_where else y2d
     wide = y2d.dtype != torch.float64
-    cfg = config(n_rows, n_cols)
+    cfg = config(n_rows, n_cols, wide)
     with _Quiet():
         if cfg[0] == "one":
             _, rows, block, warps, grid = cfg

@@ -152,6 +152,8 @@ def test_hard_inputs(path, op, dtype):
         axes = tuple(range(ndim)) if axis is None else axis if isinstance(axis, tuple) else (axis,)
         if tuple(sorted(ax % ndim for ax in axes)) != tuple(range(ndim - len(axes), ndim)):
             continue  # leading or middle axes: declined (test_declines)
+        if path == "parts" and values.size > 1000:
+            continue  # hundreds of tiny parts; test_long_rows has long rows
         got = _host(_forced(op, _tensor(values, dtype), axis=axis))
         _assert_ulps(got, _exact(op, values, axis=axis), dtype, f"{op} {name}")
 
@@ -476,3 +478,25 @@ def test_import_does_not_import_triton():
             "lse_dispatch.logsumexp(torch.ones(3)); assert 'triton' not in sys.modules, 'triton imported'")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_kernels_compile_for_sm90():
+    """Every kernel variant the host launches compiles for sm_90 (Hopper) without a GPU.
+
+    The interpreter runs NumPy, so it cannot see what the compiler makes of
+    the kernels: here the real backend lowers them, and their PTX must hold
+    no float32 approximation (every exp, log and division is float64; the
+    float32 ones are ex2.approx, lg2.approx and div.full).  Spills, as
+    ptxas reports them, are printed (a few bytes at most on triton 3.8.0).
+    """
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "_triton_aot.py")
+    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 30, done.stdout
+    for record in records:
+        assert record["approximate"] == [], record
+        print(record["kernel"], record["constexprs"], "spill bytes:", record["spill_bytes"])
