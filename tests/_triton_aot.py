@@ -17,30 +17,30 @@ import subprocess
 import sys
 import tempfile
 
-os.environ.pop("TRITON_INTERPRET", None)
-
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from lse_dispatch.backends import _triton_kernels as k  # noqa: E402
-
-TARGET = GPUTarget("cuda", 90, 32)
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+# Nothing is imported or changed at import time: pytest's --doctest-modules
+# imports this file while collecting, inside processes that run the
+# interpreter.
 # float32 approximations (Triton's float32 exp, log and division).  Not
 # rcp.approx.ftz.f64: libdevice's float64 log seeds a reciprocal with it and
 # refines it (documented within 1 ulp); float64 division is div.rn.f64.
 APPROXIMATE = re.compile(r"\b(ex2\.approx|lg2\.approx|div\.full|div\.approx|rcp\.approx|rsqrt\.approx)(\.ftz)?\.f32\b")
 
 
+def _ptxas() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
 def _spills(ptx: str) -> int | None:
-    if not os.path.exists(PTXAS):
+    ptxas = _ptxas()
+    if not os.path.exists(ptxas):
         return None
     arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
         handle.write(ptx)
     try:
-        log = subprocess.run([PTXAS, f"-arch={arch}", "-v", handle.name, "-o", os.devnull],
+        log = subprocess.run([ptxas, f"-arch={arch}", "-v", handle.name, "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr
     finally:
         os.unlink(handle.name)
@@ -48,8 +48,12 @@ def _spills(ptx: str) -> int | None:
 
 
 def _compile(name, fn, signature, constexprs, warps):
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
-                              options={"num_warps": warps})
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     ptx = compiled.asm["ptx"]
     print(json.dumps({"kernel": name, "constexprs": {key: str(v) for key, v in constexprs.items()}, "warps": warps,
                       "approximate": sorted(set(m.group(0) for m in APPROXIMATE.finditer(ptx))), "spill_bytes": _spills(ptx)}),
@@ -57,6 +61,10 @@ def _compile(name, fn, signature, constexprs, warps):
 
 
 def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("run without TRITON_INTERPRET: the interpreter replaces compilation")
+    from lse_dispatch.backends import _triton_kernels as k
+
     for x_type, wide in (("*fp32", True), ("*fp64", False), ("*bf16", True)):
         compute = "*fp32" if wide else "*fp64"
         n_cols = k.ONE_PASS_MAX if wide else k.ONE_PASS_MAX // 2
