@@ -40,8 +40,11 @@ from ._helpers import FUNCTIONS, case_inputs  # noqa: E402
 from .test_dispatch_paths import LIMITS, _hard_inputs  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+if DEVICE == "cpu" and tuple(int(p) for p in pytest.importorskip("triton").__version__.split(".")[:2]) < (3, 8):
+    # Seen with triton 3.6.0 and NumPy 2.4: its interpreter turns a loop's
+    # runtime bound into int() of a 1-element array, which NumPy refuses.
+    # (Compiled kernels are unaffected; the pinned triton is 3.8.0.)
+    pytest.skip("the interpreter of triton < 3.8 cannot run loops with runtime bounds", allow_module_level=True)
 
 NAME = "torch.triton"
 OPS = ("logsumexp", "softmax", "log_softmax")
@@ -161,13 +164,22 @@ def test_hard_inputs(path, op, dtype):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("op", OPS)
 def test_half_precision(path, op, dtype):
-    """float16 and bfloat16: within one ulp of their own dtype."""
+    """float16 and bfloat16: the float64 result rounded through float32.
+
+    The contract allows one ulp; the kernels' bound is half an ulp plus the
+    first rounding (2**-14 of a float16 ulp, 2**-17 of a bfloat16 one),
+    which catches a truncating cast (Triton's interpreter truncates
+    float32 -> bfloat16 unless the kernel rounds itself).
+    """
     rng = np.random.default_rng(3)
     for values in (rng.normal(size=(3, 70)) * 3, np.array([[3.0, 3.0, 3.0, 1.0, -2.0]]),
                    rng.uniform(-8, 8, (2, 41)) + 20.0):
         values = cases.round_to(values, dtype)
         got = _host(_forced(op, _tensor(values, dtype), axis=-1))
-        _assert_ulps(got, _exact(op, values, axis=-1), dtype, f"{op} {values.shape}")
+        exact = _exact(op, values, axis=-1)
+        _assert_ulps(got, exact, dtype, f"{op} {values.shape}")
+        worst = float(oracle.ulp_error(got, exact, _np_dtype(dtype)).max())
+        assert worst <= 0.5 + 2.0**-12, f"{op} {values.shape}: {worst} ulps"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
