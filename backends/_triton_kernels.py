@@ -197,7 +197,7 @@ def _finish(m, count, rest, has_nan, rows, row_ok, m_ptr, count_ptr, rest_ptr, s
             OP: tl.constexpr, WIDE: tl.constexpr):
     """Write the row state and special flag; logsumexp also writes (value, sign)."""
     special = has_nan | (~_finite(m))
-    tl.store(special_ptr + rows, special.to(tl.int8), mask=row_ok)
+    tl.store(special_ptr + rows, special.to(tl.float64), mask=row_ok)
     tl.store(m_ptr + rows, m, mask=row_ok)
     tl.store(count_ptr + rows, count, mask=row_ok)
     tl.store(rest_ptr + rows, rest, mask=row_ok)
@@ -308,6 +308,8 @@ def _merge_rows_kernel(pm_ptr, pc_ptr, pr_ptr, n_parts, value_ptr, m_ptr, count_
     for start in range(0, n_parts, BLOCK):
         mask = start + lanes < n_parts
         part_max = tl.load(pm_ptr + base + start + lanes, mask=mask, other=float("-inf"))
+        if WIDE:
+            part_max = part_max.to(tl.float32)  # exact: float32 maxima kept in float64
         nan = nan | (part_max != part_max).to(tl.int32)
         m = tl.maximum(m, tl.max(tl.where(part_max == part_max, part_max, float("-inf")), axis=0))
     acc_count = tl.zeros([BLOCK], tl.float64)
@@ -315,6 +317,8 @@ def _merge_rows_kernel(pm_ptr, pc_ptr, pr_ptr, n_parts, value_ptr, m_ptr, count_
     for start in range(0, n_parts, BLOCK):
         mask = start + lanes < n_parts
         part_max = tl.load(pm_ptr + base + start + lanes, mask=mask, other=float("-inf"))
+        if WIDE:
+            part_max = part_max.to(tl.float32)
         part_count = tl.load(pc_ptr + base + start + lanes, mask=mask, other=0.0)
         part_rest = tl.load(pr_ptr + base + start + lanes, mask=mask, other=0.0)
         on_top = part_max == m
@@ -463,14 +467,17 @@ def _warps(elements: int, per_thread: int = 8) -> int:
     return max(1, min(16, elements // (32 * per_thread)))
 
 
-def config(n_rows: int, n_cols: int, wide: bool = True):
-    """``("one", ROWS, BLOCK, warps, grid)`` or ``("parts", n_parts, ...)`` for a (rows, n) shape.
+def config(n_rows: int, n_cols: int, wide: bool = True, sms: int | None = None):
+    """``("one", ROWS, BLOCK, warps, grid)`` or ``("parts", n_parts, n_blocks, warps, warps, tiles)``.
 
     ``wide``: float32-computed input (float64 input gets half the one-pass
-    length and entries per thread).  Cached per shape and tuning constants,
-    so a repeated call pays a dict lookup.
+    length and entries per thread).  ``sms``: the device's multiprocessors;
+    parts get as many tiles (up to ``PART_TILES``, a power of two) as keep
+    at least four programs per multiprocessor (``None``: ``PART_TILES``).
+    Cached per shape and tuning constants, so a repeated call pays a dict
+    lookup.
     """
-    key = (n_rows, n_cols, wide, ONE_PASS_MAX, ENTRIES_PER_THREAD, PART_BLOCK, PART_TILES, MERGE_BLOCK,
+    key = (n_rows, n_cols, wide, sms, ONE_PASS_MAX, ENTRIES_PER_THREAD, PART_BLOCK, PART_TILES, MERGE_BLOCK,
            ELEMENTWISE_BLOCK)
     found = _CONFIGS.get(key)
     if found is not None:
@@ -482,12 +489,32 @@ def config(n_rows: int, n_cols: int, wide: bool = True):
         rows = max(1, min(_next_pow2(n_rows), max(1, 2048 // block)))
         found = ("one", rows, block, _warps(rows * block, per_thread), (triton.cdiv(n_rows, rows),))
     else:
-        n_parts = triton.cdiv(n_cols, PART_BLOCK * PART_TILES)
+        tiles = PART_TILES
+        if sms is not None:
+            while tiles > 1 and n_rows * triton.cdiv(n_cols, PART_BLOCK * tiles) < 4 * sms:
+                tiles //= 2
+        n_parts = triton.cdiv(n_cols, PART_BLOCK * tiles)
         n_blocks = triton.cdiv(n_cols, ELEMENTWISE_BLOCK)
-        found = ("parts", n_parts, n_blocks, _warps(PART_BLOCK), _warps(ELEMENTWISE_BLOCK))
+        found = ("parts", n_parts, n_blocks, _warps(PART_BLOCK), _warps(ELEMENTWISE_BLOCK), tiles)
     if len(_CONFIGS) > 4096:
         _CONFIGS.clear()
     _CONFIGS[key] = found
+    return found
+
+
+_SMS: dict = {}
+
+
+def _multiprocessors(device) -> int | None:
+    """Multiprocessors of a CUDA device (cached), None elsewhere."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else 0
+    found = _SMS.get(index)
+    if found is None:
+        import torch
+
+        found = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return found
 
 
@@ -523,38 +550,34 @@ class _Quiet:
 def rows_forward(x2d, where2d, op: int, out=None, value=None):
     """Run ``op`` over the rows of a contiguous ``(rows, n)`` tensor.
 
-    Returns ``(m, count, rest, special)`` per row (the state, and a uint8/bool
-    flag for rows to hand to the shared rules).  ``out`` (softmax,
-    log_softmax: like ``x2d``) or ``value`` (logsumexp: ``(2, rows)``, value
-    then sign) receive the results for unflagged rows.
+    Returns ``(m, count, rest, special)`` per row, float64 views of one
+    ``(4, rows)`` allocation: the state, and a flag (1.0) on rows to hand to
+    the shared rules.  ``out`` (softmax, log_softmax: like ``x2d``) or
+    ``value`` (logsumexp: ``(2, rows)``, value then sign) receive the results
+    for unflagged rows.
     """
     import torch
 
     n_rows, n_cols = x2d.shape
     wide = x2d.dtype != torch.float64
-    compute = torch.float32 if wide else torch.float64
     device = x2d.device
-    m = torch.empty(n_rows, dtype=compute, device=device)
-    count = torch.empty(n_rows, dtype=torch.float64, device=device)
-    rest = torch.empty(n_rows, dtype=torch.float64, device=device)
-    special = torch.empty(n_rows, dtype=torch.int8, device=device)
+    m, count, rest, special = torch.empty((4, n_rows), dtype=torch.float64, device=device)
     has_where = where2d is not None
     w = where2d if has_where else x2d
     out = x2d if out is None else out
     value = m if value is None else value
-    cfg = config(n_rows, n_cols, wide)
+    cfg = config(n_rows, n_cols, wide, _multiprocessors(device))
     with _Quiet():
         if cfg[0] == "one":
             _, rows, block, warps, grid = cfg
             _one_pass_kernel[grid](x2d, w, out, value, m, count, rest, special, n_rows, n_cols,
                                    OP=op, HAS_WHERE=has_where, WIDE=wide, ROWS=rows, BLOCK=block, num_warps=warps)
             return m, count, rest, special
-        _, n_parts, n_blocks, part_warps, elementwise_warps = cfg
-        pm = torch.empty(n_rows * n_parts, dtype=compute, device=device)
-        pc = torch.empty(n_rows * n_parts, dtype=torch.float64, device=device)
-        pr = torch.empty(n_rows * n_parts, dtype=torch.float64, device=device)
+        _, n_parts, n_blocks, part_warps, elementwise_warps, tiles = cfg
+        # Partial (max, count, rest), float64, in one allocation.
+        pm, pc, pr = torch.empty((3, n_rows * n_parts), dtype=torch.float64, device=device)
         _part_state_kernel[(n_rows * n_parts,)](x2d, w, pm, pc, pr, n_cols, n_parts, HAS_WHERE=has_where, WIDE=wide,
-                                                BLOCK=PART_BLOCK, TILES=PART_TILES, num_warps=part_warps)
+                                                BLOCK=PART_BLOCK, TILES=tiles, num_warps=part_warps)
         _merge_rows_kernel[(n_rows,)](pm, pc, pr, n_parts, value, m, count, rest, special, n_rows,
                                       OP=op, WIDE=wide, BLOCK=MERGE_BLOCK, num_warps=_warps(MERGE_BLOCK))
         if op != OP_LOGSUMEXP:
@@ -576,10 +599,7 @@ def merge_rows(pm, pc, pr, op: int = OP_LOGSUMEXP, value=None):
     n_rows, n_parts = pm.shape
     wide = pm.dtype != torch.float64
     device = pm.device
-    m = torch.empty(n_rows, dtype=pm.dtype, device=device)
-    count = torch.empty(n_rows, dtype=torch.float64, device=device)
-    rest = torch.empty(n_rows, dtype=torch.float64, device=device)
-    special = torch.empty(n_rows, dtype=torch.int8, device=device)
+    m, count, rest, special = torch.empty((4, n_rows), dtype=torch.float64, device=device)
     value = m if value is None else value
     with _Quiet():
         _merge_rows_kernel[(n_rows,)](pm.contiguous(), pc.contiguous(), pr.contiguous(), n_parts, value, m, count,
@@ -623,7 +643,7 @@ def normalized_backward(y2d, g2d, where2d, log: bool, out):
     has_where = where2d is not None
     w = where2d if has_where else y2d
     wide = y2d.dtype != torch.float64
-    cfg = config(n_rows, n_cols, wide)
+    cfg = config(n_rows, n_cols, wide, _multiprocessors(y2d.device))
     with _Quiet():
         if cfg[0] == "one":
             _, rows, block, warps, grid = cfg

@@ -66,12 +66,11 @@ def main() -> int:
     from lse_dispatch.backends import _triton_kernels as k
 
     for x_type, wide in (("*fp32", True), ("*fp64", False), ("*bf16", True)):
-        compute = "*fp32" if wide else "*fp64"
         n_cols = k.ONE_PASS_MAX if wide else k.ONE_PASS_MAX // 2
         _, rows, block, warps, _ = k.config(1, n_cols, wide)
         for op in (0, 1, 2):
-            sig = {"x_ptr": x_type, "w_ptr": "*u8", "out_ptr": x_type, "value_ptr": x_type, "m_ptr": compute,
-                   "count_ptr": "*fp64", "rest_ptr": "*fp64", "special_ptr": "*i8", "n_rows": "i32", "n_cols": "i32",
+            sig = {"x_ptr": x_type, "w_ptr": "*u8", "out_ptr": x_type, "value_ptr": x_type, "m_ptr": "*fp64",
+                   "count_ptr": "*fp64", "rest_ptr": "*fp64", "special_ptr": "*fp64", "n_rows": "i32", "n_cols": "i32",
                    "OP": "constexpr", "HAS_WHERE": "constexpr", "WIDE": "constexpr", "ROWS": "constexpr",
                    "BLOCK": "constexpr"}
             _compile("one_pass", k._one_pass_kernel, sig,
@@ -82,24 +81,24 @@ def main() -> int:
                    "ROWS": "constexpr", "BLOCK": "constexpr"}
             _compile("vjp_one_pass", k._vjp_one_pass_kernel, sig,
                      {"LOG": log, "HAS_WHERE": True, "WIDE": wide, "ROWS": rows, "BLOCK": block}, warps)
-        _, _, _, part_warps, elementwise_warps = k.config(1, 4 * k.ONE_PASS_MAX, wide)
-        sig = {"x_ptr": x_type, "w_ptr": "*u8", "pm_ptr": compute, "pc_ptr": "*fp64", "pr_ptr": "*fp64",
+        _, _, _, part_warps, elementwise_warps, _ = k.config(1, 4 * k.ONE_PASS_MAX, wide)
+        sig = {"x_ptr": x_type, "w_ptr": "*u8", "pm_ptr": "*fp64", "pc_ptr": "*fp64", "pr_ptr": "*fp64",
                "n_cols": "i32", "n_parts": "i32", "HAS_WHERE": "constexpr", "WIDE": "constexpr", "BLOCK": "constexpr",
                "TILES": "constexpr"}
         _compile("part_state", k._part_state_kernel, sig,
                  {"HAS_WHERE": True, "WIDE": wide, "BLOCK": k.PART_BLOCK, "TILES": k.PART_TILES}, part_warps)
-        sig = {"pm_ptr": compute, "pc_ptr": "*fp64", "pr_ptr": "*fp64", "n_parts": "i32", "value_ptr": x_type,
-               "m_ptr": compute, "count_ptr": "*fp64", "rest_ptr": "*fp64", "special_ptr": "*i8", "n_rows": "i32",
+        sig = {"pm_ptr": "*fp64", "pc_ptr": "*fp64", "pr_ptr": "*fp64", "n_parts": "i32", "value_ptr": x_type,
+               "m_ptr": "*fp64", "count_ptr": "*fp64", "rest_ptr": "*fp64", "special_ptr": "*fp64", "n_rows": "i32",
                "OP": "constexpr", "WIDE": "constexpr", "BLOCK": "constexpr"}
         _compile("merge_rows", k._merge_rows_kernel, sig, {"OP": 0, "WIDE": wide, "BLOCK": k.MERGE_BLOCK},
                  k._warps(k.MERGE_BLOCK))
-        sig = {"x_ptr": x_type, "w_ptr": "*u8", "out_ptr": x_type, "m_ptr": compute, "count_ptr": "*fp64",
+        sig = {"x_ptr": x_type, "w_ptr": "*u8", "out_ptr": x_type, "m_ptr": "*fp64", "count_ptr": "*fp64",
                "rest_ptr": "*fp64", "n_cols": "i32", "n_blocks": "i32", "OP": "constexpr", "HAS_WHERE": "constexpr",
                "WIDE": "constexpr", "BLOCK": "constexpr"}
         for op in (1, 2):
             _compile("normalize", k._normalize_kernel, sig,
                      {"OP": op, "HAS_WHERE": True, "WIDE": wide, "BLOCK": k.ELEMENTWISE_BLOCK}, elementwise_warps)
-        sig = {"x_ptr": x_type, "w_ptr": "*u8", "m_ptr": compute, "count_ptr": "*fp64", "rest_ptr": "*fp64",
+        sig = {"x_ptr": x_type, "w_ptr": "*u8", "m_ptr": "*fp64", "count_ptr": "*fp64", "rest_ptr": "*fp64",
                "g_ptr": x_type, "out_ptr": x_type, "n_cols": "i32", "n_blocks": "i32", "HAS_WHERE": "constexpr",
                "WIDE": "constexpr", "BLOCK": "constexpr"}
         _compile("lse_backward", k._lse_backward_kernel, sig,

@@ -449,6 +449,19 @@ def test_backward_ignores_cotangent_on_masked_entries(path, op):
     assert np.all(np.isfinite(got))
 
 
+def test_config_keeps_the_device_busy():
+    """Long rows on a 132-multiprocessor device: at least four programs per multiprocessor where the input allows."""
+    for n_rows, n_cols in [(1, 2**20), (1, 2**24), (1, 2**28), (16, 2**20), (2, 10_000)]:
+        kind, n_parts, _, _, _, tiles = kernels.config(n_rows, n_cols, True, sms=132)
+        assert kind == "parts" and 1 <= tiles <= kernels.PART_TILES
+        assert n_parts == -(-n_cols // (kernels.PART_BLOCK * tiles))
+        assert n_rows * n_parts >= 4 * 132 or tiles == 1, (n_rows, n_cols, tiles)
+        assert tiles == kernels.PART_TILES or n_rows * -(-n_cols // (kernels.PART_BLOCK * tiles * 2)) < 4 * 132
+    assert kernels.config(1, 2**28, True, sms=132)[-1] == kernels.PART_TILES
+    assert kernels.config(1, 4096, False)[0] == "one" and kernels.config(1, 4097, False)[0] == "parts"
+    assert kernels.config(1, 8192, True)[0] == "one" and kernels.config(1, 8193, True)[0] == "parts"
+
+
 # --------------------------------------------------------------------------
 # What the kernel declines, and why.
 
