@@ -357,7 +357,7 @@ def _launch(n_rows: int, n_cols: int, device_id: int, op: str):
     if op == "logsumexp" and n_cols <= SHORT_ROW:
         return ("short", ((n_rows + warps_per_block - 1) // warps_per_block,), (THREADS,),
                 np.int64(n_cols), np.int64(n_rows))
-    if op != "logsumexp" and n_cols <= ONE_PASS_ROW:
+    if op in ("softmax", "log_softmax") and n_cols <= ONE_PASS_ROW:
         # Threads: enough for ONE_PASS_ITEMS entries each, whole warps.
         threads = min(THREADS, max(32, 32 * math.ceil(n_cols / (32 * ONE_PASS_ITEMS))))
         return ("one-pass", (n_rows,), (threads,), np.int64(n_cols), np.int32(op == "log_softmax"))

@@ -70,6 +70,8 @@ def _chosen_by_name() -> bool:
 def _declines(call: Call) -> str | None:
     import torch
 
+    if torch.compiler.is_compiling():  # first: Dynamo traces no further than this
+        return "inside torch.compile tracing"
     a = call.a
     if call.b is not None:
         return "b given"
@@ -84,8 +86,6 @@ def _declines(call: Call) -> str | None:
     missing = _triton_missing()
     if missing is not None:
         return missing
-    if torch.compiler.is_compiling():  # first: Dynamo cannot trace the checks below
-        return "inside torch.compile tracing"
     if torch._C._functorch.is_functorch_wrapped_tensor(a) or torch._C._are_functorch_transforms_active():
         return "inside a torch.func transform"
     from torch.autograd import forward_ad
@@ -215,12 +215,13 @@ def _make_function():
         @staticmethod
         def backward(ctx, g, *_ignored):
             call = ctx.call
-            if call.op == "logsumexp":
-                x, where, m, count, rest, value, sign = ctx.saved_tensors
-                grad = _lse_backward(call, x, where, (m, count, rest), value, sign, g, ctx.flagged)
-            else:
-                out, where = ctx.saved_tensors
-                grad = _normalized_backward(call, out, where, g)
+            with _on_device(g.device):
+                if call.op == "logsumexp":
+                    x, where, m, count, rest, value, sign = ctx.saved_tensors
+                    grad = _lse_backward(call, x, where, (m, count, rest), value, sign, g, ctx.flagged)
+                else:
+                    out, where = ctx.saved_tensors
+                    grad = _normalized_backward(call, out, where, g)
             return grad, None, None
 
     return _Fused
@@ -298,12 +299,24 @@ def _with_input(call: Call, a, where) -> Call:
 # Kernel entries.
 
 
+def _on_device(device):
+    """A context that makes ``device`` current: Triton launches on the current CUDA device."""
+    import contextlib
+
+    import torch
+
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _run(call: Call):
     import torch
 
-    if torch.is_grad_enabled() and call.a.requires_grad:
-        return _function().apply(call.a, call.where, call)
-    return _forward(call)[0]
+    with _on_device(call.a.device):
+        if torch.is_grad_enabled() and call.a.requires_grad:
+            return _function().apply(call.a, call.where, call)
+        return _forward(call)[0]
 
 
 #: Kernels for backends/torch.py, listed before the autodiff ones: they
