@@ -145,7 +145,7 @@ def _forward(call: Call):
     """``(result, state, flagged)``; result as the generic path returns it."""
     import torch
 
-    from lse_dispatch import _dispatch
+    from lse_dispatch import _generic
 
     from . import _triton_kernels as kernels
 
@@ -164,7 +164,7 @@ def _forward(call: Call):
     if flagged is not None:
         # The shared rules of lse_dispatch._state, through the generic path.
         sub = _sub_call(call, x2d, where2d, flagged)
-        fixed = _dispatch.GENERIC[call.op](sub)
+        fixed = getattr(_generic, str(call.op))(sub)
         if op == 0:
             value[0].index_copy_(0, flagged, fixed[0].reshape(-1).to(dtype))
             value[1].index_copy_(0, flagged, fixed[1].reshape(-1).to(dtype))
