@@ -191,6 +191,12 @@ def main(argv=None) -> int:
         except Exception:
             cupyx = None
     jax = _optional("jax") if cuda else None
+    if jax is not None:
+        try:
+            jax.devices("gpu")
+        except Exception as exc:  # no GPU plugin: its columns are left out
+            print(f"jax: no GPU ({exc}); its columns are left out", flush=True)
+            jax = None
     clock = Clock(torch, cuda)
     choice = lse_dispatch.use("torch.triton") if options.dry_run else lse_dispatch.use("auto")
     with choice:
