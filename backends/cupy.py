@@ -44,7 +44,7 @@ def _fused_declines(call) -> str | None:
 
 def _rows(call):
     kept = call.shape[: call.a.ndim - len(call.axes)]
-    return kept, call.xp.reshape(call.a, (math.prod(kept), -1))
+    return kept, call.a.reshape(math.prod(kept), -1)
 
 
 def _fused_logsumexp(call):
@@ -52,19 +52,18 @@ def _fused_logsumexp(call):
     from ._cupy_fused import lse_rows
 
     kept, x2d = _rows(call)
-    value, sign = lse_rows(x2d)[:2]
+    out = lse_rows(x2d)  # (2, rows): value, sign
     keep_shape = tuple(kept) + (1,) * len(call.axes)
     # No weights: the sum is never negative, so no NaN for a negative sum.
-    return call.xp.reshape(value, keep_shape), call.xp.reshape(sign, keep_shape)
+    return out[0].reshape(keep_shape), out[1].reshape(keep_shape)
 
 
 def _fused_normalize(op):
     def run(call):
-        from ._cupy_fused import lse_rows, normalize_rows
+        from ._cupy_fused import normalize_rows
 
         _, x2d = _rows(call)
-        row_max, row_count, log_norm = lse_rows(x2d)[2:]
-        return call.xp.reshape(normalize_rows(x2d, row_max, row_count, log_norm, op), call.a.shape)
+        return normalize_rows(x2d, op).reshape(call.a.shape)
 
     return run
 
@@ -73,16 +72,13 @@ def _kernels():
     from lse_dispatch._kernel import Kernel, Priority
     from lse_dispatch._ops import Op
 
-    from ._spec import LOG_SOFTMAX, declines_also
 
     fused = Priority.COMPILED
-    return (
-        Kernel(Op.LOGSUMEXP, "cupy-fused", _fused_logsumexp, _fused_declines, fused),
-        Kernel(Op.SOFTMAX, "cupy-fused", _fused_normalize("softmax"), _fused_declines, fused),
-        # The kernel's float32 terms carry the rounding of x - m, which the
-        # entry at a dominant max, -log1p(rest), would inherit (as
-        # torch.blocked's do): log_softmax stays on the generic path.
-        Kernel(Op.LOG_SOFTMAX, "cupy-fused", _fused_normalize("log_softmax"), declines_also(_fused_declines, LOG_SOFTMAX), fused),
+    # log_softmax too: its terms are float64 exp of the exact x - m, so the
+    # max's -log1p(rest) is as accurate as on the generic path.
+    return tuple(
+        Kernel(op, "cupy-fused", _fused_logsumexp if op == Op.LOGSUMEXP else _fused_normalize(op), _fused_declines, fused)
+        for op in (Op.LOGSUMEXP, Op.SOFTMAX, Op.LOG_SOFTMAX)
     )
 
 

@@ -26,7 +26,7 @@ import contextlib
 
 import sys
 
-from . import _fused_cpu, _torch_grad
+from . import _fused_cpu, _torch_grad, _torch_triton
 from ._spec import BackendSpec, Device
 from ._tiled import COMPENSATED, TiledKernel
 
@@ -207,5 +207,5 @@ SPEC = BackendSpec(
     devices=_devices,
     dtypes=("float16", "bfloat16", "float32", "float64"),
     to_numpy=_to_numpy,
-    kernels=(*_torch_grad.KERNELS, *_fused_cpu.torch_kernels(), *_KERNEL.kernels()),
+    kernels=(*_torch_triton.KERNELS, *_torch_grad.KERNELS, *_fused_cpu.torch_kernels(), *_KERNEL.kernels()),
 )

@@ -286,7 +286,7 @@ def backend_for(array) -> Any:
 
 
 def available() -> dict[str, tuple[str, ...]]:
-    """Every name ``use()`` accepts: backend name -> its kernel names.
+    """Every name ``use()`` accepts: backend name -> its kernel names, highest priority first.
 
     Lists the built-in backends (whether or not their library is installed)
     and the loaded plugins.
@@ -295,7 +295,8 @@ def available() -> dict[str, tuple[str, ...]]:
 
     names: dict[str, tuple[str, ...]] = {}
     for spec in [backends.get(name) for name in backends.BUILTIN] + plugins():
-        kernel_names = tuple(dict.fromkeys(kernel.name for kernel in spec.kernels))
+        ordered = sorted(spec.kernels, key=lambda kernel: -kernel.priority)  # stable: ties keep their order
+        kernel_names = tuple(dict.fromkeys(kernel.name for kernel in ordered))
         names[spec.name] = names.get(spec.name, ()) + kernel_names
     return names
 
@@ -515,4 +516,5 @@ def _declared_numerics(xp):
 
 
 _kernel.bind_dispatcher(_run_for_kernels)
+_kernel.bind_choice(lambda: _resolve(None)[0])
 _numerics.bind_lookup(_declared_numerics)

@@ -21,7 +21,17 @@ from typing import Any
 from . import _generic
 from ._ops import Op
 
-__all__ = ["Kernel", "Op", "Priority", "bind_dispatcher", "dispatch", "never_declines", "state_kernels"]
+__all__ = [
+    "Kernel",
+    "Op",
+    "Priority",
+    "bind_choice",
+    "bind_dispatcher",
+    "dispatch",
+    "never_declines",
+    "state_kernels",
+    "user_choice",
+]
 
 
 class Priority(enum.IntEnum):
@@ -32,6 +42,9 @@ class Priority(enum.IntEnum):
     own (``THIRD_PARTY`` by default, after the built-in kernels).
     """
 
+    #: Compiled kernels with derivative rules of their own (torch.triton on
+    #: CUDA): ahead of the shared derivative rules for the calls they take.
+    COMPILED_WITH_DERIVATIVES = 500
     #: Derivative rules: they take only calls being differentiated, and run
     #: the forward of whatever would run without them.
     DERIVATIVE = 400
@@ -111,6 +124,23 @@ def state_kernels(
         Kernel(Op.SOFTMAX, name, from_state(False), declines_normalised, priority),
         Kernel(Op.LOG_SOFTMAX, name, from_state(True), declines_normalised, priority),
     )
+
+
+# The user's choice of implementation (backend= > use() > environment), bound
+# by lse_dispatch._dispatch like the dispatcher below.
+_CHOICE: Callable[[], str] | None = None
+
+
+def bind_choice(choice: Callable[[], str]) -> None:
+    """Install ``choice()``, the implementation the user chose (done by ``lse_dispatch._dispatch``)."""
+    global _CHOICE
+    _CHOICE = choice
+
+
+def user_choice() -> str:
+    """The choice in force (``"auto"``, ``"generic"``, a backend or a kernel name), for kernels
+    that take some calls only when chosen by name."""
+    return "auto" if _CHOICE is None else _CHOICE()
 
 
 # The dispatcher, bound by lse_dispatch._dispatch when it is imported (always,

@@ -171,8 +171,9 @@ def test_choice_is_task_local():
 def test_available_lists_builtin_kernels():
     catalogue = lse_dispatch.available()
     assert catalogue["numpy"] == ("numpy.fused", "numpy.blocked")
-    # The derivative kernels come first: they take only differentiated calls.
-    assert catalogue["torch"] == ("autodiff", "torch.fused", "torch.blocked")
+    # In priority order: torch.triton (CUDA, with its own fused backward), the
+    # derivative kernels (they take only differentiated calls), the CPU kernels.
+    assert catalogue["torch"] == ("torch.triton", "autodiff", "torch.fused", "torch.blocked")
     assert catalogue["jax"] == ("autodiff", "jax.jit")
     assert set(catalogue) >= {"numpy", "array_api_strict", "torch", "jax", "cupy", "dask"}
 
