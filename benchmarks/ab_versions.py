@@ -1,0 +1,77 @@
+"""Two builds of lse-dispatch side by side: the blocked CPU kernels, old against new.
+
+Usage (two non-editable installs, e.g. of an older commit and of the checkout):
+
+    pip install --no-deps --target /tmp/pkg_old <old checkout>
+    pip install --no-deps --target /tmp/pkg_new .
+    python benchmarks/ab_versions.py --old /tmp/pkg_old --new /tmp/pkg_new --rounds 5
+
+Each round starts one process per build, alternating; a process times every
+case with the kernel forced by name (``numpy.blocked`` / ``torch.blocked``,
+one intra-op thread, best of five batches) and prints JSON.  The ratio
+new/old per case is the median over the rounds, with every round's ratio
+beside it and the load average of the run.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+CASES = [
+    ("numpy", "logsumexp", (4096, 4096), -1), ("numpy", "logsumexp", (4096, 4096), 0), ("numpy", "logsumexp", (10**7,), -1),
+    ("numpy", "softmax", (4096, 4096), -1), ("numpy", "softmax", (4096, 4096), 0), ("numpy", "softmax", (10**7,), -1),
+    ("numpy", "log_softmax", (4096, 4096), -1), ("numpy", "log_softmax", (4096, 4096), 0),
+    ("numpy", "logsumexp", (64, 1000), -1), ("numpy", "softmax", (64, 1000), -1), ("numpy", "logsumexp", (10,), -1),
+    ("torch", "logsumexp", (4096, 4096), -1), ("torch", "logsumexp", (4096, 4096), 0), ("torch", "softmax", (4096, 4096), -1),
+    ("torch", "softmax", (4096, 4096), 0), ("torch", "log_softmax", (4096, 4096), -1), ("torch", "log_softmax", (10**7,), -1),
+    ("torch", "logsumexp", (64, 1000), -1), ("torch", "softmax", (64, 1000), -1), ("torch", "softmax", (10,), -1),
+]
+WORKER = r'''
+import json, sys, time, statistics
+import numpy as np, torch
+torch.set_num_threads(1)
+import lse_dispatch
+cases = json.loads(sys.argv[1]); out = {}
+rng = np.random.default_rng(0)
+for lib, op, shape, axis in cases:
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    if lib == "torch": x = torch.from_numpy(x)
+    fn = getattr(lse_dispatch, op)
+    with lse_dispatch.use(lib + ".blocked"):
+        fn(x, axis=axis)
+        size = x.numel() if lib == "torch" else x.size
+        n = 3 if size > 10**6 else (200 if size > 100 else 2000)
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(n): fn(x, axis=axis)
+            times.append((time.perf_counter() - t) / n)
+    out[f"{lib} {op} {tuple(shape)} {axis}"] = min(times)
+print(json.dumps(out))
+'''
+def run(path: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(CASES)], capture_output=True, text=True, env=env)
+    if done.returncode: print(done.stderr[-3000:]); raise SystemExit(1)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old", required=True, help="folder of the old build (pip install --target)")
+    parser.add_argument("--new", required=True, help="folder of the new build")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    ratios: dict = {}
+    print("load average at the start:", os.getloadavg())
+    for _ in range(args.rounds):
+        old, new = run(args.old), run(args.new)
+        for key in old:
+            ratios.setdefault(key, []).append(new[key] / old[key])
+    print("load average at the end:", os.getloadavg())
+    for key, values in ratios.items():
+        print(f"{key:45s} new/old median {statistics.median(values):.2f}  ({', '.join(f'{v:.2f}' for v in values)})")
+
+
+if __name__ == "__main__":
+    main()
