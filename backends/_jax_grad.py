@@ -64,8 +64,18 @@ def _rebuild(static: _Static, a, b, where) -> Call:
 
 
 def _undifferentiated(call: Call):
-    """The forward that would run without derivatives: native kernel or generic."""
-    return _dispatch.run_without(call, NAME)
+    """The forward that would run without derivatives: native kernel or generic.
+
+    ``jax.fused`` is skipped as well: it brings its own derivative rules, and
+    these rules run only where it declined or was not chosen.
+    """
+    from . import _jax_fused
+
+    for spec in _dispatch.backends_for(call.a):
+        for kernel in spec.kernels:
+            if kernel.name not in (NAME, _jax_fused.NAME) and kernel.op == call.op and kernel.declines(call) is None:
+                return kernel.run(call)
+    return _dispatch.GENERIC[call.op](call)
 
 
 @functools.cache

@@ -16,7 +16,7 @@ import functools
 
 from array_api_compat import is_jax_array
 
-from . import _jax_grad
+from . import _jax_fused, _jax_grad
 from ._spec import BackendSpec, Device
 
 
@@ -97,6 +97,9 @@ SPEC = BackendSpec(
     devices=_devices,
     dtypes=("float16", "bfloat16", "float32", "float64"),
     to_numpy=_to_numpy,
-    # Derivative rules first: they take every traced call (free under jit).
-    kernels=(*_jax_grad.KERNELS, *_kernels()),
+    # The fused float32 kernel first (plain calls without x64, traced or
+    # not, with its own derivative rules); then the derivative rules over the
+    # generic code for every other traced call (free under jit); then the
+    # compiled generic code for every other concrete call.
+    kernels=(*_jax_fused.KERNELS, *_jax_grad.KERNELS, *_kernels()),
 )

@@ -80,6 +80,8 @@ def _declines(implementation, op, dtype, *, layout=True, weighted=False, differe
         return not differentiated
     if implementation == "jax.jit":
         return differentiated  # inputs are traced there
+    if implementation == "jax.fused":
+        return weighted or np.dtype(dtype) == np.float64  # plain float32 without x64 only
     if implementation.endswith(".blocked"):
         float64_softmax = op == "softmax" and np.dtype(dtype) == np.float64
         autograd = differentiated and implementation == "torch.blocked"

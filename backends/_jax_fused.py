@@ -1,0 +1,177 @@
+"""JAX kernel ``jax.fused``: plain float32 calls without x64, with lean derivative rules.
+
+It takes every call that JAX computes in float32 without a float64
+accumulator (float32, float16 and bfloat16 input with x64 off), without ``b``
+or ``where``, traced (inside the user's ``jit``, ``grad``, ``vmap``...) or
+concrete (compiled once per signature with ``jax.jit``).  The state comes from
+:mod:`._jax_traced`; the outputs and their limits from the shared functions of
+:mod:`lse_dispatch._state`.
+
+Derivatives (``jax.custom_jvp``, formulas of :mod:`lse_dispatch._autodiff`):
+
+* ``softmax``: ``dy = y (dx - sum y dx)``, from the output ``y`` alone;
+* ``log_softmax``: ``dz = dx - sum exp(z) dx``, from the output ``z`` alone;
+* ``logsumexp``: ``d lse = sum w dx`` with ``w = softmax(x)``, rebuilt from the
+  input and one number per line (``c + r``, or the count at a non-finite max).
+
+Each tangent map runs under ``jax.checkpoint``, so that reverse mode saves
+only the map's inputs: the output (softmax, log_softmax) or the input and
+the per-line total (logsumexp), as ``jax.nn``'s rules do, instead of the
+masks and products the map forms (which it recomputes in the backward pass,
+fused into it).  The weights of ``logsumexp`` are a ``custom_jvp`` function
+whose rule is softmax's, so that second and higher derivatives (``hessian``,
+``jacfwd`` of ``grad``) come out of the same formulas, limits included.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from lse_dispatch import _autodiff
+from lse_dispatch._namespace import is_jax_namespace
+from lse_dispatch._state import LSEState, finalize, log_softmax_from_state, softmax_from_state
+
+from . import _jax_traced
+
+__all__ = ["KERNELS", "NAME"]
+
+NAME = "jax.fused"
+
+
+def _declines(call) -> str | None:
+    if not is_jax_namespace(call.xp):
+        return "not a JAX call"
+    return _jax_traced.declines(call)
+
+
+@functools.cache
+def _rules():
+    """The ``custom_jvp`` functions on lines (reduced axis last), built once JAX is imported."""
+    import jax
+    import jax.numpy as jnp
+
+    def last(y):
+        return (y.ndim - 1,)
+
+    # -- softmax: the tangent map needs y only.
+    def softmax_forward(lines):
+        return softmax_from_state(jnp, lines, _jax_traced.state(lines, count_free=True), None)
+
+    @jax.custom_jvp
+    def softmax(lines):
+        return softmax_forward(lines)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def softmax_tangent(y, dx):
+        return _autodiff.softmax_jvp(jnp, y, dx, last(y))
+
+    @softmax.defjvp
+    def _softmax_jvp(primals, tangents):
+        (lines,), (dx,) = primals, tangents
+        y = softmax(lines)
+        return y, softmax_tangent(y, jnp.asarray(dx, y.dtype))
+
+    # -- log_softmax: the tangent map needs z only.
+    @jax.custom_jvp
+    def log_softmax(lines):
+        return log_softmax_from_state(jnp, lines, _jax_traced.state(lines), None)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def log_softmax_tangent(z, dx):
+        return _autodiff.log_softmax_jvp(jnp, z, None, dx, last(z))
+
+    @log_softmax.defjvp
+    def _log_softmax_jvp(primals, tangents):
+        (lines,), (dx,) = primals, tangents
+        z = log_softmax(lines)
+        return z, log_softmax_tangent(z, jnp.asarray(dx, z.dtype))
+
+    # -- logsumexp: weights rebuilt from x and one number per line.
+    def line_total(st):
+        # c + r on lines with a finite max; the count at a non-finite max
+        # (the +inf entries, or all -inf entries), as softmax_from_state's
+        # count with rest 0 gives the same weights.
+        return jnp.where(jnp.isfinite(st.max), st.count + st.rest, st.count)
+
+    @jax.custom_jvp
+    def weights(lines, total):
+        m = jax.lax.stop_gradient(jnp.max(lines, axis=-1, keepdims=True))
+        return softmax_from_state(jnp, lines, LSEState(m, total, jnp.zeros_like(total)), None)
+
+    @weights.defjvp
+    def _weights_jvp(primals, tangents):
+        # d softmax(x) = softmax's rule; total is a function of x already
+        # accounted for there, so its own tangent is not used.
+        lines, total = primals
+        w = weights(lines, total)
+        return w, softmax_tangent(w, jnp.asarray(tangents[0], w.dtype))
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def logsumexp_tangent(lines, total, dx):
+        w = weights(lines, total)
+        return jnp.sum(_autodiff._times_weight(jnp, w, dx), axis=-1, keepdims=True)
+
+    def logsumexp_forward(lines):
+        st = _jax_traced.state(lines)
+        value, sign = finalize(jnp, st, lines.dtype)
+        return value, sign, line_total(st)
+
+    @jax.custom_jvp
+    def logsumexp(lines):
+        value, sign, _ = logsumexp_forward(lines)
+        return value, sign
+
+    @logsumexp.defjvp
+    def _logsumexp_jvp(primals, tangents):
+        (lines,), (dx,) = primals, tangents
+        value, sign, total = logsumexp_forward(lines)
+        tangent = logsumexp_tangent(lines, jax.lax.stop_gradient(total), jnp.asarray(dx, lines.dtype))
+        return (value, sign), (tangent, jnp.zeros_like(sign))
+
+    return {"softmax": softmax, "log_softmax": log_softmax, "logsumexp": logsumexp}
+
+
+def _run_traced(call):
+    """The call in the caller's trace (or eagerly inside a compiled function)."""
+    import jax.numpy as jnp
+
+    plan = call.plan
+    x = jnp.asarray(call.a, dtype=plan.compute)
+    lines, back = _jax_traced.to_lines(x, call.axes)
+    rule = _rules()[call.op]
+    if call.op == "logsumexp":
+        value, sign = rule(lines)
+        return back(value).astype(plan.result), back(sign).astype(plan.result)
+    return back(rule(lines)).astype(plan.result)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(op, axes, plan, return_sign):
+    import dataclasses
+
+    import jax
+
+    def run(call, a):
+        return _run_traced(dataclasses.replace(call, a=a))
+
+    return jax.jit(run, static_argnums=0)
+
+
+def _run(call):
+    import dataclasses
+
+    import jax
+
+    if isinstance(call.a, jax.core.Tracer):
+        return _run_traced(call)
+    fn = _compiled(call.op, call.axes, call.plan, call.return_sign)
+    return fn(dataclasses.replace(call, a=None), call.a)
+
+
+def _kernels():
+    from lse_dispatch._dispatch import Kernel
+
+    return tuple(Kernel(op, NAME, _run, _declines) for op in ("logsumexp", "softmax", "log_softmax"))
+
+
+KERNELS = _kernels()

@@ -1,0 +1,232 @@
+"""The (max, count, rest) state of plain float32 JAX input, in a form XLA fuses.
+
+For calls JAX computes in float32 without a float64 accumulator (x64 off:
+float32, float16 and bfloat16 input, no ``b``, no ``where``), this module
+computes the state of :mod:`lse_dispatch._state` in three kinds of kernels,
+whatever the number of rows:
+
+1. ``m = max(x)`` over each line (one reduction);
+2. one loop over the input, fusing everything elementwise: the exact
+   difference ``x - m`` (TwoSum, so ``exp(d) * (1 + e)`` is the term of the
+   *exact* difference), the split of the line into terms below the max and
+   the count at the max, and the first ``LEAF_LEVELS`` levels of a fixed
+   pairwise summation tree over ``2**LEAF_LEVELS`` slices of the line;
+3. the rest of the tree, halving the partial sums level by level with each
+   addition compensated (TwoSum again), on arrays ``2**LEAF_LEVELS`` times
+   smaller than the input.
+
+The shared functions of :mod:`lse_dispatch._state` then finalise the state
+(``finalize``, ``log_softmax_from_state``, ``softmax_from_state``): the limit
+rules (``+inf``, all ``-inf``, NaN) and the formulas for the outputs live
+there only.  This module forms ``m``, ``count`` and ``rest``; lines whose
+max is not finite get ``count`` = the number of entries equal to the max
+(the ``+inf`` entries, or all of them) and ``rest`` = 0, which is what the
+shared functions expect, and no NaN is formed on NaN-free input.
+
+Why a fixed tree: XLA does not specify the order of its reductions (on the
+CPU, YNNPACK adds one vector lane sequentially over hundreds of terms, so a
+plain sum of 4096 terms can be off by ~256 roundings), but it never
+reassociates floating-point additions written out element by element.  The
+leaf levels are ``2**L - 1`` additions of whole slices, fused with the
+computation of the terms; the remaining levels are compensated, so that
+their roundings are recovered exactly (see :func:`pairwise_sum`).
+
+Error bound (``u = 2**-24``; the terms are nonnegative, so the bound is
+relative to the sum itself): with ``L = LEAF_LEVELS`` plain levels,
+
+    ``|computed - sum| <= (L + 1) u sum + (D + 1)**2 u**2 sum``
+
+where ``D`` is the number of compensated levels: ``L`` roundings at the
+leaves (each leaf-level sum is a sum of at most ``2**L`` terms in a tree of
+depth ``L``), exactly recovered roundings afterwards, whose own sum is off by
+at most ``D u`` of their total ``<= D u sum``, and the final rounding of
+``s + c``.  Each term is ``exp(d) (1 + e)`` with ``d + e = x - m`` exactly,
+so its error is that of ``exp`` plus two roundings.
+
+The count and rest travel together as one complex array (real: the rest,
+imaginary: the count), so that the fused loop has one output: XLA's CPU
+backend computes a loop fusion once per output, and a second output would
+evaluate ``exp`` twice.  The count is a sum of small integers, exact in any
+order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lse_dispatch._state import LSEState
+
+__all__ = ["LEAF_LEVELS", "declines", "pairwise_sum", "state", "to_lines"]
+
+Array = Any
+
+#: Plain (uncompensated) levels of the summation tree, fused with the terms.
+LEAF_LEVELS = 3
+
+_F32_MAX = float.fromhex("0x1.fffffep+127")
+
+
+def declines(call) -> str | None:
+    """``None`` if the traced float32 form takes ``call``, else why not."""
+    import jax.numpy as jnp
+
+    plan = call.plan
+    if plan.is_complex:
+        return "complex input: the generic path"
+    if call.b is not None or call.where is not None:
+        return "b or where: the generic path"
+    if plan.compute != jnp.float32 or plan.accumulator != jnp.float32:
+        return "float64 accumulator (x64): the generic path"
+    if not call.axes:
+        return "no reduced axis"
+    if any(n == 0 for n in call.shape):
+        return "empty input"
+    return None
+
+
+def to_lines(x: Array, axes: tuple[int, ...]) -> tuple[Array, Any]:
+    """``x`` with the reduced ``axes`` moved last and flattened into one, and the way back.
+
+    The way back takes an array of the flattened shape (``(..., n)``, or
+    ``(..., 1)`` for a reduction) and returns it in ``x``'s layout with the
+    reduced axes kept.
+    """
+    import jax.numpy as jnp
+
+    ndim = x.ndim
+    kept = tuple(ax for ax in range(ndim) if ax not in axes)
+    order = kept + tuple(axes)
+    moved = x if order == tuple(range(ndim)) else jnp.transpose(x, order)
+    kept_shape = tuple(x.shape[ax] for ax in kept)
+    n = math.prod(x.shape[ax] for ax in axes)
+    lines = jnp.reshape(moved, kept_shape + (n,))
+    moved_shape = moved.shape
+    inverse = tuple(order.index(ax) for ax in range(ndim))
+
+    def back(y: Array) -> Array:
+        if y.shape[-1] == 1 and n != 1:  # a reduction: keep the reduced axes
+            keep = tuple(1 if ax in axes else x.shape[ax] for ax in range(ndim))
+            return jnp.reshape(y, keep)
+        y = jnp.reshape(y, moved_shape)
+        return y if order == tuple(range(ndim)) else jnp.transpose(y, inverse)
+
+    return lines, back
+
+
+def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
+    """``(fl(a + b), a + b - fl(a + b))`` exactly (Knuth)."""
+    total = a + b
+    b_virtual = total - a
+    return total, (a - (total - b_virtual)) + (b - b_virtual)
+
+
+def pairwise_sum(lines: Array, term, leaf_levels: int | None = None) -> Array:
+    """``sum(term(lines))`` over the last axis (keepdims) in a fixed, balanced pairwise tree.
+
+    ``term`` maps a slice of ``lines`` (reduced axis last) to the values to
+    add, real or complex, elementwise.  The line is cut into ``2**L`` slices
+    (``L = LEAF_LEVELS``); ``term`` is applied to each slice and the slices
+    are added in a balanced tree, all of it one loop that XLA fuses (it reads
+    each entry once and writes ``n / 2**L`` partial sums per line: slicing
+    the *input* keeps the expensive terms single-use, which XLA needs to fuse
+    them); then each level adds the first half of the partial sums to the
+    second half, element by element.  The tail of the last slice, and slices
+    past the end, are zeros.
+
+    XLA neither reorders these additions nor merges them into a reduction
+    (written as reductions, consecutive levels were merged into one
+    reduce-window, whose order is unspecified).  Every partial sum is a sum
+    of ``2**k`` entries in a tree of depth ``k``, so for nonnegative terms the
+    result is off by at most ``ceil(log2 n) u`` of the sum (Higham, *Accuracy
+    and Stability of Numerical Algorithms*, 2nd ed., section 4.2), with
+    ``u = 2**-24``, whatever XLA's reduction order would have been.
+    """
+    import jax.numpy as jnp
+
+    n = lines.shape[-1]
+    levels = LEAF_LEVELS if leaf_levels is None else leaf_levels
+    leaves = 1 << min(levels, max(0, math.floor(math.log2(n))))
+    width = 1 << max(0, math.ceil(math.log2(-(-n // leaves))))
+    parts = []
+    for i in range(leaves):
+        start, stop = i * width, min((i + 1) * width, n)
+        if start >= n:
+            parts.append(jnp.zeros_like(parts[0]))
+            continue
+        part = term(lines[..., start:stop])
+        if stop - start < width:
+            part = jnp.pad(part, [(0, 0)] * (part.ndim - 1) + [(0, width - (stop - start))])
+        parts.append(part)
+    while len(parts) > 1:
+        parts = [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
+    total = parts[0]
+    while total.shape[-1] > 1:
+        half = total.shape[-1] // 2
+        total = total[..., :half] + total[..., half:]
+    return total
+
+
+def _max(lines: Array) -> Array:
+    import jax.numpy as jnp
+
+    return jnp.max(lines, axis=-1, keepdims=True)
+
+
+def _terms(lines: Array, m: Array, finite: Array) -> Array:
+    """``exp(x - m)`` of the exact difference on lines with a finite max (anything finite elsewhere)."""
+    import jax.numpy as jnp
+
+    zero = jnp.zeros((), lines.dtype)
+    shift = jnp.where(finite, m, zero)
+    # TwoSum of x clamped into [m - 128, m]: finite for -inf (and +inf) entries,
+    # whose terms exp(x - m) are exact anyway (0, or excluded by the caller).
+    clamped = jnp.minimum(jnp.maximum(lines, shift - 128), shift)
+    _, error = _two_sum(clamped, -shift)
+    # exp of the unclamped difference: a NaN entry stays NaN.
+    return jnp.exp(lines - shift) * (1 + error)
+
+
+def state(lines: Array, *, count_free: bool = False) -> LSEState:
+    """The state of each line of ``lines`` (float32, reduced axis last), keepdims.
+
+    With ``count_free`` the lines with a finite max get ``(m, t, 0)``,
+    ``t = c + r`` summed in one pass with the entries at the max (their terms
+    are exactly 1): all that ``softmax_from_state`` uses of a finite line is
+    ``max(count, 1) + rest``, which is then ``t`` itself, without the two
+    roundings of ``1 + (t - 1)``.  Otherwise ``count`` and ``rest`` are
+    summed apart, as ``log1p(c - 1 + r)`` needs when ``r`` is small.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    m = jax.lax.stop_gradient(_max(lines))
+    finite = jnp.isfinite(m)
+    zero = jnp.zeros((), lines.dtype)
+    one = jnp.ones((), lines.dtype)
+
+    # XLA's CPU max can miss a NaN (it returned -inf for a line of finite
+    # entries and one NaN), so lines whose max is not finite also sum their
+    # NaN entries; m + 0 keeps their max, m + NaN makes it NaN, as the
+    # contract wants, without a NaN constant.
+    if count_free:
+
+        def term(part):
+            # Lines whose max is not finite count their entries at the max instead.
+            other = jnp.where(part == m, one, jnp.where(jnp.isnan(part), part, zero))
+            return jnp.where(finite, _terms(part, m, finite), other)
+
+        total = pairwise_sum(lines, term)
+        m = jnp.where(finite, m, m + (total - total))
+        return LSEState(m, total, jnp.zeros_like(m))
+
+    def packed(part):
+        at_max = part == m
+        nan = jnp.where(jnp.isnan(part), part, zero)
+        rest = jnp.where(finite, jnp.where(at_max, zero, _terms(part, m, finite)), nan)
+        return jax.lax.complex(rest, jnp.where(at_max, one, zero))
+
+    total = pairwise_sum(lines, packed)
+    rest = jnp.real(total)
+    m = jnp.where(finite, m, m + rest)
+    return LSEState(m, jnp.imag(total), rest)
