@@ -142,6 +142,7 @@ def pairwise_sum(lines: Array, term, leaf_levels: int | None = None) -> Array:
     and Stability of Numerical Algorithms*, 2nd ed., section 4.2), with
     ``u = 2**-24``, whatever XLA's reduction order would have been.
     """
+    import jax
     import jax.numpy as jnp
 
     n = lines.shape[-1]
@@ -152,20 +153,23 @@ def pairwise_sum(lines: Array, term, leaf_levels: int | None = None) -> Array:
     for i in range(leaves):
         start, stop = i * width, min((i + 1) * width, n)
         if start >= n:
-            parts.append(jnp.zeros_like(parts[0]))
+            parts.append(tuple(jnp.zeros_like(p) for p in parts[0]))
             continue
         part = term(lines[..., start:stop])
         if stop - start < width:
-            part = jnp.pad(part, [(0, 0)] * (part.ndim - 1) + [(0, width - (stop - start))])
+            pad = [(0, 0)] * (lines.ndim - 1) + [(0, width - (stop - start))]
+            part = tuple(jnp.pad(p, pad) for p in part)
         parts.append(part)
     while len(parts) > 1:
-        parts = [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
-    total = parts[0]
+        parts = [tuple(a + b for a, b in zip(parts[i], parts[i + 1])) for i in range(0, len(parts), 2)]
+    # The sums of all quantities side by side, one array: the loop over the
+    # input then has a single output (XLA's CPU backend runs a loop fusion
+    # once per output, so a second output would compute the terms twice).
+    total = jnp.stack(parts[0], axis=-2)
     while total.shape[-1] > 1:
         half = total.shape[-1] // 2
         total = total[..., :half] + total[..., half:]
-    return total
-
+    return total[..., 0]
 
 def _max(lines: Array) -> Array:
     import jax.numpy as jnp
@@ -173,14 +177,12 @@ def _max(lines: Array) -> Array:
     return jnp.max(lines, axis=-1, keepdims=True)
 
 
-def _terms(lines: Array, m: Array, finite: Array) -> Array:
-    """``exp(x - m)`` of the exact difference on lines with a finite max (anything finite elsewhere)."""
+def _terms(lines: Array, shift: Array) -> Array:
+    """``exp(x - shift)`` of the exact difference, for a finite ``shift`` (the max, or ``FLT_MAX``)."""
     import jax.numpy as jnp
 
-    zero = jnp.zeros((), lines.dtype)
-    shift = jnp.where(finite, m, zero)
-    # TwoSum of x clamped into [m - 128, m]: finite for -inf (and +inf) entries,
-    # whose terms exp(x - m) are exact anyway (0, or excluded by the caller).
+    # TwoSum of x clamped into [shift - 128, shift]: finite for infinite
+    # entries, whose terms are exactly 0 (or, at the max, replaced by the caller).
     clamped = jnp.minimum(jnp.maximum(lines, shift - 128), shift)
     _, error = _two_sum(clamped, -shift)
     # exp of the unclamped difference: a NaN entry stays NaN.
@@ -196,37 +198,30 @@ def state(lines: Array, *, count_free: bool = False) -> LSEState:
     ``max(count, 1) + rest``, which is then ``t`` itself, without the two
     roundings of ``1 + (t - 1)``.  Otherwise ``count`` and ``rest`` are
     summed apart, as ``log1p(c - 1 + r)`` needs when ``r`` is small.
+
+    Lines whose max is not finite are shifted by ``FLT_MAX``, so that every
+    finite entry's term is 0: they get the number of entries equal to the max
+    as their count (the ``+inf`` entries, or all of them) and a rest of 0,
+    except that a NaN entry's term is NaN, and ``m + rest`` then makes the
+    max NaN without a NaN constant (XLA's CPU max was seen to return ``-inf``
+    for a line of finite entries and one NaN).
     """
     import jax
     import jax.numpy as jnp
 
     m = jax.lax.stop_gradient(_max(lines))
     finite = jnp.isfinite(m)
+    shift = jnp.where(finite, m, jnp.asarray(_F32_MAX, lines.dtype))
     zero = jnp.zeros((), lines.dtype)
     one = jnp.ones((), lines.dtype)
 
-    # XLA's CPU max can miss a NaN (it returned -inf for a line of finite
-    # entries and one NaN), so lines whose max is not finite also sum their
-    # NaN entries; m + 0 keeps their max, m + NaN makes it NaN, as the
-    # contract wants, without a NaN constant.
-    if count_free:
-
-        def term(part):
-            # Lines whose max is not finite count their entries at the max instead.
-            other = jnp.where(part == m, one, jnp.where(jnp.isnan(part), part, zero))
-            return jnp.where(finite, _terms(part, m, finite), other)
-
-        total = pairwise_sum(lines, term)
-        m = jnp.where(finite, m, m + (total - total))
-        return LSEState(m, total, jnp.zeros_like(m))
-
     def packed(part):
         at_max = part == m
-        nan = jnp.where(jnp.isnan(part), part, zero)
-        rest = jnp.where(finite, jnp.where(at_max, zero, _terms(part, m, finite)), nan)
-        return jax.lax.complex(rest, jnp.where(at_max, one, zero))
+        return jnp.where(at_max, zero, _terms(part, shift)), jnp.where(at_max, one, zero)
 
     total = pairwise_sum(lines, packed)
-    rest = jnp.real(total)
+    rest, count = total[..., :1], total[..., 1:]
     m = jnp.where(finite, m, m + rest)
-    return LSEState(m, jnp.imag(total), rest)
+    if count_free:
+        return LSEState(m, jnp.where(finite, count + rest, count), jnp.zeros_like(m))
+    return LSEState(m, count, rest)
