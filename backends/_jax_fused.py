@@ -29,7 +29,7 @@ import functools
 
 from lse_dispatch import _autodiff
 from lse_dispatch._namespace import is_jax_namespace
-from lse_dispatch._state import LSEState, finalize, log_softmax_from_state, softmax_from_state
+from lse_dispatch._state import LSEState, softmax_from_state
 
 from . import _jax_traced
 
@@ -53,10 +53,27 @@ def _rules():
     def last(y):
         return (y.ndim - 1,)
 
-    # -- softmax: the tangent map needs y only.
-    def softmax_forward(lines):
-        return softmax_from_state(jnp, lines, _jax_traced.state(lines, count_free=True), None)
+    def batched(forward):
+        """``forward`` with a vmap rule: batched lines are more lines.
 
+        The batch axis comes first and the reduced axis stays last, so the
+        forward runs once on the whole batch, with one ``lax.cond`` for all of
+        it, rather than vmap's select between both branches.
+        """
+        wrapped = jax.custom_batching.custom_vmap(forward)
+
+        @wrapped.def_vmap
+        def _rule(axis_size, in_batched, lines):
+            out = wrapped(lines)
+            return out, jax.tree_util.tree_map(lambda _: in_batched[0], out)
+
+        return wrapped
+
+    softmax_forward = batched(_jax_traced.softmax)
+    log_softmax_forward = batched(_jax_traced.log_softmax)
+    logsumexp_forward = batched(_jax_traced.logsumexp)
+
+    # -- softmax: the tangent map needs y only.
     @jax.custom_jvp
     def softmax(lines):
         return softmax_forward(lines)
@@ -74,7 +91,7 @@ def _rules():
     # -- log_softmax: the tangent map needs z only.
     @jax.custom_jvp
     def log_softmax(lines):
-        return log_softmax_from_state(jnp, lines, _jax_traced.state(lines), None)
+        return log_softmax_forward(lines)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def log_softmax_tangent(z, dx):
@@ -86,13 +103,8 @@ def _rules():
         z = log_softmax(lines)
         return z, log_softmax_tangent(z, jnp.asarray(dx, z.dtype))
 
-    # -- logsumexp: weights rebuilt from x and one number per line.
-    def line_total(st):
-        # c + r on lines with a finite max; the count at a non-finite max
-        # (the +inf entries, or all -inf entries), as softmax_from_state's
-        # count with rest 0 gives the same weights.
-        return jnp.where(jnp.isfinite(st.max), st.count + st.rest, st.count)
-
+    # -- logsumexp: weights rebuilt from x and one number per line (the
+    # forward's line total, see _jax_traced._line_total).
     @jax.custom_jvp
     def weights(lines, total):
         m = jax.lax.stop_gradient(jnp.max(lines, axis=-1, keepdims=True))
@@ -110,11 +122,6 @@ def _rules():
     def logsumexp_tangent(lines, total, dx):
         w = weights(lines, total)
         return jnp.sum(_autodiff._times_weight(jnp, w, dx), axis=-1, keepdims=True)
-
-    def logsumexp_forward(lines):
-        st = _jax_traced.state(lines)
-        value, sign = finalize(jnp, st, lines.dtype)
-        return value, sign, line_total(st)
 
     @jax.custom_jvp
     def logsumexp(lines):

@@ -57,7 +57,7 @@ from typing import Any
 
 from lse_dispatch._state import LSEState
 
-__all__ = ["LEAF_LEVELS", "declines", "pairwise_sum", "state", "to_lines"]
+__all__ = ["LEAF_LEVELS", "MATERIALIZE", "declines", "pairwise_sum", "softmax", "state", "to_lines"]
 
 Array = Any
 
@@ -65,6 +65,13 @@ Array = Any
 LEAF_LEVELS = 3
 
 _F32_MAX = float.fromhex("0x1.fffffep+127")
+
+#: Inputs of at most this many entries keep softmax's terms in memory
+#: between the sum and the output (as jax.nn does) instead of forming them
+#: twice: below the caches' size writing them is cheaper than a second exp
+#: and TwoSum; above it the memory traffic costs more (measured, see
+#: docs/jax.md).
+MATERIALIZE = 1 << 20
 
 
 def declines(call) -> str | None:
@@ -172,13 +179,14 @@ def pairwise_sum(lines: Array, term, leaf_levels: int | None = None) -> Array:
     return total[..., 0]
 
 def _max(lines: Array) -> Array:
+    import jax
     import jax.numpy as jnp
 
-    return jnp.max(lines, axis=-1, keepdims=True)
+    return jax.lax.stop_gradient(jnp.max(lines, axis=-1, keepdims=True))
 
 
 def _terms(lines: Array, shift: Array) -> Array:
-    """``exp(x - shift)`` of the exact difference, for a finite ``shift`` (the max, or ``FLT_MAX``)."""
+    """``exp(x - shift)`` of the exact difference, for a finite ``shift`` (TwoSum)."""
     import jax.numpy as jnp
 
     # TwoSum of x clamped into [shift - 128, shift]: finite for infinite
@@ -189,15 +197,15 @@ def _terms(lines: Array, shift: Array) -> Array:
     return jnp.exp(lines - shift) * (1 + error)
 
 
-def state(lines: Array, *, count_free: bool = False) -> LSEState:
-    """The state of each line of ``lines`` (float32, reduced axis last), keepdims.
+def state(lines: Array, *, count_free: bool = False, m: Array | None = None) -> LSEState:
+    """The state of each line of ``lines`` (float32, reduced axis last), keepdims: any input.
 
-    With ``count_free`` the lines with a finite max get ``(m, t, 0)``,
-    ``t = c + r`` summed in one pass with the entries at the max (their terms
-    are exactly 1): all that ``softmax_from_state`` uses of a finite line is
-    ``max(count, 1) + rest``, which is then ``t`` itself, without the two
-    roundings of ``1 + (t - 1)``.  Otherwise ``count`` and ``rest`` are
-    summed apart, as ``log1p(c - 1 + r)`` needs when ``r`` is small.
+    The terms are ``exp(d) (1 + e)`` with ``d + e = x - m`` exactly (TwoSum,
+    five more operations per entry).  With ``count_free`` the lines with a
+    finite max get ``(m, t, 0)``, ``t = c + r``: all that
+    ``softmax_from_state`` uses of a finite line is ``max(count, 1) + rest``,
+    which is then ``t`` itself.  Otherwise ``count`` and ``rest`` are summed
+    apart, as ``log1p(c - 1 + r)`` needs when ``r`` is small.
 
     Lines whose max is not finite are shifted by ``FLT_MAX``, so that every
     finite entry's term is 0: they get the number of entries equal to the max
@@ -206,10 +214,9 @@ def state(lines: Array, *, count_free: bool = False) -> LSEState:
     max NaN without a NaN constant (XLA's CPU max was seen to return ``-inf``
     for a line of finite entries and one NaN).
     """
-    import jax
     import jax.numpy as jnp
 
-    m = jax.lax.stop_gradient(_max(lines))
+    m = _max(lines) if m is None else m
     finite = jnp.isfinite(m)
     shift = jnp.where(finite, m, jnp.asarray(_F32_MAX, lines.dtype))
     zero = jnp.zeros((), lines.dtype)
@@ -225,3 +232,157 @@ def state(lines: Array, *, count_free: bool = False) -> LSEState:
     if count_free:
         return LSEState(m, jnp.where(finite, count + rest, count), jnp.zeros_like(m))
     return LSEState(m, count, rest)
+
+
+# --------------------------------------------------------------------------
+# The exact shift: no TwoSum per entry where every line allows it.
+
+
+def overflow_limit(n: int) -> float:
+    """Largest max of a line of ``n`` entries whose unshifted terms ``exp(x)`` sum without overflow."""
+    return math.floor(math.log(_F32_MAX) - math.log(n) - 1)
+
+
+def exact_shift(m: Array, n: int) -> tuple[Array, Array]:
+    """``(s, ok)`` per line: a shift ``s`` with ``x - s`` exact for every entry that counts.
+
+    * ``-2**20 < m <= 0``: ``s`` is ``m`` rounded to a multiple of
+      ``G = ulp(|m| + 128)``.  Every entry ``x <= m`` with ``x - m >= -127``
+      has ``|x| < |m| + 128``, so ``G`` is a multiple of ``ulp(x)`` and
+      ``x - s`` (a multiple of ``ulp(x)``, no larger in magnitude than ``x``)
+      is exact; entries further below have terms under ``e**-126`` of the
+      max's, and ``|m - s| <= G / 2 <= 2**-4``.
+    * ``0 < m < overflow_limit(n)``: ``s = 0``, ``x - s = x``.
+    * anything else (a max that is not finite, or beyond these bounds):
+      ``ok`` is False and the line needs the TwoSum form.
+    """
+    import jax.numpy as jnp
+
+    finite = jnp.isfinite(m)
+    safe = jnp.where(finite, m, jnp.zeros_like(m))
+    _, exponent = jnp.frexp(jnp.abs(safe) + 128)
+    grid = jnp.ldexp(jnp.ones_like(safe), exponent - 24)
+    rounded = jnp.round(safe / grid) * grid
+    s = jnp.where(safe > 0, jnp.zeros_like(safe), rounded)
+    ok = finite & (m > -(2.0**20)) & (m < overflow_limit(n))
+    return s, ok
+
+
+def _exp_of_shift(m: Array, s: Array) -> Array:
+    """``exp(s - m)``: to half an ulp by Taylor where ``|m - s| <= 2**-4``, else (``s = 0``) XLA's ``exp(-m)``."""
+    import jax.numpy as jnp
+
+    low = m - s  # exact: m and s are close, or s = 0
+    # exp(-low) = 1 + p, p = -low (1 - low/2 (1 - low/3 (1 - low/4 (1 - low/5)))),
+    # the remainder below low**6 / 720 <= 2**-24 / 720 for |low| <= 2**-4.
+    p = -low * (1 - low / 2 * (1 - low / 3 * (1 - low / 4 * (1 - low / 5))))
+    return jnp.where(jnp.abs(low) <= 2.0**-4, 1 + p, jnp.exp(-low))
+
+
+def exact_state(lines: Array, m: Array, s: Array, *, count_free: bool = False) -> tuple[LSEState, Array]:
+    """``(state, line total)`` of lines that all have ``ok`` (see :func:`exact_shift`).
+
+    Terms ``exp(x - s)`` of the exact difference; the count at the max and
+    the rest are summed apart, the rest is rescaled by ``exp(s - m)``
+    (:func:`_exp_of_shift`).  With ``count_free``, ``t = sum exp(x - s)`` is
+    returned as the line total instead, for softmax, which divides by it.
+    """
+    import jax.numpy as jnp
+
+    zero = jnp.zeros((), lines.dtype)
+    one = jnp.ones((), lines.dtype)
+    if count_free:
+        total = pairwise_sum(lines, lambda part: (jnp.exp(part - s),))
+        return LSEState(m, total, jnp.zeros_like(m)), total
+
+    def packed(part):
+        at_max = part == m
+        return jnp.where(at_max, zero, jnp.exp(part - s)), jnp.where(at_max, one, zero)
+
+    sums = pairwise_sum(lines, packed)
+    rest = sums[..., :1] * _exp_of_shift(m, s)
+    count = sums[..., 1:]
+    return LSEState(m, count, rest), count + rest
+
+
+# --------------------------------------------------------------------------
+# The operations on lines: the exact-shift form where every line allows it,
+# else the TwoSum form, chosen by one lax.cond (its predicate reads one
+# number per line; the branch not taken costs nothing).
+
+
+def _choose(lines: Array, fast, slow):
+    import jax
+    import jax.numpy as jnp
+
+    m = _max(lines)
+    s, ok = exact_shift(m, lines.shape[-1])
+    return jax.lax.cond(jnp.all(ok), fast, slow, lines, m, s)
+
+
+def _line_total(st: LSEState) -> Array:
+    import jax.numpy as jnp
+
+    # c + r on lines with a finite max; the count at a non-finite max (the
+    # +inf entries, or all -inf entries): softmax_from_state with this count
+    # and rest 0 gives the same weights as with the state itself.
+    return jnp.where(jnp.isfinite(st.max), st.count + st.rest, st.count)
+
+
+def logsumexp(lines: Array) -> tuple[Array, Array, Array]:
+    """``(value, sign, line total)`` of each line, keepdims; the total is for the derivative."""
+    import jax.numpy as jnp
+
+    from lse_dispatch._state import finalize
+
+    def fast(lines, m, s):
+        st, total = exact_state(lines, m, s)
+        return (*finalize(jnp, st, lines.dtype), total)
+
+    def slow(lines, m, s):
+        st = state(lines, m=m)
+        return (*finalize(jnp, st, lines.dtype), _line_total(st))
+
+    return _choose(lines, fast, slow)
+
+
+def log_softmax(lines: Array) -> Array:
+    """``log_softmax`` of each line, through the shared ``log_softmax_from_state``."""
+    import jax.numpy as jnp
+
+    from lse_dispatch._state import log_softmax_from_state
+
+    def fast(lines, m, s):
+        return log_softmax_from_state(jnp, lines, exact_state(lines, m, s)[0], None)
+
+    def slow(lines, m, s):
+        return log_softmax_from_state(jnp, lines, state(lines, m=m), None)
+
+    return _choose(lines, fast, slow)
+
+
+def softmax(lines: Array) -> Array:
+    """``softmax`` of each line.
+
+    Where every line allows the exact shift: ``exp(x - s) / sum exp(x - s)``,
+    two roundings on top of ``exp``'s error and the sum's.  Inputs of at most
+    :data:`MATERIALIZE` entries keep the terms in memory between the sum and
+    the division (as jax.nn does); larger ones form them twice, which costs
+    less than writing and reading them back.  Otherwise the TwoSum state and
+    the shared ``softmax_from_state``, which also gives the limits.
+    """
+    import jax.numpy as jnp
+
+    from lse_dispatch._state import softmax_from_state
+
+    def fast(lines, m, s):
+        if lines.size <= MATERIALIZE:
+            terms = jnp.exp(lines - s)
+            return terms / pairwise_sum(terms, lambda part: (part,))
+        total = pairwise_sum(lines, lambda part: (jnp.exp(part - s),))
+        return jnp.exp(lines - s) / total
+
+    def slow(lines, m, s):
+        return softmax_from_state(jnp, lines, state(lines, count_free=True, m=m), None)
+
+    return _choose(lines, fast, slow)
