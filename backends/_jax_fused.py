@@ -64,7 +64,9 @@ def _rules():
 
         @wrapped.def_vmap
         def _rule(axis_size, in_batched, lines):
-            out = wrapped(lines)
+            # (Unbatched lines reach the rule when only a tangent is batched,
+            # as under jacfwd: the forward itself then, not the wrapper again.)
+            out = wrapped(lines) if in_batched[0] else forward(lines)
             return out, jax.tree_util.tree_map(lambda _: in_batched[0], out)
 
         return wrapped
@@ -125,15 +127,17 @@ def _rules():
 
     @jax.custom_jvp
     def logsumexp(lines):
-        value, sign, _ = logsumexp_forward(lines)
-        return value, sign
+        """``(value, sign, line total)``; the total, for the rule, has tangent 0."""
+        return logsumexp_forward(lines)
 
     @logsumexp.defjvp
     def _logsumexp_jvp(primals, tangents):
         (lines,), (dx,) = primals, tangents
-        value, sign, total = logsumexp_forward(lines)
+        # Through the function itself, so that differentiating this rule (a
+        # Hessian) uses the rule again rather than the forward's arithmetic.
+        value, sign, total = logsumexp(lines)
         tangent = logsumexp_tangent(lines, jax.lax.stop_gradient(total), jnp.asarray(dx, lines.dtype))
-        return (value, sign), (tangent, jnp.zeros_like(sign))
+        return (value, sign, total), (tangent, jnp.zeros_like(sign), jnp.zeros_like(total))
 
     return {"softmax": softmax, "log_softmax": log_softmax, "logsumexp": logsumexp}
 
@@ -147,7 +151,7 @@ def _run_traced(call):
     lines, back = _jax_traced.to_lines(x, call.axes)
     rule = _rules()[call.op]
     if call.op == "logsumexp":
-        value, sign = rule(lines)
+        value, sign, _ = rule(lines)
         return back(value).astype(plan.result), back(sign).astype(plan.result)
     return back(rule(lines)).astype(plan.result)
 
