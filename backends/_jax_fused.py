@@ -29,7 +29,7 @@ import functools
 
 from lse_dispatch import _autodiff
 from lse_dispatch._namespace import is_jax_namespace
-from lse_dispatch._state import LSEState, softmax_from_state
+
 
 from . import _jax_traced
 
@@ -74,6 +74,7 @@ def _rules():
     softmax_forward = batched(_jax_traced.softmax)
     log_softmax_forward = batched(_jax_traced.log_softmax)
     logsumexp_forward = batched(_jax_traced.logsumexp)
+    logsumexp_weights_forward = batched(functools.partial(_jax_traced.logsumexp, weights=True))
 
     # -- softmax: the tangent map needs y only.
     @jax.custom_jvp
@@ -105,39 +106,34 @@ def _rules():
         z = log_softmax(lines)
         return z, log_softmax_tangent(z, jnp.asarray(dx, z.dtype))
 
-    # -- logsumexp: weights rebuilt from x and one number per line (the
-    # forward's line total, see _jax_traced._line_total).
+    # -- logsumexp: the tangent map needs the weights w = softmax(x) only.
+    # The public function's forward does not form them; its rule calls
+    # with_weights, which forms them in the same pass as the value and
+    # whose own rule (w's tangent is softmax's) gives higher derivatives.
     @jax.custom_jvp
-    def weights(lines, total):
-        m = jax.lax.stop_gradient(jnp.max(lines, axis=-1, keepdims=True))
-        return softmax_from_state(jnp, lines, LSEState(m, total, jnp.zeros_like(total)), None)
-
-    @weights.defjvp
-    def _weights_jvp(primals, tangents):
-        # d softmax(x) = softmax's rule; total is a function of x already
-        # accounted for there, so its own tangent is not used.
-        lines, total = primals
-        w = weights(lines, total)
-        return w, softmax_tangent(w, jnp.asarray(tangents[0], w.dtype))
+    def with_weights(lines):
+        return logsumexp_weights_forward(lines)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
-    def logsumexp_tangent(lines, total, dx):
-        w = weights(lines, total)
+    def logsumexp_tangent(w, dx):
         return jnp.sum(_autodiff._times_weight(jnp, w, dx), axis=-1, keepdims=True)
+
+    @with_weights.defjvp
+    def _with_weights_jvp(primals, tangents):
+        (lines,), (dx,) = primals, tangents
+        value, sign, w = with_weights(lines)
+        dx = jnp.asarray(dx, w.dtype)
+        return (value, sign, w), (logsumexp_tangent(w, dx), jnp.zeros_like(sign), softmax_tangent(w, dx))
 
     @jax.custom_jvp
     def logsumexp(lines):
-        """``(value, sign, line total)``; the total, for the rule, has tangent 0."""
         return logsumexp_forward(lines)
 
     @logsumexp.defjvp
     def _logsumexp_jvp(primals, tangents):
         (lines,), (dx,) = primals, tangents
-        # Through the function itself, so that differentiating this rule (a
-        # Hessian) uses the rule again rather than the forward's arithmetic.
-        value, sign, total = logsumexp(lines)
-        tangent = logsumexp_tangent(lines, jax.lax.stop_gradient(total), jnp.asarray(dx, lines.dtype))
-        return (value, sign, total), (tangent, jnp.zeros_like(sign), jnp.zeros_like(total))
+        value, sign, w = with_weights(lines)
+        return (value, sign), (logsumexp_tangent(w, jnp.asarray(dx, w.dtype)), jnp.zeros_like(sign))
 
     return {"softmax": softmax, "log_softmax": log_softmax, "logsumexp": logsumexp}
 
@@ -151,7 +147,7 @@ def _run_traced(call):
     lines, back = _jax_traced.to_lines(x, call.axes)
     rule = _rules()[call.op]
     if call.op == "logsumexp":
-        value, sign, _ = rule(lines)
+        value, sign = rule(lines)
         return back(value).astype(plan.result), back(sign).astype(plan.result)
     return back(rule(lines)).astype(plan.result)
 

@@ -279,13 +279,38 @@ def _exp_of_shift(m: Array, s: Array) -> Array:
     return jnp.where(jnp.abs(low) <= 2.0**-4, 1 + p, jnp.exp(-low))
 
 
-def exact_state(lines: Array, m: Array, s: Array, *, count_free: bool = False) -> tuple[LSEState, Array]:
+def _masked_sums(lines: Array, m: Array, s: Array, terms: Array | None) -> Array:
+    """``(rest, count)`` along the last axis: ``sum exp(x - s)`` over ``x < m`` and the entries ``x == m``.
+
+    ``terms``, if given, are ``exp(lines - s)`` already formed (and kept in
+    memory by the caller); else they are formed in the summation loop.
+    """
+    import jax.numpy as jnp
+
+    zero = jnp.zeros((), lines.dtype)
+    one = jnp.ones((), lines.dtype)
+    if terms is None:
+
+        def packed(part):
+            at_max = part == m
+            return jnp.where(at_max, zero, jnp.exp(part - s)), jnp.where(at_max, one, zero)
+
+        return pairwise_sum(lines, packed)
+    at_max = lines == m
+    both = jnp.stack([jnp.where(at_max, zero, terms), jnp.where(at_max, one, zero)], axis=-2)
+    return pairwise_sum(both, lambda part: (part[..., 0, :], part[..., 1, :]))
+
+
+def exact_state(
+    lines: Array, m: Array, s: Array, *, count_free: bool = False, terms: Array | None = None
+) -> tuple[LSEState, Array]:
     """``(state, line total)`` of lines that all have ``ok`` (see :func:`exact_shift`).
 
-    Terms ``exp(x - s)`` of the exact difference; the count at the max and
-    the rest are summed apart, the rest is rescaled by ``exp(s - m)``
-    (:func:`_exp_of_shift`).  With ``count_free``, ``t = sum exp(x - s)`` is
-    returned as the line total instead, for softmax, which divides by it.
+    Terms ``exp(x - s)`` of the exact difference (or ``terms``, if given,
+    already formed); the count at the max and the rest are summed apart, the
+    rest is rescaled by ``exp(s - m)`` (:func:`_exp_of_shift`).  With
+    ``count_free``, ``t = sum exp(x - s)`` is returned as the line total
+    instead, for softmax, which divides by it.
     """
     import jax.numpy as jnp
 
@@ -295,11 +320,7 @@ def exact_state(lines: Array, m: Array, s: Array, *, count_free: bool = False) -
         total = pairwise_sum(lines, lambda part: (jnp.exp(part - s),))
         return LSEState(m, total, jnp.zeros_like(m)), total
 
-    def packed(part):
-        at_max = part == m
-        return jnp.where(at_max, zero, jnp.exp(part - s)), jnp.where(at_max, one, zero)
-
-    sums = pairwise_sum(lines, packed)
+    sums = _masked_sums(lines, m, s, terms)
     rest = sums[..., :1] * _exp_of_shift(m, s)
     count = sums[..., 1:]
     return LSEState(m, count, rest), count + rest
@@ -329,31 +350,53 @@ def _line_total(st: LSEState) -> Array:
     return jnp.where(jnp.isfinite(st.max), st.count + st.rest, st.count)
 
 
-def logsumexp(lines: Array) -> tuple[Array, Array, Array]:
-    """``(value, sign, line total)`` of each line, keepdims; the total is for the derivative."""
+def logsumexp(lines: Array, *, weights: bool = False) -> tuple[Array, ...]:
+    """``(value, sign)`` of each line, keepdims; with ``weights`` also ``softmax(lines)``.
+
+    The weights are the derivative's (``d lse / dx``); formed in the same
+    pass, as ``exp(x - s) * (exp(s - m) / (c + r))`` where every line allows
+    the exact shift, else by the shared ``softmax_from_state`` from the
+    state's line total (see :func:`_line_total`).
+    """
     import jax.numpy as jnp
 
-    from lse_dispatch._state import finalize
+    from lse_dispatch._state import finalize, softmax_from_state
 
     def fast(lines, m, s):
-        st, total = exact_state(lines, m, s)
-        return (*finalize(jnp, st, lines.dtype), total)
+        if not weights:
+            return finalize(jnp, exact_state(lines, m, s)[0], lines.dtype)
+        # Small inputs keep the terms in memory for the weights (see softmax).
+        terms = jnp.exp(lines - s) if lines.size <= MATERIALIZE else None
+        st, total = exact_state(lines, m, s, terms=terms)
+        terms = jnp.exp(lines - s) if terms is None else terms
+        return (*finalize(jnp, st, lines.dtype), terms * (_exp_of_shift(m, s) / total))
 
     def slow(lines, m, s):
         st = state(lines, m=m)
-        return (*finalize(jnp, st, lines.dtype), _line_total(st))
+        out = finalize(jnp, st, lines.dtype)
+        if weights:
+            total = _line_total(st)
+            out = (*out, softmax_from_state(jnp, lines, LSEState(st.max, total, jnp.zeros_like(total)), None))
+        return out
 
     return _choose(lines, fast, slow)
 
 
 def log_softmax(lines: Array) -> Array:
-    """``log_softmax`` of each line, through the shared ``log_softmax_from_state``."""
+    """``log_softmax`` of each line.
+
+    Where every line allows the exact shift: ``(x - m) - log1p(c - 1 + r)``,
+    the formula of the shared ``log_softmax_from_state`` for lines with a
+    finite max (two roundings); otherwise that function itself, which also
+    gives the limits.
+    """
     import jax.numpy as jnp
 
     from lse_dispatch._state import log_softmax_from_state
 
     def fast(lines, m, s):
-        return log_softmax_from_state(jnp, lines, exact_state(lines, m, s)[0], None)
+        st, _ = exact_state(lines, m, s)
+        return (lines - m) - jnp.log1p((st.count - 1) + st.rest)
 
     def slow(lines, m, s):
         return log_softmax_from_state(jnp, lines, state(lines, m=m), None)
@@ -376,11 +419,14 @@ def softmax(lines: Array) -> Array:
     from lse_dispatch._state import softmax_from_state
 
     def fast(lines, m, s):
-        if lines.size <= MATERIALIZE:
-            terms = jnp.exp(lines - s)
-            return terms / pairwise_sum(terms, lambda part: (part,))
-        total = pairwise_sum(lines, lambda part: (jnp.exp(part - s),))
-        return jnp.exp(lines - s) / total
+        terms = jnp.exp(lines - s) if lines.size <= MATERIALIZE else None
+        sums = _masked_sums(lines, m, s, terms)
+        terms = jnp.exp(lines - s) if terms is None else terms
+        # The entries at the max enter after the tree, each as exp(m - s) (the
+        # same exp as their own terms): a dominant entry's rounding in every
+        # level of the tree would otherwise be the error of every output.
+        total = sums[..., 1:] * jnp.exp(m - s) + sums[..., :1]
+        return terms / total
 
     def slow(lines, m, s):
         return softmax_from_state(jnp, lines, state(lines, count_free=True, m=m), None)
