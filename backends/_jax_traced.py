@@ -164,8 +164,7 @@ def pairwise_sum(lines: Array, term, leaf_levels: int | None = None) -> Array:
             continue
         part = term(lines[..., start:stop])
         if stop - start < width:
-            pad = [(0, 0)] * (lines.ndim - 1) + [(0, width - (stop - start))]
-            part = tuple(jnp.pad(p, pad) for p in part)
+            part = tuple(jnp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, width - (stop - start))]) for p in part)
         parts.append(part)
     while len(parts) > 1:
         parts = [tuple(a + b for a, b in zip(parts[i], parts[i + 1])) for i in range(0, len(parts), 2)]
