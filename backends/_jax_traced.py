@@ -1,53 +1,51 @@
-"""The (max, count, rest) state of plain float32 JAX input, in a form XLA fuses.
+"""The (max, count, rest) state of plain float32 JAX input, in kernels XLA fuses.
 
-For calls JAX computes in float32 without a float64 accumulator (x64 off:
-float32, float16 and bfloat16 input, no ``b``, no ``where``), this module
-computes the state of :mod:`lse_dispatch._state` in three kinds of kernels,
-whatever the number of rows:
+For the calls that JAX computes in float32 without a float64 accumulator
+(x64 off: float32, float16 and bfloat16 input; no ``b``, no ``where``), every
+line (the reduced axes, moved last and flattened) is reduced in three steps,
+whatever the number of lines:
 
-1. ``m = max(x)`` over each line (one reduction);
-2. one loop over the input, fusing everything elementwise: the exact
-   difference ``x - m`` (TwoSum, so ``exp(d) * (1 + e)`` is the term of the
-   *exact* difference), the split of the line into terms below the max and
-   the count at the max, and the first ``LEAF_LEVELS`` levels of a fixed
-   pairwise summation tree over ``2**LEAF_LEVELS`` slices of the line;
-3. the rest of the tree, halving the partial sums level by level with each
-   addition compensated (TwoSum again), on arrays ``2**LEAF_LEVELS`` times
-   smaller than the input.
+1. ``m = max(x)``: one reduction (YNNPACK on XLA's CPU backend);
+2. one loop over the input, every elementwise step fused in it: the terms,
+   the split into the rest (entries below the max) and the count at the max,
+   and the first ``LEAF_LEVELS`` levels of a fixed pairwise summation tree
+   over ``2**LEAF_LEVELS`` slices of the line; it writes ``n / 2**L`` partial
+   sums per line and nothing of the input's size;
+3. the remaining levels of the tree, on those partial sums.
 
 The shared functions of :mod:`lse_dispatch._state` then finalise the state
-(``finalize``, ``log_softmax_from_state``, ``softmax_from_state``): the limit
-rules (``+inf``, all ``-inf``, NaN) and the formulas for the outputs live
-there only.  This module forms ``m``, ``count`` and ``rest``; lines whose
-max is not finite get ``count`` = the number of entries equal to the max
-(the ``+inf`` entries, or all of them) and ``rest`` = 0, which is what the
-shared functions expect, and no NaN is formed on NaN-free input.
+(``finalize``, ``log_softmax_from_state``, ``softmax_from_state``), except
+that the exact-shift form writes out the finite-line formulas of
+``log_softmax`` and ``softmax`` itself (every line is finite there).
 
-Why a fixed tree: XLA does not specify the order of its reductions (on the
-CPU, YNNPACK adds one vector lane sequentially over hundreds of terms, so a
-plain sum of 4096 terms can be off by ~256 roundings), but it never
-reassociates floating-point additions written out element by element.  The
-leaf levels are ``2**L - 1`` additions of whole slices, fused with the
-computation of the terms; the remaining levels are compensated, so that
-their roundings are recovered exactly (see :func:`pairwise_sum`).
+**Terms.**  Where every line allows it (:func:`exact_shift`, one ``lax.cond``
+per call), the terms are ``exp(x - s)`` with ``x - s`` exact by
+construction: ``s`` is the max rounded to the grid of ``ulp(|m| + 128)``
+(``m <= 0``) or 0 (``0 < m < ln(FLT_MAX) - ln(n) - 1``), so the only cost
+over jax.nn is the split and the tree; the rest is rescaled by
+``exp(s - m)`` (to half an ulp by Taylor when ``|m - s| <= 2**-4``, else
+XLA's ``exp``).  Otherwise (a max that is not finite, or beyond those
+bounds) the terms are ``exp(d) (1 + e)`` with ``d + e = x - m`` exactly
+(TwoSum, five more operations per entry), and lines whose max is not finite
+get the count of entries equal to the max and a rest of 0, which is what the
+shared functions expect (a NaN entry makes the max NaN through ``m + rest``,
+without a NaN constant).
 
-Error bound (``u = 2**-24``; the terms are nonnegative, so the bound is
-relative to the sum itself): with ``L = LEAF_LEVELS`` plain levels,
+**Sums.**  XLA does not specify the order of its reductions (YNNPACK adds
+each vector lane sequentially, over hundreds of terms for a line of 4096),
+but it does not reassociate additions written out element by element.  Each
+level of the tree adds two halves of an array, so every partial sum is a sum
+of ``2**k`` terms in a tree of depth ``k``: for nonnegative terms the result
+is off by at most ``ceil(log2 n) u`` of the sum, ``u = 2**-24`` (Higham,
+*Accuracy and Stability of Numerical Algorithms*, 2nd ed., section 4.2).
+The entries at the max are counted apart and enter after the tree (the rest
+plus the count times the max's term), so a dominant term is not rounded at
+every level; the rest and the count are stacked into one array, so that the
+loop over the input has one output (XLA's CPU backend computes a loop
+fusion once per output: a second output evaluated ``exp`` twice).
 
-    ``|computed - sum| <= (L + 1) u sum + (D + 1)**2 u**2 sum``
-
-where ``D`` is the number of compensated levels: ``L`` roundings at the
-leaves (each leaf-level sum is a sum of at most ``2**L`` terms in a tree of
-depth ``L``), exactly recovered roundings afterwards, whose own sum is off by
-at most ``D u`` of their total ``<= D u sum``, and the final rounding of
-``s + c``.  Each term is ``exp(d) (1 + e)`` with ``d + e = x - m`` exactly,
-so its error is that of ``exp`` plus two roundings.
-
-The count and rest travel together as one complex array (real: the rest,
-imaginary: the count), so that the fused loop has one output: XLA's CPU
-backend computes a loop fusion once per output, and a second output would
-evaluate ``exp`` twice.  The count is a sum of small integers, exact in any
-order.
+docs/jax.md has the error bounds of each output, the measurements behind
+these choices and what XLA did with the alternatives.
 """
 
 from __future__ import annotations
@@ -129,17 +127,19 @@ def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
 
 
 def pairwise_sum(lines: Array, term, leaf_levels: int | None = None) -> Array:
-    """``sum(term(lines))`` over the last axis (keepdims) in a fixed, balanced pairwise tree.
+    """``sum(term(lines))`` over the last axis in a fixed, balanced pairwise tree.
 
-    ``term`` maps a slice of ``lines`` (reduced axis last) to the values to
-    add, real or complex, elementwise.  The line is cut into ``2**L`` slices
+    ``term`` maps a slice of ``lines`` (reduced axis last) to a tuple of ``k``
+    arrays of values to add, elementwise; the result has shape
+    ``lines.shape[:-1] + (k,)``.  The line is cut into ``2**L`` slices
     (``L = LEAF_LEVELS``); ``term`` is applied to each slice and the slices
     are added in a balanced tree, all of it one loop that XLA fuses (it reads
     each entry once and writes ``n / 2**L`` partial sums per line: slicing
     the *input* keeps the expensive terms single-use, which XLA needs to fuse
-    them); then each level adds the first half of the partial sums to the
-    second half, element by element.  The tail of the last slice, and slices
-    past the end, are zeros.
+    them; computed on the whole line and then sliced, XLA wrote the terms out
+    slice by slice); then each level adds the first half of the partial sums
+    to the second half, element by element.  The tail of the last slice, and
+    slices past the end, are zeros.
 
     XLA neither reorders these additions nor merges them into a reduction
     (written as reductions, consecutive levels were merged into one
@@ -149,7 +149,6 @@ def pairwise_sum(lines: Array, term, leaf_levels: int | None = None) -> Array:
     and Stability of Numerical Algorithms*, 2nd ed., section 4.2), with
     ``u = 2**-24``, whatever XLA's reduction order would have been.
     """
-    import jax
     import jax.numpy as jnp
 
     n = lines.shape[-1]
@@ -176,6 +175,7 @@ def pairwise_sum(lines: Array, term, leaf_levels: int | None = None) -> Array:
         half = total.shape[-1] // 2
         total = total[..., :half] + total[..., half:]
     return total[..., 0]
+
 
 def _max(lines: Array) -> Array:
     import jax
