@@ -16,6 +16,12 @@ count-free form (``_jax_float32_state``), taken only when every row sums to
 16 or more: it is taken there, meets the contract there (ties at the max,
 sums just above 16, a max near 0), and any smaller row sends the whole call
 to the exact form.
+
+The tests that call ``lse_dispatch``'s functions on plain float32 input run
+the ``jax.fused`` kernel now (backends/_jax_traced.py, tested on its own in
+tests/test_jax_traced.py); those that call ``_state``'s functions directly
+test the generic path's JAX float32 form, which ``b`` and ``where`` calls
+and ``use("generic")`` still take.
 """
 
 from __future__ import annotations
