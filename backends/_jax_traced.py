@@ -300,25 +300,13 @@ def _masked_sums(lines: Array, m: Array, s: Array, terms: Array | None) -> Array
     return pairwise_sum(both, lambda part: (part[..., 0, :], part[..., 1, :]))
 
 
-def exact_state(
-    lines: Array, m: Array, s: Array, *, count_free: bool = False, terms: Array | None = None
-) -> tuple[LSEState, Array]:
-    """``(state, line total)`` of lines that all have ``ok`` (see :func:`exact_shift`).
+def exact_state(lines: Array, m: Array, s: Array, *, terms: Array | None = None) -> tuple[LSEState, Array]:
+    """``(state, line total c + r)`` of lines that all have ``ok`` (see :func:`exact_shift`).
 
     Terms ``exp(x - s)`` of the exact difference (or ``terms``, if given,
     already formed); the count at the max and the rest are summed apart, the
-    rest is rescaled by ``exp(s - m)`` (:func:`_exp_of_shift`).  With
-    ``count_free``, ``t = sum exp(x - s)`` is returned as the line total
-    instead, for softmax, which divides by it.
+    rest is rescaled by ``exp(s - m)`` (:func:`_exp_of_shift`).
     """
-    import jax.numpy as jnp
-
-    zero = jnp.zeros((), lines.dtype)
-    one = jnp.ones((), lines.dtype)
-    if count_free:
-        total = pairwise_sum(lines, lambda part: (jnp.exp(part - s),))
-        return LSEState(m, total, jnp.zeros_like(m)), total
-
     sums = _masked_sums(lines, m, s, terms)
     rest = sums[..., :1] * _exp_of_shift(m, s)
     count = sums[..., 1:]
@@ -406,8 +394,11 @@ def log_softmax(lines: Array) -> Array:
 def softmax(lines: Array) -> Array:
     """``softmax`` of each line.
 
-    Where every line allows the exact shift: ``exp(x - s) / sum exp(x - s)``,
-    two roundings on top of ``exp``'s error and the sum's.  Inputs of at most
+    Where every line allows the exact shift: ``exp(x - s) / (c exp(m - s) + r_s)``
+    with ``r_s`` the rest relative to ``s``: the entries at the max enter
+    after the summation tree, each as the same ``exp(m - s)`` as in their own
+    numerator, so that a dominant term is neither rounded at every level of
+    the tree nor off by its own ``exp`` error relative to itself.  Inputs of at most
     :data:`MATERIALIZE` entries keep the terms in memory between the sum and
     the division (as jax.nn does); larger ones form them twice, which costs
     less than writing and reading them back.  Otherwise the TwoSum state and
