@@ -13,9 +13,10 @@ around one measured behaviour of XLA (jax 0.10, CPU):
 * ``weight_parts``: XLA flushes subnormal operands (``1e-310 != 0`` is False),
   so weights are read from their bits;
 * ``undefined_where``: NaN made as ``inf - inf``, never selected from a
-  constant (``jax.debug_nans``);
-* ``plain_state``: plain float32 input (no ``b``, no ``where``, one reduced
-  axis) takes a state of one max and one fused sum.
+  constant (``jax.debug_nans``).
+
+Plain float32 calls without x64 (no ``b``, no ``where``) are the
+``jax.fused`` kernel's (``backends/_jax_traced.py``), not this hook's.
 
 Importing this module imports no array library; JAX is imported by the
 methods, which run only on JAX arrays.
@@ -26,29 +27,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lse_dispatch._numerics import PAIRWISE_THRESHOLD, Numerics
 from lse_dispatch._namespace import scalar
-from lse_dispatch._state import LSEState, finite_shift, state_from_exponents, two_sum
+from lse_dispatch._numerics import Numerics
 
 __all__ = ["JaxNumerics"]
 
 Array = Any
-
-# Row lengths of 1-D input reduced as rows (_row_count): XLA's CPU runtime
-# runs a reduction with a scalar broadcast into it 4x slower than one with a
-# per-row operand (measured), so a 1-D input is cut into rows of 512 to 4096
-# entries (multiples of 8, longest first), else of 4104 to 8192.
-_ROW_LENGTHS = range(4096, 511, -8)
-_LONG_ROW_LENGTHS = range(4104, 8193, 8)
-# TwoSum's error of x - m is taken from x clamped to m - 128: a -inf entry
-# then gives a finite error, and its term exp(-inf) is 0 anyway (any
-# difference below -103.3 gives a float32 term of 0).
-_TWO_SUM_FLOOR = 128.0
-# The count-free state (m, 1, t - 1) is taken when every row sums to at
-# least this much: then 1 + y <= (16/15) y and log1p(y) >= log 16 (see
-# _jax_float32_state's bound).
-_COUNT_FREE_MIN_TOTAL = 16
-
 
 class JaxNumerics(Numerics):
     """The shared math's hook for JAX arrays (see the module docstring)."""
@@ -71,16 +55,6 @@ class JaxNumerics(Numerics):
     def undefined_where(self, xp, mask: Array, like: Array) -> Array:
         z = xp.where(mask, scalar(xp, math.inf, like), scalar(xp, 0.0, like))
         return z - z
-
-    def plain_state(self, xp, x: Array, axes: tuple[int, ...], accumulator):
-        if (
-            len(axes) == 1
-            and x.dtype == xp.float32
-            and accumulator == xp.float32
-            and x.shape[axes[0]] >= PAIRWISE_THRESHOLD
-        ):
-            return _jax_float32_state(xp, x, axes[0], accumulator)
-        return None
 
 
 def _log1p(xp, x: Array) -> Array:
@@ -240,149 +214,3 @@ def _weight_parts(xp, b: Array, dtype) -> tuple[Array, Array, Array]:
     log_subnormal = (xp.log(significand) - k * _LN2_LOW) - k * _LN2_HIGH
     log_normal = xp.log(xp.astype(xp.where(nonzero & ~subnormal, xp.abs(b), one), dtype))
     return nonzero, sign, xp.where(subnormal, log_subnormal, log_normal)
-
-
-
-def _jax_float32_state(xp, x: Array, axis: int, accumulator) -> LSEState:
-    """The state of plain float32 JAX input (no ``b``, no ``where``): max and one fused sum.
-
-    The common case needs no separate ``count``: the fused sum runs over
-    every entry, those at the max included (their terms are exactly
-    ``exp(0) * (1 + 0) = 1``), giving ``t = c + r``, and the state is
-    ``(m, 1, t - 1)``, which has the same ``c + r`` and ``c - 1 + r``.  That
-    saves the count pass and the per-entry max mask.  Splitting ``c`` off
-    matters only when ``r`` is small next to ``c``, so this form is taken
-    only when every row has ``t >= 16`` (``_COUNT_FREE_MIN_TOTAL``) (and a finite max or a NaN entry);
-    otherwise :func:`_jax_float32_state_exact` runs instead, through
-    ``lax.cond``.
-
-    Error: with ``y = c - 1 + r`` (what :func:`finalize` takes ``log1p``
-    of), the sum's bound of :func:`_fused_sum_last` applies to
-    ``T = c + r = 1 + y`` instead of ``r``, and ``fl(t - 1)`` rounds once, as
-    :func:`finalize`'s ``(c - 1) + r`` would have:
-
-        ``|computed - y| <= u y + (k - 1 + 2**-7 + 1.02 (n / k) 2**-23) u (1 + y)``
-
-    on top of the terms' own errors; ``t >= 16`` gives ``1 + y <= (16/15) y``,
-    so the summation part is at most 16/15 of the exact path's
-    ``(...) u r <= (...) u y``, and ``log1p(y) >= log 16`` keeps the
-    absolute error of the log below its value's.
-    """
-    import jax
-
-    work, work_axis, m, work_shift, rows = _jax_work_layout(xp, x, axis)
-    partial = _jax_grouped_terms(xp, x, axis, work, work_axis, work_shift, rows, below_max=False)
-    total = _limb_sum(xp, partial, axis)
-    has_nan = xp.isnan(total) & (m != math.inf)
-    usable = xp.all((xp.isfinite(m) & (total >= _COUNT_FREE_MIN_TOTAL)) | has_nan)
-    m = xp.where(has_nan, total, m)
-    one = xp.ones_like(total)
-    return jax.lax.cond(
-        usable,
-        lambda: LSEState(m, one, total - one),
-        lambda: _jax_float32_state_exact(xp, x, axis, accumulator),
-    )
-
-
-def _jax_work_layout(xp, x: Array, axis: int):
-    """``(work, work_axis, m, work_shift, rows)``: ``x`` as rows (1-D input) and its max and shift."""
-    rows = _row_count(x.shape[0]) if x.ndim == 1 else None
-    if rows is None:
-        m = xp.max(x, axis=axis, keepdims=True)
-        return x, axis, m, finite_shift(xp, m), None
-    # A 1-D input as rows: XLA's CPU runtime runs a reduction with a
-    # scalar broadcast into it 4x slower than one with a per-row operand
-    # (measured), so each row gets its own copy of the shift.
-    work = xp.reshape(x, (rows, x.shape[0] // rows))
-    row_max = xp.max(work, axis=1, keepdims=True)
-    m = xp.max(row_max, axis=0)
-    shift = finite_shift(xp, m)
-    # shift itself (for +inf and NaN too), but an array XLA cannot fold.
-    work_shift = xp.minimum(xp.maximum(row_max, shift), shift)
-    return work, 1, m, work_shift, rows
-
-
-def _jax_grouped_terms(xp, x, axis, work, work_axis, work_shift, rows, *, below_max: bool) -> Array:
-    """Group sums (``n / k`` along ``axis``) of ``exp(d) * (1 + e)``, masked to ``x < m`` if ``below_max``."""
-    one = scalar(xp, 1.0, x)
-    shape, summed = _group_layout(work.shape, work_axis)
-    grouped = xp.reshape(work, shape)
-    # Broadcast m in the grouped shape: a reshape after the exp would make XLA
-    # write the terms out instead of fusing them into the sum.
-    extra = len(shape) - work.ndim + 1
-    grouped_shift = xp.reshape(work_shift, shape[:work_axis] + (1,) * extra + work_shift.shape[work_axis + 1 :])
-    diff = grouped - grouped_shift
-    # TwoSum's error of diff, from x clamped to m - 128 so that -inf gives a
-    # finite error (its term exp(-inf) is 0 anyway).  exp takes the unclamped
-    # diff: XLA's fused max and min can drop a NaN, exp and * cannot.
-    _, error = two_sum(xp, xp.maximum(grouped, grouped_shift - _TWO_SUM_FLOOR), -grouped_shift)
-    terms = xp.exp(diff) * (1 + error)
-    if below_max:
-        terms = terms * xp.minimum(xp.ceil(-diff), one)
-    partial = xp.sum(terms, axis=summed)
-    if rows is None:
-        return xp.reshape(partial, x.shape[:axis] + (-1,) + x.shape[axis + 1 :])
-    return xp.reshape(partial, (-1,))
-
-
-def _jax_float32_state_exact(xp, x: Array, axis: int, accumulator) -> LSEState:
-    """The state of plain float32 JAX input (no ``b``, no ``where``), in two fused passes.
-
-    XLA's CPU reductions fuse arithmetic producers (subtract, multiply, exp,
-    round, ceil, min, max) but not ``where`` or comparisons, which it writes
-    out to memory first, and reductions that share an ``exp`` make it write
-    the ``exp`` out too.  So this form has no select on the big arrays:
-
-    * ``count`` sums ``1 - min(ceil(m - x), 1)``, which is 1 exactly where
-      ``x == m`` and 0 below (``-inf`` included);
-    * ``rest`` sums ``exp(d) * (1 + e) * min(ceil(-d), 1)`` over groups of
-      ``k <= 8`` entries, with ``d + e = x - m`` from TwoSum (as
-      :func:`_exp_difference`; ``e`` from ``x`` clamped to ``m - 128``, so
-      that ``-inf`` gives a term of 0 rather than NaN), and the factor 0 on the entries at
-      the max (``ceil(-d)`` is 0 just where ``count``'s is 1); the ``n / k``
-      group sums then go through :func:`_limb_sum`.  The error bound is that
-      of :func:`_fused_sum_last`: ``u rest + (k - 1 + 2**-7 + 1.02 (n / k)
-      2**-23) u rest`` on top of the terms' own.
-
-    A row with a NaN entry gets a NaN rest and a NaN max.  Inputs with any
-    other row whose max is not finite (``+inf``, all ``-inf``) take the
-    shared implementation through ``lax.cond``, so that every limit is the
-    generic path's; it reads only ``x``, so the common case pays nothing
-    for it.
-    """
-    import jax
-
-    work, work_axis, m, work_shift, rows = _jax_work_layout(xp, x, axis)
-    one = scalar(xp, 1.0, x)
-    # 1 exactly at the max: m - x is 0 only there (and inf for x = -inf).
-    count = xp.sum(one - xp.minimum(xp.ceil(work_shift - work), one), axis=work_axis, keepdims=True)
-    partial = _jax_grouped_terms(xp, x, axis, work, work_axis, work_shift, rows, below_max=True)
-    if rows is not None:
-        count = xp.sum(count, axis=0)
-    rest = _limb_sum(xp, partial, axis)
-    # Only a NaN entry makes rest NaN.  XLA's CPU max can miss that NaN (on
-    # large inputs it returned -inf for a row of finite numbers and one NaN),
-    # so the state carries the NaN in ``max``; every consumer then returns
-    # NaN, as the contract says.
-    # (With m = +inf, rest is NaN from inf - inf instead: the shared path.)
-    has_nan = xp.isnan(rest) & (m != math.inf)
-    usable = xp.all(xp.isfinite(m) | has_nan)
-    m = xp.where(has_nan, rest, m)
-    return jax.lax.cond(
-        usable,
-        lambda: LSEState(m, count, rest),
-        lambda: state_from_exponents(xp, x, (axis,), accumulator),
-    )
-
-
-def _row_count(n: int) -> int | None:
-    """Rows of 512 to 8192 entries (a multiple of 8) that ``n`` splits into, if any."""
-    for length in _ROW_LENGTHS:
-        if n % length == 0 and n // length >= 2:
-            return n // length
-    for length in _LONG_ROW_LENGTHS:
-        if n % length == 0:
-            return n // length
-    return None
-
-

@@ -223,14 +223,16 @@ class _NormalisedReverse(torch.autograd.Function):
         x, where, static = inputs
         ctx.axes, ctx.op = static.axes, static.op
         # The forward ran torch.fused (numba loaded): the backward may too.
-        ctx.fused = "numba" in sys.modules and _fused_cpu.available()
+        # Not while torch.compile traces: the compiled kernel is not traceable.
+        ctx.fused = "numba" in sys.modules and not torch.compiler.is_compiling() and _fused_cpu.available()
         ctx.compute = static.plan.compute
         _save(ctx, output, where)
 
     @staticmethod
     def backward(ctx, g):
         out, where = _saved(ctx)
-        if not torch.is_grad_enabled() and ctx.fused:  # double backward keeps the op form
+        # Double backward and torch.compile's traced backward keep the op form.
+        if ctx.fused and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             fused = _fused_cpu.softmax_backward(ctx.op, out, where, g, ctx.axes)
             if fused is not None:
                 return fused, None, None

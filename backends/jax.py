@@ -19,7 +19,7 @@ from array_api_compat import is_jax_array
 from lse_dispatch._kernel import Kernel, Priority
 from lse_dispatch._ops import Op
 
-from . import _jax_grad
+from . import _jax_fused, _jax_grad
 from ._jax_numerics import JaxNumerics
 from ._spec import BackendSpec, Device
 
@@ -100,7 +100,10 @@ SPEC = BackendSpec(
     devices=_devices,
     dtypes=("float16", "bfloat16", "float32", "float64"),
     to_numpy=_to_numpy,
-    # The derivative rules (a higher priority) take every traced call (free under jit).
-    kernels=(*_jax_grad.KERNELS, *_kernels()),
+    # By priority: the fused float32 kernel (plain calls without x64, traced
+    # or not, with its own derivative rules); the derivative rules over the
+    # generic code for every other traced call (free under jit); the compiled
+    # generic code for every other concrete call.
+    kernels=(*_jax_fused.KERNELS, *_jax_grad.KERNELS, *_kernels()),
     numerics=JaxNumerics(),
 )

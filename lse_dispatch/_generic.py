@@ -15,7 +15,6 @@ import math
 from typing import Any
 
 from ._call import Call
-from ._numerics import numerics_for
 from ._ops import Op
 from ._namespace import scalar
 from ._state import (
@@ -90,16 +89,9 @@ def logsumexp_state(call: Call) -> LSEState:
     """The :class:`LSEState` of a real, non-empty call, over ``call.axes`` (keepdims).
 
     Its ``max`` is in the compute dtype, ``count`` and ``rest`` in the
-    accumulator dtype, whatever the arguments.  Plain input (no ``b``, no
-    ``where``) may take the backend's own faster state
-    (``Numerics.plain_state``), which must equal this one's within its
-    documented bound.
+    accumulator dtype, whatever the arguments.
     """
     xp, plan = call.xp, call.plan
-    if call.b is None and call.where is None:
-        fast = numerics_for(xp).plain_state(xp, xp.astype(call.a, plan.compute), call.axes, plan.accumulator)
-        if fast is not None:
-            return fast
     exponent, included, sign, weight, a = _weights(call)
     found = state_from_exponents(
         xp, exponent, call.axes, plan.accumulator, included=included, sign=sign, weight=weight, unweighted=a

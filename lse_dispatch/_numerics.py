@@ -95,10 +95,6 @@ class Numerics:
         """
         return xp.where(mask, scalar(xp, math.nan, like), scalar(xp, 0.0, like))
 
-    def plain_state(self, xp, x: Array, axes: tuple[int, ...], accumulator):
-        """A faster state of plain input (no ``b``, no ``where``), or ``None`` for the shared one."""
-        return None
-
 
 DEFAULT = Numerics()
 _BY_NAMESPACE: dict[str, Numerics] = {}

@@ -424,11 +424,15 @@ def test_jax_rules_compile_to_the_same_program_under_jit():
     jax = pytest.importorskip("jax")
 
     x = jax.numpy.linspace(-3.0, 3.0, 64)
+    # A where (all True) keeps jax.fused out: it takes plain float32 calls with
+    # rules of its own (tests/test_jax_traced.py), and both sides here are
+    # to run the shared generic math.
+    mask = jax.numpy.ones(64, dtype=bool)
 
     def programs(choice):
         """(StableHLO as lowered, optimized HLO without its debug tables)."""
         with lse_dispatch.use(choice), lse_dispatch.trace() as seen:
-            lowered = jax.jit(lambda a: logsumexp(a)).lower(x)
+            lowered = jax.jit(lambda a, m: logsumexp(a, where=m)).lower(x, mask)
         assert seen.implementations == [choice], str(seen)
         compiled = re.sub(r", metadata=\{[^}]*\}", "", lowered.compile().as_text())
         # The tables of Python source files, functions and stack frames name

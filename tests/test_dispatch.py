@@ -174,7 +174,8 @@ def test_available_lists_builtin_kernels():
     # In priority order: torch.triton (CUDA, with its own fused backward), the
     # derivative kernels (they take only differentiated calls), the CPU kernels.
     assert catalogue["torch"] == ("torch.triton", "autodiff", "torch.fused", "torch.blocked")
-    assert catalogue["jax"] == ("autodiff", "jax.jit")
+    # jax.fused first: plain float32 calls without x64, with its own rules.
+    assert catalogue["jax"] == ("jax.fused", "autodiff", "jax.jit")
     assert set(catalogue) >= {"numpy", "array_api_strict", "torch", "jax", "cupy", "dask"}
 
 
@@ -284,8 +285,13 @@ def test_jax_kernel_declines_tracers():
         eager = lse_dispatch.logsumexp(x)
         jitted = jax.jit(lambda t: lse_dispatch.logsumexp(t))(x)
     assert float(eager) == pytest.approx(float(jitted), rel=1e-6)
-    assert seen.records[0].implementation == "jax.jit"
-    assert seen.records[1].implementation == "autodiff"  # the derivative rules take traced calls
+    # Plain float32 without x64 goes to jax.fused, traced or not; below it
+    # the compiled generic code takes concrete calls and the rules traced ones.
+    assert [r.implementation for r in seen.records] == ["jax.fused", "jax.fused"]
+    with lse_dispatch.use("autodiff"), lse_dispatch.trace() as ruled:
+        jax.jit(lambda t: lse_dispatch.logsumexp(t))(x)
+        lse_dispatch.logsumexp(x)
+    assert [r.implementation for r in ruled.records] == ["autodiff", "generic"]
     with lse_dispatch.use("jax.jit"), lse_dispatch.trace() as forced:
         jax.jit(lambda t: lse_dispatch.logsumexp(t))(x)
     assert forced.records[0].implementation == "generic"

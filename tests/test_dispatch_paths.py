@@ -98,6 +98,8 @@ def _declines(implementation, op, dtype, *, layout=True, weighted=False, masked=
     """
     if implementation == "generic":
         return False
+    if implementation == "jax.fused":
+        return weighted or masked or np.dtype(dtype) == np.float64  # plain float32 without x64 only
     if implementation.endswith(".fused"):
         # Compiled kernels (numba): b, other layouts, autograd-recorded calls,
         # and tiny calls the blocked kernels' Python-float path takes faster.

@@ -338,7 +338,7 @@ def test_declines_say_why():
     with lse_dispatch.use("numpy.fused"), lse_dispatch.trace() as seen:
         lse_dispatch.logsumexp(x, b=x)
         lse_dispatch.logsumexp(x.astype(np.complex128))
-        lse_dispatch.logsumexp(np.ma.array(x))
+        lse_dispatch.logsumexp(x.astype(np.int64))
         lse_dispatch.logsumexp(x.astype(">f8"))
         lse_dispatch.logsumexp(np.ones((3, 4, 5)), axis=1)
         lse_dispatch.logsumexp(x.T, axis=0)
@@ -346,7 +346,7 @@ def test_declines_say_why():
     reasons = [dict(record.declined)["numpy.fused"] for record in seen.records]
     assert seen.implementations == ["generic"] * 7
     assert reasons[0] == "b given" and reasons[1] == "complex input"
-    assert reasons[2].startswith("MaskedArray") and reasons[3] == "non-native byte order"
+    assert reasons[2] == "input needs a cast" and reasons[3] == "non-native byte order"
     assert reasons[4].startswith("layout") and reasons[5].startswith("layout")
     assert reasons[6].startswith("tiny input")
 

@@ -9,13 +9,13 @@ that a compiler upgrade could break, so they are checked under ``jax.jit``:
 * TwoSum with traced operands keeps its rounding error (XLA folds
   ``(x + c) - c`` only for a constant ``c``).
 
-Plus the select-free plain path (``_jax_float32_state_exact``): its state matches
-the shared implementation's, its results meet the 4-ulp contract on the hard
-cases, and every non-finite row takes the shared implementation; and its
-count-free form (``_jax_float32_state``), taken only when every row sums to
-16 or more: it is taken there, meets the contract there (ties at the max,
-sums just above 16, a max near 0), and any smaller row sends the whole call
-to the exact form.
+Plus the public functions on plain float32 input under ``jax.jit`` (the
+``jax.fused`` kernel, backends/_jax_traced.py, tested on its own in
+tests/test_jax_traced.py): they meet the 4-ulp contract on the hard cases,
+on rows whose terms sum to 16 or more (ties at the max, sums just above 16,
+a max near 0), and every non-finite row gets the shared limits.  The
+functions of ``_state`` and ``_jax_numerics`` called directly are the
+generic path's JAX float32 form, which ``b`` and ``where`` calls take.
 """
 
 from __future__ import annotations
@@ -183,20 +183,6 @@ def test_a_nan_entry_makes_its_row_nan_under_jit(op):
     assert not np.any(np.isnan(got[:-1]))
 
 
-def test_plain_state_matches_the_shared_state():
-    finite = _block(FINITE, -1)
-
-    def both(x):
-        fast = _jax_numerics._jax_float32_state_exact(jnp, x, 1, jnp.float32)
-        shared = _state.state_from_exponents(jnp, x, (1,), jnp.float32)
-        return fast, shared
-
-    fast, shared = jax.jit(both)(jnp.asarray(finite))
-    assert np.array_equal(np.asarray(fast.max), np.asarray(shared.max))
-    assert np.array_equal(np.asarray(fast.count), np.asarray(shared.count))
-    np.testing.assert_allclose(np.asarray(fast.rest), np.asarray(shared.rest), rtol=16 * U, atol=0)
-
-
 def test_compiled_module_has_no_optimization_barrier():
     x = jnp.zeros((8, 1024), jnp.float32)
     for op in ("logsumexp", "softmax", "log_softmax"):
@@ -281,34 +267,6 @@ def _fast_block(axis, extra=()):
     fast, hard = _fast_rows(), _hard_rows()
     block = np.stack([fast[name] for name in FAST] + [hard[name] for name in extra])
     return np.ascontiguousarray(block.T) if axis == 0 else block
-
-
-def _states(x, axis):
-    def both(x):
-        fast = _jax_numerics._jax_float32_state(jnp, x, axis, jnp.float32)
-        shared = _state.state_from_exponents(jnp, x, (axis,), jnp.float32)
-        return fast, shared
-
-    return jax.jit(both)(jnp.asarray(x))
-
-
-@pytest.mark.parametrize("axis", [1, 0])
-def test_count_free_form_is_taken_when_every_row_sums_to_16(axis):
-    fast, shared = _states(_fast_block(axis), axis)
-    # The count-free form: count 1 and rest t - 1, with the same c + r.
-    assert np.all(np.asarray(fast.count) == 1)
-    assert np.any(np.asarray(shared.count) > 1)  # the ties row
-    assert np.array_equal(np.asarray(fast.max), np.asarray(shared.max))
-    total = np.asarray(fast.count, np.float64) + np.asarray(fast.rest, np.float64)
-    want = np.asarray(shared.count, np.float64) + np.asarray(shared.rest, np.float64)
-    np.testing.assert_allclose(total, want, rtol=16 * U, atol=0)
-
-
-@pytest.mark.parametrize("small", ["dominant", "ties", "dominant spread"])
-def test_one_row_summing_below_16_sends_the_call_to_the_exact_form(small):
-    fast, shared = _states(_fast_block(1, extra=(small,)), 1)
-    assert np.array_equal(np.asarray(fast.count), np.asarray(shared.count))
-    np.testing.assert_allclose(np.asarray(fast.rest), np.asarray(shared.rest), rtol=16 * U, atol=0)
 
 
 def _fast_form_errors(op, axis):

@@ -1,0 +1,190 @@
+"""JAX kernel ``jax.fused``: plain float32 calls without x64, with lean derivative rules.
+
+It takes every call that JAX computes in float32 without a float64
+accumulator (float32, float16 and bfloat16 input with x64 off), without ``b``
+or ``where``, traced (inside the user's ``jit``, ``grad``, ``vmap``...) or
+concrete (compiled once per signature with ``jax.jit``).  The state comes from
+:mod:`._jax_traced`; the outputs and their limits from the shared functions of
+:mod:`lse_dispatch._state`.
+
+Derivatives (``jax.custom_jvp``, formulas of :mod:`lse_dispatch._autodiff`):
+
+* ``softmax``: ``dy = y (dx - sum y dx)``, from the output ``y`` alone;
+* ``log_softmax``: ``dz = dx - sum exp(z) dx``, from the output ``z`` alone;
+* ``logsumexp``: ``d lse = sum w dx`` with ``w = softmax(x)``, rebuilt from the
+  input and one number per line (``c + r``, or the count at a non-finite max).
+
+Each tangent map runs under ``jax.checkpoint``, so that reverse mode saves
+only the map's inputs: the output (softmax, log_softmax) or the input and
+the per-line total (logsumexp), as ``jax.nn``'s rules do, instead of the
+masks and products the map forms (which it recomputes in the backward pass,
+fused into it).  The weights of ``logsumexp`` are a ``custom_jvp`` function
+whose rule is softmax's, so that second and higher derivatives (``hessian``,
+``jacfwd`` of ``grad``) come out of the same formulas, limits included.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from lse_dispatch import _autodiff
+
+
+from . import _jax_traced
+
+__all__ = ["KERNELS", "NAME"]
+
+NAME = "jax.fused"
+
+
+def _declines(call) -> str | None:
+    # Only JAX arrays reach it (the dispatcher offers a backend's kernels to its own arrays).
+    return _jax_traced.declines(call)
+
+
+@functools.cache
+def _rules():
+    """The ``custom_jvp`` functions on lines (reduced axis last), built once JAX is imported.
+
+    Long because the three operations' rules are defined here together, as
+    closures over JAX (imported here, not at import time) and over the
+    shared vmap wrapper, each forward beside its tangent map.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def last(y):
+        return (y.ndim - 1,)
+
+    def batched(forward):
+        """``forward`` with a vmap rule: batched lines are more lines.
+
+        The batch axis comes first and the reduced axis stays last, so the
+        forward runs once on the whole batch, with one ``lax.cond`` for all of
+        it, rather than vmap's select between both branches.
+        """
+        wrapped = jax.custom_batching.custom_vmap(forward)
+
+        @wrapped.def_vmap
+        def _rule(axis_size, in_batched, lines):
+            # (Unbatched lines reach the rule when only a tangent is batched,
+            # as under jacfwd: the forward itself then, not the wrapper again.)
+            out = wrapped(lines) if in_batched[0] else forward(lines)
+            return out, jax.tree_util.tree_map(lambda _: in_batched[0], out)
+
+        return wrapped
+
+    softmax_forward = batched(_jax_traced.softmax)
+    log_softmax_forward = batched(_jax_traced.log_softmax)
+    logsumexp_forward = batched(_jax_traced.logsumexp)
+    logsumexp_weights_forward = batched(functools.partial(_jax_traced.logsumexp, weights=True))
+
+    # -- softmax: the tangent map needs y only.
+    @jax.custom_jvp
+    def softmax(lines):
+        return softmax_forward(lines)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def softmax_tangent(y, dx):
+        return _autodiff.softmax_jvp(jnp, y, dx, last(y))
+
+    @softmax.defjvp
+    def _softmax_jvp(primals, tangents):
+        (lines,), (dx,) = primals, tangents
+        y = softmax(lines)
+        return y, softmax_tangent(y, jnp.asarray(dx, y.dtype))
+
+    # -- log_softmax: the tangent map needs z only.
+    @jax.custom_jvp
+    def log_softmax(lines):
+        return log_softmax_forward(lines)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def log_softmax_tangent(z, dx):
+        return _autodiff.log_softmax_jvp(jnp, z, None, dx, last(z))
+
+    @log_softmax.defjvp
+    def _log_softmax_jvp(primals, tangents):
+        (lines,), (dx,) = primals, tangents
+        z = log_softmax(lines)
+        return z, log_softmax_tangent(z, jnp.asarray(dx, z.dtype))
+
+    # -- logsumexp: the tangent map needs the weights w = softmax(x) only.
+    # The public function's forward does not form them; its rule calls
+    # with_weights, which forms them in the same pass as the value and
+    # whose own rule (w's tangent is softmax's) gives higher derivatives.
+    @jax.custom_jvp
+    def with_weights(lines):
+        return logsumexp_weights_forward(lines)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def logsumexp_tangent(w, dx):
+        return jnp.sum(_autodiff._times_weight(jnp, w, dx), axis=-1, keepdims=True)
+
+    @with_weights.defjvp
+    def _with_weights_jvp(primals, tangents):
+        (lines,), (dx,) = primals, tangents
+        value, sign, w = with_weights(lines)
+        dx = jnp.asarray(dx, w.dtype)
+        return (value, sign, w), (logsumexp_tangent(w, dx), jnp.zeros_like(sign), softmax_tangent(w, dx))
+
+    @jax.custom_jvp
+    def logsumexp(lines):
+        return logsumexp_forward(lines)
+
+    @logsumexp.defjvp
+    def _logsumexp_jvp(primals, tangents):
+        (lines,), (dx,) = primals, tangents
+        value, sign, w = with_weights(lines)
+        return (value, sign), (logsumexp_tangent(w, jnp.asarray(dx, w.dtype)), jnp.zeros_like(sign))
+
+    return {"softmax": softmax, "log_softmax": log_softmax, "logsumexp": logsumexp}
+
+
+def _run_traced(call):
+    """The call in the caller's trace (or eagerly inside a compiled function)."""
+    import jax.numpy as jnp
+
+    plan = call.plan
+    x = jnp.asarray(call.a, dtype=plan.compute)
+    lines, back = _jax_traced.to_lines(x, call.axes)
+    rule = _rules()[call.op]
+    if call.op == "logsumexp":
+        value, sign = rule(lines)
+        return back(value).astype(plan.result), back(sign).astype(plan.result)
+    return back(rule(lines)).astype(plan.result)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(op, axes, plan, return_sign):
+    import dataclasses
+
+    import jax
+
+    def run(call, a):
+        return _run_traced(dataclasses.replace(call, a=a))
+
+    return jax.jit(run, static_argnums=0)
+
+
+def _run(call):
+    import dataclasses
+
+    import jax
+
+    if isinstance(call.a, jax.core.Tracer):
+        return _run_traced(call)
+    fn = _compiled(call.op, call.axes, call.plan, call.return_sign)
+    return fn(dataclasses.replace(call, a=None), call.a)
+
+
+def _kernels():
+    from lse_dispatch._kernel import Kernel, Priority
+    from lse_dispatch._ops import Op
+
+    # Ahead of the shared derivative rules for the calls it takes: it brings its own.
+    priority = Priority.COMPILED_WITH_DERIVATIVES
+    return tuple(Kernel(op, NAME, _run, _declines, priority) for op in (Op.LOGSUMEXP, Op.SOFTMAX, Op.LOG_SOFTMAX))
+
+
+KERNELS = _kernels()
