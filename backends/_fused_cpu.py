@@ -5,31 +5,41 @@ The compiled code is :mod:`._numba_kernels` (numba, the optional extra
 ``lse_dispatch`` never imports numba, and without numba both kernels decline
 every call (``numba is not installed``) and everything runs as before.
 
+Each is an implementation that computes states (:func:`state_kernels`,
+``Priority.COMPILED``): the ``STATE`` operation (so ``lse_state``,
+``OnlineLogSumExp``, ``logsumexp_blocked`` and the blocks of a Dask array run
+compiled), and logsumexp, softmax and log_softmax fused with it.  Lines the
+compiled code flags (a max that is not finite, a NaN) are finished on the
+flagged lines alone by the shared functions: ``_generic.state``,
+``logsumexp_from_state`` and ``normalised_from_state``.
+
 torch CPU tensors go through the same code as zero-copy NumPy views
 (``tensor.numpy()``), and the results come back through ``torch.from_numpy``.
 
-Thread count
-------------
+Threads
+-------
+The compiled entry points release the GIL; a call runs disjoint ranges of
+its items on a pool of Python threads (no numba threading layer: a parallel
+region of numba's costs a compile of its own for every driver).
 :func:`set_num_threads` (or the environment variable
-``LSE_DISPATCH_NUM_THREADS``, read once) fixes the threads of every fused call;
-by default NumPy calls use numba's (all cores, ``NUMBA_NUM_THREADS``) and torch
-calls follow ``torch.get_num_threads()``.  Inputs below ``PARALLEL_ELEMENTS``
-run on the calling thread: a parallel region costs tens of microseconds, and
-milliseconds when the cores are busy.
+``LSE_DISPATCH_NUM_THREADS``) fixes the threads of every fused call; by
+default NumPy calls use every CPU the process may run on and torch calls
+follow ``torch.get_num_threads()``.  Inputs below ``PARALLEL_ELEMENTS`` run
+on the calling thread.
 
 Compile latency
 ---------------
-The kernels are compiled per signature (layout, dtype, ``where`` or not,
-logsumexp or normalised output, serial or parallel) and cached on disk
-(``cache=True``; when the package folder is read-only numba falls back to its
-user-wide cache folder, ``NUMBA_CACHE_DIR`` overrides both).  A signature not
-yet used in this process is only taken for an input of at least
-``FIRST_CALL_ELEMENTS`` entries, where the one-off cost (import of numba and
-loading from the cache: about half a second here; compiling cold: seconds per
-signature, see docs/fused_cpu.md) is small next to what the call itself saves
-when repeated; smaller calls decline (``not compiled yet``) and run
-``numpy.blocked`` / the generic path.  :func:`warm_up` loads or compiles
-every signature at once, after which calls of any size are taken.
+Each dtype has two compiled entry points (forward and backward, see
+:func:`lse_dispatch.backends._numba_kernels.compiled`), compiled on first use
+and cached on disk (``cache=True``; when the package folder is read-only numba
+falls back to its user-wide cache folder, ``NUMBA_CACHE_DIR`` overrides both).
+A dtype not yet loaded in this process is only taken for an input of at least
+``FIRST_CALL_ELEMENTS`` entries, where the one-off cost (importing numba and
+loading from the cache, or compiling cold; docs/fused_cpu.md has the
+figures) is small next to what the call itself saves when repeated; smaller
+calls decline (``not compiled yet``) and run ``numpy.blocked`` / the generic
+path.  :func:`warm_up` loads or compiles them at once, after which calls of
+any size are taken.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 
 __all__ = [
     "FIRST_CALL_ELEMENTS",
@@ -50,7 +61,7 @@ __all__ = [
     "warm_up",
 ]
 
-#: Inputs below this many entries take a signature only once it is compiled.
+#: Inputs below this many entries take a dtype only once it is compiled.
 FIRST_CALL_ELEMENTS = 1 << 20
 #: Inputs below this many entries run on the calling thread.
 PARALLEL_ELEMENTS = 1 << 18
@@ -61,16 +72,24 @@ TINY_ELEMENTS = 16
 ENV_THREADS = "LSE_DISPATCH_NUM_THREADS"
 
 _THREADS: list = [None]  # the user's setting, or None (follow the library)
+#: The dtypes whose compiled code is loaded in this process.
 _SIGNATURES_SEEN: set = set()
 _STATUS: dict = {}
 
 
 def set_num_threads(threads: int | None) -> None:
-    """Threads of every fused call (``None``: numba's default for NumPy input,
+    """Threads of every fused call (``None``: every available CPU for NumPy input,
     ``torch.get_num_threads()`` for torch tensors)."""
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"argument 'threads' must be a positive int or None, got {threads!r}")
     _THREADS[0] = threads
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def get_num_threads(library: str = "numpy") -> int:
@@ -87,10 +106,7 @@ def get_num_threads(library: str = "numpy") -> int:
         import torch
 
         chosen = torch.get_num_threads()
-    import numba
-
-    limit = numba.config.NUMBA_NUM_THREADS
-    return max(1, min(chosen or limit, limit))
+    return max(1, chosen or _cpus())
 
 
 def available() -> bool:
@@ -115,6 +131,13 @@ def _kernels():
     return _numba_kernels
 
 
+def _compiled(dtype_name: str) -> dict:
+    """The entry points of ``dtype_name`` (compiled, or loaded from the cache, once)."""
+    entries = _kernels().compiled(dtype_name)
+    _SIGNATURES_SEEN.add(dtype_name)
+    return entries
+
+
 # --------------------------------------------------------------------------
 # Layout and declines, shared by NumPy and torch (on the NumPy view).
 
@@ -128,18 +151,12 @@ def _reduced_axis(axes, ndim) -> int | None:
     return None
 
 
-def _signature(call, axis, dtype, parallel) -> tuple:
-    return (call.op == "logsumexp", axis, str(dtype), call.where is not None, parallel)
-
-
-def _size_declines(call, axis, dtype, size, library) -> str | None:
+def _size_declines(call, dtype_name, size) -> str | None:
     """Reasons of size: tiny calls the blocked kernels do faster, first calls too small to compile for."""
     tiny = size <= TINY_ELEMENTS and len(call.axes) == len(call.shape) and call.where is None
-    if tiny and (call.op == "logsumexp" or str(dtype) == "float32"):
+    if tiny and (call.op == "logsumexp" or (dtype_name == "float32" and call.op != "state")):
         return f"tiny input ({size} entries): the blocked kernel's Python-float path is faster"
-    if size < FIRST_CALL_ELEMENTS and (
-        not _SIGNATURES_SEEN or _signature(call, axis, dtype, _threads_for(size, library) > 1) not in _SIGNATURES_SEEN
-    ):
+    if size < FIRST_CALL_ELEMENTS and dtype_name not in _SIGNATURES_SEEN:
         return (f"not compiled yet: {size} entries are below the {FIRST_CALL_ELEMENTS} at which loading "
                 "or compiling pays off (lse_dispatch.backends._fused_cpu.warm_up() loads it)")
     return None
@@ -175,12 +192,13 @@ def _numpy_declines(call) -> str | None:
         return f"{type(a).__name__} is not a NumPy array"
     if not a.dtype.isnative:
         return "non-native byte order"
+    if not a.flags.aligned:
+        return "unaligned data"
     if call.plan.compute != a.dtype:
         return "input needs a cast"
     reason = _common_declines(call, a.shape, a.dtype.name, a.flags.c_contiguous)
     if reason is None:
-        axis = _reduced_axis(call.axes, a.ndim)
-        reason = _size_declines(call, axis, a.dtype, a.size, "numpy")
+        reason = _size_declines(call, a.dtype.name, a.size)
     return reason
 
 
@@ -205,9 +223,52 @@ def _torch_declines(call) -> str | None:
     if reason is None and call.where is not None and call.where.device.type != "cpu":
         reason = f"where on device {call.where.device.type}"
     if reason is None:
-        axis = _reduced_axis(call.axes, a.ndim)
-        reason = _size_declines(call, axis, dtype_name, a.numel(), "torch")
+        reason = _size_declines(call, dtype_name, a.numel())
     return reason
+
+
+# --------------------------------------------------------------------------
+# Threads: the compiled entry points release the GIL.
+
+_POOL: dict = {}
+
+
+def _reset_pool() -> None:
+    _POOL.clear()  # a forked child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool)
+
+
+def _pool(workers: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _POOL.setdefault("lock", threading.Lock()):
+        pool = _POOL.get("pool")
+        if pool is None or pool._max_workers < workers:
+            if pool is not None:
+                pool.shutdown(wait=False)
+            pool = _POOL["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="lse-dispatch-fused")
+        return pool
+
+
+def _launch(entry, args, items: int, threads: int) -> None:
+    """``entry(*args, start, stop)`` over ``range(items)``, in ``threads`` contiguous ranges."""
+    parts = min(threads, items)
+    if parts <= 1:
+        entry(*args, 0, items)
+        return
+    bounds = [items * k // parts for k in range(parts + 1)]
+    pool = _pool(parts - 1)
+    futures = [pool.submit(entry, *args, bounds[k], bounds[k + 1]) for k in range(1, parts)]
+    entry(*args, bounds[0], bounds[1])
+    for future in futures:
+        future.result()
+
+
+def _threads_for(size, library) -> int:
+    return get_num_threads(library) if size >= PARALLEL_ELEMENTS else 1
 
 
 # --------------------------------------------------------------------------
@@ -215,130 +276,144 @@ def _torch_declines(call) -> str | None:
 
 
 def _views(a, axes, where):
-    """``(view, axis, mask)``: 2-D views of the input and of ``where`` (or ``None``)."""
+    """``(view, axis, mask)``: 2-D views of the input and of ``where`` (uint8, or ``None``)."""
     import numpy as np
 
     axis = _reduced_axis(axes, a.ndim)
     n = math.prod(a.shape[ax] for ax in axes)
-    shape2 = (-1, n) if axis == 1 else (n, -1)
-    view = a.reshape(shape2)
+    view = a.reshape((-1, n) if axis == 1 else (n, -1))
     mask = None
     if where is not None:
         # A broadcast mask is made contiguous (one byte per entry).
-        mask = np.ascontiguousarray(np.broadcast_to(where, a.shape)).reshape(view.shape)
+        mask = np.ascontiguousarray(np.broadcast_to(where, a.shape)).reshape(view.shape).view(np.uint8)
     return view, axis, mask
 
 
-def _threads_for(size, library) -> int:
-    return get_num_threads(library) if size >= PARALLEL_ELEMENTS else 1
-
-
-def _fix_lines(xp, view, axis, mask, bad, op, dtype, sink):
-    """Flagged lines (max not finite, or a NaN) through the shared functions of ``_state``.
-
-    ``sink(lines, values)`` stores the results of the line indices ``lines``.
-    """
+@functools.cache
+def _nothing(dtype_name):
+    """The empty arrays that stand for "no mask" and "no output"."""
     import numpy as np
 
-    from lse_dispatch._state import finalize, log_softmax_from_state, softmax_from_state, state_from_exponents
+    return np.empty((0, 0), np.uint8), np.empty((0, 0), dtype_name)
 
-    lines = np.flatnonzero(bad)
-    take = (lambda arr: arr[lines]) if axis == 1 else (lambda arr: arr[:, lines])
-    sub = take(view)
-    included = None if mask is None else take(mask)
-    accumulator = np.float64
-    with np.errstate(all="ignore"):
-        state = state_from_exponents(xp, sub, (axis,), accumulator, included=included)
-        if op == "logsumexp":
-            value, sign = finalize(xp, state, dtype)
-            sink(lines, (value.reshape(-1), sign.reshape(-1)))
-        elif op == "log_softmax":
-            sink(lines, log_softmax_from_state(xp, sub, state, included).astype(dtype))
+
+class _Lines:
+    """The per-line results of the compiled forward (and the 2-D views they belong to)."""
+
+    def __init__(self, view, axis, mask, mode, threads):
+        import numpy as np
+
+        kernels = _kernels()
+        dtype = view.dtype
+        lines = view.shape[1 - axis]
+        normalised = mode in (kernels.SOFTMAX, kernels.LOG_SOFTMAX)
+        exact = dtype.name == "float64" or mode == kernels.STATE
+        span, width, parts, blocks, phases = kernels.plan(view.shape, axis, dtype.itemsize, exact, normalised)
+        no_mask, no_output = _nothing(dtype.name)
+        self.view, self.axis, self.mask = view, axis, mask
+        self.out = np.empty(view.shape, dtype) if normalised else no_output
+        self.tops = np.empty(lines, dtype)
+        self.counts, self.rests, self.values = np.empty(lines), np.empty(lines), np.empty(lines)
+        self.bad = np.zeros(lines, np.uint8)
+        if parts == 1:
+            ms, cs, rs = (field.reshape(1, -1) for field in (self.tops, self.counts, self.rests))
         else:
-            sink(lines, softmax_from_state(xp, sub, state, included).astype(dtype))
+            grid = (lines, parts) if axis == 1 else (parts, lines)
+            ms, cs, rs = np.empty(grid, dtype), np.empty(grid), np.empty(grid)
+        entry = _compiled(dtype.name)["forward"]
+        for phase, items in phases:
+            args = (view, no_mask if mask is None else mask, mask is not None, mode, phase, self.out, ms, cs, rs,
+                    self.tops, self.counts, self.rests, self.values, self.bad, axis, span, width, parts, blocks)
+            _launch(entry, args, items, threads)
+
+    def flagged(self, op, return_sign=False):
+        """``(indices, sub-call)`` of the flagged lines (as a NumPy call of ``op``), or ``None``."""
+        import numpy as np
+
+        from lse_dispatch._call import prepare
+
+        if not self.bad.any():
+            return None
+        lines = np.flatnonzero(self.bad)
+        take = (lambda arr: arr[lines]) if self.axis == 1 else (lambda arr: arr[:, lines])
+        where = None if self.mask is None else take(self.mask).view(bool)
+        return lines, prepare(op, take(self.view), axis=self.axis, where=where, return_sign=return_sign)
+
+    def put(self, target, lines, values) -> None:
+        """Write the flagged lines' ``values`` (a 2-D result of the sub-call) into ``target``."""
+        if self.axis == 1:
+            target[lines] = values
+        else:
+            target[:, lines] = values
 
 
-def _run_numpy(call, a, where, library):
-    """``(value, sign)`` or the array, as NumPy arrays, for the NumPy array ``a``."""
-    import numba
+def _run(call, a, where, library):
+    """The result of ``call`` on the NumPy array ``a`` (the state, ``(value, sign)`` or the array)."""
     import numpy as np
 
-    import array_api_compat.numpy as xp
+    from lse_dispatch import _generic
+    from lse_dispatch._ops import Op
+    from lse_dispatch._state import LSEState
 
     kernels = _kernels()
+    mode = {Op.STATE: kernels.STATE, Op.LOGSUMEXP: kernels.LOGSUMEXP, Op.SOFTMAX: kernels.SOFTMAX,
+            Op.LOG_SOFTMAX: kernels.LOG_SOFTMAX}[call.op]
     view, axis, mask = _views(a, call.axes, where)
-    lines = view.shape[1 - axis]
+    done = _Lines(view, axis, mask, mode, _threads_for(a.size, library))
+    keep = _generic.keepdims_shape(call)
     dtype = a.dtype
-    threads = _threads_for(a.size, library)
-    parallel = threads > 1
-    bad = np.zeros(lines, np.uint8)
-    keep_shape = tuple(1 if ax in call.axes else n for ax, n in enumerate(call.shape))
-    previous = numba.get_num_threads() if parallel else None
-    try:
-        if parallel:
-            numba.set_num_threads(threads)
-        if call.op == "logsumexp":
-            values = np.empty(lines)
-            kernels.logsumexp_lines(view, axis, mask, values, bad, parallel)
-        else:
-            out = np.empty(a.shape, dtype)
-            out_view = out.reshape(view.shape)
-            kernels.normalised_lines(view, axis, mask, out_view, call.op == "log_softmax", bad, parallel)
-    finally:
-        if previous is not None:
-            numba.set_num_threads(previous)
-    _SIGNATURES_SEEN.add(_signature(call, axis, dtype, parallel))
-    if call.op == "logsumexp":
-        value = values.astype(dtype)
-        sign = np.ones(lines, dtype)
-        if bad.any():
-            def sink(rows, result):
-                value[rows], sign[rows] = result
-
-            _fix_lines(xp, view, axis, mask, bad, call.op, dtype, sink)
-        return value.reshape(keep_shape), sign.reshape(keep_shape)
-    if bad.any():
-        def sink(rows, result):
-            if axis == 1:
-                out_view[rows] = result
-            else:
-                out_view[:, rows] = result
-
-        _fix_lines(xp, view, axis, mask, bad, call.op, dtype, sink)
-    return out
+    found = done.flagged(call.op, call.return_sign)
+    with np.errstate(all="ignore"):
+        sub_state = None if found is None else _generic.state(found[1])
+        if call.op == Op.STATE:
+            fields = [done.tops, done.counts, done.rests]
+            if found is not None:
+                for field, part in zip(fields, sub_state):
+                    field[found[0]] = np.reshape(part, -1)
+            return LSEState(*(field.reshape(keep) for field in fields))
+        if call.op == Op.LOGSUMEXP:
+            value = done.values.astype(dtype)
+            sign = np.ones(value.shape, dtype)
+            if found is not None:
+                sub_value, sub_sign = _generic.logsumexp_from_state(found[1], sub_state)
+                value[found[0]] = sub_value.reshape(-1)
+                sign[found[0]] = sub_sign.reshape(-1)
+            return value.reshape(keep), sign.reshape(keep)
+        if found is not None:
+            done.put(done.out, found[0], _generic.normalised_from_state(found[1], sub_state, call.op == Op.LOG_SOFTMAX))
+    return done.out.reshape(a.shape)
 
 
 def _numpy_run(call):
-    return _run_numpy(call, call.a, call.where, "numpy")
+    return _run(call, call.a, call.where, "numpy")
 
 
 def _torch_run(call):
     import torch
 
-    a = call.a.detach().numpy()
-    where = None if call.where is None else call.where.detach().numpy()
-    result = _run_numpy(call, a, where, "torch")
-    if call.op == "logsumexp":
-        return tuple(torch.from_numpy(part) for part in result)
+    result = _run(call, call.a.detach().numpy(), None if call.where is None else call.where.detach().numpy(), "torch")
+    if isinstance(result, tuple):
+        return type(result)(*(torch.from_numpy(part) for part in result)) if hasattr(result, "_fields") else tuple(
+            torch.from_numpy(part) for part in result)
     return torch.from_numpy(result)
 
 
 def _entries(name, run, declines):
-    from lse_dispatch._kernel import Kernel, Priority
-    from lse_dispatch._ops import Op
+    from lse_dispatch._kernel import Priority, state_kernels
 
-    return tuple(Kernel(op, name, run, declines, Priority.COMPILED) for op in (Op.LOGSUMEXP, Op.SOFTMAX, Op.LOG_SOFTMAX))
+    return state_kernels(name, run, declines, priority=Priority.COMPILED, logsumexp=run,
+                         normalised=lambda call, log: run(call))
 
 
 @functools.cache
 def numpy_kernels() -> tuple:
-    """The three ``numpy.fused`` entries of ``SPEC.kernels``."""
+    """The four ``numpy.fused`` entries of ``SPEC.kernels`` (state, logsumexp, softmax, log_softmax)."""
     return _entries("numpy.fused", _numpy_run, _numpy_declines)
 
 
 @functools.cache
 def torch_kernels() -> tuple:
-    """The three ``torch.fused`` entries of ``SPEC.kernels``."""
+    """The four ``torch.fused`` entries of ``SPEC.kernels``."""
     return _entries("torch.fused", _torch_run, _torch_declines)
 
 
@@ -346,59 +421,47 @@ def torch_kernels() -> tuple:
 # Warming up, and the fused softmax / log_softmax backward for torch.
 
 
-def warm_up(dtypes=("float32", "float64"), *, masks: bool = False) -> None:
-    """Load (or compile, when no cache exists) the kernels of every op and layout.
+def warm_up(dtypes=("float32", "float64"), *, masks: bool = True) -> None:
+    """Load (or compile, when no cache exists) the compiled code of ``dtypes``.
 
-    After it, calls of any size are taken.  ``masks``: the ``where`` variants too.
+    After it, calls of any size are taken.  ``masks`` is accepted for
+    compatibility: the ``where`` variants are in the same compiled code.
     """
-    import numpy as np
-
-    from lse_dispatch._call import prepare
-
     if not available():
         raise ImportError("numba is not installed: pip install 'lse-dispatch[fast]'")
     for dtype in dtypes:
-        for shape, axis in (((4, 32), -1), ((32, 4), 0)):
-            x = np.zeros(shape, dtype)
-            for where in ((None, np.ones(shape, bool)) if masks else (None,)):
-                for op in ("logsumexp", "softmax", "log_softmax"):
-                    for parallel in (False, True):
-                        call = prepare(op, x, axis=axis, where=where)
-                        view, kaxis, _ = _views(x, call.axes, where)
-                        lines = view.shape[1 - kaxis]
-                        bad = np.zeros(lines, np.uint8)
-                        mask = None if where is None else where.reshape(view.shape)
-                        if op == "logsumexp":
-                            _kernels().logsumexp_lines(view, kaxis, mask, np.empty(lines), bad, parallel)
-                        else:
-                            _kernels().normalised_lines(view, kaxis, mask, np.empty_like(view), op == "log_softmax",
-                                                        bad, parallel)
-                        _SIGNATURES_SEEN.add(_signature(call, kaxis, x.dtype, parallel))
+        _compiled(str(dtype))
 
 
 def softmax_backward(op, out, where, g, axes):
     """The fused backward of softmax / log_softmax on CPU tensors, or ``None``.
 
-    ``None`` (the caller then takes the op form) unless numba is loaded and
-    the tensors are plain contiguous float32/float64 CPU tensors of one
-    dtype, with the reduced axes leading or trailing.  softmax: ``y (g - sum
-    y g)``; log_softmax: ``g - exp(z) sum g`` over included entries, 0 on
-    excluded ones; the sums in float64, one pass to sum and one to write.
-    Entries where ``y`` (or ``exp(z)``) is 0 get exactly the op form's value.
+    ``None`` (the caller then takes the op form) under ``torch.compile``, and
+    unless the dtype's compiled code is loaded and the tensors are plain
+    contiguous float32/float64 CPU
+    tensors of one dtype, with the reduced axes leading or trailing.
+    softmax: ``y (g - sum y g)``; log_softmax: ``g - exp(z) sum g`` over
+    included entries, 0 on excluded ones; the sums in float64, one pass to sum
+    and one to write.  Entries where ``y`` (or ``exp(z)``) is 0 get exactly
+    the op form's value.
     """
-    import numba  # noqa: F401  (only reached when the forward ran fused)
     import numpy as np
     import torch
 
+    if torch.compiler.is_compiling():  # a traced backward keeps the op form
+        return None
     if (out.device.type != "cpu" or g.device.type != "cpu" or out.dtype != g.dtype
             or out.dtype not in (torch.float32, torch.float64) or not out.is_contiguous()
-            or _reduced_axis(tuple(axes), out.ndim) is None or tuple(g.shape) != tuple(out.shape)):
+            or _reduced_axis(tuple(axes), out.ndim) is None or tuple(g.shape) != tuple(out.shape)
+            or str(out.dtype).removeprefix("torch.") not in _SIGNATURES_SEEN or out.numel() == 0):
         return None
     y = out.detach().numpy()
     grad = g.detach().contiguous().numpy()
     view, axis, mask = _views(y, tuple(axes), None if where is None else where.detach().numpy())
     result = np.empty_like(y)
-    threads = _threads_for(y.size, "torch")
-    _kernels().normalised_backward(view, grad.reshape(view.shape), mask, axis, op == "log_softmax",
-                                   result.reshape(view.shape), threads > 1)
+    no_mask, _ = _nothing(y.dtype.name)
+    entry = _compiled(y.dtype.name)["backward"]
+    args = (view, grad.reshape(view.shape), no_mask if mask is None else mask, mask is not None, axis,
+            op == "log_softmax", result.reshape(view.shape))
+    _launch(entry, args, _kernels().backward_items(view.shape, axis), _threads_for(y.size, "torch"))
     return torch.from_numpy(result)
