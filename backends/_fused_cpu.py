@@ -124,22 +124,44 @@ def available() -> bool:
     return found
 
 
+_KERNELS: list = [None]
+#: dtype -> name without NumPy's ``dtype.name`` (microseconds a call) on the per-call path.
+_NAMES: dict = {}
+_MODES: dict = {}
+
+
 def _kernels():
     """The compiled module (imports numba the first time)."""
-    from . import _numba_kernels
+    if _KERNELS[0] is None:
+        import numpy as np
 
-    return _numba_kernels
+        from lse_dispatch._ops import Op
+
+        from . import _numba_kernels as kernels
+
+        _NAMES.update({np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"})
+        _MODES.update({Op.STATE: kernels.STATE, Op.LOGSUMEXP: kernels.LOGSUMEXP, Op.SOFTMAX: kernels.SOFTMAX,
+                       Op.LOG_SOFTMAX: kernels.LOG_SOFTMAX})
+        _KERNELS[0] = kernels
+    return _KERNELS[0]
 
 
-def _compiled(dtype_name: str) -> dict:
-    """The entry points of ``dtype_name`` (compiled, or loaded from the cache, once)."""
-    entries = _kernels().compiled(dtype_name)
+_ENTRIES: dict = {}
+
+
+def _compiled(dtype_name: str, kind: str = "forward"):
+    """The entry point ``kind`` of ``dtype_name`` (compiled, or loaded from the cache, once)."""
+    entry = _ENTRIES.get((dtype_name, kind))
+    if entry is None:
+        entry = _ENTRIES[dtype_name, kind] = _kernels().compiled(dtype_name, kind)
     _SIGNATURES_SEEN.add(dtype_name)
-    return entries
+    return entry
 
 
 # --------------------------------------------------------------------------
 # Layout and declines, shared by NumPy and torch (on the NumPy view).
+
+_FLOAT_NAMES = {"f": "float32", "d": "float64"}
 
 
 def _reduced_axis(axes, ndim) -> int | None:
@@ -190,15 +212,18 @@ def _numpy_declines(call) -> str | None:
         return f"{type(a).__name__} (masks and matrix semantics are not the kernel's)"
     if not isinstance(a, np.ndarray):
         return f"{type(a).__name__} is not a NumPy array"
-    if not a.dtype.isnative:
+    dtype = a.dtype
+    if not dtype.isnative:
         return "non-native byte order"
-    if not a.flags.aligned:
+    flags = a.flags
+    if not flags.aligned:
         return "unaligned data"
-    if call.plan.compute != a.dtype:
+    if call.plan.compute != dtype:
         return "input needs a cast"
-    reason = _common_declines(call, a.shape, a.dtype.name, a.flags.c_contiguous)
+    name = _FLOAT_NAMES.get(dtype.char) or dtype.name
+    reason = _common_declines(call, a.shape, name, flags.c_contiguous)
     if reason is None:
-        reason = _size_declines(call, a.dtype.name, a.size)
+        reason = _size_declines(call, name, a.size)
     return reason
 
 
@@ -290,40 +315,46 @@ def _views(a, axes, where):
 
 
 @functools.cache
-def _nothing(dtype_name):
+def _nothing(dtype):
     """The empty arrays that stand for "no mask" and "no output"."""
     import numpy as np
 
-    return np.empty((0, 0), np.uint8), np.empty((0, 0), dtype_name)
+    return np.empty((0, 0), np.uint8), np.empty((0, 0), dtype)
 
 
 class _Lines:
-    """The per-line results of the compiled forward (and the 2-D views they belong to)."""
+    """The per-line results of the compiled forward (and the 2-D views they belong to).
+
+    ``per_line``: each line's max, count, rest and value (float64 rows);
+    ``bad``: the lines flagged for the shared functions.
+    """
+
+    __slots__ = ("view", "axis", "mask", "out", "per_line", "bad")
 
     def __init__(self, view, axis, mask, mode, threads):
         import numpy as np
 
-        kernels = _kernels()
+        kernels = _KERNELS[0] or _kernels()
         dtype = view.dtype
         lines = view.shape[1 - axis]
-        normalised = mode in (kernels.SOFTMAX, kernels.LOG_SOFTMAX)
-        exact = dtype.name == "float64" or mode == kernels.STATE
+        normalised = mode >= kernels.LOG_SOFTMAX
+        exact = dtype.itemsize == 8 or mode == kernels.STATE
         span, width, parts, blocks, phases = kernels.plan(view.shape, axis, dtype.itemsize, exact, normalised)
-        no_mask, no_output = _nothing(dtype.name)
+        no_mask, no_output = _nothing(dtype)
         self.view, self.axis, self.mask = view, axis, mask
         self.out = np.empty(view.shape, dtype) if normalised else no_output
-        self.tops = np.empty(lines, dtype)
-        self.counts, self.rests, self.values = np.empty(lines), np.empty(lines), np.empty(lines)
+        self.per_line = np.empty((4, lines))
         self.bad = np.zeros(lines, np.uint8)
         if parts == 1:
-            ms, cs, rs = (field.reshape(1, -1) for field in (self.tops, self.counts, self.rests))
+            pieces = self.per_line[:3].reshape(3, 1, lines)
         else:
-            grid = (lines, parts) if axis == 1 else (parts, lines)
-            ms, cs, rs = np.empty(grid, dtype), np.empty(grid), np.empty(grid)
-        entry = _compiled(dtype.name)["forward"]
+            pieces = np.empty((3, lines, parts) if axis == 1 else (3, parts, lines))
+        entry = _compiled(_NAMES[dtype])
+        args = (view, no_mask if mask is None else mask, mask is not None, mode, 0, self.out, pieces, self.per_line,
+                self.bad, axis, span, width, parts, blocks)
         for phase, items in phases:
-            args = (view, no_mask if mask is None else mask, mask is not None, mode, phase, self.out, ms, cs, rs,
-                    self.tops, self.counts, self.rests, self.values, self.bad, axis, span, width, parts, blocks)
+            if phase:
+                args = args[:4] + (phase,) + args[5:]
             _launch(entry, args, items, threads)
 
     def flagged(self, op, return_sign=False):
@@ -355,33 +386,36 @@ def _run(call, a, where, library):
     from lse_dispatch._ops import Op
     from lse_dispatch._state import LSEState
 
-    kernels = _kernels()
-    mode = {Op.STATE: kernels.STATE, Op.LOGSUMEXP: kernels.LOGSUMEXP, Op.SOFTMAX: kernels.SOFTMAX,
-            Op.LOG_SOFTMAX: kernels.LOG_SOFTMAX}[call.op]
+    if _KERNELS[0] is None:
+        _kernels()
     view, axis, mask = _views(a, call.axes, where)
-    done = _Lines(view, axis, mask, mode, _threads_for(a.size, library))
+    done = _Lines(view, axis, mask, _MODES[call.op], _threads_for(a.size, library))
     keep = _generic.keepdims_shape(call)
     dtype = a.dtype
     found = done.flagged(call.op, call.return_sign)
+    if call.op == Op.STATE:
+        fields = [done.per_line[0].astype(dtype), done.per_line[1], done.per_line[2]]
+    elif call.op == Op.LOGSUMEXP:
+        fields = [done.per_line[3].astype(dtype), np.ones(view.shape[1 - axis], dtype)]
+    if found is None:
+        if call.op in (Op.STATE, Op.LOGSUMEXP):
+            fields = [field.reshape(keep) for field in fields]
+            return LSEState(*fields) if call.op == Op.STATE else tuple(fields)
+        return done.out.reshape(a.shape)
+    lines, sub = found
     with np.errstate(all="ignore"):
-        sub_state = None if found is None else _generic.state(found[1])
+        sub_state = _generic.state(sub)
         if call.op == Op.STATE:
-            fields = [done.tops, done.counts, done.rests]
-            if found is not None:
-                for field, part in zip(fields, sub_state):
-                    field[found[0]] = np.reshape(part, -1)
-            return LSEState(*(field.reshape(keep) for field in fields))
-        if call.op == Op.LOGSUMEXP:
-            value = done.values.astype(dtype)
-            sign = np.ones(value.shape, dtype)
-            if found is not None:
-                sub_value, sub_sign = _generic.logsumexp_from_state(found[1], sub_state)
-                value[found[0]] = sub_value.reshape(-1)
-                sign[found[0]] = sub_sign.reshape(-1)
-            return value.reshape(keep), sign.reshape(keep)
-        if found is not None:
-            done.put(done.out, found[0], _generic.normalised_from_state(found[1], sub_state, call.op == Op.LOG_SOFTMAX))
-    return done.out.reshape(a.shape)
+            parts = sub_state
+        elif call.op == Op.LOGSUMEXP:
+            parts = _generic.logsumexp_from_state(sub, sub_state)
+        else:
+            done.put(done.out, lines, _generic.normalised_from_state(sub, sub_state, call.op == Op.LOG_SOFTMAX))
+            return done.out.reshape(a.shape)
+    for field, part in zip(fields, parts):
+        field[lines] = np.reshape(part, -1)
+    fields = [field.reshape(keep) for field in fields]
+    return LSEState(*fields) if call.op == Op.STATE else tuple(fields)
 
 
 def _numpy_run(call):
@@ -430,7 +464,8 @@ def warm_up(dtypes=("float32", "float64"), *, masks: bool = True) -> None:
     if not available():
         raise ImportError("numba is not installed: pip install 'lse-dispatch[fast]'")
     for dtype in dtypes:
-        _compiled(str(dtype))
+        for kind in ("forward", "backward"):
+            _compiled(str(dtype), kind)
 
 
 def softmax_backward(op, out, where, g, axes):
@@ -459,8 +494,8 @@ def softmax_backward(op, out, where, g, axes):
     grad = g.detach().contiguous().numpy()
     view, axis, mask = _views(y, tuple(axes), None if where is None else where.detach().numpy())
     result = np.empty_like(y)
-    no_mask, _ = _nothing(y.dtype.name)
-    entry = _compiled(y.dtype.name)["backward"]
+    no_mask, _ = _nothing(y.dtype)
+    entry = _compiled(_FLOAT_NAMES[y.dtype.char], "backward")
     args = (view, grad.reshape(view.shape), no_mask if mask is None else mask, mask is not None, axis,
             op == "log_softmax", result.reshape(view.shape))
     _launch(entry, args, _kernels().backward_items(view.shape, axis), _threads_for(y.size, "torch"))

@@ -178,6 +178,17 @@ _STRICT = {"cache": True, "nogil": True, "error_model": "numpy"}
 # vector partial sums.  The terms come from functions compiled strictly,
 # whose instructions keep their own flags when inlined.
 _REASSOC = {**_STRICT, "fastmath": {"reassoc"}}
+# Functions that allocate nothing are compiled without numba's reference
+# counting (``_nrt=False``): they only borrow the arrays their caller holds,
+# and the atomic increments and decrements of every array argument and slice
+# (measured: 130 ns a line, a third of a short row's time, and a cache line
+# that two threads would fight over) are not emitted.
+_BORROWED = {**_STRICT, "_nrt": False}
+_REASSOC_BORROWED = {**_REASSOC, "_nrt": False}
+# The exponentials may fuse a multiply and an add into one FMA (one rounding
+# where the bounds count two: they still hold).  Nowhere else: TwoSum must see
+# the rounded products it is given.
+_CONTRACT = {**_STRICT, "fastmath": {"contract"}}
 
 
 # ---------------------------------------------------------------------------
@@ -312,7 +323,7 @@ EXP7_COEFFICIENTS = (
 TERM7_ERROR = 2.0**-33
 
 
-@njit(**_STRICT)
+@njit(**_CONTRACT)
 def _q11(r):
     c = EXP_COEFFICIENTS
     q = c[0]
@@ -329,7 +340,7 @@ def _q11(r):
     return 1.0 + r * q
 
 
-@njit(**_STRICT)
+@njit(**_CONTRACT)
 def _q7(r):
     c = EXP7_COEFFICIENTS
     q = c[0]
@@ -342,7 +353,7 @@ def _q7(r):
     return 1.0 + r * q
 
 
-@njit(**_STRICT)
+@njit(**_CONTRACT)
 def _reduce(d):
     """``(r, k)`` with ``d = k ln2 + r``, ``|r| <= ln2 / 2``; NaN stays NaN."""
     d = _LOWEST if d < _LOWEST else d
@@ -352,28 +363,28 @@ def _reduce(d):
     return r, _bits(shifted) - _SHIFTER_BITS
 
 
-@njit(**_STRICT)
+@njit(**_CONTRACT)
 def _scale(p, k):
     """``p * 2**k`` for ``-1077 <= k <= 0``: two normal powers of two, one rounding."""
     half = k >> 1
     return p * _from_bits((half + 1023) << 52) * _from_bits((k - half + 1023) << 52)
 
 
-@njit(**_STRICT)
+@njit(**_CONTRACT)
 def _exp(d):
     """``exp(d)`` for ``d <= 0`` within 1.7 float64 ulps, down to the subnormal range; NaN stays NaN."""
     r, k = _reduce(d)
     return _scale(_q11(r), k)
 
 
-@njit(**_STRICT)
+@njit(**_CONTRACT)
 def _exp7(d):
     """``exp(d)`` for ``d <= 0`` within ``2**-33`` relative (degree-7 fit)."""
     r, k = _reduce(d)
     return _scale(_q7(r), k)
 
 
-@njit(**_STRICT)
+@njit(**_CONTRACT)
 def _term(d):
     """``exp(d)`` for ``FLUSH <= d <= 0`` within 1.7 ulps, 0 below (``d`` not NaN).
 
@@ -399,7 +410,7 @@ def _term(d):
     return p if d >= FLUSH else 0.0
 
 
-@njit(**_STRICT)
+@njit(**_CONTRACT)
 def _term7(d):
     """``exp(d)`` for ``FLUSH <= d <= 0`` within ``2**-33``, 0 below (``d`` not NaN)."""
     shifted = d * _LOG2E + _SHIFTER
@@ -425,7 +436,7 @@ def _two_sum(a, b):
     return s, (a - (s - virtual)) + (b - virtual)
 
 
-@njit(**_STRICT)
+@njit(**_CONTRACT)
 def _exp_exact_difference(v, mf):
     """``exp(v - mf)`` (full range) without the rounding of ``v - mf``: ``exp(d) + exp(d) e``.
 
@@ -439,13 +450,13 @@ def _exp_exact_difference(v, mf):
     return t + t * e
 
 
-@njit(**_STRICT)
+@njit(**_CONTRACT)
 def _fast_term(x, v, mf):
     """The term of a fast sum: ``exp7`` of the exact float64 ``v - mf`` (float32 ``v``)."""
     return _term7(np.float64(v) - mf)
 
 
-@njit(**_STRICT)
+@njit(**_CONTRACT)
 def _exact_term(x, v, mf):
     """The term of an exact sum: ``exp(v - mf)`` within 1.7 ulps, plus TwoSum's ``e`` for float64."""
     if _single(x):
@@ -456,12 +467,14 @@ def _exact_term(x, v, mf):
 
 
 # ---------------------------------------------------------------------------
-# Rows: x[i, a:b] is (part of) a line.
+# Rows: x[i, a:b] is (part of) a line.  Maxima are passed as float64 (exact
+# for float32 input): one type for every caller, so one compiled copy.
 
 
-@njit(**_STRICT)
+@njit(**_BORROWED)
 def _row_max(x, mask, masked, i, a, b):
-    """``(m, nan)``: the max of the included entries of ``x[i, a:b]``, and whether one is NaN.
+    """``(m, nan)``: the max of the included entries of ``x[i, a:b]`` (float64), and
+    whether one is NaN.
 
     Every loop here runs over a 1-D slice from 0: an index that may be
     negative (``x[i, j]`` with ``j`` from a runtime start) takes numba's
@@ -482,10 +495,10 @@ def _row_max(x, mask, masked, i, a, b):
             key = _key(row[j])
             high = key if key > high else high
             low = key if key < low else low
-    return _unkey(high, row[0]), low < lowest
+    return np.float64(_unkey(high, row[0])), low < lowest
 
 
-@njit(**_REASSOC)
+@njit(**_REASSOC_BORROWED)
 def _row_sum_fast(x, mask, masked, i, a, b, m, out, store):
     """float32: ``(count, rest)`` of ``x[i, a:b]`` from :func:`_term7` terms, a reassociated sum.
 
@@ -493,7 +506,6 @@ def _row_sum_fast(x, mask, masked, i, a, b, m, out, store):
     0 for excluded entries), for softmax to scale.
     """
     row = x[i, a:b]
-    mf = np.float64(m)
     total = 0.0
     count = 0
     if masked:
@@ -502,7 +514,7 @@ def _row_sum_fast(x, mask, masked, i, a, b, m, out, store):
         for j in range(row.shape[0]):
             v = row[j]
             inc = include[j] != 0
-            t = _fast_term(x, v, mf) if inc else 0.0
+            t = _fast_term(x, v, m) if inc else 0.0
             top = inc and v == m
             if store:
                 target[j] = t
@@ -512,20 +524,20 @@ def _row_sum_fast(x, mask, masked, i, a, b, m, out, store):
         target = out[i, a:b]
         for j in range(row.shape[0]):
             v = row[j]
-            t = _fast_term(x, v, mf)
+            t = _fast_term(x, v, m)
             target[j] = t
             total += 0.0 if v == m else t
             count += 1 if v == m else 0
     else:
         for j in range(row.shape[0]):
             v = row[j]
-            t = _fast_term(x, v, mf)
+            t = _fast_term(x, v, m)
             total += 0.0 if v == m else t
             count += 1 if v == m else 0
     return np.float64(count), total
 
 
-@njit(**_STRICT)
+@njit(**_BORROWED)
 def _chunk_terms(x, mask, masked, i, a, b, m, buffer, out, store):
     """Exact terms of ``x[i, a:b]`` into ``buffer`` (0 at the max and for excluded
     entries): ``(count at the max, IEEE bits of the largest term)``.
@@ -534,7 +546,6 @@ def _chunk_terms(x, mask, masked, i, a, b, m, buffer, out, store):
     """
     row = x[i, a:b]
     target = out[i, a:b] if store else out[0, 0:0]
-    mf = np.float64(m)
     count = 0
     largest = 0
     if masked:
@@ -542,7 +553,7 @@ def _chunk_terms(x, mask, masked, i, a, b, m, buffer, out, store):
         for j in range(row.shape[0]):
             v = row[j]
             inc = include[j] != 0
-            t = _exact_term(x, v, mf) if inc else 0.0
+            t = _exact_term(x, v, m) if inc else 0.0
             top = inc and v == m
             if store:
                 target[j] = t
@@ -554,7 +565,7 @@ def _chunk_terms(x, mask, masked, i, a, b, m, buffer, out, store):
     else:
         for j in range(row.shape[0]):
             v = row[j]
-            t = _exact_term(x, v, mf)
+            t = _exact_term(x, v, m)
             if store:
                 target[j] = t
             t = 0.0 if v == m else t
@@ -565,14 +576,14 @@ def _chunk_terms(x, mask, masked, i, a, b, m, buffer, out, store):
     return count, largest
 
 
-@njit(**_STRICT)
+@njit(**_BORROWED)
 def _split(t, sigma):
     """``(hi, lo)``: ``t`` rounded to the grid of ``ulp(sigma)``, and the exact remainder."""
     hi = (t + sigma) - sigma
     return hi, t - hi
 
 
-@njit(**_REASSOC)
+@njit(**_REASSOC_BORROWED)
 def _split_sum(buffer, n, sigma):
     """Sum of ``buffer[:n]`` (values in ``[0, 2**E)``, ``sigma = 1.5 * 2**(E + 16)``).
 
@@ -597,18 +608,37 @@ def _split_sum(buffer, n, sigma):
     return high + low
 
 
-@njit(**_STRICT)
-def _row_sum_exact(x, mask, masked, i, a, b, m, out, store):
-    """``(count, rest)`` of ``x[i, a:b]`` to about a float64 ulp (:func:`_split_sum`).
+#: Lines up to this long take the exact sum as a cascaded TwoSum (no buffer).
+SHORT = 16
 
-    Chunks of ``CHUNK`` terms go to an L1 buffer, are summed by the exact
-    split with ``sigma`` from their largest term, and the chunk sums are
-    added with TwoSum.
+
+@njit(**_BORROWED)
+def _row_sum_exact(x, mask, masked, i, a, b, m, out, store, buffer):
+    """``(count, rest)`` of ``x[i, a:b]`` to about a float64 ulp.
+
+    Up to ``SHORT`` entries: cascaded TwoSum (``u |S| + n**2 u**2 S``).
+    Longer: chunks of ``CHUNK`` terms go to ``buffer``, are summed by the
+    exact split (:func:`_split_sum`) with ``sigma`` from their largest
+    term, and the chunk sums are added with TwoSum.
     """
-    buffer = np.empty(min(CHUNK, b - a))
     count = 0
     total = 0.0
     error = 0.0
+    if b - a <= SHORT:
+        row = x[i, a:b]
+        target = out[i, a:b] if store else out[0, 0:0]
+        include = mask[i, a:b] if masked else mask[0, 0:0]
+        for j in range(row.shape[0]):
+            v = row[j]
+            inc = (not masked) or include[j] != 0
+            t = _exact_term(x, v, m) if inc else 0.0
+            top = inc and v == m
+            if store:
+                target[j] = t
+            total, e = _two_sum(total, 0.0 if top else t)
+            error += e
+            count += 1 if top else 0
+        return np.float64(count), total + error
     for c in range(a, b, CHUNK):
         d = min(c + CHUNK, b)
         found, largest = _chunk_terms(x, mask, masked, i, c, d, m, buffer, out, store)
@@ -621,23 +651,31 @@ def _row_sum_exact(x, mask, masked, i, a, b, m, out, store):
     return np.float64(count), total + error
 
 
-#: A float32 logsumexp from the fast sum is kept when its error bound is at
-#: most this fraction of |lse| (half a float32 ulp): it then rounds to
-#: within one ulp.
+#: float32 logsumexp and log_softmax from fast sums are kept when the error
+#: of ``L`` is at most this fraction of ``|lse|`` (of ``L`` for log_softmax,
+#: whose every output has ``|y| >= L``): half a float32 ulp at most
+#: (``ulp(y) >= 2**-24 |y|``), so the result is within one ulp.
 KEEP_BELOW = 2.0**-25
 
 
-@njit(**_STRICT)
-def _kept(delta, value, log_norm):
-    """Whether a float32 logsumexp ``value`` whose ``rest`` is within ``delta``
-    relatively (so ``L`` within ``delta`` absolutely) is accurate as it is:
-    ``delta``, the roundings of ``log1p`` (``2 u L``) and of ``(c - 1) + r``
-    and ``m + L`` (``u`` each, absolutely, of quantities below ``1 + L`` and
-    ``|lse|``) within ``KEEP_BELOW |lse|``."""
-    return delta + 3.0 * _U * (1.0 + log_norm) + _U * abs(value) <= KEEP_BELOW * abs(value)
+@njit(**_BORROWED)
+def _kept(mode, delta, m, count, rest, log_norm):
+    """Whether a float32 line whose ``rest`` is within ``delta`` relatively is accurate as it is.
+
+    ``L = log(c + r)`` is then within ``delta r / (c + r)``, plus the
+    roundings of ``(c - 1) + r`` (``u``) and of ``log1p`` (``2 u L``);
+    logsumexp adds the rounding of ``m + L`` (``u |lse|``).  Lines that
+    fail (``lse`` or ``L`` near 0: the cancelling case ``[-1, c, c]``, lines
+    of log-probabilities) are redone with exact sums.
+    """
+    error = delta * rest / (count + rest) + _U * (1.0 + 2.0 * log_norm)
+    if mode == LOGSUMEXP:
+        value = abs(m + log_norm)
+        return error + _U * value <= KEEP_BELOW * value
+    return error <= KEEP_BELOW * log_norm
 
 
-@njit(**_STRICT)
+@njit(**_BORROWED)
 def _row_output(x, mask, masked, i, a, b, m, norm, scale, out, mode, stored):
     """softmax / log_softmax of ``x[i, a:b]`` into ``out`` given the line's state.
 
@@ -649,15 +687,14 @@ def _row_output(x, mask, masked, i, a, b, m, norm, scale, out, mode, stored):
     row = x[i, a:b]
     target = out[i, a:b]
     include = mask[i, a:b] if masked else mask[0, 0:0]
-    mf = np.float64(m)
     if mode == LOG_SOFTMAX:
         if masked:
             for j in range(row.shape[0]):
-                value = (np.float64(row[j]) - mf) - norm
+                value = (np.float64(row[j]) - m) - norm
                 target[j] = value if include[j] else -np.inf
         else:
             for j in range(row.shape[0]):
-                target[j] = (np.float64(row[j]) - mf) - norm
+                target[j] = (np.float64(row[j]) - m) - norm
     elif stored:
         if _single(x):
             for j in range(row.shape[0]):
@@ -667,15 +704,15 @@ def _row_output(x, mask, masked, i, a, b, m, norm, scale, out, mode, stored):
                 target[j] = target[j] / norm
     elif masked:
         for j in range(row.shape[0]):
-            t = _exact_term(x, row[j], mf) / norm
+            t = _exact_term(x, row[j], m) / norm
             target[j] = t if include[j] else 0.0
     else:
         for j in range(row.shape[0]):
-            target[j] = _exact_term(x, row[j], mf) / norm
+            target[j] = _exact_term(x, row[j], m) / norm
 
 
-@njit(**_STRICT)
-def _row_whole(x, mask, masked, mode, out, tops, counts, rests, values, bad, i):
+@njit(**_BORROWED)
+def _row_whole(x, mask, masked, mode, out, tops, counts, rests, values, bad, buffer, i):
     """One row of at most ``SEGMENT`` entries: state and results in one visit."""
     n = x.shape[1]
     # Not the literal 0: a literal argument compiles another copy of the callee.
@@ -688,33 +725,33 @@ def _row_whole(x, mask, masked, mode, out, tops, counts, rests, values, bad, i):
     store = mode == SOFTMAX
     if _single(x) and mode != STATE:
         count, rest = _row_sum_fast(x, mask, masked, i, first, n, m, out, store)
-        if mode == LOGSUMEXP:
+        if not store:
             log_norm = math.log1p((count - 1.0) + rest)
             delta = TERM7_ERROR + (n - 1) * _U
-            if not _kept(delta, np.float64(m) + log_norm, log_norm):
-                count, rest = _row_sum_exact(x, mask, masked, i, first, n, m, out, store)
+            if not _kept(mode, delta, m, count, rest, log_norm):
+                count, rest = _row_sum_exact(x, mask, masked, i, first, n, m, out, store, buffer)
     else:
-        count, rest = _row_sum_exact(x, mask, masked, i, first, n, m, out, store)
+        count, rest = _row_sum_exact(x, mask, masked, i, first, n, m, out, store, buffer)
     counts[i] = count
     rests[i] = rest
     if mode == STATE:
         return
     if mode == LOGSUMEXP:
-        values[i] = np.float64(m) + math.log1p((count - 1.0) + rest)
+        values[i] = m + math.log1p((count - 1.0) + rest)
         return
     # softmax: the stored terms over the total; log_softmax: (x - m) - L.
     norm = count + rest if store else math.log1p((count - 1.0) + rest)
     _row_output(x, mask, masked, i, first, n, m, norm, 1.0 / norm, out, mode, store)
 
 
-@njit(**_STRICT)
+@njit(**_BORROWED)
 def _exact_sums(x, mode):
     """Whether the sums are exact (float64, and the float32 state) rather than fast."""
     return not _single(x) or mode == STATE
 
 
-@njit(**_STRICT)
-def _row_piece(x, mask, masked, mode, out, ms, cs, rs, tops, span, parts, phase, item):
+@njit(**_BORROWED)
+def _row_piece(x, mask, masked, mode, out, ms, cs, rs, tops, buffer, span, parts, phase, item):
     """Segment ``item % parts`` of row ``item // parts``, in phase 0 or 2.
 
     Fast sums (phase 0): the segment's state, relative to its own max;
@@ -734,7 +771,7 @@ def _row_piece(x, mask, masked, mode, out, ms, cs, rs, tops, span, parts, phase,
         top = tops[i]
         ms[i, s] = top
         if math.isfinite(top):
-            cs[i, s], rs[i, s] = _row_sum_exact(x, mask, masked, i, a, b, top, out, store)
+            cs[i, s], rs[i, s] = _row_sum_exact(x, mask, masked, i, a, b, top, out, store, buffer)
         return
     m, nan = _row_max(x, mask, masked, i, a, b)
     ms[i, s] = np.nan if nan else m
@@ -747,7 +784,7 @@ def _row_piece(x, mask, masked, mode, out, ms, cs, rs, tops, span, parts, phase,
     cs[i, s], rs[i, s] = _row_sum_fast(x, mask, masked, i, a, b, m, out, store)
 
 
-@njit(**_STRICT)
+@njit(**_BORROWED)
 def _line_top(ms, line, axis):
     """The merged max of a line's pieces (``ms[line, :]`` for rows, ``ms[:, line]``
     for columns): NaN if any is NaN."""
@@ -758,7 +795,7 @@ def _line_top(ms, line, axis):
     return top
 
 
-@njit(**_STRICT)
+@njit(**_BORROWED)
 def _merge_line(ms, cs, rs, line, axis):
     """Merge the states of a line's segments (``ms[line, :]`` for rows, ``ms[:, line]``
     for columns) as ``_state.merge`` does, compensated: ``(m, count, rest)``;
@@ -767,7 +804,6 @@ def _merge_line(ms, cs, rs, line, axis):
     top = _line_top(ms, line, axis)
     if not math.isfinite(top):
         return top, 0.0, 0.0
-    tf = np.float64(top)
     count = 0.0
     rest = 0.0
     error = 0.0
@@ -777,15 +813,15 @@ def _merge_line(ms, cs, rs, line, axis):
             count += c
             part = r
         else:
-            part = (c + r) * _exp_exact_difference(m, tf)
+            part = (c + r) * _exp_exact_difference(m, top)
         rest, e = _two_sum(rest, part)
         error += e
     return top, count, rest + error
 
 
-@njit(**_STRICT)
-def _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad, line, m, count, rest, n, span,
-                   axis):
+@njit(**_BORROWED)
+def _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad, buffer, line, m, count, rest, n,
+                   span, axis):
     """Phase 3 of a line in pieces: its merged state and, for logsumexp, its value.
 
     A float32 logsumexp whose bound fails is redone with an exact sum over
@@ -795,12 +831,14 @@ def _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad,
     if not math.isfinite(m):
         bad[line] = 1
         return
-    if _single(x) and mode == LOGSUMEXP:
+    if _single(x) and (mode == LOGSUMEXP or mode == LOG_SOFTMAX):
+        # Merged fast states: each piece's rest within TERM7_ERROR + (span - 1) u,
+        # the merge weights (1.7 u) and roundings of the compensated merge 5 u more.
         log_norm = math.log1p((count - 1.0) + rest)
         delta = TERM7_ERROR + (span + 4) * _U
-        if not _kept(delta, np.float64(m) + log_norm, log_norm):
+        if not _kept(mode, delta, m, count, rest, log_norm):
             if axis == 1:
-                count, rest = _row_sum_exact(x, mask, masked, line, n - n, n, m, out, mode == SOFTMAX)
+                count, rest = _row_sum_exact(x, mask, masked, line, n - n, n, m, out, mode == SOFTMAX, buffer)
             else:
                 count, rest = _column_sum_exact(x, mask, masked, line, m)
     counts[line] = count
@@ -810,17 +848,17 @@ def _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad,
     elif mode == LOG_SOFTMAX:
         values[line] = math.log1p((count - 1.0) + rest)
     elif mode == LOGSUMEXP:
-        values[line] = np.float64(m) + math.log1p((count - 1.0) + rest)
+        values[line] = m + math.log1p((count - 1.0) + rest)
 
 
-@njit(**_STRICT)
-def _row_merge(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, span, axis, i):
+@njit(**_BORROWED)
+def _row_merge(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, buffer, span, axis, i):
     m, count, rest = _merge_line(ms, cs, rs, i, axis)
-    _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad, i, m, count, rest, x.shape[1], span,
-                   axis)
+    _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad, buffer, i, m, count, rest,
+                   x.shape[1], span, axis)
 
 
-@njit(**_STRICT)
+@njit(**_BORROWED)
 def _row_segment_output(x, mask, masked, mode, out, ms, tops, values, bad, span, parts, item):
     """Phase 4 of a long row: the outputs of one segment (flagged rows are skipped)."""
     i = item // parts
@@ -835,7 +873,7 @@ def _row_segment_output(x, mask, masked, mode, out, ms, tops, values, bad, span,
     stored = mode == SOFTMAX and _single(x)
     weight = 1.0
     if stored and ms[i, s] != top:
-        weight = _exp_exact_difference(ms[i, s], np.float64(top))
+        weight = _exp_exact_difference(ms[i, s], top)
     _row_output(x, mask, masked, i, a, b, top, values[i], weight / values[i], out, mode, stored)
 
 
@@ -844,41 +882,54 @@ def _row_segment_output(x, mask, masked, mode, out, ms, tops, values, bad, span,
 # runs along a row of the tile (contiguous), with per-column accumulators.
 
 
-@njit(**_STRICT)
+@njit(**_BORROWED)
 def _tile_max(x, mask, masked, r0, r1, c0, w, high, low):
     """Per-column max keys (``high``) and least keys (``low``, for NaN) of the tile
-    (both arrays start at ``-inf``'s key)."""
+    (both arrays start at ``-inf``'s key).  Four rows a step without a mask:
+    the per-column keys are loaded and stored once for four rows."""
     lowest = _minus_inf_key(x[r0, c0])
-    for i in range(r0, r1):
-        row = x[i, c0:c0 + w]
-        if masked:
+    if masked:
+        for i in range(r0, r1):
+            row = x[i, c0:c0 + w]
             include = mask[i, c0:c0 + w]
             for j in range(w):
                 key = _key(row[j]) if include[j] else lowest
                 high[j] = key if key > high[j] else high[j]
                 low[j] = key if key < low[j] else low[j]
-        else:
-            for j in range(w):
-                key = _key(row[j])
-                high[j] = key if key > high[j] else high[j]
-                low[j] = key if key < low[j] else low[j]
+        return
+    last = r1 - (r1 - r0) % 4
+    for i in range(r0, last, 4):
+        a, b, c, d = x[i, c0:c0 + w], x[i + 1, c0:c0 + w], x[i + 2, c0:c0 + w], x[i + 3, c0:c0 + w]
+        for j in range(w):
+            ka, kb, kc, kd = _key(a[j]), _key(b[j]), _key(c[j]), _key(d[j])
+            top = max(max(ka, kb), max(kc, kd))
+            bottom = min(min(ka, kb), min(kc, kd))
+            high[j] = top if top > high[j] else high[j]
+            low[j] = bottom if bottom < low[j] else low[j]
+    for i in range(last, r1):
+        row = x[i, c0:c0 + w]
+        for j in range(w):
+            key = _key(row[j])
+            high[j] = key if key > high[j] else high[j]
+            low[j] = key if key < low[j] else low[j]
 
 
-@njit(**_STRICT)
+@njit(**_BORROWED)
 def _tile_sum_fast(x, mask, masked, r0, r1, c0, w, m, mf, count, rest, out, store):
-    """float32: per-column counts and sums of :func:`_term7` terms (sequential per column).
+    """float32: per-column counts and sums of :func:`_term7` terms (sequential per column),
+    also stored in ``out`` when ``store`` (softmax).
 
-    Without a mask or stores, two rows per step: two independent terms per
-    column in flight.
+    Without a mask, four rows per step: four independent terms per column in
+    flight, the accumulators loaded and stored once.
     """
-    if masked or store:
+    if masked:
         for i in range(r0, r1):
             row = x[i, c0:c0 + w]
-            include = mask[i, c0:c0 + w] if masked else mask[0, 0:0]
+            include = mask[i, c0:c0 + w]
             target = out[i, c0:c0 + w] if store else out[0, 0:0]
             for j in range(w):
                 v = row[j]
-                inc = (not masked) or include[j] != 0
+                inc = include[j] != 0
                 t = _fast_term(x, v, mf[j]) if inc else 0.0
                 top = inc and v == m[j]
                 if store:
@@ -886,27 +937,47 @@ def _tile_sum_fast(x, mask, masked, r0, r1, c0, w, m, mf, count, rest, out, stor
                 rest[j] += 0.0 if top else t
                 count[j] += 1 if top else 0
         return
-    last = r1 - (r1 - r0) % 2
-    for i in range(r0, last, 2):
-        first = x[i, c0:c0 + w]
-        second = x[i + 1, c0:c0 + w]
-        for j in range(w):
-            v0 = first[j]
-            v1 = second[j]
-            t0 = _fast_term(x, v0, mf[j])
-            t1 = _fast_term(x, v1, mf[j])
-            rest[j] += (0.0 if v0 == m[j] else t0) + (0.0 if v1 == m[j] else t1)
-            count[j] += (1 if v0 == m[j] else 0) + (1 if v1 == m[j] else 0)
-    if last < r1:
-        row = x[last, c0:c0 + w]
+    last = r1 - (r1 - r0) % 4
+    if store:
+        for i in range(r0, last, 4):
+            a, b, c, d = x[i, c0:c0 + w], x[i + 1, c0:c0 + w], x[i + 2, c0:c0 + w], x[i + 3, c0:c0 + w]
+            oa, ob, oc, od = out[i, c0:c0 + w], out[i + 1, c0:c0 + w], out[i + 2, c0:c0 + w], out[i + 3, c0:c0 + w]
+            for j in range(w):
+                top, shift = m[j], mf[j]
+                va, vb, vc, vd = a[j], b[j], c[j], d[j]
+                ta, tb = _fast_term(x, va, shift), _fast_term(x, vb, shift)
+                tc, td = _fast_term(x, vc, shift), _fast_term(x, vd, shift)
+                oa[j], ob[j], oc[j], od[j] = ta, tb, tc, td
+                rest[j] += ((0.0 if va == top else ta) + (0.0 if vb == top else tb)) + (
+                    (0.0 if vc == top else tc) + (0.0 if vd == top else td))
+                count[j] += (1 if va == top else 0) + (1 if vb == top else 0) + (1 if vc == top else 0) + (
+                    1 if vd == top else 0)
+    else:
+        for i in range(r0, last, 4):
+            a, b, c, d = x[i, c0:c0 + w], x[i + 1, c0:c0 + w], x[i + 2, c0:c0 + w], x[i + 3, c0:c0 + w]
+            for j in range(w):
+                top, shift = m[j], mf[j]
+                va, vb, vc, vd = a[j], b[j], c[j], d[j]
+                ta = 0.0 if va == top else _fast_term(x, va, shift)
+                tb = 0.0 if vb == top else _fast_term(x, vb, shift)
+                tc = 0.0 if vc == top else _fast_term(x, vc, shift)
+                td = 0.0 if vd == top else _fast_term(x, vd, shift)
+                rest[j] += (ta + tb) + (tc + td)
+                count[j] += (1 if va == top else 0) + (1 if vb == top else 0) + (1 if vc == top else 0) + (
+                    1 if vd == top else 0)
+    for i in range(last, r1):
+        row = x[i, c0:c0 + w]
+        target = out[i, c0:c0 + w] if store else out[0, 0:0]
         for j in range(w):
             v = row[j]
             t = _fast_term(x, v, mf[j])
+            if store:
+                target[j] = t
             rest[j] += 0.0 if v == m[j] else t
             count[j] += 1 if v == m[j] else 0
 
 
-@njit(**_STRICT)
+@njit(**_BORROWED)
 def _tile_sum_exact(x, mask, masked, r0, r1, c0, w, m, mf, count, rest, error, out, store):
     """Per-column counts and TwoSum-compensated sums of exact terms.
 
@@ -932,7 +1003,7 @@ def _tile_sum_exact(x, mask, masked, r0, r1, c0, w, m, mf, count, rest, error, o
             count[j] += 1 if top else 0
 
 
-@njit(**_REASSOC)
+@njit(**_REASSOC_BORROWED)
 def _tile_accumulate(total, part):
     for j in range(total.shape[0]):
         total[j] += part[j]
@@ -940,18 +1011,18 @@ def _tile_accumulate(total, part):
 
 @njit(**_STRICT)
 def _tile_maxima(x, mask, masked, r0, r1, c0, w, m, mf):
-    """The tile's column maxima ``m`` (NaN where a column holds one) and ``mf``:
-    the float64 max where it is finite (0 elsewhere: those columns' terms are
+    """The tile's column maxima ``m`` (float64; NaN where a column holds one) and
+    ``mf``: the max where it is finite (0 elsewhere: those columns' terms are
     never used)."""
     lowest = _minus_inf_key(x[r0, c0])
     high = np.full(w, lowest)
     low = np.full(w, lowest)
     _tile_max(x, mask, masked, r0, r1, c0, w, high, low)
     for j in range(w):
-        value = _unkey(high[j], x[r0, c0])
+        value = np.float64(_unkey(high[j], x[r0, c0]))
         nan = low[j] < lowest or value != value
         m[j] = np.nan if nan else value
-        mf[j] = np.float64(value) if math.isfinite(value) and not nan else 0.0
+        mf[j] = value if math.isfinite(value) and not nan else 0.0
 
 
 @njit(**_STRICT)
@@ -973,17 +1044,16 @@ def _tile_sums(x, mask, masked, mode, out, store, r0, r1, c0, w, m, mf, count, r
         rest[j] = rest[j] if finite else 0.0
 
 
-@njit(**_STRICT)
+@njit(**_BORROWED)
 def _column_sum_exact(x, mask, masked, c, m):
     """``(count, rest)`` of column ``c`` with exact terms and TwoSum (the float32 recheck; strided)."""
-    mf = np.float64(m)
     count = 0
     rest = 0.0
     error = 0.0
     for i in range(x.shape[0]):
         v = x[i, c]
         inc = (not masked) or mask[i, c] != 0
-        t = _exact_term(x, v, mf) if inc else 0.0
+        t = _exact_term(x, v, m) if inc else 0.0
         top = inc and v == m
         rest, e = _two_sum(rest, 0.0 if top else t)
         error += e
@@ -991,7 +1061,7 @@ def _column_sum_exact(x, mask, masked, c, m):
     return np.float64(count), rest + error
 
 
-@njit(**_STRICT)
+@njit(**_BORROWED)
 def _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, scale, stored):
     """softmax / log_softmax of the tile, given each column's ``mf`` (float64 max),
     ``norm`` (``L``, or ``c + r``) and ``scale`` (of stored float32 terms).
@@ -1024,8 +1094,8 @@ def _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, scale, sto
 
 
 @njit(**_STRICT)
-def _tile_item(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, axis, rows, width, parts,
-               blocks, phase, item):
+def _tile_item(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, buffer, axis, rows, width,
+               parts, blocks, phase, item):
     """Tile ``(item // blocks, item % blocks)`` of the columns, in phase 0 or 2.
 
     Whole columns in the tile (``parts == 1``): their state and results
@@ -1039,7 +1109,7 @@ def _tile_item(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, valu
     w = min(width, lines - c0)
     r0 = g * rows
     r1 = min(r0 + rows, n)
-    m = np.empty(w, x.dtype)
+    m = np.empty(w)
     mf = np.empty(w)
     count = np.zeros(w)
     rest = np.zeros(w)
@@ -1049,7 +1119,7 @@ def _tile_item(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, valu
     if phase == 2:
         for j in range(w):
             m[j] = tops[c0 + j]
-            mf[j] = np.float64(m[j]) if math.isfinite(m[j]) else 0.0
+            mf[j] = m[j] if math.isfinite(m[j]) else 0.0
     else:
         _tile_maxima(x, mask, masked, r0, r1, c0, w, m, mf)
     if phase == 2 or parts == 1 or not _exact_sums(x, mode):
@@ -1065,15 +1135,15 @@ def _tile_item(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, valu
     scale = np.empty(w)
     for j in range(w):
         c = c0 + j
-        _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad, c, m[j], count[j], rest[j], n,
-                       n, axis)
+        _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad, buffer, c, m[j], count[j],
+                       rest[j], n, n, axis)
         norm[j] = values[c] if not bad[c] else 1.0
         scale[j] = 1.0 / norm[j]
     if mode == SOFTMAX or mode == LOG_SOFTMAX:
         _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, scale, store)
 
 
-@njit(**_STRICT)
+@njit(**_BORROWED)
 def _tile_top(ms, tops, width, block):
     """Phase 1 of exact sums in column tiles: each column's merged max into ``tops``."""
     c0 = block * width
@@ -1081,14 +1151,15 @@ def _tile_top(ms, tops, width, block):
         tops[c] = _line_top(ms, c, 0)
 
 
-@njit(**_STRICT)
-def _tile_merge(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, axis, rows, width, block):
+@njit(**_BORROWED)
+def _tile_merge(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, buffer, axis, rows, width,
+                block):
     """Phase 3 of columns in row segments: merge the tiles' states of the block's columns."""
     lines = x.shape[1]
     c0 = block * width
     for c in range(c0, min(c0 + width, lines)):
         m, count, rest = _merge_line(ms, cs, rs, c, axis)
-        _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad, c, m, count, rest,
+        _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad, buffer, c, m, count, rest,
                        x.shape[0], rows, axis)
 
 
@@ -1109,11 +1180,11 @@ def _tile_segment_output(x, mask, masked, mode, out, ms, tops, values, bad, rows
     for j in range(w):
         c = c0 + j
         top = tops[c]
-        mf[j] = np.float64(top) if not bad[c] else 0.0
+        mf[j] = top if not bad[c] else 0.0
         norm[j] = values[c] if not bad[c] else 1.0
         weight = 1.0
         if _single(x) and mode == SOFTMAX and not bad[c] and ms[g, c] != top:
-            weight = _exp_exact_difference(ms[g, c], mf[j])
+            weight = _exp_exact_difference(ms[g, c], top)
         scale[j] = weight / norm[j]
     stored = _single(x) and mode == SOFTMAX
     _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, scale, stored)
@@ -1129,30 +1200,38 @@ PIECES, TOPS, EXACT_SUMS, MERGE, OUTPUT = 0, 1, 2, 3, 4
 
 
 @njit(**_STRICT)
-def _items(x, mask, masked, mode, phase, out, ms, cs, rs, tops, counts, rests, values, bad, axis, span, width, parts,
-           blocks, start, stop):
+def _items(x, mask, masked, mode, phase, out, pieces, per_line, bad, axis, span, width, parts, blocks, start, stop):
     """Items ``start:stop`` of phase ``phase`` of the plan (:func:`plan`): the forward
-    entry point (threads take disjoint ranges)."""
+    entry point (threads take disjoint ranges).
+
+    ``per_line`` holds each line's max, count, rest and value (float64 rows);
+    ``pieces`` the max, count and rest of each piece of a line (segments of
+    rows: ``(lines, parts)``; tiles down columns: ``(parts, lines)``).
+    """
+    tops, counts, rests, values = per_line[0], per_line[1], per_line[2], per_line[3]
+    ms, cs, rs = pieces[0], pieces[1], pieces[2]
+    buffer = np.empty(CHUNK)
     for item in range(start, stop):
         if axis == 1:
             if parts == 1:
-                _row_whole(x, mask, masked, mode, out, tops, counts, rests, values, bad, item)
+                _row_whole(x, mask, masked, mode, out, tops, counts, rests, values, bad, buffer, item)
             elif phase == PIECES or phase == EXACT_SUMS:
-                _row_piece(x, mask, masked, mode, out, ms, cs, rs, tops, span, parts, phase, item)
+                _row_piece(x, mask, masked, mode, out, ms, cs, rs, tops, buffer, span, parts, phase, item)
             elif phase == TOPS:
                 tops[item] = _line_top(ms, item, axis)
             elif phase == MERGE:
-                _row_merge(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, span, axis, item)
+                _row_merge(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, buffer, span,
+                           axis, item)
             else:
                 _row_segment_output(x, mask, masked, mode, out, ms, tops, values, bad, span, parts, item)
         elif phase == PIECES or phase == EXACT_SUMS:
-            _tile_item(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, axis, span, width,
-                       parts, blocks, phase, item)
+            _tile_item(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, buffer, axis, span,
+                       width, parts, blocks, phase, item)
         elif phase == TOPS:
             _tile_top(ms, tops, width, item)
         elif phase == MERGE:
-            _tile_merge(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, axis, span, width,
-                        item)
+            _tile_merge(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, buffer, axis, span,
+                        width, item)
         else:
             _tile_segment_output(x, mask, masked, mode, out, ms, tops, values, bad, span, width, blocks, item)
 
@@ -1200,7 +1279,7 @@ def plan(shape, axis, itemsize, exact, normalised):
 # op form in lse_dispatch._autodiff (softmax_vjp, log_softmax_vjp).
 
 
-@njit(**_REASSOC)
+@njit(**_REASSOC_BORROWED)
 def _backward_sum(y, g, mask, masked, i, log):
     row, grad = y[i], g[i]
     include = mask[i] if masked else mask[0, 0:0]
@@ -1215,7 +1294,7 @@ def _backward_sum(y, g, mask, masked, i, log):
     return total
 
 
-@njit(**_STRICT)
+@njit(**_BORROWED)
 def _backward_row(y, g, mask, masked, i, log, out):
     total = _backward_sum(y, g, mask, masked, i, log)
     row, grad, target = y[i], g[i], out[i]
@@ -1285,19 +1364,17 @@ def _signatures(dtype_name):
     mask = types.Array(types.uint8, 2, "C", readonly=True)
     matrix = types.Array(real, 2, "C")
     wide = types.Array(types.float64, 2, "C")
-    line = types.Array(real, 1, "C")
-    wide_line = types.Array(types.float64, 1, "C")
     flags = types.Array(types.uint8, 1, "C")
     i64, boolean = types.int64, types.boolean
-    forward = (readonly, mask, boolean, i64, i64, matrix, matrix, wide, wide, line, wide_line, wide_line, wide_line,
-               flags, i64, i64, i64, i64, i64, i64, i64)
+    forward = (readonly, mask, boolean, i64, i64, matrix, types.Array(types.float64, 3, "C"), wide, flags,
+               i64, i64, i64, i64, i64, i64, i64)
     backward = (readonly, readonly, mask, boolean, i64, boolean, matrix, i64, i64)
     return forward, backward
 
 
 @functools.cache
-def compiled(dtype_name):
-    """``{"forward": entry, "backward": entry}``: the compiled entry points of a dtype.
+def compiled(dtype_name, kind="forward"):
+    """The compiled entry point ``kind`` (``"forward"`` or ``"backward"``) of a dtype.
 
     Compiled on first use, or loaded from numba's on-disk cache; the entry
     points are called directly, without the dispatcher's type resolution
@@ -1305,4 +1382,6 @@ def compiled(dtype_name):
     ensures).  They release the GIL: threads run disjoint item ranges.
     """
     forward, backward = _signatures(dtype_name)
-    return {"forward": _items.compile(forward), "backward": _backward_items.compile(backward)}
+    if kind == "forward":
+        return _items.compile(forward)
+    return _backward_items.compile(backward)

@@ -170,12 +170,13 @@ def test_the_float32_recheck_is_what_the_cancelling_case_needs():
     x = np.array([[-1.0, c, c]], dtype=np.float32)
     lse, _, _ = _exact_from_counts([-1.0, float(c)], [1, 2])
     empty = np.empty((0, 0), np.uint8)
-    count, rest = K._row_sum_fast(x, empty, False, 0, 0, 3, np.float32(c), np.empty((0, 0), np.float32), False)
+    count, rest = K._row_sum_fast(x, empty, False, 0, 0, 3, float(c), np.empty((0, 0), np.float32), False)
     log_norm = math.log1p(count - 1 + rest)
     fast = np.float32(float(c) + log_norm)
     assert oracle.ulp_error(np.array([fast], np.float64), np.array([lse], dtype=object), np.float32)[0] > ULPS
-    assert not K._kept(K.TERM7_ERROR + 2 * 2.0**-53, float(c) + log_norm, log_norm)
-    assert K._kept(K.TERM7_ERROR + 4095 * 2.0**-53, 8.8, 5.5)  # an ordinary row of 4096 is kept
+    assert not K._kept(K.LOGSUMEXP, K.TERM7_ERROR + 2 * 2.0**-53, float(c), count, rest, log_norm)
+    # An ordinary row of 4096 standard normal entries is kept.
+    assert K._kept(K.LOGSUMEXP, K.TERM7_ERROR + 4095 * 2.0**-53, 3.3, 1.0, 253.9, math.log(254.9))
     got = _fused("numpy", "logsumexp", x, axis=-1).reshape(-1)
     _assert_ulps(got, np.array([lse], dtype=object), np.float32, "recheck")
 
