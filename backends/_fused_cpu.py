@@ -128,6 +128,7 @@ _KERNELS: list = [None]
 #: dtype -> name without NumPy's ``dtype.name`` (microseconds a call) on the per-call path.
 _NAMES: dict = {}
 _MODES: dict = {}
+_MODULES: list = []  # numpy, _generic, Op, LSEState: imported once, not on every call
 
 
 def _kernels():
@@ -139,6 +140,10 @@ def _kernels():
 
         from . import _numba_kernels as kernels
 
+        from lse_dispatch import _generic
+        from lse_dispatch._state import LSEState
+
+        _MODULES[:] = [np, _generic, Op, LSEState]
         _NAMES.update({np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"})
         _MODES.update({Op.STATE: kernels.STATE, Op.LOGSUMEXP: kernels.LOGSUMEXP, Op.SOFTMAX: kernels.SOFTMAX,
                        Op.LOG_SOFTMAX: kernels.LOG_SOFTMAX})
@@ -164,6 +169,7 @@ def _compiled(dtype_name: str, kind: str = "forward"):
 _FLOAT_NAMES = {"f": "float32", "d": "float64"}
 
 
+@functools.lru_cache(maxsize=256)
 def _reduced_axis(axes, ndim) -> int | None:
     """1 if the reduced axes are the trailing ones, 0 if the leading ones."""
     if axes == tuple(range(ndim - len(axes), ndim)):
@@ -278,18 +284,17 @@ def _pool(workers: int):
         return pool
 
 
-def _launch(entry, args, items: int, threads: int) -> None:
-    """``entry(*args, start, stop)`` over ``range(items)``, in ``threads`` contiguous ranges."""
+def _launch(entry, args, items: int, threads: int):
+    """``entry(*args, start, stop)`` over ``range(items)``, in ``threads`` contiguous ranges;
+    the sum of what the calls return."""
     parts = min(threads, items)
     if parts <= 1:
-        entry(*args, 0, items)
-        return
+        return entry(*args, 0, items)
     bounds = [items * k // parts for k in range(parts + 1)]
     pool = _pool(parts - 1)
     futures = [pool.submit(entry, *args, bounds[k], bounds[k + 1]) for k in range(1, parts)]
-    entry(*args, bounds[0], bounds[1])
-    for future in futures:
-        future.result()
+    total = entry(*args, bounds[0], bounds[1])
+    return total + sum(future.result() for future in futures)
 
 
 def _threads_for(size, library) -> int:
@@ -329,7 +334,7 @@ class _Lines:
     ``bad``: the lines flagged for the shared functions.
     """
 
-    __slots__ = ("view", "axis", "mask", "out", "per_line", "bad")
+    __slots__ = ("view", "axis", "mask", "out", "per_line", "bad", "flagged_lines")
 
     def __init__(self, view, axis, mask, mode, threads):
         import numpy as np
@@ -355,7 +360,7 @@ class _Lines:
         for phase, items in phases:
             if phase:
                 args = args[:4] + (phase,) + args[5:]
-            _launch(entry, args, items, threads)
+            self.flagged_lines = _launch(entry, args, items, threads)
 
     def flagged(self, op, return_sign=False):
         """``(indices, sub-call)`` of the flagged lines (as a NumPy call of ``op``), or ``None``."""
@@ -363,7 +368,7 @@ class _Lines:
 
         from lse_dispatch._call import prepare
 
-        if not self.bad.any():
+        if not self.flagged_lines:
             return None
         lines = np.flatnonzero(self.bad)
         take = (lambda arr: arr[lines]) if self.axis == 1 else (lambda arr: arr[:, lines])
@@ -380,14 +385,9 @@ class _Lines:
 
 def _run(call, a, where, library):
     """The result of ``call`` on the NumPy array ``a`` (the state, ``(value, sign)`` or the array)."""
-    import numpy as np
-
-    from lse_dispatch import _generic
-    from lse_dispatch._ops import Op
-    from lse_dispatch._state import LSEState
-
     if _KERNELS[0] is None:
         _kernels()
+    np, _generic, Op, LSEState = _MODULES
     view, axis, mask = _views(a, call.axes, where)
     done = _Lines(view, axis, mask, _MODES[call.op], _threads_for(a.size, library))
     keep = _generic.keepdims_shape(call)

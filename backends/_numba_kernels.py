@@ -1202,7 +1202,8 @@ PIECES, TOPS, EXACT_SUMS, MERGE, OUTPUT = 0, 1, 2, 3, 4
 @njit(**_STRICT)
 def _items(x, mask, masked, mode, phase, out, pieces, per_line, bad, axis, span, width, parts, blocks, start, stop):
     """Items ``start:stop`` of phase ``phase`` of the plan (:func:`plan`): the forward
-    entry point (threads take disjoint ranges).
+    entry point (threads take disjoint ranges).  Returns how many of the lines
+    it finished are flagged.
 
     ``per_line`` holds each line's max, count, rest and value (float64 rows);
     ``pieces`` the max, count and rest of each piece of a line (segments of
@@ -1234,6 +1235,14 @@ def _items(x, mask, masked, mode, phase, out, pieces, per_line, bad, axis, span,
                         width, item)
         else:
             _tile_segment_output(x, mask, masked, mode, out, ms, tops, values, bad, span, width, blocks, item)
+    # The number of lines this call finished and flagged (the caller's check).
+    if not (parts == 1 or phase == MERGE):
+        return 0
+    first, last = (start, stop) if axis == 1 else (start * width, min(stop * width, x.shape[1]))
+    flagged = 0
+    for line in range(first, last):
+        flagged += bad[line]
+    return flagged
 
 
 def plan(shape, axis, itemsize, exact, normalised):
