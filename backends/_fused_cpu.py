@@ -357,10 +357,11 @@ class _Lines:
         entry = _compiled(_NAMES[dtype])
         args = (view, no_mask if mask is None else mask, mask is not None, mode, 0, self.out, pieces, self.per_line,
                 self.bad, axis, span, width, parts, blocks)
+        self.flagged_lines = 0  # counted by the phases that finish lines
         for phase, items in phases:
             if phase:
                 args = args[:4] + (phase,) + args[5:]
-            self.flagged_lines = _launch(entry, args, items, threads)
+            self.flagged_lines += _launch(entry, args, items, threads)
 
     def flagged(self, op, return_sign=False):
         """``(indices, sub-call)`` of the flagged lines (as a NumPy call of ``op``), or ``None``."""
