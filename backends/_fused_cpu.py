@@ -5,31 +5,41 @@ The compiled code is :mod:`._numba_kernels` (numba, the optional extra
 ``lse_dispatch`` never imports numba, and without numba both kernels decline
 every call (``numba is not installed``) and everything runs as before.
 
+Each is an implementation that computes states (:func:`state_kernels`,
+``Priority.COMPILED``): the ``STATE`` operation (so ``lse_state``,
+``OnlineLogSumExp``, ``logsumexp_blocked`` and the blocks of a Dask array run
+compiled), and logsumexp, softmax and log_softmax fused with it.  Lines the
+compiled code flags (a max that is not finite, a NaN) are finished on the
+flagged lines alone by the shared functions: ``_generic.state``,
+``logsumexp_from_state`` and ``normalised_from_state``.
+
 torch CPU tensors go through the same code as zero-copy NumPy views
 (``tensor.numpy()``), and the results come back through ``torch.from_numpy``.
 
-Thread count
-------------
+Threads
+-------
+The compiled entry points release the GIL; a call runs disjoint ranges of
+its items on a pool of Python threads (no numba threading layer: a parallel
+region of numba's costs a compile of its own for every driver).
 :func:`set_num_threads` (or the environment variable
-``LSE_DISPATCH_NUM_THREADS``, read once) fixes the threads of every fused call;
-by default NumPy calls use numba's (all cores, ``NUMBA_NUM_THREADS``) and torch
-calls follow ``torch.get_num_threads()``.  Inputs below ``PARALLEL_ELEMENTS``
-run on the calling thread: a parallel region costs tens of microseconds, and
-milliseconds when the cores are busy.
+``LSE_DISPATCH_NUM_THREADS``) fixes the threads of every fused call; by
+default NumPy calls use every CPU the process may run on and torch calls
+follow ``torch.get_num_threads()``.  Inputs below ``PARALLEL_ELEMENTS`` run
+on the calling thread.
 
 Compile latency
 ---------------
-The kernels are compiled per signature (layout, dtype, ``where`` or not,
-logsumexp or normalised output, serial or parallel) and cached on disk
-(``cache=True``; when the package folder is read-only numba falls back to its
-user-wide cache folder, ``NUMBA_CACHE_DIR`` overrides both).  A signature not
-yet used in this process is only taken for an input of at least
-``FIRST_CALL_ELEMENTS`` entries, where the one-off cost (import of numba and
-loading from the cache: about half a second here; compiling cold: seconds per
-signature, see docs/fused_cpu.md) is small next to what the call itself saves
-when repeated; smaller calls decline (``not compiled yet``) and run
-``numpy.blocked`` / the generic path.  :func:`warm_up` loads or compiles
-every signature at once, after which calls of any size are taken.
+Each dtype has two compiled entry points (forward and backward, see
+:func:`lse_dispatch.backends._numba_kernels.compiled`), compiled on first use
+and cached on disk (``cache=True``; when the package folder is read-only numba
+falls back to its user-wide cache folder, ``NUMBA_CACHE_DIR`` overrides both).
+A dtype not yet loaded in this process is only taken for an input of at least
+``FIRST_CALL_ELEMENTS`` entries, where the one-off cost (importing numba and
+loading from the cache, or compiling cold; docs/fused_cpu.md has the
+figures) is small next to what the call itself saves when repeated; smaller
+calls decline (``not compiled yet``) and run ``numpy.blocked`` / the generic
+path.  :func:`warm_up` loads or compiles them at once, after which calls of
+any size are taken.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 
 __all__ = [
     "FIRST_CALL_ELEMENTS",
@@ -50,7 +61,7 @@ __all__ = [
     "warm_up",
 ]
 
-#: Inputs below this many entries take a signature only once it is compiled.
+#: Inputs below this many entries take a dtype only once it is compiled.
 FIRST_CALL_ELEMENTS = 1 << 20
 #: Inputs below this many entries run on the calling thread.
 PARALLEL_ELEMENTS = 1 << 18
@@ -61,16 +72,24 @@ TINY_ELEMENTS = 16
 ENV_THREADS = "LSE_DISPATCH_NUM_THREADS"
 
 _THREADS: list = [None]  # the user's setting, or None (follow the library)
+#: The dtypes whose compiled code is loaded in this process.
 _SIGNATURES_SEEN: set = set()
 _STATUS: dict = {}
 
 
 def set_num_threads(threads: int | None) -> None:
-    """Threads of every fused call (``None``: numba's default for NumPy input,
+    """Threads of every fused call (``None``: every available CPU for NumPy input,
     ``torch.get_num_threads()`` for torch tensors)."""
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"argument 'threads' must be a positive int or None, got {threads!r}")
     _THREADS[0] = threads
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def get_num_threads(library: str = "numpy") -> int:
@@ -87,10 +106,7 @@ def get_num_threads(library: str = "numpy") -> int:
         import torch
 
         chosen = torch.get_num_threads()
-    import numba
-
-    limit = numba.config.NUMBA_NUM_THREADS
-    return max(1, min(chosen or limit, limit))
+    return max(1, chosen or _cpus())
 
 
 def available() -> bool:
@@ -108,17 +124,52 @@ def available() -> bool:
     return found
 
 
+_KERNELS: list = [None]
+#: dtype -> name without NumPy's ``dtype.name`` (microseconds a call) on the per-call path.
+_NAMES: dict = {}
+_MODES: dict = {}
+_MODULES: list = []  # numpy, _generic, Op, LSEState: imported once, not on every call
+
+
 def _kernels():
     """The compiled module (imports numba the first time)."""
-    from . import _numba_kernels
+    if _KERNELS[0] is None:
+        import numpy as np
 
-    return _numba_kernels
+        from lse_dispatch._ops import Op
+
+        from . import _numba_kernels as kernels
+
+        from lse_dispatch import _generic
+        from lse_dispatch._state import LSEState
+
+        _MODULES[:] = [np, _generic, Op, LSEState]
+        _NAMES.update({np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"})
+        _MODES.update({Op.STATE: kernels.STATE, Op.LOGSUMEXP: kernels.LOGSUMEXP, Op.SOFTMAX: kernels.SOFTMAX,
+                       Op.LOG_SOFTMAX: kernels.LOG_SOFTMAX})
+        _KERNELS[0] = kernels
+    return _KERNELS[0]
+
+
+_ENTRIES: dict = {}
+
+
+def _compiled(dtype_name: str, kind: str = "forward"):
+    """The entry point ``kind`` of ``dtype_name`` (compiled, or loaded from the cache, once)."""
+    entry = _ENTRIES.get((dtype_name, kind))
+    if entry is None:
+        entry = _ENTRIES[dtype_name, kind] = _kernels().compiled(dtype_name, kind)
+    _SIGNATURES_SEEN.add(dtype_name)
+    return entry
 
 
 # --------------------------------------------------------------------------
 # Layout and declines, shared by NumPy and torch (on the NumPy view).
 
+_FLOAT_NAMES = {"f": "float32", "d": "float64"}
 
+
+@functools.lru_cache(maxsize=256)
 def _reduced_axis(axes, ndim) -> int | None:
     """1 if the reduced axes are the trailing ones, 0 if the leading ones."""
     if axes == tuple(range(ndim - len(axes), ndim)):
@@ -128,18 +179,12 @@ def _reduced_axis(axes, ndim) -> int | None:
     return None
 
 
-def _signature(call, axis, dtype, parallel) -> tuple:
-    return (call.op == "logsumexp", axis, str(dtype), call.where is not None, parallel)
-
-
-def _size_declines(call, axis, dtype, size, library) -> str | None:
+def _size_declines(call, dtype_name, size) -> str | None:
     """Reasons of size: tiny calls the blocked kernels do faster, first calls too small to compile for."""
     tiny = size <= TINY_ELEMENTS and len(call.axes) == len(call.shape) and call.where is None
-    if tiny and (call.op == "logsumexp" or str(dtype) == "float32"):
+    if tiny and (call.op == "logsumexp" or (dtype_name == "float32" and call.op != "state")):
         return f"tiny input ({size} entries): the blocked kernel's Python-float path is faster"
-    if size < FIRST_CALL_ELEMENTS and (
-        not _SIGNATURES_SEEN or _signature(call, axis, dtype, _threads_for(size, library) > 1) not in _SIGNATURES_SEEN
-    ):
+    if size < FIRST_CALL_ELEMENTS and dtype_name not in _SIGNATURES_SEEN:
         return (f"not compiled yet: {size} entries are below the {FIRST_CALL_ELEMENTS} at which loading "
                 "or compiling pays off (lse_dispatch.backends._fused_cpu.warm_up() loads it)")
     return None
@@ -171,14 +216,18 @@ def _numpy_declines(call) -> str | None:
     a = call.a
     if type(a) is not np.ndarray:  # the API hands kernels masked arrays and matrices as plain arrays
         return f"{type(a).__name__} is not a NumPy array"
-    if not a.dtype.isnative:
+    dtype = a.dtype
+    if not dtype.isnative:
         return "non-native byte order"
-    if call.plan.compute != a.dtype:
+    flags = a.flags
+    if not flags.aligned:
+        return "unaligned data"
+    if call.plan.compute != dtype:
         return "input needs a cast"
-    reason = _common_declines(call, a.shape, a.dtype.name, a.flags.c_contiguous)
+    name = _FLOAT_NAMES.get(dtype.char) or dtype.name
+    reason = _common_declines(call, a.shape, name, flags.c_contiguous)
     if reason is None:
-        axis = _reduced_axis(call.axes, a.ndim)
-        reason = _size_declines(call, axis, a.dtype, a.size, "numpy")
+        reason = _size_declines(call, name, a.size)
     return reason
 
 
@@ -203,9 +252,51 @@ def _torch_declines(call) -> str | None:
     if reason is None and call.where is not None and call.where.device.type != "cpu":
         reason = f"where on device {call.where.device.type}"
     if reason is None:
-        axis = _reduced_axis(call.axes, a.ndim)
-        reason = _size_declines(call, axis, dtype_name, a.numel(), "torch")
+        reason = _size_declines(call, dtype_name, a.numel())
     return reason
+
+
+# --------------------------------------------------------------------------
+# Threads: the compiled entry points release the GIL.
+
+_POOL: dict = {}
+
+
+def _reset_pool() -> None:
+    _POOL.clear()  # a forked child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool)
+
+
+def _pool(workers: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _POOL.setdefault("lock", threading.Lock()):
+        pool = _POOL.get("pool")
+        if pool is None or pool._max_workers < workers:
+            if pool is not None:
+                pool.shutdown(wait=False)
+            pool = _POOL["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="lse-dispatch-fused")
+        return pool
+
+
+def _launch(entry, args, items: int, threads: int):
+    """``entry(*args, start, stop)`` over ``range(items)``, in ``threads`` contiguous ranges;
+    the sum of what the calls return."""
+    parts = min(threads, items)
+    if parts <= 1:
+        return entry(*args, 0, items)
+    bounds = [items * k // parts for k in range(parts + 1)]
+    pool = _pool(parts - 1)
+    futures = [pool.submit(entry, *args, bounds[k], bounds[k + 1]) for k in range(1, parts)]
+    total = entry(*args, bounds[0], bounds[1])
+    return total + sum(future.result() for future in futures)
+
+
+def _threads_for(size, library) -> int:
+    return get_num_threads(library) if size >= PARALLEL_ELEMENTS else 1
 
 
 # --------------------------------------------------------------------------
@@ -213,130 +304,149 @@ def _torch_declines(call) -> str | None:
 
 
 def _views(a, axes, where):
-    """``(view, axis, mask)``: 2-D views of the input and of ``where`` (or ``None``)."""
+    """``(view, axis, mask)``: 2-D views of the input and of ``where`` (uint8, or ``None``)."""
     import numpy as np
 
     axis = _reduced_axis(axes, a.ndim)
     n = math.prod(a.shape[ax] for ax in axes)
-    shape2 = (-1, n) if axis == 1 else (n, -1)
-    view = a.reshape(shape2)
+    view = a.reshape((-1, n) if axis == 1 else (n, -1))
     mask = None
     if where is not None:
         # A broadcast mask is made contiguous (one byte per entry).
-        mask = np.ascontiguousarray(np.broadcast_to(where, a.shape)).reshape(view.shape)
+        mask = np.ascontiguousarray(np.broadcast_to(where, a.shape)).reshape(view.shape).view(np.uint8)
     return view, axis, mask
 
 
-def _threads_for(size, library) -> int:
-    return get_num_threads(library) if size >= PARALLEL_ELEMENTS else 1
+@functools.cache
+def _nothing(dtype):
+    """The empty arrays that stand for "no mask" and "no output"."""
+    import numpy as np
+
+    return np.empty((0, 0), np.uint8), np.empty((0, 0), dtype)
 
 
-def _fix_lines(xp, view, axis, mask, bad, op, dtype, sink):
-    """Flagged lines (max not finite, or a NaN) through the shared functions of ``_state``.
+class _Lines:
+    """The per-line results of the compiled forward (and the 2-D views they belong to).
 
-    ``sink(lines, values)`` stores the results of the line indices ``lines``.
+    ``per_line``: each line's max, count, rest and value (float64 rows);
+    ``bad``: the lines flagged for the shared functions.
     """
-    import numpy as np
 
-    from lse_dispatch._state import finalize, log_softmax_from_state, softmax_from_state, state_from_exponents
+    __slots__ = ("view", "axis", "mask", "out", "per_line", "bad", "flagged_lines")
 
-    lines = np.flatnonzero(bad)
-    take = (lambda arr: arr[lines]) if axis == 1 else (lambda arr: arr[:, lines])
-    sub = take(view)
-    included = None if mask is None else take(mask)
-    accumulator = np.float64
-    with np.errstate(all="ignore"):
-        state = state_from_exponents(xp, sub, (axis,), accumulator, included=included)
-        if op == "logsumexp":
-            value, sign = finalize(xp, state, dtype)
-            sink(lines, (value.reshape(-1), sign.reshape(-1)))
-        elif op == "log_softmax":
-            sink(lines, log_softmax_from_state(xp, sub, state, included).astype(dtype))
+    def __init__(self, view, axis, mask, mode, threads):
+        import numpy as np
+
+        kernels = _KERNELS[0] or _kernels()
+        dtype = view.dtype
+        lines = view.shape[1 - axis]
+        normalised = mode >= kernels.LOG_SOFTMAX
+        exact = dtype.itemsize == 8 or mode == kernels.STATE
+        span, width, parts, blocks, phases = kernels.plan(view.shape, axis, dtype.itemsize, exact, normalised)
+        no_mask, no_output = _nothing(dtype)
+        self.view, self.axis, self.mask = view, axis, mask
+        self.out = np.empty(view.shape, dtype) if normalised else no_output
+        self.per_line = np.empty((4, lines))
+        self.bad = np.zeros(lines, np.uint8)
+        if parts == 1:
+            pieces = self.per_line[:3].reshape(3, 1, lines)
         else:
-            sink(lines, softmax_from_state(xp, sub, state, included).astype(dtype))
+            pieces = np.empty((3, lines, parts) if axis == 1 else (3, parts, lines))
+        entry = _compiled(_NAMES[dtype])
+        args = (view, no_mask if mask is None else mask, mask is not None, mode, 0, self.out, pieces, self.per_line,
+                self.bad, axis, span, width, parts, blocks)
+        self.flagged_lines = 0  # counted by the phases that finish lines
+        for phase, items in phases:
+            if phase:
+                args = args[:4] + (phase,) + args[5:]
+            self.flagged_lines += _launch(entry, args, items, threads)
+
+    def flagged(self, op, return_sign=False):
+        """``(indices, sub-call)`` of the flagged lines (as a NumPy call of ``op``), or ``None``."""
+        import numpy as np
+
+        from lse_dispatch._call import prepare
+
+        if not self.flagged_lines:
+            return None
+        lines = np.flatnonzero(self.bad)
+        take = (lambda arr: arr[lines]) if self.axis == 1 else (lambda arr: arr[:, lines])
+        where = None if self.mask is None else take(self.mask).view(bool)
+        return lines, prepare(op, take(self.view), axis=self.axis, where=where, return_sign=return_sign)
+
+    def put(self, target, lines, values) -> None:
+        """Write the flagged lines' ``values`` (a 2-D result of the sub-call) into ``target``."""
+        if self.axis == 1:
+            target[lines] = values
+        else:
+            target[:, lines] = values
 
 
-def _run_numpy(call, a, where, library):
-    """``(value, sign)`` or the array, as NumPy arrays, for the NumPy array ``a``."""
-    import numba
-    import numpy as np
-
-    import array_api_compat.numpy as xp
-
-    kernels = _kernels()
+def _run(call, a, where, library):
+    """The result of ``call`` on the NumPy array ``a`` (the state, ``(value, sign)`` or the array)."""
+    if _KERNELS[0] is None:
+        _kernels()
+    np, _generic, Op, LSEState = _MODULES
     view, axis, mask = _views(a, call.axes, where)
-    lines = view.shape[1 - axis]
+    done = _Lines(view, axis, mask, _MODES[call.op], _threads_for(a.size, library))
+    keep = _generic.keepdims_shape(call)
     dtype = a.dtype
-    threads = _threads_for(a.size, library)
-    parallel = threads > 1
-    bad = np.zeros(lines, np.uint8)
-    keep_shape = tuple(1 if ax in call.axes else n for ax, n in enumerate(call.shape))
-    previous = numba.get_num_threads() if parallel else None
-    try:
-        if parallel:
-            numba.set_num_threads(threads)
-        if call.op == "logsumexp":
-            values = np.empty(lines)
-            kernels.logsumexp_lines(view, axis, mask, values, bad, parallel)
+    found = done.flagged(call.op, call.return_sign)
+    if call.op == Op.STATE:
+        fields = [done.per_line[0].astype(dtype), done.per_line[1], done.per_line[2]]
+    elif call.op == Op.LOGSUMEXP:
+        fields = [done.per_line[3].astype(dtype), np.ones(view.shape[1 - axis], dtype)]
+    if found is None:
+        if call.op in (Op.STATE, Op.LOGSUMEXP):
+            fields = [field.reshape(keep) for field in fields]
+            return LSEState(*fields) if call.op == Op.STATE else tuple(fields)
+        return done.out.reshape(a.shape)
+    lines, sub = found
+    with np.errstate(all="ignore"):
+        sub_state = _generic.state(sub)
+        if call.op == Op.STATE:
+            parts = sub_state
+        elif call.op == Op.LOGSUMEXP:
+            parts = _generic.logsumexp_from_state(sub, sub_state)
         else:
-            out = np.empty(a.shape, dtype)
-            out_view = out.reshape(view.shape)
-            kernels.normalised_lines(view, axis, mask, out_view, call.op == "log_softmax", bad, parallel)
-    finally:
-        if previous is not None:
-            numba.set_num_threads(previous)
-    _SIGNATURES_SEEN.add(_signature(call, axis, dtype, parallel))
-    if call.op == "logsumexp":
-        value = values.astype(dtype)
-        sign = np.ones(lines, dtype)
-        if bad.any():
-            def sink(rows, result):
-                value[rows], sign[rows] = result
-
-            _fix_lines(xp, view, axis, mask, bad, call.op, dtype, sink)
-        return value.reshape(keep_shape), sign.reshape(keep_shape)
-    if bad.any():
-        def sink(rows, result):
-            if axis == 1:
-                out_view[rows] = result
-            else:
-                out_view[:, rows] = result
-
-        _fix_lines(xp, view, axis, mask, bad, call.op, dtype, sink)
-    return out
+            done.put(done.out, lines, _generic.normalised_from_state(sub, sub_state, call.op == Op.LOG_SOFTMAX))
+            return done.out.reshape(a.shape)
+    for field, part in zip(fields, parts):
+        field[lines] = np.reshape(part, -1)
+    fields = [field.reshape(keep) for field in fields]
+    return LSEState(*fields) if call.op == Op.STATE else tuple(fields)
 
 
 def _numpy_run(call):
-    return _run_numpy(call, call.a, call.where, "numpy")
+    return _run(call, call.a, call.where, "numpy")
 
 
 def _torch_run(call):
     import torch
 
-    a = call.a.detach().numpy()
-    where = None if call.where is None else call.where.detach().numpy()
-    result = _run_numpy(call, a, where, "torch")
-    if call.op == "logsumexp":
-        return tuple(torch.from_numpy(part) for part in result)
+    result = _run(call, call.a.detach().numpy(), None if call.where is None else call.where.detach().numpy(), "torch")
+    if isinstance(result, tuple):
+        return type(result)(*(torch.from_numpy(part) for part in result)) if hasattr(result, "_fields") else tuple(
+            torch.from_numpy(part) for part in result)
     return torch.from_numpy(result)
 
 
 def _entries(name, run, declines):
-    from lse_dispatch._kernel import Kernel, Priority
-    from lse_dispatch._ops import Op
+    from lse_dispatch._kernel import Priority, state_kernels
 
-    return tuple(Kernel(op, name, run, declines, Priority.COMPILED) for op in (Op.LOGSUMEXP, Op.SOFTMAX, Op.LOG_SOFTMAX))
+    return state_kernels(name, run, declines, priority=Priority.COMPILED, logsumexp=run,
+                         normalised=lambda call, log: run(call))
 
 
 @functools.cache
 def numpy_kernels() -> tuple:
-    """The three ``numpy.fused`` entries of ``SPEC.kernels``."""
+    """The four ``numpy.fused`` entries of ``SPEC.kernels`` (state, logsumexp, softmax, log_softmax)."""
     return _entries("numpy.fused", _numpy_run, _numpy_declines)
 
 
 @functools.cache
 def torch_kernels() -> tuple:
-    """The three ``torch.fused`` entries of ``SPEC.kernels``."""
+    """The four ``torch.fused`` entries of ``SPEC.kernels``."""
     return _entries("torch.fused", _torch_run, _torch_declines)
 
 
@@ -344,59 +454,48 @@ def torch_kernels() -> tuple:
 # Warming up, and the fused softmax / log_softmax backward for torch.
 
 
-def warm_up(dtypes=("float32", "float64"), *, masks: bool = False) -> None:
-    """Load (or compile, when no cache exists) the kernels of every op and layout.
+def warm_up(dtypes=("float32", "float64"), *, masks: bool = True) -> None:
+    """Load (or compile, when no cache exists) the compiled code of ``dtypes``.
 
-    After it, calls of any size are taken.  ``masks``: the ``where`` variants too.
+    After it, calls of any size are taken.  ``masks`` is accepted for
+    compatibility: the ``where`` variants are in the same compiled code.
     """
-    import numpy as np
-
-    from lse_dispatch._call import prepare
-
     if not available():
         raise ImportError("numba is not installed: pip install 'lse-dispatch[fast]'")
     for dtype in dtypes:
-        for shape, axis in (((4, 32), -1), ((32, 4), 0)):
-            x = np.zeros(shape, dtype)
-            for where in ((None, np.ones(shape, bool)) if masks else (None,)):
-                for op in ("logsumexp", "softmax", "log_softmax"):
-                    for parallel in (False, True):
-                        call = prepare(op, x, axis=axis, where=where)
-                        view, kaxis, _ = _views(x, call.axes, where)
-                        lines = view.shape[1 - kaxis]
-                        bad = np.zeros(lines, np.uint8)
-                        mask = None if where is None else where.reshape(view.shape)
-                        if op == "logsumexp":
-                            _kernels().logsumexp_lines(view, kaxis, mask, np.empty(lines), bad, parallel)
-                        else:
-                            _kernels().normalised_lines(view, kaxis, mask, np.empty_like(view), op == "log_softmax",
-                                                        bad, parallel)
-                        _SIGNATURES_SEEN.add(_signature(call, kaxis, x.dtype, parallel))
+        for kind in ("forward", "backward"):
+            _compiled(str(dtype), kind)
 
 
 def softmax_backward(op, out, where, g, axes):
     """The fused backward of softmax / log_softmax on CPU tensors, or ``None``.
 
-    ``None`` (the caller then takes the op form) unless numba is loaded and
-    the tensors are plain contiguous float32/float64 CPU tensors of one
-    dtype, with the reduced axes leading or trailing.  softmax: ``y (g - sum
-    y g)``; log_softmax: ``g - exp(z) sum g`` over included entries, 0 on
-    excluded ones; the sums in float64, one pass to sum and one to write.
-    Entries where ``y`` (or ``exp(z)``) is 0 get exactly the op form's value.
+    ``None`` (the caller then takes the op form) under ``torch.compile``, and
+    unless the dtype's compiled code is loaded and the tensors are plain
+    contiguous float32/float64 CPU
+    tensors of one dtype, with the reduced axes leading or trailing.
+    softmax: ``y (g - sum y g)``; log_softmax: ``g - exp(z) sum g`` over
+    included entries, 0 on excluded ones; the sums in float64, one pass to sum
+    and one to write.  Entries where ``y`` (or ``exp(z)``) is 0 get exactly
+    the op form's value.
     """
-    import numba  # noqa: F401  (only reached when the forward ran fused)
     import numpy as np
     import torch
 
+    if torch.compiler.is_compiling():  # a traced backward keeps the op form
+        return None
     if (out.device.type != "cpu" or g.device.type != "cpu" or out.dtype != g.dtype
             or out.dtype not in (torch.float32, torch.float64) or not out.is_contiguous()
-            or _reduced_axis(tuple(axes), out.ndim) is None or tuple(g.shape) != tuple(out.shape)):
+            or _reduced_axis(tuple(axes), out.ndim) is None or tuple(g.shape) != tuple(out.shape)
+            or str(out.dtype).removeprefix("torch.") not in _SIGNATURES_SEEN or out.numel() == 0):
         return None
     y = out.detach().numpy()
     grad = g.detach().contiguous().numpy()
     view, axis, mask = _views(y, tuple(axes), None if where is None else where.detach().numpy())
     result = np.empty_like(y)
-    threads = _threads_for(y.size, "torch")
-    _kernels().normalised_backward(view, grad.reshape(view.shape), mask, axis, op == "log_softmax",
-                                   result.reshape(view.shape), threads > 1)
+    no_mask, _ = _nothing(y.dtype)
+    entry = _compiled(_FLOAT_NAMES[y.dtype.char], "backward")
+    args = (view, grad.reshape(view.shape), no_mask if mask is None else mask, mask is not None, axis,
+            op == "log_softmax", result.reshape(view.shape))
+    _launch(entry, args, _kernels().backward_items(view.shape, axis), _threads_for(y.size, "torch"))
     return torch.from_numpy(result)

@@ -1,8 +1,33 @@
 """Fused CPU kernels compiled with numba: the code of ``numpy.fused`` / ``torch.fused``.
 
 Imported only when one of those kernels runs (``import lse_dispatch`` never
-imports numba).  Every function is ``@njit(cache=True)``; the Python side is
-:mod:`lse_dispatch.backends._fused_cpu`.
+imports numba).  The Python side is :mod:`lse_dispatch.backends._fused_cpu`.
+
+What is compiled, and why so little
+-----------------------------------
+Compile time is what a user of a compiled kernel pays first, and CI pays it
+on every run that starts without a cache; so every choice that does not change
+the machine code is a runtime argument, and every dtype gets exactly four
+compiled entry points (:func:`compiled`):
+
+* one work function, :func:`_item`, that does one *item* (a line, a segment
+  of a line, a tile of columns) of one *phase* of any operation: the mode
+  (``STATE``, ``LOGSUMEXP``, ``LOG_SOFTMAX``, ``SOFTMAX``), the layout (rows or
+  columns), whether a ``where`` mask is given and the phase are ``int``
+  arguments, branched on once per line or tile, never per entry;
+* "no mask" and "no output" are empty arrays, not ``None`` (each ``None`` would
+  be another signature of every function below);
+* a parallel driver (``prange`` over the items) and a serial one, both a few
+  lines around :func:`_item`, which is compiled once and linked into both;
+* the same two for the softmax / log_softmax backward.
+
+The entry points are compiled for an explicit signature whose arrays are
+typed read-only (a writable array converts to it), so that read-only input
+(``np.broadcast_to`` results, read-only memory maps, arrays from JAX) reuses
+the same machine code instead of compiling another copy; :func:`compiled`
+returns numba's compiled entry points, called without the dispatcher's type
+resolution.  Everything is ``cache=True``: the first use in a fresh
+environment compiles, later processes load from the on-disk cache.
 
 Layouts
 -------
@@ -10,40 +35,49 @@ The input arrives as a C-contiguous 2-D view: ``(lines, n)`` with the reduced
 axis last (*rows*), or ``(n, lines)`` with it first (*columns*).  Each line
 gets the state of :mod:`lse_dispatch._state` -- max ``m``, ``count`` of
 included entries equal to ``m``, ``rest`` = sum of ``exp(x - m)`` over the
-other included entries -- and, for softmax and log_softmax, its outputs:
+other included entries -- and, unless the mode is ``STATE``, its result:
 
-* rows of at most ``SEGMENT`` entries (all the common shapes) are done in
-  one visit while the row is in the L1/L2 cache: an integer-keyed max (below),
-  the sum of the terms, and the output pass; softmax stores each term in the
-  output during the sum pass and scales it afterwards, so there is one
-  ``exp`` per entry;
-* longer rows are cut into segments of ``SEGMENT`` entries; each segment's
-  state is computed in cache (two passes over it), the states are merged as
-  :func:`lse_dispatch._state.merge` does, and an output pass reads the row
-  once more;
-* columns are processed in blocks of adjacent lines: whole columns when 16
-  of them fit in ``FUSED_BYTES`` (then outputs are fused as for rows),
-  otherwise in row segments whose states are merged; each block is
-  transposed into a scratch array and goes through the row code (per-column
-  accumulation loops did not vectorise: LLVM gave up on aliasing checks).
+* rows of at most ``SEGMENT`` entries: one item per row, done while it is in
+  the L1/L2 cache: an integer-keyed max, the sum of the terms, the output pass
+  (softmax stores each term in the output during the sum and scales it
+  afterwards: one ``exp`` per entry);
+* longer rows: ``(row, segment)`` items (phase 0: the segment's state in
+  cache; float32 softmax stores the terms relative to the segment's max),
+  merged per row as :func:`lse_dispatch._state.merge` does (phase 1), and an
+  output pass per segment (phase 2: a scale of the stored terms, or
+  ``(x - m) - L``);
+* columns: tiles of ``rows x width`` entries (``TILE_BYTES``), every loop
+  running along the rows of the tile, so that it vectorises *across* lines
+  with per-line accumulators; the lines' maxima, counts and sums are
+  accumulated column-wise, and no tile is ever transposed.  When whole
+  columns fit in a tile, state and outputs are done in one visit of the tile;
+  otherwise the tiles' states are merged per column and an output pass
+  follows, as for long rows.
 
-Lines whose max is not finite (``+inf``, NaN, nothing included) are only
-*flagged* here (``bad[line] = 1``): their limits are the shared Python
-functions' business (:func:`lse_dispatch._state.finalize` and friends), so
-compiled code never decides a limit.  A NaN among finite entries shows up as
-a NaN ``rest`` (the exponential below carries NaN through) and flags the line
-too.
+Lines whose max is not finite (``+inf``, NaN, nothing included) or that hold
+a NaN are only *flagged* here (``bad[line] = 1``): their state and results are
+the shared Python functions' business (``_generic.state``,
+``logsumexp_from_state``, ``normalised_from_state`` on the flagged lines), so
+compiled code never decides a limit.  The max pass finds NaN itself (below),
+so the terms of an unflagged line never see one.
+
+The max
+-------
+An integer max over :func:`_key` (the IEEE bits with negatives' magnitude
+bits flipped, which orders like the values): integer reductions vectorise
+without fast-math flags.  A positive NaN orders above ``+inf`` (the max is
+then NaN), a negative NaN below ``-inf``: the same pass keeps the least key,
+and a line whose least key is below ``-inf``'s holds a NaN.
 
 The exponential
 ---------------
-``exp`` from libm does not vectorise in a numba loop; :func:`_exp` does:
-Cody-Waite range reduction ``d = k ln2 + r`` with ``k = round(d / ln2)``
-obtained by the ``1.5 * 2**52`` shifter (no branch, no float-to-int
-conversion: ``k`` is read from the shifter sum's bits), ``r = (d - k C1) - k
-C2`` with ``C1`` holding the 32 leading bits of ln2, and ``exp(r) = 1 + r q(r)``
-with ``q`` a polynomial fitted to ``(exp(r) - 1) / r`` on ``|r| <= ln2 / 2``
-(Chebyshev fit, mpmath, 200 bits), then ``2**k`` applied as two exact powers of
-two (so that results down to the subnormal range round once).
+``exp`` from libm does not vectorise in a numba loop; :func:`_exp` and the
+term functions do: Cody-Waite range reduction ``d = k ln2 + r`` with ``k =
+round(d / ln2)`` obtained by the ``1.5 * 2**52`` shifter (no branch, no
+float-to-int conversion: ``k`` is read from the shifter sum's bits), ``r = (d
+- k C1) - k C2`` with ``C1`` holding the 32 leading bits of ln2, and ``exp(r)
+= 1 + r q(r)`` with ``q`` a polynomial fitted to ``(exp(r) - 1) / r`` on ``|r|
+<= ln2 / 2`` (Chebyshev fit, mpmath, 200 bits).
 
 Error bound of :func:`_exp` (``d <= 0``, ``u = 2**-53``):
 
@@ -60,73 +94,102 @@ Error bound of :func:`_exp` (``d <= 0``, ``u = 2**-53``):
   the last addition plus ``0.42 (2.1 u)`` from ``r q``: under ``1.5 u``;
 * scaling by powers of two is exact for normal results.
 
-So ``|_exp(d) / exp(d) - 1| <= 1.7 u`` (about 2**-52.2); the tests measure it
-against mpmath on dense samples of ``[-745, 0]`` (largest seen: under 1 ulp).
-:func:`_exp7` uses the degree-7 fit (``2**-33.08`` relative), for float32
-softmax and log_softmax, where the terms need ``2**-30`` at most (below).
+So ``|_exp(d) / exp(d) - 1| <= 1.7 u``; the tests measure it against mpmath
+on dense samples of ``[-745, 0]``.  :func:`_exp` scales by two powers of two
+(results down to the subnormal range round once); it serves the merges and the
+backward.  The terms of the sums use :func:`_term` (the same degree 11) and
+:func:`_term7` (degree 7: ``2**-33.08`` relative, so within ``2**-33`` with
+the roundings), which scale ``p = 1 + r q`` by adding ``k`` to its exponent
+bits (two integer operations instead of eight) and give 0 below ``FLUSH =
+-700``, where ``2**k p`` would no longer be normal.  A term dropped there is
+under ``2**-1009``, next to the 1 of the line's max: ``n 2**-1009`` at most,
+relatively, on ``count + rest``.
 
-Accuracy of the results
------------------------
-float32 input: differences ``x - m`` are formed in float64 (exact), terms and
-sums are float64.
+Sums, and the accuracy of each result
+-------------------------------------
+``x - m`` is formed in float64: exact for float32 input; for float64 input
+by TwoSum (``d + e`` exact) and the term is ``exp(d) + exp(d) e``.
 
-* logsumexp: terms from :func:`_exp` (``<= 1.7 u``), summed with
-  ``fastmath={'reassoc'}`` so that LLVM keeps vector partial sums: in *any*
-  order, the sum of ``n`` positive terms is within ``(n - 1) u`` relative.  So
-  ``rest`` is within ``delta = 1.7 u + (n - 1) u`` and ``L = log1p(count - 1 +
-  rest)`` within ``delta`` absolutely (``r / (c + r) <= 1``).  A line is kept
-  when ``delta <= 2**-25 |lse|`` (half a float32 ulp of ``lse``; the result then
-  rounds to within 1 ulp plus float64 noise), otherwise it is recomputed by
-  the compensated path below (``delta`` about ``3 u``), which is what the
-  cancelling case ``[-1, c, c]`` (``lse = -1.7e-9``) needs.
-* softmax: ``exp7(x - m)`` (``2**-33`` relative) over the float64 total, the
-  term rounded to float32 when it is stored and the scaled value rounded
-  again: at most 1 ulp plus ``2**-8`` ulp.
-* log_softmax: ``(x - m) - L`` in float64, rounded once: 0.5 ulp plus L's
-  relative error (``L >= r / (c + r)``, so ``delta * rho <= delta * L``).
+* *Fast* sums (float32 input, every mode but ``STATE``): :func:`_term7`
+  terms in a float64 sum compiled with ``fastmath={'reassoc'}`` (rows: LLVM
+  keeps vector partial sums; columns: a sequential sum per column), whose
+  error in *any* order of ``n`` positive terms is within ``(n - 1) u``.  So
+  ``rest`` is within ``delta = 2**-33 + (n - 1) u`` relatively, and ``L =
+  log1p(count - 1 + rest)`` within ``delta`` absolutely (``r / (c + r) <=
+  1``).
+* *Exact* sums (float64 input, ``STATE``, and the float32 logsumexp recheck):
+  :func:`_term` terms (``1.7 u``); rows in chunks of ``CHUNK`` terms summed by
+  an error-free split (:func:`_split_sum`: within ``1.1 u``), columns by
+  TwoSum per column (``u |S| + n**2 u**2 S``).  ``rest`` is within about
+  ``2.8 u``.
+* float32 logsumexp: the fast state; a line is kept when ``delta + 3 u (1 +
+  L)`` (with the roundings of ``log1p`` and of ``m + L``) is at most ``2**-25
+  |lse|`` (half a float32 ulp: the result then rounds to within one ulp),
+  otherwise its sum is redone exactly (:data:`KEEP_BELOW`).  That recheck is
+  what the cancelling case ``[-1, c, c]`` (``lse = -1.7e-9``) needs; lines
+  whose ``lse`` is within ``2**-7`` of 0 take it.
+* float32 softmax: ``term7 / (c + r)``, the term rounded to float32 when it
+  is stored and the scaled value rounded again: at most 1 ulp plus ``2**-8``
+  ulp (long rows and column tiles scale the stored term by ``exp(m_s - M) /
+  (c + r)``, computed in float64: the same bound plus float64 noise).
+* float32 log_softmax: ``(x - m) - L`` in float64 (exact difference), rounded
+  once: 0.5 ulp plus ``L``'s relative error (``delta / L`` with ``L >= r /
+  (1 + r)`` for ``c = 1``, ``L >= ln 2`` otherwise).
+* float64: logsumexp ``m + L``; log_softmax ``(x - m) - L``, both terms
+  non-positive; softmax ``t / (c + r)`` (stored term, or recomputed from the
+  final max where a line's segments had other maxima).
 
-float64 input (no wider accumulator): ``x - m`` by TwoSum (``d + e``
-exact), terms ``exp(d) + exp(d) e``, and every sum exact-split
-(:func:`_split_sum`: within about ``1.1 u``), so ``rest`` is within about
-``2.8 u``.  softmax is ``t / total``; log_softmax ``(x - m) - L`` with both
-terms non-positive (1.5 ulps plus ``L``'s error).  Bounds and measurements:
-docs/fused_cpu.md.
-
-Compile time and the cache
---------------------------
-Each function compiles on its first call for a signature (dtype; a mask or
-``None``; an output or ``None``), and is cached on disk (``cache=True``): in
-``__pycache__`` next to this file, or numba's user-wide cache folder when that
-is not writable (numba's own fallback, ``NUMBA_CACHE_DIR`` overrides both).
+The tests hold every path to the oracle (4 ulps) and the exponential and the
+sum to their bounds (``tests/test_fused_cpu.py``); docs/fused_cpu.md has the
+figures.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import intrinsic
 
-__all__ = ["FUSED_BYTES", "SEGMENT", "logsumexp_lines", "normalised_backward", "normalised_lines"]
+__all__ = ["CHUNK", "LOGSUMEXP", "LOG_SOFTMAX", "SEGMENT", "SOFTMAX", "STATE", "TILE_BYTES", "compiled", "plan"]
 
-# Entries of a row processed in one visit (two or three passes in cache):
+# Modes (runtime arguments).
+STATE, LOGSUMEXP, LOG_SOFTMAX, SOFTMAX = 0, 1, 2, 3
+
+# Entries of a row processed in one item (two or three passes in cache):
 # 256 KiB of float32, 512 KiB of float64, within a 1 MiB L2.
 SEGMENT = 1 << 16
-# Bytes of a block of whole columns whose outputs are fused (in L2).
-FUSED_BYTES = 1 << 18
-# Lines per block of columns when they are processed in segments.
-COLUMN_BLOCK = 256
-# Compensated lanes of the float64 row sums (one 512-bit vector of float64).
-LANES = 8
+# Bytes of a tile of columns (rows x width), in L2 between its passes.
+TILE_BYTES = 1 << 18
+# Columns per tile: wide enough that the per-row overhead of the inner loops
+# is small (measured: 64 columns cost 1.5x what 1024 do per entry).
+TILE_WIDTH = 512
+# Columns per item of the backward.
+BACKWARD_WIDTH = 256
+# Entries per buffer of the exact row sum: 16 KiB of float64 terms, in L1.
+CHUNK = 2048
 
 _STRICT = {"cache": True, "nogil": True, "error_model": "numpy"}
-# Only for loops whose sole reduction is a sum of positive float64 terms:
-# LLVM may then keep vector partial sums (the bound above holds in any order).
+# Only for loops whose sole floating-point reduction is a sum of positive
+# float64 terms (the bound above holds in any order): LLVM may then keep
+# vector partial sums.  The terms come from functions compiled strictly,
+# whose instructions keep their own flags when inlined.
 _REASSOC = {**_STRICT, "fastmath": {"reassoc"}}
+# Functions that allocate nothing are compiled without numba's reference
+# counting (``_nrt=False``): they only borrow the arrays their caller holds,
+# and the atomic increments and decrements of every array argument and slice
+# (measured: 130 ns a line, a third of a short row's time, and a cache line
+# that two threads would fight over) are not emitted.
+_BORROWED = {**_STRICT, "_nrt": False}
+_REASSOC_BORROWED = {**_REASSOC, "_nrt": False}
+# The exponentials may fuse a multiply and an add into one FMA (one rounding
+# where the bounds count two: they still hold).  Nowhere else: TwoSum must see
+# the rounded products it is given.
+_CONTRACT = {**_STRICT, "fastmath": {"contract"}}
 
-MODE_LOGSUMEXP, MODE_LOG_SOFTMAX, MODE_SOFTMAX = 0, 1, 2
 
 # ---------------------------------------------------------------------------
 # Bit-level helpers (vectorisable: bitcasts and integer ops only).
@@ -142,11 +205,9 @@ def _int_type(ty):
 
 @intrinsic
 def _key(typingctx, value):
-    """An integer that orders like ``value`` (IEEE bits, negatives flipped).
+    """An integer that orders like ``value`` (IEEE bits, negatives' magnitude bits flipped).
 
-    Integer max reductions vectorise without fast-math flags (floating ones
-    need ``nnan``); a positive NaN orders above ``+inf`` (the line is then
-    flagged), a negative one below ``-inf`` (its NaN term flags the line).
+    A positive NaN orders above ``+inf``, a negative one below ``-inf``.
     """
     int_ty, width = _int_type(value)
     if int_ty is None:
@@ -242,24 +303,9 @@ _LN2_HI = 0.6931471803691238  # ln 2 to 32 bits (0x1.62e42fee00000p-1)
 _LN2_LO = 1.9082149292705877e-10  # ln 2 - _LN2_HI
 # Below this exp(d) is under half the smallest subnormal: clamping keeps k small.
 _LOWEST = -746.0
-
-
-@njit(**_STRICT)
-def _reduce(d):
-    """``(r, k)`` with ``d = k ln2 + r``, ``|r| <= ln2 / 2``; NaN stays NaN."""
-    d = _LOWEST if d < _LOWEST else d
-    shifted = d * _LOG2E + _SHIFTER
-    k = shifted - _SHIFTER
-    r = (d - k * _LN2_HI) - k * _LN2_LO
-    return r, _bits(shifted) - _SHIFTER_BITS
-
-
-@njit(**_STRICT)
-def _scale(p, k):
-    """``p * 2**k`` for ``-1077 <= k <= 0``: two normal powers of two, one rounding."""
-    half = k >> 1
-    return p * _from_bits((half + 1023) << 52) * _from_bits((k - half + 1023) << 52)
-
+#: Terms below exp(FLUSH) are 0 (there 2**k p would not be normal).
+FLUSH = -700.0
+_U = 2.0**-53
 
 # Coefficients of q (highest degree first), fitted to (exp(r) - 1) / r on
 # |r| <= ln2 / 2 (mpmath.chebyfit, 200 bits); 1 + r q(r) is within 2**-56.5
@@ -273,12 +319,12 @@ EXP7_COEFFICIENTS = (
     0.0001989927395864936, 0.0013941108433972674, 0.008333298483754886, 0.04166635289677516,
     0.16666666718997508, 0.5000000047117757, 1.0,
 )
+#: Relative error bound of a :func:`_term7` term (the fit plus the roundings).
+TERM7_ERROR = 2.0**-33
 
 
-@njit(**_STRICT)
-def _exp(d):
-    """``exp(d)`` for ``d <= 0`` within 1.7 float64 ulps (module docstring)."""
-    r, k = _reduce(d)
+@njit(**_CONTRACT)
+def _q11(r):
     c = EXP_COEFFICIENTS
     q = c[0]
     q = q * r + c[1]
@@ -291,13 +337,11 @@ def _exp(d):
     q = q * r + c[8]
     q = q * r + c[9]
     q = q * r + c[10]
-    return _scale(1.0 + r * q, k)
+    return 1.0 + r * q
 
 
-@njit(**_STRICT)
-def _exp7(d):
-    """``exp(d)`` for ``d <= 0`` within ``2**-33`` relative (degree-7 fit)."""
-    r, k = _reduce(d)
+@njit(**_CONTRACT)
+def _q7(r):
     c = EXP7_COEFFICIENTS
     q = c[0]
     q = q * r + c[1]
@@ -306,7 +350,82 @@ def _exp7(d):
     q = q * r + c[4]
     q = q * r + c[5]
     q = q * r + c[6]
-    return _scale(1.0 + r * q, k)
+    return 1.0 + r * q
+
+
+@njit(**_CONTRACT)
+def _reduce(d):
+    """``(r, k)`` with ``d = k ln2 + r``, ``|r| <= ln2 / 2``; NaN stays NaN."""
+    d = _LOWEST if d < _LOWEST else d
+    shifted = d * _LOG2E + _SHIFTER
+    k = shifted - _SHIFTER
+    r = (d - k * _LN2_HI) - k * _LN2_LO
+    return r, _bits(shifted) - _SHIFTER_BITS
+
+
+@njit(**_CONTRACT)
+def _scale(p, k):
+    """``p * 2**k`` for ``-1077 <= k <= 0``: two normal powers of two, one rounding."""
+    half = k >> 1
+    return p * _from_bits((half + 1023) << 52) * _from_bits((k - half + 1023) << 52)
+
+
+@njit(**_CONTRACT)
+def _exp(d):
+    """``exp(d)`` for ``d <= 0`` within 1.7 float64 ulps, down to the subnormal range; NaN stays NaN."""
+    r, k = _reduce(d)
+    return _scale(_q11(r), k)
+
+
+@njit(**_CONTRACT)
+def _exp7(d):
+    """``exp(d)`` for ``d <= 0`` within ``2**-33`` relative (degree-7 fit)."""
+    r, k = _reduce(d)
+    return _scale(_q7(r), k)
+
+
+@njit(**_CONTRACT)
+def _term(d):
+    """``exp(d)`` for ``FLUSH <= d <= 0`` within 1.7 ulps, 0 below (``d`` not NaN).
+
+    Written out (no calls): every level of calls is another optimisation of
+    the code below it (see :func:`compiled`).
+    """
+    shifted = d * _LOG2E + _SHIFTER
+    k = shifted - _SHIFTER
+    r = (d - k * _LN2_HI) - k * _LN2_LO
+    c = EXP_COEFFICIENTS
+    q = c[0]
+    q = q * r + c[1]
+    q = q * r + c[2]
+    q = q * r + c[3]
+    q = q * r + c[4]
+    q = q * r + c[5]
+    q = q * r + c[6]
+    q = q * r + c[7]
+    q = q * r + c[8]
+    q = q * r + c[9]
+    q = q * r + c[10]
+    p = _from_bits(_bits(1.0 + r * q) + ((_bits(shifted) - _SHIFTER_BITS) << 52))
+    return p if d >= FLUSH else 0.0
+
+
+@njit(**_CONTRACT)
+def _term7(d):
+    """``exp(d)`` for ``FLUSH <= d <= 0`` within ``2**-33``, 0 below (``d`` not NaN)."""
+    shifted = d * _LOG2E + _SHIFTER
+    k = shifted - _SHIFTER
+    r = (d - k * _LN2_HI) - k * _LN2_LO
+    c = EXP7_COEFFICIENTS
+    q = c[0]
+    q = q * r + c[1]
+    q = q * r + c[2]
+    q = q * r + c[3]
+    q = q * r + c[4]
+    q = q * r + c[5]
+    q = q * r + c[6]
+    p = _from_bits(_bits(1.0 + r * q) + ((_bits(shifted) - _SHIFTER_BITS) << 52))
+    return p if d >= FLUSH else 0.0
 
 
 @njit(**_STRICT)
@@ -317,13 +436,13 @@ def _two_sum(a, b):
     return s, (a - (s - virtual)) + (b - virtual)
 
 
-@njit(**_STRICT)
+@njit(**_CONTRACT)
 def _exp_exact_difference(v, mf):
-    """``exp(v - mf)`` without the rounding of ``v - mf``: ``exp(d) + exp(d) e``.
+    """``exp(v - mf)`` (full range) without the rounding of ``v - mf``: ``exp(d) + exp(d) e``.
 
-    ``d + e = v - mf`` exactly (TwoSum); for float32 ``v`` the difference is
-    exact and ``e = 0``.  Where ``d`` is below ``_LOWEST`` (``-inf`` included,
-    whose ``e`` is NaN) the term is 0 and ``e`` is dropped; a NaN ``v`` gives NaN.
+    For the weights of merged states.  ``d + e = v - mf`` exactly (TwoSum);
+    where ``d`` is below ``_LOWEST`` (``-inf`` included, whose ``e`` is NaN)
+    the term is 0 and ``e`` is dropped.
     """
     d, e = _two_sum(np.float64(v), -mf)
     e = e if d >= _LOWEST else 0.0
@@ -331,124 +450,140 @@ def _exp_exact_difference(v, mf):
     return t + t * e
 
 
-@njit(inline="always")
-def _included(mask, i, j):
-    if mask is None:
-        return True
-    return mask[i, j]
+@njit(**_CONTRACT)
+def _fast_term(x, v, mf):
+    """The term of a fast sum: ``exp7`` of the exact float64 ``v - mf`` (float32 ``v``)."""
+    return _term7(np.float64(v) - mf)
 
 
-@njit(inline="always")
-def _store(out, i, j, value):
-    if out is not None:
-        out[i, j] = value
+@njit(**_CONTRACT)
+def _exact_term(x, v, mf):
+    """The term of an exact sum: ``exp(v - mf)`` within 1.7 ulps, plus TwoSum's ``e`` for float64."""
+    if _single(x):
+        return _term(np.float64(v) - mf)
+    d, e = _two_sum(np.float64(v), -mf)
+    t = _term(d)
+    return t + t * e if d >= FLUSH else 0.0
 
 
 # ---------------------------------------------------------------------------
-# Rows: x[i, a:b] is (part of) a line.
+# Rows: x[i, a:b] is (part of) a line.  Maxima are passed as float64 (exact
+# for float32 input): one type for every caller, so one compiled copy.
 
 
-@njit(**_STRICT)
-def _row_max(x, mask, i, a, b):
-    lowest = _minus_inf_key(x[i, a])
-    best = lowest
-    for j in range(a, b):
-        key = _key(x[i, j]) if _included(mask, i, j) else lowest
-        best = key if key > best else best
-    return _unkey(best, x[i, a])
+@njit(**_BORROWED)
+def _row_max(x, mask, masked, i, a, b):
+    """``(m, nan)``: the max of the included entries of ``x[i, a:b]`` (float64), and
+    whether one is NaN.
 
-
-@njit(**_REASSOC)
-def _row_sum_fast(x, mask, i, a, b, m, out, accurate):
-    """float32 rows: ``(count, rest)`` in a vectorised (reassociated) float64 sum.
-
-    Any order of ``n`` positive terms is within ``(n - 1) u`` relative.
-    ``accurate``: terms from :func:`_exp` (logsumexp: the caller rechecks
-    lines whose bound is too loose), else :func:`_exp7` (softmax and
-    log_softmax, which need ``2**-30``).  ``out`` (or ``None``): receives
-    each included term.
+    Every loop here runs over a 1-D slice from 0: an index that may be
+    negative (``x[i, j]`` with ``j`` from a runtime start) takes numba's
+    wraparound select, which LLVM turns into gathers (2.5x slower, measured).
     """
-    mf = np.float64(m)
+    row = x[i, a:b]
+    lowest = _minus_inf_key(row[0])
+    high = lowest
+    low = lowest
+    if masked:
+        include = mask[i, a:b]
+        for j in range(row.shape[0]):
+            key = _key(row[j]) if include[j] else lowest
+            high = key if key > high else high
+            low = key if key < low else low
+    else:
+        for j in range(row.shape[0]):
+            key = _key(row[j])
+            high = key if key > high else high
+            low = key if key < low else low
+    return np.float64(_unkey(high, row[0])), low < lowest
+
+
+@njit(**_REASSOC_BORROWED)
+def _row_sum_fast(x, mask, masked, i, a, b, m, out, store):
+    """float32: ``(count, rest)`` of ``x[i, a:b]`` from :func:`_term7` terms, a reassociated sum.
+
+    ``store``: every term goes to ``out`` (rounded to float32; 1 at the max,
+    0 for excluded entries), for softmax to scale.
+    """
+    row = x[i, a:b]
     total = 0.0
     count = 0
-    if accurate:
-        for j in range(a, b):
-            v = x[i, j]
-            inc = _included(mask, i, j)
-            at_max = inc and v == m
-            t = _exp(np.float64(v) - mf)
-            total += t if inc and not at_max else 0.0
-            count += 1 if at_max else 0
+    if masked:
+        include = mask[i, a:b]
+        target = out[i, a:b] if store else out[0, 0:0]
+        for j in range(row.shape[0]):
+            v = row[j]
+            inc = include[j] != 0
+            t = _fast_term(x, v, m) if inc else 0.0
+            top = inc and v == m
+            if store:
+                target[j] = t
+            total += 0.0 if top else t
+            count += 1 if top else 0
+    elif store:
+        target = out[i, a:b]
+        for j in range(row.shape[0]):
+            v = row[j]
+            t = _fast_term(x, v, m)
+            target[j] = t
+            total += 0.0 if v == m else t
+            count += 1 if v == m else 0
     else:
-        for j in range(a, b):
-            v = x[i, j]
-            inc = _included(mask, i, j)
-            at_max = inc and v == m
-            t = _exp7(np.float64(v) - mf)
-            t = t if inc else 0.0
-            _store(out, i, j, t)
-            total += 0.0 if at_max else t
-            count += 1 if at_max else 0
+        for j in range(row.shape[0]):
+            v = row[j]
+            t = _fast_term(x, v, m)
+            total += 0.0 if v == m else t
+            count += 1 if v == m else 0
     return np.float64(count), total
 
 
-# Entries per buffer of the accurate row sum: 16 KiB of float64 terms, in L1.
-CHUNK = 2048
+@njit(**_BORROWED)
+def _chunk_terms(x, mask, masked, i, a, b, m, buffer, out, store):
+    """Exact terms of ``x[i, a:b]`` into ``buffer`` (0 at the max and for excluded
+    entries): ``(count at the max, IEEE bits of the largest term)``.
 
-
-@njit(**_STRICT)
-def _row_terms(x, mask, i, a, b, m, buffer, out):
-    """Terms of ``x[i, a:b]`` into ``buffer`` (0 at the max and for excluded
-    entries); returns the count of included entries equal to ``m``.
-
-    float32: ``exp(x - m)`` of the exact float64 difference; float64: of the
-    TwoSum-split difference (:func:`_exp_exact_difference`).  ``out`` (or
-    ``None``) receives every included term, 1 at the max (softmax).
+    ``store``: also into ``out``, 1 at the max (softmax).
     """
-    mf = np.float64(m)
+    row = x[i, a:b]
+    target = out[i, a:b] if store else out[0, 0:0]
     count = 0
-    if _single(x):
-        for j in range(a, b):
-            v = x[i, j]
-            inc = _included(mask, i, j)
-            at_max = inc and v == m
-            t = _exp(np.float64(v) - mf)
-            t = t if inc else 0.0
-            _store(out, i, j, t)
-            buffer[j - a] = 0.0 if at_max else t
-            count += 1 if at_max else 0
+    largest = 0
+    if masked:
+        include = mask[i, a:b]
+        for j in range(row.shape[0]):
+            v = row[j]
+            inc = include[j] != 0
+            t = _exact_term(x, v, m) if inc else 0.0
+            top = inc and v == m
+            if store:
+                target[j] = t
+            t = 0.0 if top else t
+            buffer[j] = t
+            bits = _bits(t)
+            largest = bits if bits > largest else largest
+            count += 1 if top else 0
     else:
-        for j in range(a, b):
-            v = x[i, j]
-            inc = _included(mask, i, j)
-            at_max = inc and v == m
-            t = _exp_exact_difference(v, mf)
-            t = t if inc else 0.0
-            _store(out, i, j, t)
-            buffer[j - a] = 0.0 if at_max else t
-            count += 1 if at_max else 0
-    return count
+        for j in range(row.shape[0]):
+            v = row[j]
+            t = _exact_term(x, v, m)
+            if store:
+                target[j] = t
+            t = 0.0 if v == m else t
+            buffer[j] = t
+            bits = _bits(t)
+            largest = bits if bits > largest else largest
+            count += 1 if v == m else 0
+    return count, largest
 
 
-@njit(**_STRICT)
-def _largest_bits(buffer, n):
-    """The IEEE bits of the largest of ``buffer[:n]`` (non-negative or NaN):
-    for those, the bits order like the values, and an integer max vectorises."""
-    best = 0
-    for j in range(n):
-        bits = _bits(buffer[j])
-        best = bits if bits > best else best
-    return best
-
-
-@njit(**_STRICT)
+@njit(**_BORROWED)
 def _split(t, sigma):
     """``(hi, lo)``: ``t`` rounded to the grid of ``ulp(sigma)``, and the exact remainder."""
     hi = (t + sigma) - sigma
     return hi, t - hi
 
 
-@njit(**_REASSOC)
+@njit(**_REASSOC_BORROWED)
 def _split_sum(buffer, n, sigma):
     """Sum of ``buffer[:n]`` (values in ``[0, 2**E)``, ``sigma = 1.5 * 2**(E + 16)``).
 
@@ -473,431 +608,678 @@ def _split_sum(buffer, n, sigma):
     return high + low
 
 
-@njit(**_STRICT)
-def _row_sum_exact(x, mask, i, a, b, m, out, buffer):
-    """``(count, rest)`` of ``x[i, a:b]`` to about a float64 ulp (:func:`_split_sum`).
+#: Lines up to this long take the exact sum as a cascaded TwoSum (no buffer).
+SHORT = 16
 
-    Chunks of ``CHUNK`` terms are formed into ``buffer`` (vectorised), their
-    largest found by an integer max, summed by the exact split, and the chunk
-    sums added with TwoSum.
+
+@njit(**_BORROWED)
+def _row_sum_exact(x, mask, masked, i, a, b, m, out, store, buffer):
+    """``(count, rest)`` of ``x[i, a:b]`` to about a float64 ulp.
+
+    Up to ``SHORT`` entries: cascaded TwoSum (``u |S| + n**2 u**2 S``).
+    Longer: chunks of ``CHUNK`` terms go to ``buffer``, are summed by the
+    exact split (:func:`_split_sum`) with ``sigma`` from their largest
+    term, and the chunk sums are added with TwoSum.
     """
     count = 0
     total = 0.0
     error = 0.0
+    if b - a <= SHORT:
+        row = x[i, a:b]
+        target = out[i, a:b] if store else out[0, 0:0]
+        include = mask[i, a:b] if masked else mask[0, 0:0]
+        for j in range(row.shape[0]):
+            v = row[j]
+            inc = (not masked) or include[j] != 0
+            t = _exact_term(x, v, m) if inc else 0.0
+            top = inc and v == m
+            if store:
+                target[j] = t
+            total, e = _two_sum(total, 0.0 if top else t)
+            error += e
+            count += 1 if top else 0
+        return np.float64(count), total + error
     for c in range(a, b, CHUNK):
         d = min(c + CHUNK, b)
-        count += _row_terms(x, mask, i, c, d, m, buffer, out)
-        top = _largest_bits(buffer, d - c)
+        found, largest = _chunk_terms(x, mask, masked, i, c, d, m, buffer, out, store)
+        count += found
         # sigma = 1.5 * 2**(E + 16), 2**E the power of two above the largest term.
-        exponent = (top >> 52) + 1 + 16
+        exponent = (largest >> 52) + 1 + 16
         sigma = _from_bits((exponent << 52) | (1 << 51))
         total, e = _two_sum(total, _split_sum(buffer, d - c, sigma))
         error += e
     return np.float64(count), total + error
 
 
-@njit(**_STRICT)
-def _finish_line(m, count, rest, mode):
-    """``(value, flagged)``: ``m + L`` (logsumexp), ``L`` or ``count + rest`` (the
-    normaliser of log_softmax / softmax); flagged when the limits are the
-    shared functions' (max not finite, or a NaN in the line)."""
-    if not (math.isfinite(m) and rest == rest):
-        return 0.0, True
-    if mode == MODE_SOFTMAX:
-        return count + rest, False
-    log_norm = math.log1p((count - 1.0) + rest)
-    if mode == MODE_LOG_SOFTMAX:
-        return log_norm, False
-    return np.float64(m) + log_norm, False
+#: float32 logsumexp and log_softmax from fast sums are kept when the error
+#: of ``L`` is at most this fraction of ``|lse|`` (of ``L`` for log_softmax,
+#: whose every output has ``|y| >= L``): half a float32 ulp at most
+#: (``ulp(y) >= 2**-24 |y|``), so the result is within one ulp.
+KEEP_BELOW = 2.0**-25
 
 
-@njit(**_STRICT)
-def _row_output(x, mask, i, a, b, m, norm, out, mode, stored):
+@njit(**_BORROWED)
+def _kept(mode, delta, m, count, rest, log_norm):
+    """Whether a float32 line whose ``rest`` is within ``delta`` relatively is accurate as it is.
+
+    ``L = log(c + r)`` is then within ``delta r / (c + r)``, plus the
+    roundings of ``(c - 1) + r`` (``u``) and of ``log1p`` (``2 u L``);
+    logsumexp adds the rounding of ``m + L`` (``u |lse|``).  Lines that
+    fail (``lse`` or ``L`` near 0: the cancelling case ``[-1, c, c]``, lines
+    of log-probabilities) are redone with exact sums.
+    """
+    error = delta * rest / (count + rest) + _U * (1.0 + 2.0 * log_norm)
+    if mode == LOGSUMEXP:
+        value = abs(m + log_norm)
+        return error + _U * value <= KEEP_BELOW * value
+    return error <= KEEP_BELOW * log_norm
+
+
+@njit(**_BORROWED)
+def _row_output(x, mask, masked, i, a, b, m, norm, scale, out, mode, stored):
     """softmax / log_softmax of ``x[i, a:b]`` into ``out`` given the line's state.
 
-    log_softmax: ``(x - m) - L`` (float64 for float32 input, where ``x - m``
-    is exact).  softmax: the stored term over the total when ``stored``,
-    otherwise the term recomputed (:func:`_exp7` for float32).
+    log_softmax: ``(x - m) - norm`` (``norm = L``; float64 for float32 input,
+    where ``x - m`` is exact).  softmax: the stored term times ``scale``
+    (float32) or over ``norm = c + r`` (float64) when ``stored``, otherwise
+    the term recomputed from ``m`` (float64 only) over ``norm``.
     """
-    if out is None:  # logsumexp: pruned at compile time
-        return
-    mf = np.float64(m)
-    if mode == MODE_LOG_SOFTMAX:
-        if _single(x):
-            for j in range(a, b):
-                value = (np.float64(x[i, j]) - mf) - norm
-                out[i, j] = value if _included(mask, i, j) else -np.inf
+    row = x[i, a:b]
+    target = out[i, a:b]
+    include = mask[i, a:b] if masked else mask[0, 0:0]
+    if mode == LOG_SOFTMAX:
+        if masked:
+            for j in range(row.shape[0]):
+                value = (np.float64(row[j]) - m) - norm
+                target[j] = value if include[j] else -np.inf
         else:
-            for j in range(a, b):
-                value = (x[i, j] - mf) - norm
-                out[i, j] = value if _included(mask, i, j) else -np.inf
+            for j in range(row.shape[0]):
+                target[j] = (np.float64(row[j]) - m) - norm
     elif stored:
         if _single(x):
-            scale = 1.0 / norm
-            for j in range(a, b):
-                out[i, j] = np.float64(out[i, j]) * scale
+            for j in range(row.shape[0]):
+                target[j] = np.float64(target[j]) * scale
         else:
-            for j in range(a, b):
-                out[i, j] = out[i, j] / norm
-    elif _single(x):
-        scale = 1.0 / norm
-        for j in range(a, b):
-            t = _exp7(np.float64(x[i, j]) - mf) * scale
-            out[i, j] = t if _included(mask, i, j) else 0.0
+            for j in range(row.shape[0]):
+                target[j] = target[j] / norm
+    elif masked:
+        for j in range(row.shape[0]):
+            t = _exact_term(x, row[j], m) / norm
+            target[j] = t if include[j] else 0.0
     else:
-        for j in range(a, b):
-            t = _exp_exact_difference(x[i, j], mf) / norm
-            out[i, j] = t if _included(mask, i, j) else 0.0
+        for j in range(row.shape[0]):
+            target[j] = _exact_term(x, row[j], m) / norm
 
 
-@njit(**_STRICT)
-def _row_state(x, mask, i, a, b, out, exact, accurate=False):
-    """``(m, count, rest)`` of ``x[i, a:b]``; ``out``: store terms (softmax).
-
-    ``exact``: the accurate sum (:func:`_row_sum_exact`, always for float64),
-    otherwise the vectorised float32 one (:func:`_row_sum_fast`, with
-    :func:`_exp` terms when ``accurate``).
-    """
-    m = _row_max(x, mask, i, a, b)
-    if exact or not _single(x):
-        count, rest = _row_sum_exact(x, mask, i, a, b, m, out, np.empty(CHUNK))
-    else:
-        count, rest = _row_sum_fast(x, mask, i, a, b, m, out, accurate)
-    return m, count, rest
-
-
-# A float32 logsumexp from the fast sum is kept when its error bound
-# ``(n + 0.7) u`` (terms 1.7 u, sum (n - 1) u; ``L`` inherits it absolutely)
-# is within 2**-25 |lse|: half a float32 ulp, so the result is within one ulp
-# plus float64 noise.  Other lines (lse near 0) are redone exactly.
-_KEEP_BELOW = 2.0**-25
-_U = 2.0**-53
-
-
-@njit(**_STRICT)
-def _row_line(x, mask, i, out, mode, values, bad):
-    """One row that fits a segment: state and outputs in one visit."""
+@njit(**_BORROWED)
+def _row_whole(x, mask, masked, mode, out, tops, counts, rests, values, bad, buffer, i):
+    """One row of at most ``SEGMENT`` entries: state and results in one visit."""
     n = x.shape[1]
-    if mode == MODE_SOFTMAX:
-        m, count, rest = _row_state(x, mask, i, 0, n, out, False)
-    else:
-        m, count, rest = _row_state(x, mask, i, 0, n, None, False, mode == MODE_LOGSUMEXP)
-    value, flagged = _finish_line(m, count, rest, mode)
-    if flagged:
+    # Not the literal 0: a literal argument compiles another copy of the callee.
+    first = np.int64(0)
+    m, nan = _row_max(x, mask, masked, i, first, n)
+    tops[i] = m
+    if nan or not math.isfinite(m):
         bad[i] = 1
-    elif mode == MODE_LOGSUMEXP:
-        if _single(x) and (n + 0.7) * _U > _KEEP_BELOW * abs(value):
-            m, count, rest = _row_state(x, mask, i, 0, n, None, True)
-            value, flagged = _finish_line(m, count, rest, mode)
-        values[i] = value
+        return
+    store = mode == SOFTMAX
+    if _single(x) and mode != STATE:
+        count, rest = _row_sum_fast(x, mask, masked, i, first, n, m, out, store)
+        if not store:
+            log_norm = math.log1p((count - 1.0) + rest)
+            delta = TERM7_ERROR + (n - 1) * _U
+            if not _kept(mode, delta, m, count, rest, log_norm):
+                count, rest = _row_sum_exact(x, mask, masked, i, first, n, m, out, store, buffer)
     else:
-        _row_output(x, mask, i, 0, n, m, value, out, mode, mode == MODE_SOFTMAX)
+        count, rest = _row_sum_exact(x, mask, masked, i, first, n, m, out, store, buffer)
+    counts[i] = count
+    rests[i] = rest
+    if mode == STATE:
+        return
+    if mode == LOGSUMEXP:
+        values[i] = m + math.log1p((count - 1.0) + rest)
+        return
+    # softmax: the stored terms over the total; log_softmax: (x - m) - L.
+    norm = count + rest if store else math.log1p((count - 1.0) + rest)
+    _row_output(x, mask, masked, i, first, n, m, norm, 1.0 / norm, out, mode, store)
 
 
-@njit(**_STRICT)
-def _merge_line(ms, cs, rs):
-    """Merge segment states (as ``_state.merge``), compensated; ``(m, count, rest)``."""
-    top = ms[0]
-    for s in range(1, ms.shape[0]):
-        top = ms[s] if ms[s] > top else top
+@njit(**_BORROWED)
+def _exact_sums(x, mode):
+    """Whether the sums are exact (float64, and the float32 state) rather than fast."""
+    return not _single(x) or mode == STATE
+
+
+@njit(**_BORROWED)
+def _row_piece(x, mask, masked, mode, out, ms, cs, rs, tops, buffer, span, parts, phase, item):
+    """Segment ``item % parts`` of row ``item // parts``, in phase 0 or 2.
+
+    Fast sums (phase 0): the segment's state, relative to its own max;
+    float32 softmax stores the terms for phase 4 to scale (zeros where
+    nothing is included).  Exact sums: phase 0 finds the segment's max only,
+    phase 2 sums relative to the row's (``tops``, from phase 1), so that no
+    merge weight adds its rounding to a float64 sum.
+    """
+    i = item // parts
+    s = item % parts
+    a = s * span
+    b = min(a + span, x.shape[1])
+    cs[i, s] = 0.0
+    rs[i, s] = 0.0
+    store = mode == SOFTMAX and not _exact_sums(x, mode)
+    if phase == 2:
+        top = tops[i]
+        ms[i, s] = top
+        if math.isfinite(top):
+            cs[i, s], rs[i, s] = _row_sum_exact(x, mask, masked, i, a, b, top, out, store, buffer)
+        return
+    m, nan = _row_max(x, mask, masked, i, a, b)
+    ms[i, s] = np.nan if nan else m
+    if _exact_sums(x, mode):
+        return
+    if nan or not math.isfinite(m):
+        if store:
+            out[i, a:b] = 0.0
+        return
+    cs[i, s], rs[i, s] = _row_sum_fast(x, mask, masked, i, a, b, m, out, store)
+
+
+@njit(**_BORROWED)
+def _line_top(ms, line, axis):
+    """The merged max of a line's pieces (``ms[line, :]`` for rows, ``ms[:, line]``
+    for columns): NaN if any is NaN."""
+    top = ms[line, 0] if axis == 1 else ms[0, line]
+    for s in range(1, ms.shape[axis]):
+        v = ms[line, s] if axis == 1 else ms[s, line]
+        top = v if (v > top or v != v) else top
+    return top
+
+
+@njit(**_BORROWED)
+def _merge_line(ms, cs, rs, line, axis):
+    """Merge the states of a line's segments (``ms[line, :]`` for rows, ``ms[:, line]``
+    for columns) as ``_state.merge`` does, compensated: ``(m, count, rest)``;
+    a NaN ``m`` if any is NaN."""
+    parts = ms.shape[axis]
+    top = _line_top(ms, line, axis)
     if not math.isfinite(top):
-        top = np.nan if top != top else top
         return top, 0.0, 0.0
-    tf = np.float64(top)
     count = 0.0
     rest = 0.0
     error = 0.0
-    for s in range(ms.shape[0]):
-        if ms[s] == top:
-            count += cs[s]
-            part = rs[s]
+    for s in range(parts):
+        m, c, r = (ms[line, s], cs[line, s], rs[line, s]) if axis == 1 else (ms[s, line], cs[s, line], rs[s, line])
+        if m == top:
+            count += c
+            part = r
         else:
-            part = (cs[s] + rs[s]) * _exp_exact_difference(ms[s], tf)
+            part = (c + r) * _exp_exact_difference(m, top)
         rest, e = _two_sum(rest, part)
         error += e
     return top, count, rest + error
 
 
-# ---------------------------------------------------------------------------
-# Row drivers: lines that fit a segment in one item each; longer lines in
-# (line, segment) items, merged, then an output pass.
+@njit(**_BORROWED)
+def _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad, buffer, line, m, count, rest, n,
+                   span, axis):
+    """Phase 3 of a line in pieces: its merged state and, for logsumexp, its value.
 
-
-@njit(**_STRICT)
-def _segment_item(x, mask, item, segments, ms, cs, rs, mode):
-    i = item // segments
-    s = item % segments
-    a = s * SEGMENT
-    b = min(a + SEGMENT, x.shape[1])
-    exact = mode == MODE_LOGSUMEXP or not _single(x)
-    m, count, rest = _row_state(x, mask, i, a, b, None, exact)
-    ms[i, s] = m
-    cs[i, s] = count
-    rs[i, s] = rest
-
-
-@njit(**_STRICT)
-def _segment_merge(i, ms, cs, rs, mode, tops, norms, values, bad):
-    m, count, rest = _merge_line(ms[i], cs[i], rs[i])
-    value, flagged = _finish_line(m, count, rest, mode)
-    tops[i] = m
-    if flagged:
-        bad[i] = 1
-    elif mode == MODE_LOGSUMEXP:
-        values[i] = value
-    else:
-        norms[i] = value
-
-
-@njit(**_STRICT)
-def _segment_output(x, mask, item, segments, tops, norms, bad, out, mode):
-    i = item // segments
-    if bad[i]:
-        return
-    a = (item % segments) * SEGMENT
-    b = min(a + SEGMENT, x.shape[1])
-    _row_output(x, mask, i, a, b, tops[i], norms[i], out, mode, False)
-
-
-@njit(**_STRICT)
-def _rows_scratch(x):
-    lines, n = x.shape
-    segments = (n + SEGMENT - 1) // SEGMENT
-    return (segments, np.empty((lines, segments), x.dtype), np.empty((lines, segments)),
-            np.empty((lines, segments)), np.empty(lines, x.dtype), np.empty(lines))
-
-
-@njit(**{**_STRICT, "parallel": True})
-def _rows_parallel(x, mask, out, mode, values, bad):
-    lines, n = x.shape
-    if n <= SEGMENT:
-        for i in prange(lines):
-            _row_line(x, mask, i, out, mode, values, bad)
-        return
-    segments, ms, cs, rs, tops, norms = _rows_scratch(x)
-    for item in prange(lines * segments):
-        _segment_item(x, mask, item, segments, ms, cs, rs, mode)
-    for i in prange(lines):
-        _segment_merge(i, ms, cs, rs, mode, tops, norms, values, bad)
-    if mode != MODE_LOGSUMEXP:
-        for item in prange(lines * segments):
-            _segment_output(x, mask, item, segments, tops, norms, bad, out, mode)
-
-
-@njit(**_STRICT)
-def _rows_serial(x, mask, out, mode, values, bad):
-    lines, n = x.shape
-    if n <= SEGMENT:
-        for i in range(lines):
-            _row_line(x, mask, i, out, mode, values, bad)
-        return
-    segments, ms, cs, rs, tops, norms = _rows_scratch(x)
-    for item in range(lines * segments):
-        _segment_item(x, mask, item, segments, ms, cs, rs, mode)
-    for i in range(lines):
-        _segment_merge(i, ms, cs, rs, mode, tops, norms, values, bad)
-    if mode != MODE_LOGSUMEXP:
-        for item in range(lines * segments):
-            _segment_output(x, mask, item, segments, tops, norms, bad, out, mode)
-
-
-# ---------------------------------------------------------------------------
-# Columns: x[r0:r1, c0:c1], lines are the columns; loops run along each row
-# of the block (contiguous), so they vectorise across lines without any
-# reduction, and every sum is compensated.
-
-
-@njit(**_STRICT)
-def _transposed(x, r0, r1, c0, c1):
-    """``x[r0:r1, c0:c1].T`` as a C-contiguous copy (columns become rows)."""
-    block = np.empty((c1 - c0, r1 - r0), x.dtype)
-    for i in range(r1 - r0):
-        for j in range(c1 - c0):
-            block[j, i] = x[r0 + i, c0 + j]
-    return block
-
-
-@njit(**_STRICT)
-def _column_state(x, mask, r0, r1, c0, c1, exact, ms, cs, rs, g):
-    """States of columns ``c0:c1`` over rows ``r0:r1`` into ``ms[g, c0:c1]`` etc.
-
-    The block is transposed into a scratch array whose rows are the columns
-    (in cache: at most ``FUSED_BYTES``), and each goes through the row code,
-    so that every loop runs along contiguous memory and vectorises.
+    A float32 logsumexp whose bound fails is redone with an exact sum over
+    the whole line (``axis`` 1: the line is a row of ``x``, 0: a column).
     """
-    block = _transposed(x, r0, r1, c0, c1)
-    if mask is None:
-        for j in range(c1 - c0):
-            m, count, rest = _row_state(block, None, j, 0, r1 - r0, None, exact)
-            ms[g, c0 + j] = m
-            cs[g, c0 + j] = count
-            rs[g, c0 + j] = rest
+    tops[line] = m
+    if not math.isfinite(m):
+        bad[line] = 1
+        return
+    if _single(x) and (mode == LOGSUMEXP or mode == LOG_SOFTMAX):
+        # Merged fast states: each piece's rest within TERM7_ERROR + (span - 1) u,
+        # the merge weights (1.7 u) and roundings of the compensated merge 5 u more.
+        log_norm = math.log1p((count - 1.0) + rest)
+        delta = TERM7_ERROR + (span + 4) * _U
+        if not _kept(mode, delta, m, count, rest, log_norm):
+            if axis == 1:
+                count, rest = _row_sum_exact(x, mask, masked, line, n - n, n, m, out, mode == SOFTMAX, buffer)
+            else:
+                count, rest = _column_sum_exact(x, mask, masked, line, m)
+    counts[line] = count
+    rests[line] = rest
+    if mode == SOFTMAX:
+        values[line] = count + rest
+    elif mode == LOG_SOFTMAX:
+        values[line] = math.log1p((count - 1.0) + rest)
+    elif mode == LOGSUMEXP:
+        values[line] = m + math.log1p((count - 1.0) + rest)
+
+
+@njit(**_BORROWED)
+def _row_merge(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, buffer, span, axis, i):
+    m, count, rest = _merge_line(ms, cs, rs, i, axis)
+    _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad, buffer, i, m, count, rest,
+                   x.shape[1], span, axis)
+
+
+@njit(**_BORROWED)
+def _row_segment_output(x, mask, masked, mode, out, ms, tops, values, bad, span, parts, item):
+    """Phase 4 of a long row: the outputs of one segment (flagged rows are skipped)."""
+    i = item // parts
+    if bad[i] or not (mode == SOFTMAX or mode == LOG_SOFTMAX):
+        return
+    s = item % parts
+    a = s * span
+    b = min(a + span, x.shape[1])
+    top = tops[i]
+    # float32 softmax scales the stored terms, relative to the segment's max;
+    # float64 recomputes them from the row's.
+    stored = mode == SOFTMAX and _single(x)
+    weight = 1.0
+    if stored and ms[i, s] != top:
+        weight = _exp_exact_difference(ms[i, s], top)
+    _row_output(x, mask, masked, i, a, b, top, values[i], weight / values[i], out, mode, stored)
+
+
+# ---------------------------------------------------------------------------
+# Columns: tiles x[r0:r1, c0:c0 + w]; the lines are the columns; every loop
+# runs along a row of the tile (contiguous), with per-column accumulators.
+
+
+@njit(**_BORROWED)
+def _tile_max(x, mask, masked, r0, r1, c0, w, high, low):
+    """Per-column max keys (``high``) and least keys (``low``, for NaN) of the tile
+    (both arrays start at ``-inf``'s key).  Four rows a step without a mask:
+    the per-column keys are loaded and stored once for four rows."""
+    lowest = _minus_inf_key(x[r0, c0])
+    if masked:
+        for i in range(r0, r1):
+            row = x[i, c0:c0 + w]
+            include = mask[i, c0:c0 + w]
+            for j in range(w):
+                key = _key(row[j]) if include[j] else lowest
+                high[j] = key if key > high[j] else high[j]
+                low[j] = key if key < low[j] else low[j]
+        return
+    last = r1 - (r1 - r0) % 4
+    for i in range(r0, last, 4):
+        a, b, c, d = x[i, c0:c0 + w], x[i + 1, c0:c0 + w], x[i + 2, c0:c0 + w], x[i + 3, c0:c0 + w]
+        for j in range(w):
+            ka, kb, kc, kd = _key(a[j]), _key(b[j]), _key(c[j]), _key(d[j])
+            top = max(max(ka, kb), max(kc, kd))
+            bottom = min(min(ka, kb), min(kc, kd))
+            high[j] = top if top > high[j] else high[j]
+            low[j] = bottom if bottom < low[j] else low[j]
+    for i in range(last, r1):
+        row = x[i, c0:c0 + w]
+        for j in range(w):
+            key = _key(row[j])
+            high[j] = key if key > high[j] else high[j]
+            low[j] = key if key < low[j] else low[j]
+
+
+@njit(**_BORROWED)
+def _tile_sum_fast(x, mask, masked, r0, r1, c0, w, m, mf, count, rest, out, store):
+    """float32: per-column counts and sums of :func:`_term7` terms (sequential per column),
+    also stored in ``out`` when ``store`` (softmax).
+
+    Without a mask, four rows per step: four independent terms per column in
+    flight, the accumulators loaded and stored once.
+    """
+    if masked:
+        for i in range(r0, r1):
+            row = x[i, c0:c0 + w]
+            include = mask[i, c0:c0 + w]
+            target = out[i, c0:c0 + w] if store else out[0, 0:0]
+            for j in range(w):
+                v = row[j]
+                inc = include[j] != 0
+                t = _fast_term(x, v, mf[j]) if inc else 0.0
+                top = inc and v == m[j]
+                if store:
+                    target[j] = t
+                rest[j] += 0.0 if top else t
+                count[j] += 1 if top else 0
+        return
+    last = r1 - (r1 - r0) % 4
+    if store:
+        for i in range(r0, last, 4):
+            a, b, c, d = x[i, c0:c0 + w], x[i + 1, c0:c0 + w], x[i + 2, c0:c0 + w], x[i + 3, c0:c0 + w]
+            oa, ob, oc, od = out[i, c0:c0 + w], out[i + 1, c0:c0 + w], out[i + 2, c0:c0 + w], out[i + 3, c0:c0 + w]
+            for j in range(w):
+                top, shift = m[j], mf[j]
+                va, vb, vc, vd = a[j], b[j], c[j], d[j]
+                ta, tb = _fast_term(x, va, shift), _fast_term(x, vb, shift)
+                tc, td = _fast_term(x, vc, shift), _fast_term(x, vd, shift)
+                oa[j], ob[j], oc[j], od[j] = ta, tb, tc, td
+                rest[j] += ((0.0 if va == top else ta) + (0.0 if vb == top else tb)) + (
+                    (0.0 if vc == top else tc) + (0.0 if vd == top else td))
+                count[j] += (1 if va == top else 0) + (1 if vb == top else 0) + (1 if vc == top else 0) + (
+                    1 if vd == top else 0)
     else:
-        included = _transposed(mask, r0, r1, c0, c1)
-        for j in range(c1 - c0):
-            m, count, rest = _row_state(block, included, j, 0, r1 - r0, None, exact)
-            ms[g, c0 + j] = m
-            cs[g, c0 + j] = count
-            rs[g, c0 + j] = rest
+        for i in range(r0, last, 4):
+            a, b, c, d = x[i, c0:c0 + w], x[i + 1, c0:c0 + w], x[i + 2, c0:c0 + w], x[i + 3, c0:c0 + w]
+            for j in range(w):
+                top, shift = m[j], mf[j]
+                va, vb, vc, vd = a[j], b[j], c[j], d[j]
+                ta = 0.0 if va == top else _fast_term(x, va, shift)
+                tb = 0.0 if vb == top else _fast_term(x, vb, shift)
+                tc = 0.0 if vc == top else _fast_term(x, vc, shift)
+                td = 0.0 if vd == top else _fast_term(x, vd, shift)
+                rest[j] += (ta + tb) + (tc + td)
+                count[j] += (1 if va == top else 0) + (1 if vb == top else 0) + (1 if vc == top else 0) + (
+                    1 if vd == top else 0)
+    for i in range(last, r1):
+        row = x[i, c0:c0 + w]
+        target = out[i, c0:c0 + w] if store else out[0, 0:0]
+        for j in range(w):
+            v = row[j]
+            t = _fast_term(x, v, mf[j])
+            if store:
+                target[j] = t
+            rest[j] += 0.0 if v == m[j] else t
+            count[j] += 1 if v == m[j] else 0
+
+
+@njit(**_BORROWED)
+def _tile_sum_exact(x, mask, masked, r0, r1, c0, w, m, mf, count, rest, error, out, store):
+    """Per-column counts and TwoSum-compensated sums of exact terms.
+
+    ``rest + error`` is within ``u |S| + n**2 u**2 S`` of the exact sum ``S``
+    of the terms (cascaded TwoSum: Ogita, Rump & Oishi's Sum2).
+    """
+    for i in range(r0, r1):
+        row = x[i, c0:c0 + w]
+        include = mask[i, c0:c0 + w] if masked else mask[0, 0:0]
+        target = out[i, c0:c0 + w] if store else out[0, 0:0]
+        for j in range(w):
+            v = row[j]
+            inc = (not masked) or include[j] != 0
+            t = _exact_term(x, v, mf[j]) if inc else 0.0
+            top = inc and v == m[j]
+            if store:
+                target[j] = t
+            t = 0.0 if top else t
+            s = rest[j] + t
+            virtual = s - rest[j]
+            error[j] += (rest[j] - (s - virtual)) + (t - virtual)
+            rest[j] = s
+            count[j] += 1 if top else 0
+
+
+@njit(**_REASSOC_BORROWED)
+def _tile_accumulate(total, part):
+    for j in range(total.shape[0]):
+        total[j] += part[j]
 
 
 @njit(**_STRICT)
-def _column_output(x, mask, r0, r1, c0, c1, tops, norms, bad, out, mode, stored):
-    """softmax / log_softmax of the block given each column's state (as :func:`_row_output`).
+def _tile_maxima(x, mask, masked, r0, r1, c0, w, m, mf):
+    """The tile's column maxima ``m`` (float64; NaN where a column holds one) and
+    ``mf``: the max where it is finite (0 elsewhere: those columns' terms are
+    never used)."""
+    lowest = _minus_inf_key(x[r0, c0])
+    high = np.full(w, lowest)
+    low = np.full(w, lowest)
+    _tile_max(x, mask, masked, r0, r1, c0, w, high, low)
+    for j in range(w):
+        value = np.float64(_unkey(high[j], x[r0, c0]))
+        nan = low[j] < lowest or value != value
+        m[j] = np.nan if nan else value
+        mf[j] = value if math.isfinite(value) and not nan else 0.0
+
+
+@njit(**_STRICT)
+def _tile_sums(x, mask, masked, mode, out, store, r0, r1, c0, w, m, mf, count, rest):
+    """Per-column ``count`` and ``rest`` of the tile relative to the maxima ``m``
+    (fast or exact sums); 0 for columns whose max is not finite."""
+    counts = np.zeros(w, np.int64)
+    for j in range(w):
+        rest[j] = 0.0
+    if _exact_sums(x, mode):
+        error = np.zeros(w)
+        _tile_sum_exact(x, mask, masked, r0, r1, c0, w, m, mf, counts, rest, error, out, store)
+        _tile_accumulate(rest, error)
+    else:
+        _tile_sum_fast(x, mask, masked, r0, r1, c0, w, m, mf, counts, rest, out, store)
+    for j in range(w):
+        finite = math.isfinite(m[j])
+        count[j] = np.float64(counts[j]) if finite else 0.0
+        rest[j] = rest[j] if finite else 0.0
+
+
+@njit(**_BORROWED)
+def _column_sum_exact(x, mask, masked, c, m):
+    """``(count, rest)`` of column ``c`` with exact terms and TwoSum (the float32 recheck; strided)."""
+    count = 0
+    rest = 0.0
+    error = 0.0
+    for i in range(x.shape[0]):
+        v = x[i, c]
+        inc = (not masked) or mask[i, c] != 0
+        t = _exact_term(x, v, m) if inc else 0.0
+        top = inc and v == m
+        rest, e = _two_sum(rest, 0.0 if top else t)
+        error += e
+        count += 1 if top else 0
+    return np.float64(count), rest + error
+
+
+@njit(**_BORROWED)
+def _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, scale, stored):
+    """softmax / log_softmax of the tile, given each column's ``mf`` (float64 max),
+    ``norm`` (``L``, or ``c + r``) and ``scale`` (of stored float32 terms).
 
     Flagged columns get garbage here; the caller overwrites them.
     """
-    if out is None:  # logsumexp: pruned at compile time
-        return
-    width = c1 - c0
-    shifts = np.empty(width)
-    for j in range(width):
-        shifts[j] = np.float64(tops[c0 + j])
-    norm = norms[c0:c1]
     for i in range(r0, r1):
-        row = x[i, c0:c1]
-        target = out[i, c0:c1]
-        if mode == MODE_LOG_SOFTMAX:
-            for j in range(width):
-                value = (np.float64(row[j]) - shifts[j]) - norm[j] if _single(x) else (row[j] - shifts[j]) - norm[j]
-                target[j] = value if _included(mask, i, c0 + j) else -np.inf
+        row = x[i, c0:c0 + w]
+        target = out[i, c0:c0 + w]
+        include = mask[i, c0:c0 + w] if masked else mask[0, 0:0]
+        if mode == LOG_SOFTMAX:
+            if masked:
+                for j in range(w):
+                    value = (np.float64(row[j]) - mf[j]) - norm[j]
+                    target[j] = value if include[j] else -np.inf
+            else:
+                for j in range(w):
+                    target[j] = (np.float64(row[j]) - mf[j]) - norm[j]
         elif stored:
-            for j in range(width):
-                target[j] = np.float64(target[j]) / norm[j]
-        elif _single(x):
-            for j in range(width):
-                t = _exp7(np.float64(row[j]) - shifts[j]) / norm[j]
-                target[j] = t if _included(mask, i, c0 + j) else 0.0
+            if _single(x):
+                for j in range(w):
+                    target[j] = np.float64(target[j]) * scale[j]
+            else:
+                for j in range(w):
+                    target[j] = target[j] / norm[j]
         else:
-            for j in range(width):
-                t = _exp_exact_difference(row[j], shifts[j]) / norm[j]
-                target[j] = t if _included(mask, i, c0 + j) else 0.0
+            for j in range(w):
+                t = _exact_term(x, row[j], mf[j]) / norm[j]
+                target[j] = t if (not masked) or include[j] else 0.0
 
 
 @njit(**_STRICT)
-def _column_finish(c0, c1, ms, cs, rs, mode, tops, norms, values, bad):
-    """Merge the row segments' states of columns ``c0:c1`` and finish each line."""
-    for j in range(c0, c1):
-        if ms.shape[0] == 1:
-            m, count, rest = ms[0, j], cs[0, j], rs[0, j]
-        else:
-            m, count, rest = _merge_line(ms[:, j], cs[:, j], rs[:, j])
-        value, flagged = _finish_line(m, count, rest, mode)
-        tops[j] = m
-        if flagged:
-            bad[j] = 1
-        elif mode == MODE_LOGSUMEXP:
-            values[j] = value
-        else:
-            norms[j] = value
+def _tile_item(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, buffer, axis, rows, width,
+               parts, blocks, phase, item):
+    """Tile ``(item // blocks, item % blocks)`` of the columns, in phase 0 or 2.
 
-
-@njit(**_STRICT)
-def _column_plan(x):
-    """``(fused, width, rows, blocks, segments)`` of a column layout."""
-    n, lines = x.shape
-    itemsize = x.itemsize
-    if n * 16 * itemsize <= FUSED_BYTES:
-        width = max(16, (FUSED_BYTES // (n * itemsize)) // 16 * 16)
-        width = min(width, lines)
-        return True, width, n, (lines + width - 1) // width, 1
-    width = min(COLUMN_BLOCK, lines)
-    rows = max(16, FUSED_BYTES // (width * itemsize))
-    return False, width, rows, (lines + width - 1) // width, (n + rows - 1) // rows
-
-
-@njit(**_STRICT)
-def _column_fused_item(x, mask, out, mode, values, bad, block, width, ms, cs, rs, tops, norms):
-    """A block of whole columns: state and outputs while the block is in cache."""
-    n, lines = x.shape
-    c0 = block * width
-    c1 = min(c0 + width, lines)
-    exact = mode == MODE_LOGSUMEXP or not _single(x)
-    _column_state(x, mask, 0, n, c0, c1, exact, ms, cs, rs, 0)
-    _column_finish(c0, c1, ms, cs, rs, mode, tops, norms, values, bad)
-    if mode != MODE_LOGSUMEXP:
-        _column_output(x, mask, 0, n, c0, c1, tops, norms, bad, out, mode, False)
-
-
-@njit(**_STRICT)
-def _column_segment_item(x, mask, item, blocks, width, rows, ms, cs, rs):
+    Whole columns in the tile (``parts == 1``): their state and results
+    while the tile is in cache.  Otherwise as for long rows: phase 0 the
+    tile's state (fast sums) or its maxima only (exact sums), phase 2 the
+    exact sums relative to the columns' maxima (``tops``, from phase 1).
+    """
     n, lines = x.shape
     g = item // blocks
     c0 = (item % blocks) * width
+    w = min(width, lines - c0)
     r0 = g * rows
-    _column_state(x, mask, r0, min(r0 + rows, n), c0, min(c0 + width, lines), True, ms, cs, rs, g)
+    r1 = min(r0 + rows, n)
+    m = np.empty(w)
+    mf = np.empty(w)
+    count = np.zeros(w)
+    rest = np.zeros(w)
+    # softmax stores its terms: float32 always (scaled in phase 4 when the
+    # tile is a segment), float64 when the tile holds whole columns.
+    store = mode == SOFTMAX and (parts == 1 or not _exact_sums(x, mode))
+    if phase == 2:
+        for j in range(w):
+            m[j] = tops[c0 + j]
+            mf[j] = m[j] if math.isfinite(m[j]) else 0.0
+    else:
+        _tile_maxima(x, mask, masked, r0, r1, c0, w, m, mf)
+    if phase == 2 or parts == 1 or not _exact_sums(x, mode):
+        _tile_sums(x, mask, masked, mode, out, store, r0, r1, c0, w, m, mf, count, rest)
+    for j in range(w):
+        ms[g, c0 + j] = m[j]
+        cs[g, c0 + j] = count[j]
+        rs[g, c0 + j] = rest[j]
+    if parts > 1:
+        return
+    # Whole columns: finish them and write their results now.
+    norm = np.empty(w)
+    scale = np.empty(w)
+    for j in range(w):
+        c = c0 + j
+        _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad, buffer, c, m[j], count[j],
+                       rest[j], n, n, axis)
+        norm[j] = values[c] if not bad[c] else 1.0
+        scale[j] = 1.0 / norm[j]
+    if mode == SOFTMAX or mode == LOG_SOFTMAX:
+        _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, scale, store)
 
 
-@njit(**_STRICT)
-def _column_output_item(x, mask, item, blocks, width, rows, tops, norms, bad, out, mode):
-    n, lines = x.shape
-    r0 = (item // blocks) * rows
-    c0 = (item % blocks) * width
-    _column_output(x, mask, r0, min(r0 + rows, n), c0, min(c0 + width, lines), tops, norms, bad, out, mode, False)
+@njit(**_BORROWED)
+def _tile_top(ms, tops, width, block):
+    """Phase 1 of exact sums in column tiles: each column's merged max into ``tops``."""
+    c0 = block * width
+    for c in range(c0, min(c0 + width, ms.shape[1])):
+        tops[c] = _line_top(ms, c, 0)
 
 
-@njit(**_STRICT)
-def _columns_scratch(x, segments):
+@njit(**_BORROWED)
+def _tile_merge(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, buffer, axis, rows, width,
+                block):
+    """Phase 3 of columns in row segments: merge the tiles' states of the block's columns."""
     lines = x.shape[1]
-    return (np.empty((segments, lines), x.dtype), np.empty((segments, lines)), np.empty((segments, lines)),
-            np.empty(lines, x.dtype), np.empty(lines))
-
-
-@njit(**{**_STRICT, "parallel": True})
-def _columns_parallel(x, mask, out, mode, values, bad):
-    fused, width, rows, blocks, segments = _column_plan(x)
-    ms, cs, rs, tops, norms = _columns_scratch(x, segments)
-    if fused:
-        for block in prange(blocks):
-            _column_fused_item(x, mask, out, mode, values, bad, block, width, ms, cs, rs, tops, norms)
-        return
-    for item in prange(blocks * segments):
-        _column_segment_item(x, mask, item, blocks, width, rows, ms, cs, rs)
-    for block in prange(blocks):
-        c0 = block * width
-        _column_finish(c0, min(c0 + width, x.shape[1]), ms, cs, rs, mode, tops, norms, values, bad)
-    if mode != MODE_LOGSUMEXP:
-        for item in prange(blocks * segments):
-            _column_output_item(x, mask, item, blocks, width, rows, tops, norms, bad, out, mode)
+    c0 = block * width
+    for c in range(c0, min(c0 + width, lines)):
+        m, count, rest = _merge_line(ms, cs, rs, c, axis)
+        _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad, buffer, c, m, count, rest,
+                       x.shape[0], rows, axis)
 
 
 @njit(**_STRICT)
-def _columns_serial(x, mask, out, mode, values, bad):
-    fused, width, rows, blocks, segments = _column_plan(x)
-    ms, cs, rs, tops, norms = _columns_scratch(x, segments)
-    if fused:
-        for block in range(blocks):
-            _column_fused_item(x, mask, out, mode, values, bad, block, width, ms, cs, rs, tops, norms)
+def _tile_segment_output(x, mask, masked, mode, out, ms, tops, values, bad, rows, width, blocks, item):
+    """Phase 4 of columns in row segments: the outputs of one tile."""
+    if not (mode == SOFTMAX or mode == LOG_SOFTMAX):
         return
-    for item in range(blocks * segments):
-        _column_segment_item(x, mask, item, blocks, width, rows, ms, cs, rs)
-    for block in range(blocks):
-        c0 = block * width
-        _column_finish(c0, min(c0 + width, x.shape[1]), ms, cs, rs, mode, tops, norms, values, bad)
-    if mode != MODE_LOGSUMEXP:
-        for item in range(blocks * segments):
-            _column_output_item(x, mask, item, blocks, width, rows, tops, norms, bad, out, mode)
+    n, lines = x.shape
+    g = item // blocks
+    c0 = (item % blocks) * width
+    w = min(width, lines - c0)
+    r0 = g * rows
+    r1 = min(r0 + rows, n)
+    mf = np.empty(w)
+    norm = np.empty(w)
+    scale = np.empty(w)
+    for j in range(w):
+        c = c0 + j
+        top = tops[c]
+        mf[j] = top if not bad[c] else 0.0
+        norm[j] = values[c] if not bad[c] else 1.0
+        weight = 1.0
+        if _single(x) and mode == SOFTMAX and not bad[c] and ms[g, c] != top:
+            weight = _exp_exact_difference(ms[g, c], top)
+        scale[j] = weight / norm[j]
+    stored = _single(x) and mode == SOFTMAX
+    _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, scale, stored)
 
 
 # ---------------------------------------------------------------------------
-# Entry points (called from _fused_cpu with NumPy arrays).
+# The work function and its drivers.
 
 
-def _driver(axis, parallel):
+#: Phases of lines in pieces (long rows, tall columns); one item is a piece
+#: (segment, tile) or a line (a block of columns).
+PIECES, TOPS, EXACT_SUMS, MERGE, OUTPUT = 0, 1, 2, 3, 4
+
+
+@njit(**_STRICT)
+def _items(x, mask, masked, mode, phase, out, pieces, per_line, bad, axis, span, width, parts, blocks, start, stop):
+    """Items ``start:stop`` of phase ``phase`` of the plan (:func:`plan`): the forward
+    entry point (threads take disjoint ranges).  Returns how many of the lines
+    it finished are flagged.
+
+    ``per_line`` holds each line's max, count, rest and value (float64 rows);
+    ``pieces`` the max, count and rest of each piece of a line (segments of
+    rows: ``(lines, parts)``; tiles down columns: ``(parts, lines)``).
+    """
+    tops, counts, rests, values = per_line[0], per_line[1], per_line[2], per_line[3]
+    ms, cs, rs = pieces[0], pieces[1], pieces[2]
+    buffer = np.empty(CHUNK)
+    for item in range(start, stop):
+        if axis == 1:
+            if parts == 1:
+                _row_whole(x, mask, masked, mode, out, tops, counts, rests, values, bad, buffer, item)
+            elif phase == PIECES or phase == EXACT_SUMS:
+                _row_piece(x, mask, masked, mode, out, ms, cs, rs, tops, buffer, span, parts, phase, item)
+            elif phase == TOPS:
+                tops[item] = _line_top(ms, item, axis)
+            elif phase == MERGE:
+                _row_merge(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, buffer, span,
+                           axis, item)
+            else:
+                _row_segment_output(x, mask, masked, mode, out, ms, tops, values, bad, span, parts, item)
+        elif phase == PIECES or phase == EXACT_SUMS:
+            _tile_item(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, buffer, axis, span,
+                       width, parts, blocks, phase, item)
+        elif phase == TOPS:
+            _tile_top(ms, tops, width, item)
+        elif phase == MERGE:
+            _tile_merge(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, values, bad, buffer, axis, span,
+                        width, item)
+        else:
+            _tile_segment_output(x, mask, masked, mode, out, ms, tops, values, bad, span, width, blocks, item)
+    # The number of lines this call finished and flagged (the caller's check).
+    if not (parts == 1 or phase == MERGE):
+        return 0
+    first, last = (start, stop) if axis == 1 else (start * width, min(stop * width, x.shape[1]))
+    flagged = 0
+    for line in range(first, last):
+        flagged += bad[line]
+    return flagged
+
+
+def plan(shape, axis, itemsize, exact, normalised):
+    """``(span, width, parts, blocks, phases)`` of a 2-D view; ``phases``: ``(phase, items)`` pairs.
+
+    Rows: ``span`` entries per segment, ``parts`` segments per row.  Columns:
+    tiles of ``span`` rows by ``width`` columns, ``parts`` tiles down a
+    column, ``blocks`` across.  Lines in one piece take one phase; lines in
+    pieces take ``PIECES``, (exact sums) ``TOPS`` and ``EXACT_SUMS``,
+    ``MERGE``, and (softmax, log_softmax) ``OUTPUT``.
+    """
     if axis == 1:
-        return _rows_parallel if parallel else _rows_serial
-    return _columns_parallel if parallel else _columns_serial
-
-
-def logsumexp_lines(view, axis, mask, values, bad, parallel):
-    """``values[line] = lse`` (float64) of every line of ``view``; ``bad`` flags the others."""
-    _driver(axis, parallel)(view, mask, None, MODE_LOGSUMEXP, values, bad)
-
-
-def normalised_lines(view, axis, mask, out, log, bad, parallel):
-    """log_softmax (``log``) or softmax of every line into ``out``; ``bad`` as above."""
-    mode = MODE_LOG_SOFTMAX if log else MODE_SOFTMAX
-    _driver(axis, parallel)(view, mask, out, mode, np.empty(0), bad)
+        lines, n = shape
+        span, width, blocks = min(n, SEGMENT), 0, 0
+        parts = -(-n // SEGMENT)
+        groups = lines
+    else:
+        n, lines = shape
+        width = min(lines, TILE_WIDTH)
+        span = max(16, TILE_BYTES // (width * itemsize))
+        if span >= n:
+            # Whole columns fit: widen the tile to what the budget allows.
+            span = n
+            width = min(lines, max(width, (TILE_BYTES // (n * itemsize)) // 16 * 16))
+        blocks = -(-lines // width)
+        parts = -(-n // span)
+        groups = blocks
+    pieces = groups * parts if axis == 0 else lines * parts
+    if parts == 1:
+        return span, width, parts, blocks, ((PIECES, pieces),)
+    phases = [(PIECES, pieces)]
+    if exact:
+        phases += [(TOPS, groups), (EXACT_SUMS, pieces)]
+    phases.append((MERGE, groups))
+    if normalised:
+        phases.append((OUTPUT, pieces))
+    return span, width, parts, blocks, tuple(phases)
 
 
 # ---------------------------------------------------------------------------
@@ -906,79 +1288,109 @@ def normalised_lines(view, axis, mask, out, log, bad, parallel):
 # op form in lse_dispatch._autodiff (softmax_vjp, log_softmax_vjp).
 
 
-@njit(**_REASSOC)
-def _backward_sum(y, g, mask, i, log):
+@njit(**_REASSOC_BORROWED)
+def _backward_sum(y, g, mask, masked, i, log):
+    row, grad = y[i], g[i]
+    include = mask[i] if masked else mask[0, 0:0]
     total = 0.0
     if log:
-        for j in range(y.shape[1]):
-            total += np.float64(g[i, j]) if _included(mask, i, j) else 0.0
+        for j in range(row.shape[0]):
+            total += np.float64(grad[j]) if (not masked) or include[j] else 0.0
     else:
-        for j in range(y.shape[1]):
-            w = np.float64(y[i, j])
-            total += 0.0 if w == 0.0 else w * np.float64(g[i, j])
+        for j in range(row.shape[0]):
+            w = np.float64(row[j])
+            total += 0.0 if w == 0.0 else w * np.float64(grad[j])
     return total
 
 
-@njit(**_STRICT)
-def _backward_row(y, g, mask, i, log, out):
-    total = _backward_sum(y, g, mask, i, log)
+@njit(**_BORROWED)
+def _backward_row(y, g, mask, masked, i, log, out):
+    total = _backward_sum(y, g, mask, masked, i, log)
+    row, grad, target = y[i], g[i], out[i]
+    include = mask[i] if masked else mask[0, 0:0]
     if log:
-        for j in range(y.shape[1]):
-            p = _exp(np.float64(y[i, j]))
-            value = np.float64(g[i, j]) - (0.0 if p == 0.0 else p * total)
-            out[i, j] = value if _included(mask, i, j) else 0.0
+        for j in range(row.shape[0]):
+            p = _exp(np.float64(row[j]))
+            value = np.float64(grad[j]) - (0.0 if p == 0.0 else p * total)
+            target[j] = value if (not masked) or include[j] else 0.0
     else:
-        for j in range(y.shape[1]):
-            w = np.float64(y[i, j])
-            out[i, j] = w * (0.0 if w == 0.0 else np.float64(g[i, j]) - total)
+        for j in range(row.shape[0]):
+            w = np.float64(row[j])
+            target[j] = w * (0.0 if w == 0.0 else np.float64(grad[j]) - total)
 
 
 @njit(**_STRICT)
-def _backward_columns(y, g, mask, log, out, c0, c1):
+def _backward_columns(y, g, mask, masked, log, out, c0, c1):
     width = c1 - c0
     totals = np.zeros(width)
     for i in range(y.shape[0]):
-        for j in range(width):
-            if log:
-                totals[j] += np.float64(g[i, c0 + j]) if _included(mask, i, c0 + j) else 0.0
-            else:
-                w = np.float64(y[i, c0 + j])
-                totals[j] += 0.0 if w == 0.0 else w * np.float64(g[i, c0 + j])
+        row, grad = y[i, c0:c1], g[i, c0:c1]
+        include = mask[i, c0:c1] if masked else mask[0, 0:0]
+        if log:
+            for j in range(width):
+                totals[j] += np.float64(grad[j]) if (not masked) or include[j] else 0.0
+        else:
+            for j in range(width):
+                w = np.float64(row[j])
+                totals[j] += 0.0 if w == 0.0 else w * np.float64(grad[j])
     for i in range(y.shape[0]):
-        for j in range(width):
-            if log:
-                p = _exp(np.float64(y[i, c0 + j]))
-                value = np.float64(g[i, c0 + j]) - (0.0 if p == 0.0 else p * totals[j])
-                out[i, c0 + j] = value if _included(mask, i, c0 + j) else 0.0
-            else:
-                w = np.float64(y[i, c0 + j])
-                out[i, c0 + j] = w * (0.0 if w == 0.0 else np.float64(g[i, c0 + j]) - totals[j])
-
-
-@njit(**{**_STRICT, "parallel": True})
-def _backward_parallel(y, g, mask, axis, log, out):
-    if axis == 1:
-        for i in prange(y.shape[0]):
-            _backward_row(y, g, mask, i, log, out)
-    else:
-        blocks = (y.shape[1] + COLUMN_BLOCK - 1) // COLUMN_BLOCK
-        for block in prange(blocks):
-            c0 = block * COLUMN_BLOCK
-            _backward_columns(y, g, mask, log, out, c0, min(c0 + COLUMN_BLOCK, y.shape[1]))
+        row, grad, target = y[i, c0:c1], g[i, c0:c1], out[i, c0:c1]
+        include = mask[i, c0:c1] if masked else mask[0, 0:0]
+        if log:
+            for j in range(width):
+                p = _exp(np.float64(row[j]))
+                value = np.float64(grad[j]) - (0.0 if p == 0.0 else p * totals[j])
+                target[j] = value if (not masked) or include[j] else 0.0
+        else:
+            for j in range(width):
+                w = np.float64(row[j])
+                target[j] = w * (0.0 if w == 0.0 else np.float64(grad[j]) - totals[j])
 
 
 @njit(**_STRICT)
-def _backward_serial(y, g, mask, axis, log, out):
-    if axis == 1:
-        for i in range(y.shape[0]):
-            _backward_row(y, g, mask, i, log, out)
-    else:
-        blocks = (y.shape[1] + COLUMN_BLOCK - 1) // COLUMN_BLOCK
-        for block in range(blocks):
-            c0 = block * COLUMN_BLOCK
-            _backward_columns(y, g, mask, log, out, c0, min(c0 + COLUMN_BLOCK, y.shape[1]))
+def _backward_items(y, g, mask, masked, axis, log, out, start, stop):
+    """Items ``start:stop`` of the backward (rows, or blocks of columns): its entry point."""
+    for item in range(start, stop):
+        if axis == 1:
+            _backward_row(y, g, mask, masked, item, log, out)
+        else:
+            c0 = item * BACKWARD_WIDTH
+            _backward_columns(y, g, mask, masked, log, out, c0, min(c0 + BACKWARD_WIDTH, y.shape[1]))
 
 
-def normalised_backward(y, g, mask, axis, log, out, parallel):
-    """Gradient of softmax (``y`` its output) or log_softmax (``y`` = ``z``) into ``out``."""
-    (_backward_parallel if parallel else _backward_serial)(y, g, mask, axis, log, out)
+def backward_items(shape, axis):
+    """Items of the backward of a 2-D view: rows, or blocks of ``BACKWARD_WIDTH`` columns."""
+    return shape[0] if axis == 1 else -(-shape[1] // BACKWARD_WIDTH)
+
+
+# ---------------------------------------------------------------------------
+# The compiled entry points, per dtype.
+
+
+def _signatures(dtype_name):
+    real = types.float32 if dtype_name == "float32" else types.float64
+    readonly = types.Array(real, 2, "C", readonly=True)
+    mask = types.Array(types.uint8, 2, "C", readonly=True)
+    matrix = types.Array(real, 2, "C")
+    wide = types.Array(types.float64, 2, "C")
+    flags = types.Array(types.uint8, 1, "C")
+    i64, boolean = types.int64, types.boolean
+    forward = (readonly, mask, boolean, i64, i64, matrix, types.Array(types.float64, 3, "C"), wide, flags,
+               i64, i64, i64, i64, i64, i64, i64)
+    backward = (readonly, readonly, mask, boolean, i64, boolean, matrix, i64, i64)
+    return forward, backward
+
+
+@functools.cache
+def compiled(dtype_name, kind="forward"):
+    """The compiled entry point ``kind`` (``"forward"`` or ``"backward"``) of a dtype.
+
+    Compiled on first use, or loaded from numba's on-disk cache; the entry
+    points are called directly, without the dispatcher's type resolution
+    (arguments must have the signature's types, which :mod:`._fused_cpu`
+    ensures).  They release the GIL: threads run disjoint item ranges.
+    """
+    forward, backward = _signatures(dtype_name)
+    if kind == "forward":
+        return _items.compile(forward)
+    return _backward_items.compile(backward)

@@ -70,8 +70,15 @@ def _block_state(block, weights=None, *, axis, keepdims, kind):
     from lse_dispatch._kernel import dispatch
     from lse_dispatch._ops import Op
 
+    import numpy as np
+
     b = weights if kind == "b" else None
     where = weights if kind == "where" else None
+    if type(block) is np.ndarray and not block.flags.c_contiguous:
+        # A block sliced from a larger array (da.from_array) is a strided view,
+        # which the compiled and tiled kernels decline; a contiguous copy of
+        # one block costs less than the generic path's temporaries.
+        block = np.ascontiguousarray(block)
     return dispatch(prepare(Op.STATE, block, axis=axis, b=b, where=where))
 
 

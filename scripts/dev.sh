@@ -34,6 +34,12 @@ case "$job" in
     report) exec "$venv/bin/lse-dispatch" report "$@" ;;
     bench) exec "$venv/bin/lse-dispatch" bench "$@" ;;
     conformance) exec "$venv/bin/lse-dispatch" conformance "$@" ;;
-    test) exec "$venv/bin/python" -m pytest -n 2 "$@" ;;
+    test)
+        # The numba kernels (extra "fast"), compiled or loaded once here, so that
+        # pytest's two workers load them from the on-disk cache instead of each
+        # compiling them (docs/fused_cpu.md has the times).
+        "$venv/bin/python" -c "from lse_dispatch.backends import _fused_cpu as f; f.available() and f.warm_up()" ||
+            echo "warming up the numba kernels failed; the tests will say why" >&2
+        exec "$venv/bin/python" -m pytest -n 2 "$@" ;;
     *) echo "unknown job '$job' (report, test, bench or conformance)" >&2; exit 2 ;;
 esac
