@@ -363,11 +363,13 @@ def blocked_with_carry(xp, x: Array, plan: DtypePlan, carry: LSEState | None) ->
     out = xp.empty((lines, n), dtype=plan.result, device=device)
     finals = []
     for start in range(0, lines, per_tile):
-        rows = flat[start : start + per_tile, ...]
-        state = LSEState(*(field[start : start + per_tile, ...] for field in carry))
+        stop = min(lines, start + per_tile)  # array-api-strict refuses slices past the end
+        rows = flat[start:stop, ...]
+        state = LSEState(*(field[start:stop, ...] for field in carry))
         for begin in range(0, n, segment):
-            values, state = _scan_tile(xp, rows[:, begin : begin + segment], state, acc, block)
-            out[start : start + rows.shape[0], begin : begin + values.max.shape[1]] = _finalize_scan(xp, values, plan.result)
+            end = min(n, begin + segment)
+            values, state = _scan_tile(xp, rows[:, begin:end], state, acc, block)
+            out[start:stop, begin:end] = _finalize_scan(xp, values, plan.result)
         finals.append(state)
     final = LSEState(*(xp.concat([f[position] for f in finals], axis=0) for position in range(3)))
     return xp.reshape(out, lead + (n,)), LSEState(*(xp.reshape(field, lead + (1,)) for field in final))
@@ -682,13 +684,13 @@ def _eager_product(xp, a: Array, b: Array, plan: DtypePlan) -> Array:
     small = max(1, _MATMUL_TILE // (batches * m))
     out = xp.empty(a.shape[:-2] + (n, m), dtype=plan.result, device=array_api_compat.device(a))
     for start in range(0, n, big):
-        block = a[..., start : start + big, :]
+        block = a[..., start : min(n, start + big), :]
         rows = row_side(xp, block, acc)
         q = _accurate_product(xp, rows[4], columns[4], acc != plan.compute)
         ma, ka, row_ok, sa, _ = rows
         del rows  # a2: only the product needed it
         for sub in range(0, block.shape[-2], small):
-            part = slice(sub, sub + small)
+            part = slice(sub, min(block.shape[-2], sub + small))
             sub_rows = (ma[..., part, :], ka[..., part], row_ok[..., part, :], sa[..., part, :], None)
             sub_a = block[..., part, :]
             state, fallback = entry_states(xp, sub_a, b, sub_rows, columns, q[..., part, :], plan)
@@ -886,6 +888,18 @@ def entry_states(xp, a, b, rows: tuple, columns: tuple, q: Array, plan: DtypePla
     # P < 1/2: log P is not small, so the state is the rounded value itself.
     log_p = xp.log(xp.where(ok & ~big & ~fallback, p, one))
     value_small = top + (correction + log_p)
+    # Where the designated entries differ, the shift M = ma + mb is no pair's
+    # value, and M + log P cancels when the result is small next to M: the
+    # result's absolute error is that of M and log P, about u (|M| + |log P|),
+    # so such entries go to the fallback unless |result| * g >= |M| + |log P|
+    # (g = 2 without a wider accumulator, where this keeps that error within
+    # an ulp; far larger with one).  Where they coincide, M is a pair's value,
+    # and M + log1p(T) cancels only for ill-conditioned entries.
+    log_part = xp.where(good_big, xp.log1p(xp.where(good_big, rest_big, zero)), log_p)
+    size = xp.abs(top) + xp.abs(log_part)
+    g = max(2.0, float(xp.finfo(plan.result).eps) / float(xp.finfo(acc).eps) / 16)
+    cancels = ~eq & (xp.abs(top + log_part) * g < size)
+    fallback = fallback | (ok & cancels)
     maximum = xp.where(good_big, top, value_small)
     maximum = xp.where(empty, scalar(xp, -math.inf, maximum), maximum)
     count = xp.where(empty, zero, xp.broadcast_to(one, full))
@@ -939,8 +953,9 @@ def _fill_fallback(xp, a: Array, b: Array, state: LSEState, fallback: Array, pla
     per = max(1, _FALLBACK_BATCH // k)
     parts = []
     for start in range(0, index.shape[0], per):
-        rows = xp.take(a_rows, row[start : start + per], axis=0)
-        cols = xp.take(b_cols, col[start : start + per], axis=0)
+        stop = min(index.shape[0], start + per)
+        rows = xp.take(a_rows, row[start:stop], axis=0)
+        cols = xp.take(b_cols, col[start:stop], axis=0)
         parts.append(pair_states(xp, rows, cols, 1, plan))
     fields = []
     for position, field in enumerate(state):
@@ -1144,7 +1159,7 @@ def _slow_chunks(xp, a, b, y, slow, plan):
     slow_flat = xp.reshape(slow, (batches * n, m))
     per = max(1, _FALLBACK_BATCH // (k * m))
     for start in range(0, index.shape[0], per):
-        rows = index[start : start + per]
+        rows = index[start : min(index.shape[0], start + per)]
         batch_index = rows // n
         weights = pair_weights(
             xp, xp.take(a_flat, rows, axis=0), xp.take(b_flat, batch_index, axis=0), xp.take(y_flat, rows, axis=0), plan
