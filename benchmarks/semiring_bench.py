@@ -225,21 +225,27 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="half-size inputs (not the targets' shapes)")
+    parser.add_argument("--only", choices=("product", "scan"), default=None, help="run one half")
     parser.add_argument("--json", default=None, help="also write the rows and the environment here")
     args = parser.parse_args(argv)
     env = environment()
-    rows = product_rows(args.repeats, args.quick) + scan_rows(args.repeats, args.quick)
-    env["load_after"] = os.getloadavg()
     print(f"python {env['python']}, numpy {env['numpy']}, torch {env.get('torch', '-')} "
           f"({env.get('torch_threads', '-')} threads), {env['cpus']} CPUs, BLAS {env.get('blas', '?')}, "
-          f"load average before {env['load_before'][0]:.2f}, after {env['load_after'][0]:.2f}; "
-          f"medians of {args.repeats} interleaved rounds")
+          f"load average before {env['load_before'][0]:.2f}; medians of {args.repeats} interleaved rounds", flush=True)
     print()
     print("| measure | shape | numpy | torch |")
-    print("|---|---|---:|---:|")
-    for row in rows:
-        cell = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        print(f"| {row['what']} | {row['shape']} | {cell(row['numpy'])} | {cell(row['torch'])} |")
+    print("|---|---|---:|---:|", flush=True)
+    rows = []
+    sections = [("product", product_rows), ("scan", scan_rows)]
+    for name, section in sections:
+        if args.only not in (None, name):
+            continue
+        for row in section(args.repeats, args.quick):
+            rows.append(row)
+            cell = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+            print(f"| {row['what']} | {row['shape']} | {cell(row['numpy'])} | {cell(row['torch'])} |", flush=True)
+    env["load_after"] = os.getloadavg()
+    print(f"\nload average after {env['load_after'][0]:.2f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"environment": env, "rows": rows}, handle, indent=2, default=str)

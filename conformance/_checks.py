@@ -112,7 +112,7 @@ def register(check: Check) -> Check:
 
 def registry() -> list[Check]:
     """Every check, families in report order."""
-    from . import _family_api, _family_cases, _family_invariants, _family_transforms  # noqa: F401
+    from . import _family_api, _family_cases, _family_invariants, _family_semiring, _family_transforms  # noqa: F401
 
     order = {f: i for i, f in enumerate(FAMILIES)}
     return sorted(_REGISTRY, key=lambda c: order[c.family])
@@ -128,6 +128,7 @@ FAMILIES = (
     "laziness",
     "differentiation",
     "input-safety",
+    "semiring",
 )
 
 

@@ -693,11 +693,11 @@ def _eager_product(xp, a: Array, b: Array, plan: DtypePlan) -> Array:
             part = slice(sub, min(block.shape[-2], sub + small))
             sub_rows = (ma[..., part, :], ka[..., part], row_ok[..., part, :], sa[..., part, :], None)
             sub_a = block[..., part, :]
-            state, fallback = entry_states(xp, sub_a, b, sub_rows, columns, q[..., part, :], plan)
+            state, fallback, value = entry_states(xp, sub_a, b, sub_rows, columns, q[..., part, :], plan, eager=True)
             if bool(xp.any(fallback)):
                 state = _fill_fallback(xp, sub_a, b, state, fallback, plan)
-            value, _ = finalize(xp, state, plan.result)
-            out[..., start + sub : start + sub + value.shape[-2], :] = value
+                value = xp.where(fallback, finalize(xp, state, plan.accumulator)[0], value)
+            out[..., start + sub : start + sub + value.shape[-2], :] = xp.astype(value, plan.result)
         del q
     return out
 
@@ -832,7 +832,8 @@ def product_states(xp, a: Array, b: Array, columns: tuple, plan: DtypePlan) -> t
     """
     rows = row_side(xp, a, plan.accumulator)
     q = _accurate_product(xp, rows[4], columns[4], plan.accumulator != plan.compute)
-    return entry_states(xp, a, b, rows, columns, q, plan)
+    state, fallback, _ = entry_states(xp, a, b, rows, columns, q, plan)
+    return state, fallback
 
 
 def _gather_pairs(xp, a: Array, b: Array, ka: Array, kb: Array, full: tuple) -> tuple[Array, Array]:
@@ -844,8 +845,24 @@ def _gather_pairs(xp, a: Array, b: Array, ka: Array, kb: Array, full: tuple) -> 
     return a_at, b_at
 
 
-def entry_states(xp, a, b, rows: tuple, columns: tuple, q: Array, plan: DtypePlan) -> tuple[LSEState, Array]:
-    """:func:`product_states` given the two sides and ``q = A'' @ B''``."""
+def _shifted(xp, x: Array, shift: Array, acc) -> tuple[Array, Array | None]:
+    """``x - shift`` in ``acc`` as ``(d, e)``: exact when widened (``e`` is None), TwoSum otherwise."""
+    if x.dtype != acc:
+        return xp.astype(x, acc) - xp.astype(shift, acc), None
+    zero = scalar(xp, 0.0, x)
+    finite = xp.isfinite(x)
+    diff, error = _two_sum(xp, xp.where(finite, x, zero), -shift)
+    return xp.where(finite, diff, x - shift), xp.where(finite & xp.isfinite(error), error, zero)
+
+
+def entry_states(xp, a, b, rows: tuple, columns: tuple, q: Array, plan: DtypePlan, *, eager: bool = False):
+    """:func:`product_states` given the two sides and ``q = A'' @ B''``; also the values.
+
+    Returns ``(state, fallback, value)``: ``value`` (accumulator dtype) is
+    ``finalize`` of ``state`` wherever ``fallback`` is False, formed
+    directly (``M + log1p(T)``, or the state's own max); ``eager`` lets
+    eager namespaces skip the masks that no entry needs.
+    """
     acc = plan.accumulator
     widened = acc != plan.compute
     ma, ka, row_ok, sa, _ = rows
@@ -854,40 +871,66 @@ def entry_states(xp, a, b, rows: tuple, columns: tuple, q: Array, plan: DtypePla
     device = array_api_compat.device(a)
     neg_inf = scalar(xp, -math.inf, a)
     full = tuple(q.shape)
-    eq = ka[..., :, None] == kb[..., None, :]
-    ok = row_ok & col_ok
-    a_at, b_at = _gather_pairs(xp, a, b, ka, kb, full)
-    a_at = xp.where(ok, a_at, neg_inf)
-    b_at = xp.where(ok, b_at, neg_inf)
     zero = xp.zeros((), dtype=acc, device=device)
-    g2 = xp.where(eq, zero, _exp_difference(xp, a_at, sa, acc))  # A''[i, kb(j)]
-    g1 = xp.where(eq, zero, _exp_difference(xp, b_at, sb, acc))  # B''[ka(i), j]
-    e2 = _expm1_difference(xp, a_at, sa, acc)  # A[i, kb(j)] - 1
-    e1 = _expm1_difference(xp, b_at, sb, acc)  # B[ka(i), j] - 1
-    p = q + g1 + g2 + xp.astype(eq, acc)
-    # T = P - 1 without cancelling the 1: it goes with the larger designated entry.
-    t = q + xp.where(g2 >= g1, g1 + e2, g2 + e1)
-
-    ma_acc, mb_acc = xp.astype(sa, acc), xp.astype(sb, acc)
-    top = ma_acc + mb_acc
-    if widened:
-        correction = xp.zeros_like(top)
-    else:
-        safe = xp.isfinite(top)
-        _, correction = _two_sum(xp, xp.where(safe, ma_acc, zero), xp.where(safe, mb_acc, zero))
-    # Entries without a finite pair: a row of -inf meets a column free of +inf and NaN, or vice versa.
-    a_empty = (ma == -math.inf) & ~xp.isnan(mb) & (mb != math.inf)
-    b_empty = (mb == -math.inf) & ~xp.isnan(ma) & (ma != math.inf)
-    empty = a_empty | b_empty
-    fallback = (~ok & ~empty) | (ok & (p < _tau(xp, acc, k)))
-    big = p >= 0.5
-    good_big = ok & big
     one = xp.ones((), dtype=acc, device=device)
-    # P >= 1/2: (M, 1, T), T carrying the rounding of M = ma + mb as (1 + T) e.
-    rest_big = t + correction * (one + t)
+    eq = ka[..., :, None] == kb[..., None, :]
+    any_eq = bool(xp.any(eq)) if eager else True
+    ok = row_ok & col_ok
+    all_ok = bool(xp.all(ok)) if eager else False
+    a_at, b_at = _gather_pairs(xp, a, b, ka, kb, full)
+    if not all_ok:
+        a_at = xp.where(ok, a_at, neg_inf)
+        b_at = xp.where(ok, b_at, neg_inf)
+    diff_a, err_a = _shifted(xp, a_at, sa, acc)  # a[i, kb(j)] - ma_i
+    diff_b, err_b = _shifted(xp, b_at, sb, acc)  # b[ka(i), j] - mb_j
+    exp_a, exp_b = xp.exp(diff_a), xp.exp(diff_b)
+    g2 = exp_a if err_a is None else exp_a * (one + err_a)  # A[i, kb(j)]
+    g1 = exp_b if err_b is None else exp_b * (one + err_b)  # B[ka(i), j]
+    if any_eq:
+        g2 = xp.where(eq, zero, g2)  # A''[i, kb(j)]
+        g1 = xp.where(eq, zero, g1)  # B''[ka(i), j]
+    # T = P - 1 without cancelling the 1: it goes with the larger designated
+    # entry, as expm1 of its exact difference (expm1(d + e) = expm1(d) + e exp(d)).
+    a_larger = g2 >= g1
+    larger_minus_one = xp.expm1(xp.where(a_larger, diff_a, diff_b))
+    if err_a is not None:
+        larger_minus_one = larger_minus_one + xp.where(a_larger, err_a * exp_a, err_b * exp_b)
+    smaller = xp.where(a_larger, g1, g2)
+    p = q + g1 + g2
+    if any_eq:
+        p = p + xp.astype(eq, acc)
+    t = q + (smaller + larger_minus_one)
+
+    top = xp.astype(sa, acc) + xp.astype(sb, acc)
+    if widened:
+        correction = None
+    else:
+        finite_top = xp.isfinite(top)
+        _, correction = _two_sum(
+            xp, xp.where(finite_top, xp.astype(sa, acc), zero), xp.where(finite_top, xp.astype(sb, acc), zero)
+        )
+    # Entries without a finite pair: a row of -inf meets a column free of +inf and NaN, or vice versa.
+    if all_ok:
+        empty = None
+        fallback = p < _tau(xp, acc, k)
+    else:
+        a_empty = (ma == -math.inf) & ~xp.isnan(mb) & (mb != math.inf)
+        b_empty = (mb == -math.inf) & ~xp.isnan(ma) & (ma != math.inf)
+        empty = a_empty | b_empty
+        fallback = (~ok & ~empty) | (ok & (p < _tau(xp, acc, k)))
+    big = p >= 0.5
+    good_big = big if all_ok else (ok & big)
+    # P >= 1/2: (M, 1, T), T carrying the rounding e of M = ma + mb as (1 + T) e.
+    rest_big = t if correction is None else t + correction * (one + t)
     # P < 1/2: log P is not small, so the state is the rounded value itself.
-    log_p = xp.log(xp.where(ok & ~big & ~fallback, p, one))
-    value_small = top + (correction + log_p)
+    all_big = bool(xp.all(good_big)) if eager else False
+    if all_big:  # the common case: no entry needs log P
+        log_part = xp.log1p(rest_big)
+    else:
+        small_ok = ~big & ~fallback if all_ok else ok & ~big & ~fallback
+        log_part = xp.where(good_big, xp.log1p(xp.where(good_big, rest_big, zero)), xp.log(xp.where(small_ok, p, one)))
+    value_small = top + log_part if correction is None else top + (correction + log_part)
+    value_big = top + log_part
     # Where the designated entries differ, the shift M = ma + mb is no pair's
     # value, and M + log P cancels when the result is small next to M: the
     # result's absolute error is that of M and log P, about u (|M| + |log P|),
@@ -895,16 +938,22 @@ def entry_states(xp, a, b, rows: tuple, columns: tuple, q: Array, plan: DtypePla
     # (g = 2 without a wider accumulator, where this keeps that error within
     # an ulp; far larger with one).  Where they coincide, M is a pair's value,
     # and M + log1p(T) cancels only for ill-conditioned entries.
-    log_part = xp.where(good_big, xp.log1p(xp.where(good_big, rest_big, zero)), log_p)
-    size = xp.abs(top) + xp.abs(log_part)
     g = max(2.0, float(xp.finfo(plan.result).eps) / float(xp.finfo(acc).eps) / 16)
-    cancels = ~eq & (xp.abs(top + log_part) * g < size)
-    fallback = fallback | (ok & cancels)
+    value = value_big if all_big else xp.where(good_big, value_big, value_small)
+    cancels = xp.abs(value) * g < xp.abs(top) + xp.abs(log_part)
+    if any_eq:
+        cancels = cancels & ~eq
+    fallback = fallback | (cancels if all_ok else ok & cancels)
+    if eager and empty is None and not bool(xp.any(fallback)):
+        return None, fallback, value  # nothing will read the states
     maximum = xp.where(good_big, top, value_small)
-    maximum = xp.where(empty, scalar(xp, -math.inf, maximum), maximum)
-    count = xp.where(empty, zero, xp.broadcast_to(one, full))
     rest = xp.where(good_big, rest_big, zero)
-    return LSEState(maximum, count, rest), fallback
+    count = xp.ones_like(rest)
+    if empty is not None:
+        maximum = xp.where(empty, scalar(xp, -math.inf, maximum), maximum)
+        count = xp.where(empty, zero, count)
+        value = xp.where(empty, scalar(xp, -math.inf, value), value)
+    return LSEState(maximum, count, rest), fallback, value
 
 
 def pair_states(xp, x: Array, y: Array, axis: int, plan: DtypePlan) -> LSEState:
