@@ -19,14 +19,13 @@ Dask array arrives.
 from __future__ import annotations
 
 import itertools
-import math
 import operator
 
 import numpy as np
 
 from lse_dispatch import semiring
 from lse_dispatch._namespace import DtypePlan
-from lse_dispatch._state import LSEState, finalize, merge
+from lse_dispatch._state import finalize, merge
 
 __all__ = ["logcumsumexp", "logmatmulexp"]
 

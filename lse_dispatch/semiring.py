@@ -32,9 +32,11 @@ that ``lse_i = m_i + log1p(T_i)`` keeps the tiny ``T_i`` of ``[0, -40]``.
   running max has already reached ``R_b``.  The carries solve the linear
   recurrence ``E_b = alpha_b E_{b-1} + beta_b`` with
   ``alpha_b = exp(R_{b-1} - R_b)`` (log-step over the ``n / B`` blocks).  The
-  few positions before a new maximum within their block (a handful per row
-  on random data, all of them on increasing data) are redone by merging one
-  entry at a time.  Lines whose max is not finite go to ``finalize``.
+  blocks with positions before a new maximum (about ``1 + ln(n / B)`` per
+  line on random data, all of them on increasing data) are redone as lines
+  of one-entry blocks, where every position is its own block's end and the
+  carries alone give ``T``.  Positions whose running max is not finite go
+  to ``finalize``.
 
 **logmatmulexp.**  With ``ma_i = max_k a_ik``, ``mb_j = max_k b_kj`` and
 ``A = exp(a - ma)``, ``B = exp(b - mb)`` (entries in [0, 1], differences
@@ -86,7 +88,7 @@ Array = Any
 _BLOCK_WIDE = 64
 _BLOCK_NARROW = 16
 # Elements per tile of the blocked scan: its float64 temporaries stay in cache.
-_SCAN_TILE = 1 << 16
+_SCAN_TILE = 1 << 17
 # Chunk of k summed by one matrix product where the accumulator is not wider
 # than the input; the chunk products are then added pairwise.
 _MATMUL_CHUNK = 32
@@ -440,7 +442,7 @@ def _scan_tile(xp, x: Array, carry: LSEState, acc, block: int) -> tuple[LSEState
     count = xp.ones_like(rest)
 
     # Positions whose running max is finite but below their block's final
-    # max: merge their block one entry at a time.
+    # max: their blocks are redone with one entry per block.
     unsettled = ~settled & (mb > -math.inf)
     redo = xp.any(unsettled, axis=2)
     if bool(xp.any(redo)):
@@ -463,16 +465,11 @@ def _linear_scan(xp, alpha: Array, beta: Array, initial: Array) -> Array:
     non-negative, so each level adds at most two roundings relative.
     """
     nb = alpha.shape[-1]
-    lead = alpha.shape[:-1]
-    device = array_api_compat.device(alpha)
     s = 1
     while s < nb:
-        ones = xp.ones(lead + (s,), dtype=alpha.dtype, device=device)
-        zeros = xp.zeros(lead + (s,), dtype=beta.dtype, device=device)
-        alpha_before = xp.concat([ones, alpha[..., : nb - s]], axis=-1)
-        beta_before = xp.concat([zeros, beta[..., : nb - s]], axis=-1)
-        beta = beta + alpha * beta_before
-        alpha = alpha * alpha_before
+        # Positions before s have nothing s places back: they keep their pair.
+        beta = xp.concat([beta[..., :s], beta[..., s:] + alpha[..., s:] * beta[..., : nb - s]], axis=-1)
+        alpha = xp.concat([alpha[..., :s], alpha[..., s:] * alpha[..., : nb - s]], axis=-1)
         s *= 2
     return alpha * initial + beta
 
