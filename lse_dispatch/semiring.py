@@ -667,8 +667,10 @@ def _eager_product(xp, a: Array, b: Array, plan: DtypePlan) -> Array:
     A matrix product of a few rows runs several times slower per entry
     (measured: 64 of 1024 rows at a time, 3.5x), while the per-entry work
     keeps about fifteen temporaries of its tile alive; so the product takes
-    tiles of about ``16 * _MATMUL_TILE`` entries of ``a`` and the entries
-    ``_MATMUL_TILE`` of the output (512 and 32 rows of 1024).  The result is
+    tiles of about ``8 * _MATMUL_TILE`` entries of ``a`` and the entries
+    ``_MATMUL_TILE`` of the output (256 and 32 rows of 1024).  The entries
+    ``A''[i, kb(j)]`` and ``B''[ka(i), j]`` are read back from the product's
+    own operands.  The result is
     written into one preallocated array (every eager namespace allows
     assigning to a slice).
     """
@@ -677,18 +679,18 @@ def _eager_product(xp, a: Array, b: Array, plan: DtypePlan) -> Array:
     m = b.shape[-1]
     acc = plan.accumulator
     columns = column_side(xp, b, acc)
-    big = max(1, (16 * _MATMUL_TILE) // (batches * k))
+    big = max(1, (8 * _MATMUL_TILE) // (batches * k))
     small = max(1, _MATMUL_TILE // (batches * m))
     out = xp.empty(a.shape[:-2] + (n, m), dtype=plan.result, device=array_api_compat.device(a))
     for start in range(0, n, big):
         block = a[..., start : min(n, start + big), :]
         rows = row_side(xp, block, acc)
         q = _accurate_product(xp, rows[4], columns[4], acc != plan.compute)
-        ma, ka, row_ok, sa, _ = rows
-        del rows  # a2: only the product needed it
+        ma, ka, row_ok, sa, a2 = rows
+        del rows
         for sub in range(0, block.shape[-2], small):
             part = slice(sub, min(block.shape[-2], sub + small))
-            sub_rows = (ma[..., part, :], ka[..., part], row_ok[..., part, :], sa[..., part, :], None)
+            sub_rows = (ma[..., part, :], ka[..., part], row_ok[..., part, :], sa[..., part, :], a2[..., part, :])
             sub_a = block[..., part, :]
             state, fallback, value = entry_states(xp, sub_a, b, sub_rows, columns, q[..., part, :], plan, eager=True)
             if bool(xp.any(fallback)):
@@ -880,18 +882,25 @@ def entry_states(xp, a, b, rows: tuple, columns: tuple, q: Array, plan: DtypePla
         b_at = xp.where(ok, b_at, neg_inf)
     diff_a, err_a = _shifted(xp, a_at, sa, acc)  # a[i, kb(j)] - ma_i
     diff_b, err_b = _shifted(xp, b_at, sb, acc)  # b[ka(i), j] - mb_j
-    exp_a, exp_b = xp.exp(diff_a), xp.exp(diff_b)
-    g2 = exp_a if err_a is None else exp_a * (one + err_a)  # A[i, kb(j)]
-    g1 = exp_b if err_b is None else exp_b * (one + err_b)  # B[ka(i), j]
-    if any_eq:
-        g2 = xp.where(eq, zero, g2)  # A''[i, kb(j)]
-        g1 = xp.where(eq, zero, g1)  # B''[ka(i), j]
+    if rows[4] is not None and all_ok:
+        # The very entries of A'' and B'' that the product read (0 where ka(i) == kb(j)).
+        g2, g1 = _gather_pairs(xp, rows[4], columns[4], ka, kb, full)
+        exp_a = exp_b = None
+    else:
+        exp_a, exp_b = xp.exp(diff_a), xp.exp(diff_b)
+        g2 = exp_a if err_a is None else exp_a * (one + err_a)  # A[i, kb(j)]
+        g1 = exp_b if err_b is None else exp_b * (one + err_b)  # B[ka(i), j]
+        if any_eq:
+            g2 = xp.where(eq, zero, g2)  # A''[i, kb(j)]
+            g1 = xp.where(eq, zero, g1)  # B''[ka(i), j]
     # T = P - 1 without cancelling the 1: it goes with the larger designated
     # entry, as expm1 of its exact difference (expm1(d + e) = expm1(d) + e exp(d)).
     a_larger = g2 >= g1
-    larger_minus_one = xp.expm1(xp.where(a_larger, diff_a, diff_b))
+    larger_diff = xp.where(a_larger, diff_a, diff_b)
+    larger_minus_one = xp.expm1(larger_diff)
     if err_a is not None:
-        larger_minus_one = larger_minus_one + xp.where(a_larger, err_a * exp_a, err_b * exp_b)
+        larger_err = xp.where(a_larger, err_a, err_b)
+        larger_minus_one = larger_minus_one + larger_err * (one + larger_minus_one)
     smaller = xp.where(a_larger, g1, g2)
     p = q + g1 + g2
     if any_eq:
