@@ -693,7 +693,7 @@ def _eager_product(xp, a: Array, b: Array, plan: DtypePlan) -> Array:
             sub_rows = (ma[..., part, :], ka[..., part], row_ok[..., part, :], sa[..., part, :], a2[..., part, :])
             sub_a = block[..., part, :]
             state, fallback, value = entry_states(xp, sub_a, b, sub_rows, columns, q[..., part, :], plan, eager=True)
-            if bool(xp.any(fallback)):
+            if fallback is not None and bool(xp.any(fallback)):
                 state = _fill_fallback(xp, sub_a, b, state, fallback, plan)
                 value = xp.where(fallback, finalize(xp, state, plan.accumulator)[0], value)
             out[..., start + sub : start + sub + value.shape[-2], :] = xp.astype(value, plan.result)
@@ -854,6 +854,38 @@ def _shifted(xp, x: Array, shift: Array, acc) -> tuple[Array, Array | None]:
     return xp.where(finite, diff, x - shift), xp.where(finite & xp.isfinite(error), error, zero)
 
 
+def _common_values(xp, t: Array, sa: Array, sb: Array, plan: DtypePlan) -> Array | None:
+    """The values of a tile in the common case, or ``None`` where the general path must decide.
+
+    If every ``T >= -1/2`` (every ``P >= 1/2``: none below ``tau``, every
+    state ``(M, 1, T)``), the value is ``M + log1p(T)``; and if no entry can
+    cancel (``min |value| * g >= max |M| + max |log1p T|``, with reductions
+    instead of a mask), no entry needs the fallback.  Eager namespaces only.
+    """
+    acc = plan.accumulator
+    if not bool(xp.min(t) >= -0.5):
+        return None
+    sa_acc, sb_acc = xp.astype(sa, acc), xp.astype(sb, acc)
+    if acc != plan.compute:
+        log_part = xp.log1p(t)
+        value = sa_acc + (sb_acc + log_part)
+    else:
+        top = sa_acc + sb_acc
+        finite = xp.isfinite(top)
+        zero = xp.zeros((), dtype=acc, device=array_api_compat.device(t))
+        _, correction = _two_sum(xp, xp.where(finite, sa_acc, zero), xp.where(finite, sb_acc, zero))
+        log_part = xp.log1p(t + correction * (1 + t))
+        value = top + log_part
+    low, high = float(xp.min(value)), float(xp.max(value))
+    smallest = 0.0 if low <= 0.0 <= high else min(abs(low), abs(high))
+    largest_top = float(xp.max(xp.abs(sa_acc))) + float(xp.max(xp.abs(sb_acc)))
+    largest_log = max(abs(float(xp.min(log_part))), abs(float(xp.max(log_part))))
+    g = max(2.0, float(xp.finfo(plan.result).eps) / float(xp.finfo(acc).eps) / 16)
+    if smallest * g < largest_top + largest_log:
+        return None
+    return value
+
+
 def entry_states(xp, a, b, rows: tuple, columns: tuple, q: Array, plan: DtypePlan, *, eager: bool = False):
     """:func:`product_states` given the two sides and ``q = A'' @ B''``; also the values.
 
@@ -902,10 +934,14 @@ def entry_states(xp, a, b, rows: tuple, columns: tuple, q: Array, plan: DtypePla
         larger_err = xp.where(a_larger, err_a, err_b)
         larger_minus_one = larger_minus_one + larger_err * (one + larger_minus_one)
     smaller = xp.where(a_larger, g1, g2)
+    t = q + (smaller + larger_minus_one)
+    if eager and all_ok:
+        fast = _common_values(xp, t, sa, sb, plan)
+        if fast is not None:
+            return None, None, fast
     p = q + g1 + g2
     if any_eq:
         p = p + xp.astype(eq, acc)
-    t = q + (smaller + larger_minus_one)
 
     top = xp.astype(sa, acc) + xp.astype(sb, acc)
     if widened:
