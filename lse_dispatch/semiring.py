@@ -884,12 +884,19 @@ def _common_values(xp, t: Array, sa: Array, sb: Array, plan: DtypePlan) -> Array
         value = top + log_part
     low, high = float(xp.min(value)), float(xp.max(value))
     smallest = 0.0 if low <= 0.0 <= high else min(abs(low), abs(high))
-    largest_top = float(xp.max(xp.abs(sa_acc))) + float(xp.max(xp.abs(sb_acc)))
-    largest_log = max(abs(float(xp.min(log_part))), abs(float(xp.max(log_part))))
-    g = max(2.0, float(xp.finfo(plan.result).eps) / float(xp.finfo(acc).eps) / 16)
-    if smallest * g < largest_top + largest_log:
+    largest = max(abs(float(xp.min(log_part))), abs(float(xp.max(log_part))))
+    if acc != plan.compute:
+        largest += float(xp.max(xp.abs(sa_acc))) + float(xp.max(xp.abs(sb_acc)))
+    if smallest * _cancel_factor(xp, plan) < largest:
         return None
     return value
+
+
+def _cancel_factor(xp, plan: DtypePlan) -> float:
+    """``g`` of the cancellation test ``|result| g >= size`` (see :func:`entry_states`)."""
+    if plan.accumulator == plan.compute:
+        return 1.0
+    return float(xp.finfo(plan.result).eps) / float(xp.finfo(plan.accumulator).eps) / 16
 
 
 def entry_states(xp, a, b, rows: tuple, columns: tuple, q: Array, plan: DtypePlan, *, eager: bool = False):
@@ -980,15 +987,17 @@ def entry_states(xp, a, b, rows: tuple, columns: tuple, q: Array, plan: DtypePla
     value_small = top + log_part if correction is None else top + (correction + log_part)
     value_big = top + log_part
     # Where the designated entries differ, the shift M = ma + mb is no pair's
-    # value, and M + log P cancels when the result is small next to M: the
-    # result's absolute error is that of M and log P, about u (|M| + |log P|),
-    # so such entries go to the fallback unless |result| * g >= |M| + |log P|
-    # (g = 2 without a wider accumulator, where this keeps that error within
-    # an ulp; far larger with one).  Where they coincide, M is a pair's value,
-    # and M + log1p(T) cancels only for ill-conditioned entries.
-    g = max(2.0, float(xp.finfo(plan.result).eps) / float(xp.finfo(acc).eps) / 16)
+    # value, and M + log P cancels when the result is small next to the
+    # terms: its absolute error is the rounding of log P, about u |log P|
+    # (M is exact: TwoSum), plus, with a wider accumulator, that of M,
+    # u_acc |M|.  Such entries go to the fallback unless |result| * g is at
+    # least |log P| (g = 1: within an ulp and a half of the result), or
+    # |M| + |log P| with a wider accumulator (g = eps_result / eps_acc / 16:
+    # within 1/8 ulp).  Where the designated entries coincide, M is a pair's
+    # value, and M + log1p(T) cancels only for ill-conditioned entries.
     value = value_big if all_big else xp.where(good_big, value_big, value_small)
-    cancels = xp.abs(value) * g < xp.abs(top) + xp.abs(log_part)
+    size = xp.abs(log_part) if correction is not None else xp.abs(top) + xp.abs(log_part)
+    cancels = xp.abs(value) * _cancel_factor(xp, plan) < size
     if any_eq:
         cancels = cancels & ~eq
     fallback = fallback | (cancels if all_ok else ok & cancels)
