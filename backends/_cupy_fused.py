@@ -317,19 +317,19 @@ def _flag(value: bool):
 _NO, _YES = _flag(False), _flag(True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module():
     import cupy
 
     return cupy.RawModule(code=SOURCE, options=("-std=c++17",))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(name: str):
     return _module().get_function(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessors(device_id: int) -> int:
     import cupy
 
@@ -379,7 +379,7 @@ def _parts(x2d, config):
     """Partial states ``(3, rows * per_row)`` float64 (max, count, rest) of a long-row config."""
     import cupy
 
-    _, per_row, state_grid, _, _, n_cols, _, per_row_arg, _ = config
+    _, _, state_grid, _, _, n_cols, _, per_row_arg, _ = config
     parts = cupy.empty((3, state_grid[0]), dtype=cupy.float64)
     _kernel("lse_state_rows")(state_grid, (THREADS,), (x2d, n_cols, per_row_arg, parts))
     return parts

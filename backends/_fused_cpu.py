@@ -136,12 +136,11 @@ def _kernels():
     if _KERNELS[0] is None:
         import numpy as np
 
+        from lse_dispatch import _generic
         from lse_dispatch._ops import Op
+        from lse_dispatch._state import LSEState
 
         from . import _numba_kernels as kernels
-
-        from lse_dispatch import _generic
-        from lse_dispatch._state import LSEState
 
         _MODULES[:] = [np, _generic, Op, LSEState]
         _NAMES.update({np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"})
@@ -232,17 +231,12 @@ def _numpy_declines(call) -> str | None:
 
 
 def _torch_declines(call) -> str | None:
-    import torch
+    from . import _torch_eager
 
     a = call.a
-    if a.device.type != "cpu":
-        return f"device {a.device.type} (kernel is CPU-only)"
-    if torch.is_grad_enabled() and a.requires_grad:
-        return "autograd active (input requires grad)"
-    if torch.compiler.is_compiling():  # first: Dynamo cannot trace the functorch checks
-        return "inside torch.compile tracing"
-    if torch._C._functorch.is_functorch_wrapped_tensor(a) or torch._C._are_functorch_transforms_active():
-        return "inside a torch.func transform"
+    reason = _torch_eager.declines(a, "kernel is CPU-only")
+    if reason is not None:
+        return reason
     if a.is_conj() or a.is_neg():
         return "lazily conjugated or negated view"
     if call.plan.compute != a.dtype:
@@ -332,7 +326,7 @@ class _Lines:
     ``bad``: the lines flagged for the shared functions.
     """
 
-    __slots__ = ("view", "axis", "mask", "out", "per_line", "bad", "flagged_lines")
+    __slots__ = ("axis", "bad", "flagged_lines", "mask", "out", "per_line", "view")
 
     def __init__(self, view, axis, mask, mode, threads):
         import numpy as np
@@ -392,10 +386,13 @@ def _run(call, a, where, library):
     keep = _generic.keepdims_shape(call)
     dtype = a.dtype
     found = done.flagged(call.op, call.return_sign)
-    if call.op == Op.STATE:
-        fields = [done.per_line[0].astype(dtype), done.per_line[1], done.per_line[2]]
-    elif call.op == Op.LOGSUMEXP:
-        fields = [done.per_line[3].astype(dtype), np.ones(view.shape[1 - axis], dtype)]
+    # Flagged lines hold whatever the compiled code left (overwritten below),
+    # and a value beyond the dtype's range is a correct +inf: no warnings.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if call.op == Op.STATE:
+            fields = [done.per_line[0].astype(dtype), done.per_line[1], done.per_line[2]]
+        elif call.op == Op.LOGSUMEXP:
+            fields = [done.per_line[3].astype(dtype), np.ones(view.shape[1 - axis], dtype)]
     if found is None:
         if call.op in (Op.STATE, Op.LOGSUMEXP):
             fields = [field.reshape(keep) for field in fields]

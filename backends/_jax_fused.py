@@ -29,7 +29,6 @@ import functools
 
 from lse_dispatch import _autodiff
 
-
 from . import _jax_traced
 
 __all__ = ["KERNELS", "NAME"]

@@ -37,6 +37,23 @@ Array = Any
 class JaxNumerics(Numerics):
     """The shared math's hook for JAX arrays (see the module docstring)."""
 
+    lazy = True  # traced under jit: no value reaches the host
+
+    def semiring(self):
+        from . import _jax_semiring
+
+        return _jax_semiring
+
+    def cummax(self, xp, x: Array, axis: int) -> Array:
+        import jax
+
+        return jax.lax.cummax(x, axis=axis)
+
+    def matmul(self, xp, x: Array, y: Array) -> Array:
+        import jax
+
+        return xp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
+
     def max(self, xp, x: Array, axes: tuple[int, ...]) -> Array:
         m = xp.max(x, axis=axes, keepdims=True)
         # The NaN is taken from x itself (a sum of its NaN entries, 0 when there

@@ -7,19 +7,19 @@ What is compiled, and why so little
 -----------------------------------
 Compile time is what a user of a compiled kernel pays first, and CI pays it
 on every run that starts without a cache; so every choice that does not change
-the machine code is a runtime argument, and every dtype gets exactly four
+the machine code is a runtime argument, and every dtype gets exactly two
 compiled entry points (:func:`compiled`):
 
-* one work function, :func:`_item`, that does one *item* (a line, a segment
+* one loop, :func:`_items`, that does a range of *items* (a line, a segment
   of a line, a tile of columns) of one *phase* of any operation: the mode
   (``STATE``, ``LOGSUMEXP``, ``LOG_SOFTMAX``, ``SOFTMAX``), the layout (rows or
   columns), whether a ``where`` mask is given and the phase are ``int``
   arguments, branched on once per line or tile, never per entry;
 * "no mask" and "no output" are empty arrays, not ``None`` (each ``None`` would
   be another signature of every function below);
-* a parallel driver (``prange`` over the items) and a serial one, both a few
-  lines around :func:`_item`, which is compiled once and linked into both;
-* the same two for the softmax / log_softmax backward.
+* Python threads call it on disjoint ranges (it releases the GIL), so no
+  numba parallel driver is compiled;
+* the same for the softmax / log_softmax backward (:func:`_backward_items`).
 
 The entry points are compiled for an explicit signature whose arrays are
 typed read-only (a writable array converts to it), so that read-only input

@@ -40,7 +40,7 @@ def refuse_to_compute(dsk, keys, **kwargs):
     raise ComputedTooEarly("the Dask graph was computed before the caller computed it")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(fn, static_kw: tuple):
     """One ``jax.jit`` per function and static arguments, so that traces are reused."""
     import jax

@@ -220,7 +220,7 @@ class _NormalisedReverse(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, where, static = inputs
+        _, where, static = inputs
         ctx.axes, ctx.op = static.axes, static.op
         # The forward ran torch.fused (numba loaded): the backward may too.
         # Not while torch.compile traces: the compiled kernel is not traceable.

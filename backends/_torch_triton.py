@@ -48,7 +48,7 @@ NAME = "torch.triton"
 _OPS = {"logsumexp": 0, "softmax": 1, "log_softmax": 2}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_missing() -> str | None:
     """Why triton cannot be used here, or None."""
     try:

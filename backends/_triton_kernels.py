@@ -374,7 +374,7 @@ def _lse_backward_kernel(x_ptr, w_ptr, m_ptr, count_ptr, rest_ptr, g_ptr, out_pt
     index = (pid % n_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = index < n_cols
     offs = row.to(tl.int64) * n_cols + index
-    x, included, masked = _load(x_ptr, w_ptr, offs, mask, HAS_WHERE, WIDE)
+    _, included, masked = _load(x_ptr, w_ptr, offs, mask, HAS_WHERE, WIDE)
     m = tl.load(m_ptr + row).to(tl.float64)
     log_norm = _log1p((tl.load(count_ptr + row) - 1.0) + tl.load(rest_ptr + row))
     g = tl.load(g_ptr + row).to(tl.float64)

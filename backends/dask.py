@@ -66,11 +66,11 @@ def _block_state(block, weights=None, *, axis, keepdims, kind):
     dispatcher, so a block is reduced exactly as the eager path reduces a
     NumPy array, by the fastest NumPy kernel that takes it.
     """
+    import numpy as np
+
     from lse_dispatch._call import prepare
     from lse_dispatch._kernel import dispatch
     from lse_dispatch._ops import Op
-
-    import numpy as np
 
     b = weights if kind == "b" else None
     where = weights if kind == "where" else None
@@ -169,6 +169,13 @@ def state_of(call):
 
 class DaskNumerics(Numerics):
     """Dask's hook: sums stay per chunk and combine in a tree (a reshape to one trailing axis would rechunk)."""
+
+    lazy = True  # values are computed when the graph runs
+
+    def semiring(self):
+        from . import _dask_semiring
+
+        return _dask_semiring
 
     def sum(self, xp, x, axes, dtype):
         return xp.sum(x, axis=axes, dtype=dtype, keepdims=True)

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lse_dispatch._numerics import Numerics
+
 from . import _fused_cpu
 from ._spec import BackendSpec, Device
 from ._tiled import PLAIN, WIDE, TiledKernel
@@ -150,7 +152,25 @@ class NumpyOps:
 _KERNEL = TiledKernel("numpy.blocked", NumpyOps())
 
 
+class NumpyNumerics(Numerics):
+    """NumPy's hook: a native running max, ``errstate`` and in-place exponentials for the log semiring."""
+
+    def cummax(self, xp, x, axis):
+        return np.maximum.accumulate(x, axis=axis)
+
+    def quiet(self):
+        return np.errstate(over="ignore", under="ignore")
+
+    def scaled_exp(self, x, shift, chosen, acc):
+        out = x.astype(acc)
+        np.subtract(out, shift, out=out)
+        np.exp(out, out=out)
+        out[np.broadcast_to(chosen, out.shape)] = 0
+        return out
+
+
 SPEC = BackendSpec(
+    numerics=NumpyNumerics(),
     name="numpy",
     module="numpy",
     is_array=_is_array,

@@ -23,10 +23,11 @@ transform wraps, so the two never compete.
 from __future__ import annotations
 
 import contextlib
-
 import sys
 
-from . import _fused_cpu, _torch_grad, _torch_triton
+from lse_dispatch._numerics import Numerics
+
+from . import _fused_cpu, _torch_eager, _torch_grad, _torch_triton
 from ._spec import BackendSpec, Device
 from ._tiled import COMPENSATED, TiledKernel
 
@@ -123,16 +124,7 @@ class TorchOps:
         return TINY_ELEMENTS
 
     def declines(self, call) -> str | None:
-        torch, a = self.torch, call.a
-        if a.device.type != "cpu":
-            return f"device {a.device.type} (kernel is CPU-only: its exact recheck reads back to the host)"
-        if torch.is_grad_enabled() and a.requires_grad:
-            return "autograd active (input requires grad)"
-        if torch.compiler.is_compiling():  # first: Dynamo cannot trace the functorch checks
-            return "inside torch.compile tracing"
-        if torch._C._functorch.is_functorch_wrapped_tensor(a) or torch._C._are_functorch_transforms_active():
-            return "inside a torch.func transform"
-        return None
+        return _torch_eager.declines(call.a, "kernel is CPU-only: its exact recheck reads back to the host")
 
     def is_contiguous(self, a) -> bool:
         return a.is_contiguous()
@@ -199,7 +191,27 @@ class TorchOps:
 _KERNEL = TiledKernel("torch.blocked", TorchOps())
 
 
+class TorchNumerics(Numerics):
+    """torch's hook: autograd rules for the log semiring, a native running max, in-place exponentials."""
+
+    def semiring(self):
+        from . import _torch_semiring
+
+        return _torch_semiring
+
+    def cummax(self, xp, x, axis):
+        import torch
+
+        return torch.cummax(x, dim=axis).values
+
+    def scaled_exp(self, x, shift, chosen, acc):
+        out = x.to(acc)
+        out.sub_(shift.to(acc)).exp_()
+        return out.masked_fill_(chosen, 0)
+
+
 SPEC = BackendSpec(
+    numerics=TorchNumerics(),
     name="torch",
     module="torch",
     is_array=_is_array,

@@ -54,7 +54,9 @@ print(json.dumps(out))
 def run(path: str) -> dict:
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(CASES)], capture_output=True, text=True, env=env)
-    if done.returncode: print(done.stderr[-3000:]); raise SystemExit(1)
+    if done.returncode:
+        print(done.stderr[-3000:])
+        raise SystemExit(1)
     return json.loads(done.stdout.strip().splitlines()[-1])
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -193,7 +193,7 @@ def _kernel(fn, arg) -> str:
         with lse_dispatch.trace() as recorded:
             fn(arg)
         return ",".join(dict.fromkeys(recorded.implementations))
-    except Exception:  # noqa: BLE001 - tracing is a label, never a reason to stop
+    except Exception:
         return ""
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 import jax
+import numpy as np
 
 jax.config.update("jax_enable_x64", True)
 
@@ -30,7 +29,8 @@ def _lse_cases():
     strided = np.random.default_rng(10).normal(size=(2**20, 2)).astype(np.float32)
     return [
         ("logsumexp([0, -40]), float64", np.array([0.0, -40.0]), None, None, np.float64),
-        ("logsumexp([0, -800], b=[1e-300, 1e300]), float64", np.array([0.0, -800.0]), np.array([1e-300, 1e300]), None, np.float64),
+        ("logsumexp([0, -800], b=[1e-300, 1e300]), float64",
+         np.array([0.0, -800.0]), np.array([1e-300, 1e300]), None, np.float64),
         ("logsumexp of 70,000 zeros, float16", zeros16, None, None, np.float16),
         ("logsumexp down axis 0 of a (2**20, 2) array, float32", strided, None, 0, np.float32),
     ]

@@ -20,19 +20,19 @@ import os
 
 os.environ["SCIPY_ARRAY_API"] = "1"  # before anything imports SciPy
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import math
+import statistics
+import time
 
-import dask.array as da  # noqa: E402
-import numpy as np  # noqa: E402
-import scipy  # noqa: E402
-import scipy.special  # noqa: E402
-from dask.distributed import Client, LocalCluster  # noqa: E402
+import dask.array as da
+import numpy as np
+import scipy
+import scipy.special
+from dask.distributed import Client, LocalCluster
 
-from lse_dispatch import _generic, logsumexp  # noqa: E402
-from lse_dispatch._call import prepare  # noqa: E402
+from lse_dispatch import _generic, logsumexp
+from lse_dispatch._call import prepare
 
 
 def _reset_peak(dask_worker):

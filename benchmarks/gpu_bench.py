@@ -37,7 +37,7 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 OPS = ("logsumexp", "softmax", "log_softmax")
 LAYOUTS = {"flat": None, "rows4096": 4096, "rows1024": 1024}
@@ -269,7 +269,8 @@ def _run(options, torch, lse_dispatch, cupy, cupyx, jax, clock, device) -> int:
                     line += f"  | jax.nn {t['jax.nn (jit)'] * 1e6:9.1f}  ours-jax {t['ours jax (jit)'] * 1e6:9.1f}"
                 if op in entry["backward"]:
                     b = entry["backward"][op]
-                    line += f"  | fwd+bwd ours {b['ours'] * 1e6:9.1f} torch {b['torch'] * 1e6:9.1f} ratio {b['ours'] / b['torch']:5.2f}"
+                    line += (f"  | fwd+bwd ours {b['ours'] * 1e6:9.1f} torch {b['torch'] * 1e6:9.1f}"
+                             f" ratio {b['ours'] / b['torch']:5.2f}")
                 print(line, flush=True)
             del xt
             if clock.cuda:

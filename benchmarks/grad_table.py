@@ -18,7 +18,7 @@ import os
 
 os.environ.setdefault("SCIPY_ARRAY_API", "1")  # before SciPy is imported
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 inf = math.inf
 

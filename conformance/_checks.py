@@ -143,6 +143,7 @@ FAMILIES = (
     "laziness",
     "differentiation",
     "input-safety",
+    "semiring",
 )
 
 

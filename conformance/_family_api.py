@@ -120,7 +120,7 @@ def _register_api() -> None:
         "api/b-negative-return-sign/logsumexp": dict(axis=-1, oracle_axis=2, b=signed, return_sign=True),
     }
     for check_id, kwargs in extra.items():
-        shown = ", ".join(f"{k}={'<array of shape %s>' % (v.shape,) if isinstance(v, np.ndarray) else repr(v)}"
+        shown = ", ".join(f"{k}={f'<array of shape {v.shape}>' if isinstance(v, np.ndarray) else repr(v)}"
                           for k, v in kwargs.items() if k != "oracle_axis")
         register(Check(check_id, "api", lambda ctx, kw=kwargs: _against_oracle(ctx, "logsumexp", **kw), what=shown))
     for op in OPS:
@@ -238,7 +238,7 @@ def _raises(ctx: Context, op: str, make_kwargs, what: str) -> Outcome:
         return Outcome(True, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
     except Unsupported:
         raise
-    except Exception as exc:  # noqa: BLE001 - any other type is not a clear error
+    except Exception as exc:
         return Outcome(False, f"{what}: raised {type(exc).__module__}.{type(exc).__name__}, not "
                               f"ValueError/TypeError/IndexError: {str(exc)[:160]}")
     return Outcome(False, f"{what}: no error raised; returned {summarize(ctx.numpy(result))}",

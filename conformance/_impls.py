@@ -30,9 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["BUILTIN", "Implementation", "NotApplicable", "Unsupported", "load"]
+__all__ = ["BUILTIN", "SEMIRING_OPS", "Implementation", "NotApplicable", "Unsupported", "load"]
 
 OPS = ("logsumexp", "softmax", "log_softmax")
+# The log-semiring functions (family "semiring"), optional beside the three:
+# logcumsumexp(x, axis, reverse=False) and logmatmulexp(a, b).
+SEMIRING_OPS = ("logcumsumexp", "logmatmulexp")
 XFAIL_DIR = Path(__file__).with_name("xfail")
 
 
@@ -78,10 +81,10 @@ class Implementation:
     source: str = ""  # the --impl text that loads it again ("" when built in Python)
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.functions) - set(OPS))
+        unknown = sorted(set(self.functions) - set(OPS) - set(SEMIRING_OPS))
         if unknown or not self.functions:
             raise ValueError(f"implementation {self.name!r}: functions must be a non-empty subset of "
-                             f"{', '.join(OPS)}; got {', '.join(unknown) or 'none'}")
+                             f"{', '.join(OPS + SEMIRING_OPS)}; got {', '.join(unknown) or 'none'}")
 
     def accepts(self, backend: str) -> bool:
         return self.backends is None or backend in self.backends
@@ -94,7 +97,7 @@ class Implementation:
         """What reports record about it."""
         has_xfails = self.xfail_file is not None and self.xfail_file.exists()
         return {"name": self.name, "description": self.description, "strict": self.strict,
-                "functions": [op for op in OPS if op in self.functions],
+                "functions": [op for op in OPS + SEMIRING_OPS if op in self.functions],
                 "xfail_file": self.xfail_file.name if has_xfails else None, "versions": self.versions}
 
     def __call__(self, op: str, x, **kwargs):
@@ -130,7 +133,7 @@ def _ours() -> Implementation:
 
     return Implementation(
         "ours",
-        {op: getattr(lse_dispatch, op) for op in OPS},
+        {op: getattr(lse_dispatch, op) for op in OPS + SEMIRING_OPS},
         strict=True,
         xfail_file=XFAIL_DIR / "ours.toml",
         description="lse_dispatch (this project)",
@@ -171,9 +174,22 @@ def _scipy() -> Implementation:
             raise Unsupported("scipy.special.log_softmax has no where")
         return special.log_softmax(x, axis=axis)
 
+    def accumulate(x, axis, reverse=False):
+        import numpy as np
+
+        if not isinstance(x, np.ndarray):
+            raise Unsupported("np.logaddexp.accumulate takes NumPy arrays only")
+        if reverse:
+            return np.flip(np.logaddexp.accumulate(np.flip(x, axis), axis=axis), axis)
+        return np.logaddexp.accumulate(x, axis=axis)
+
+    def broadcast_sum(a, b):  # the idiom: n k m entries
+        return special.logsumexp(a[..., :, :, None] + b[..., None, :, :], axis=-2)
+
     return Implementation(
         "scipy",
-        {"logsumexp": logsumexp, "softmax": softmax, "log_softmax": log_softmax},
+        {"logsumexp": logsumexp, "softmax": softmax, "log_softmax": log_softmax,
+         "logcumsumexp": accumulate, "logmatmulexp": broadcast_sum},
         xfail_file=XFAIL_DIR / "scipy.toml",
         source="scipy",
         description="scipy.special with SCIPY_ARRAY_API=1",
@@ -206,12 +222,24 @@ def _torch() -> Implementation:
 
         return normalize
 
+    def logcumsumexp(x, axis, reverse=False):
+        if reverse:
+            return torch.flip(torch.logcumsumexp(torch.flip(x, (axis,)), dim=axis), (axis,))
+        return torch.logcumsumexp(x, dim=axis)
+
+    def scaled_idiom(a, b):  # the "scaled exp then matmul" form Pyro and others keep privately
+        a_max = a.max(dim=-1, keepdim=True).values
+        b_max = b.max(dim=-2, keepdim=True).values
+        return torch.log(torch.exp(a - a_max) @ torch.exp(b - b_max)) + a_max + b_max
+
     return Implementation(
         "torch",
         {
             "logsumexp": logsumexp,
             "softmax": _normalizer(torch.softmax, "softmax"),
             "log_softmax": _normalizer(torch.log_softmax, "log_softmax"),
+            "logcumsumexp": logcumsumexp,
+            "logmatmulexp": scaled_idiom,
         },
         backends=("torch",),
         xfail_file=XFAIL_DIR / "torch.toml",
@@ -237,9 +265,12 @@ def _jax() -> Implementation:
     def log_softmax(x, axis=None, *, where=None):
         return nn.log_softmax(x, axis=axis, where=where)
 
+    def logcumsumexp(x, axis, reverse=False):  # JAX has no log-space matrix product
+        return jax.lax.cumlogsumexp(x, axis=axis % x.ndim, reverse=reverse)
+
     return Implementation(
         "jax",
-        {"logsumexp": logsumexp, "softmax": softmax, "log_softmax": log_softmax},
+        {"logsumexp": logsumexp, "softmax": softmax, "log_softmax": log_softmax, "logcumsumexp": logcumsumexp},
         backends=("jax",),
         xfail_file=XFAIL_DIR / "jax.toml",
         source="jax",
@@ -333,8 +364,8 @@ def parse(spec: str) -> dict[str, str]:
             if position >= len(OPS):
                 raise ValueError(f"--impl {spec!r}: more than three functions")
             op = OPS[position]
-        elif op not in OPS:
-            raise ValueError(f"--impl {spec!r}: {op!r} is not one of {', '.join(OPS)}")
+        elif op not in OPS + SEMIRING_OPS:
+            raise ValueError(f"--impl {spec!r}: {op!r} is not one of {', '.join(OPS + SEMIRING_OPS)}")
         if op in chosen:
             raise ValueError(f"--impl {spec!r}: {op} is given twice")
         chosen[op] = reference
@@ -345,7 +376,7 @@ def _from_references(spec: str, name: str | None) -> Implementation:
     text = spec.strip()
     if not any(mark in text for mark in ":=,"):  # a module: the functions it has
         module = _import(text)
-        functions = {op: getattr(module, op) for op in OPS if callable(getattr(module, op, None))}
+        functions = {op: getattr(module, op) for op in OPS + SEMIRING_OPS if callable(getattr(module, op, None))}
         if not functions:
             raise ValueError(f"--impl {spec!r}: module {text!r} has none of {', '.join(OPS)}")
         label = text

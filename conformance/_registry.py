@@ -7,7 +7,7 @@ are imported; this module imports them all.  The families import
 
 from __future__ import annotations
 
-from . import _family_api, _family_cases, _family_invariants, _family_transforms  # noqa: F401  (they register)
+from . import _family_api, _family_cases, _family_invariants, _family_semiring, _family_transforms  # noqa: F401  (they register)
 from ._checks import FAMILIES, REGISTRY, Check
 
 __all__ = ["registry"]

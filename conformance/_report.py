@@ -10,7 +10,7 @@ __all__ = ["cell", "to_json", "to_markdown"]
 
 def _finite(value):
     """JSON has no NaN or infinity: spell them as strings."""
-    if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+    if (isinstance(value, float) and value != value) or value in (float("inf"), float("-inf")):
         return repr(value)
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}

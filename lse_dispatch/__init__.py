@@ -6,6 +6,7 @@ Importing this package imports no array library other than NumPy.
 from ._api import log_softmax, logsumexp, softmax
 from ._dispatch import available, trace, use
 from ._validate import AxisError
+from .semiring import logcumsumexp, logmatmulexp
 from .streaming import LSEState, OnlineLogSumExp, logsumexp_blocked, lse_finalize, lse_merge, lse_state
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "OnlineLogSumExp",
     "available",
     "log_softmax",
+    "logcumsumexp",
+    "logmatmulexp",
     "logsumexp",
     "logsumexp_blocked",
     "lse_finalize",

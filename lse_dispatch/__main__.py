@@ -8,9 +8,9 @@ source checkout, not in the installed package, and is loaded from there.
 from __future__ import annotations
 
 import difflib
-import os
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +63,8 @@ def load_checkout_module(relative: str):
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while it runs
     spec.loader.exec_module(module)

@@ -7,7 +7,7 @@ dispatcher picks and returns in the input's namespace, device and dtype.
 from __future__ import annotations
 
 import sys
-from typing import Any, overload, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -45,9 +45,9 @@ def _short_lane(a):
         return None
     torch = sys.modules.get("torch")
     if torch is not None and kind is torch.Tensor and a.dtype in (torch.float32, torch.float64) and a.ndim:
-        import array_api_compat.torch as xp
+        import array_api_compat.torch as torch_xp
 
-        return (kind, a.dtype, a.device), xp
+        return (kind, a.dtype, a.device), torch_xp
     return None
 
 

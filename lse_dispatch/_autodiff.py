@@ -43,11 +43,11 @@ from ._namespace import real_sign, scalar
 from ._state import LSEState, log_norm, undefined_where, weight_parts
 
 __all__ = [
+    "log_softmax_jvp",
+    "log_softmax_vjp",
     "lse_jvp",
     "lse_vjp",
     "lse_weights",
-    "log_softmax_jvp",
-    "log_softmax_vjp",
     "softmax_jvp",
     "softmax_vjp",
     "unbroadcast",
@@ -157,7 +157,7 @@ def _finite_weights(xp, a, b, parts, selected, included, sign, state: LSEState, 
     exponential = xp.astype(xp.exp(xp.where(selected, offset, acc_neg_inf)), a.dtype)
     if b is None:
         return exponential, None
-    nonzero, b_sign, log_b = parts
+    _, b_sign, log_b = parts
     # u = sign * exp(a - lse) is d lse / d b, also where b == 0.
     u = sign * exponential
     normal = xp.abs(b) >= scalar(xp, xp.finfo(a.dtype).smallest_normal, a)

@@ -41,13 +41,13 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _kernel, _numerics
 from ._call import Call
 from ._generic import IMPLEMENTATIONS as GENERIC
-from . import _kernel, _numerics
 from ._kernel import Kernel, Priority
 from ._numerics import compile_time_constant as _compile_time_constant
 from ._ops import Op
@@ -245,7 +245,7 @@ def backends_for(array) -> tuple:
     from . import backends
 
     _load_plugins()
-    specs = [backends.get(name) for name in backends.BUILTIN] + list(_PLUGINS)
+    specs = [backends.get(name) for name in backends.BUILTIN] + list(_PLUGINS or ())
     matches = []
     for spec in specs:
         try:

@@ -15,8 +15,8 @@ import math
 from typing import Any
 
 from ._call import Call
-from ._ops import Op
 from ._namespace import scalar
+from ._ops import Op
 from ._state import (
     LSEState,
     finalize,

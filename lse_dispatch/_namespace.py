@@ -15,11 +15,11 @@ import numpy as np
 __all__ = [
     "DtypePlan",
     "device_of",
+    "is_python_scalar",
     "plan_dtypes",
     "real_sign",
     "resolve_namespace",
     "scalar",
-    "is_python_scalar",
     "unwrap_numpy_subclasses",
 ]
 

@@ -14,6 +14,7 @@ never branches on the library.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +46,9 @@ def compile_time_constant(fn):
 
 class Numerics:
     """The backend-dependent operations of the shared math, in their array-API form."""
+
+    #: Values cannot be read on the host (traced or lazy arrays): no ``bool(array)``.
+    lazy = False
 
     def max(self, xp, x: Array, axes: tuple[int, ...]) -> Array:
         """``max`` over ``axes`` with ``keepdims=True``; NaN wins, as in the standard."""
@@ -94,6 +98,33 @@ class Numerics:
         constant: ``inf - inf`` would raise NumPy's "invalid value" warning.
         """
         return xp.where(mask, scalar(xp, math.nan, like), scalar(xp, 0.0, like))
+
+    # -- the log semiring (lse_dispatch.semiring) ---------------------------------
+
+    def semiring(self):
+        """The backend's own ``logcumsumexp`` / ``logmatmulexp`` (derivative rules, lazy graphs), or ``None``.
+
+        An object with ``takes(*arrays)``, ``logcumsumexp(x, axis,
+        include_initial, reverse, plan)`` and ``logmatmulexp(a, b, plan)``;
+        ``None`` runs the shared eager code.
+        """
+        return None
+
+    #: The library's native running maximum, ``cummax(xp, x, axis)`` (NaN
+    #: propagating), or ``None``: the semiring's scan then takes the log-step form.
+    cummax: Callable[[Any, Array, int], Array] | None = None
+
+    def matmul(self, xp, x: Array, y: Array) -> Array:
+        """``x @ y`` at the library's full precision."""
+        return xp.matmul(x, y)
+
+    def quiet(self):
+        """A context in which overflow to ``inf`` and underflow to 0 raise no warning."""
+        return contextlib.nullcontext()
+
+    def scaled_exp(self, x: Array, shift: Array, chosen: Array, acc) -> Array | None:
+        """``exp(x - shift)`` in ``acc`` with 0 at ``chosen``, in one buffer, or ``None`` (the ``where`` form)."""
+        return None
 
 
 DEFAULT = Numerics()

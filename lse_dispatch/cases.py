@@ -28,8 +28,8 @@ from ._validate import normalize_axis
 __all__ = [
     "CASES",
     "OPS",
-    "Case",
     "ULP_BUDGET",
+    "Case",
     "Verdict",
     "applies",
     "cases",
@@ -123,6 +123,8 @@ def _random(seed: int, sampler: Callable[[np.random.Generator], np.ndarray]) -> 
 
 # -- accuracy: well-conditioned hard inputs, checked against the oracle -------
 
+_ALL_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
 _ACCURACY_INPUTS: dict[str, tuple[Callable[[str], dict], dict, tuple[str, ...]]] = {
     # lse([0, -40]) = 4.25e-18: torch and jax return 0 (a 5.5e15-ulp error).
     "dominant-element": (_inputs(a=[0.0, -40.0]), {}, ("float64", "float32")),
@@ -135,8 +137,8 @@ _ACCURACY_INPUTS: dict[str, tuple[Callable[[str], dict], dict, tuple[str, ...]]]
     "large-offset": (_random(2, lambda g: 1e4 + g.normal(size=1000)), {}, ("float64", "float32")),
     "negative-offset": (_random(3, lambda g: -1e4 + g.normal(size=1000)), {}, ("float64", "float32")),
     "wide-spread": (_random(4, lambda g: g.uniform(-80, 80, 512)), {}, ("float64", "float32")),
-    "rows-axis-1": (_random(5, lambda g: g.normal(size=(8, 257)) * 3), {"axis": 1}, ("float64", "float32", "float16", "bfloat16")),
-    "columns-axis-0": (_random(6, lambda g: g.normal(size=(257, 8)) * 3), {"axis": 0}, ("float64", "float32", "float16", "bfloat16")),
+    "rows-axis-1": (_random(5, lambda g: g.normal(size=(8, 257)) * 3), {"axis": 1}, _ALL_DTYPES),
+    "columns-axis-0": (_random(6, lambda g: g.normal(size=(257, 8)) * 3), {"axis": 0}, _ALL_DTYPES),
     "tuple-axes": (_random(7, lambda g: g.normal(size=(6, 5, 7))), {"axis": (0, 2)}, ("float64", "float32")),
     "small-values": (_random(8, lambda g: g.uniform(-3, 3, 64)), {}, ("float64", "float32", "float16", "bfloat16")),
 }
@@ -288,7 +290,7 @@ def _built_in(case: Case) -> bool:
     return _BY_ID.get(case.id) is case
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_inputs(case_id: str, dtype: str) -> dict:
     return _BY_ID[case_id].make(dtype)
 
@@ -298,7 +300,7 @@ def inputs(case: Case, dtype: str) -> dict:
     return _cached_inputs(case.id, dtype) if _built_in(case) else case.make(dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_exact(case_id: str, dtype: str) -> np.ndarray:
     return _exact(_BY_ID[case_id], _cached_inputs(case_id, dtype))
 

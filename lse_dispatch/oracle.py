@@ -238,3 +238,100 @@ def ulp_error(got, exact: np.ndarray, dtype) -> np.ndarray:
             continue
         errors[index] = float(abs(mp.mpf(float(g)) - e) / mp.mpf(float(units[index])))
     return errors
+
+
+# --- the log semiring (lse_dispatch.semiring) --------------------------------
+
+
+def _exact_lse_of(values, mp) -> object:
+    """``log(sum(exp(v)))`` of Python floats with the contract's limits: NaN, then ``+inf``, then ``-inf``."""
+    if any(v != v for v in values):
+        return mp.mpf("nan")
+    if any(v == np.inf for v in values):
+        return mp.mpf("inf")
+    finite = [v for v in values if v != -np.inf]
+    if not finite:
+        return mp.mpf("-inf")
+    if len(finite) == 1:
+        return finite[0] if isinstance(finite[0], mp.mpf) else mp.mpf(finite[0])
+    return mp.log(mp.fsum(mp.exp(v) for v in finite))
+
+
+def exact_logcumsumexp(x, axis=None, reverse=False) -> np.ndarray:
+    """Exact prefix log-sum-exps of ``x`` along ``axis`` (``None``: 1-D input), as ``mpf``.
+
+    Entry ``i`` is ``log(sum(exp(x[..., :i+1])))`` (of ``x[..., i:]`` with
+    ``reverse``): ``-inf`` entries add nothing, an empty or all ``-inf``
+    prefix gives ``-inf``, ``+inf`` from the first ``+inf`` on and NaN from
+    the first NaN on.  The running sum is kept in ``PRECISION`` bits.
+    """
+    mp = _mp()
+    x = np.asarray(x, dtype=np.float64)
+    axis = 0 if axis is None else axis % x.ndim
+    moved = np.moveaxis(x, axis, -1)
+    if reverse:
+        moved = moved[..., ::-1]
+    out = np.empty(moved.shape, dtype=object)
+    with mp.workprec(PRECISION):
+        for index in np.ndindex(moved.shape[:-1]):
+            total = mp.mpf(0)
+            state = "finite"
+            for position, value in enumerate(moved[index].tolist()):
+                if value != value:
+                    state = "nan"
+                elif value == np.inf and state != "nan":
+                    state = "inf"
+                elif value != -np.inf:
+                    total += mp.exp(mp.mpf(value))
+                if state == "nan":
+                    out[index + (position,)] = mp.mpf("nan")
+                elif state == "inf":
+                    out[index + (position,)] = mp.mpf("inf")
+                else:
+                    out[index + (position,)] = mp.log(total) if total != 0 else mp.mpf("-inf")
+    if reverse:
+        out = out[..., ::-1]
+    return np.moveaxis(out, -1, axis)
+
+
+def exact_logmatmulexp(a, b) -> np.ndarray:
+    """Exact ``log(exp(a) @ exp(b))`` with ``matmul``'s shapes (1-D rules included), as ``mpf``.
+
+    Entry ``(i, j)`` is ``log(sum_k exp(a_ik + b_kj))`` with every
+    ``a_ik + b_kj`` formed exactly (in ``PRECISION`` bits); the limits are
+    those of the pairs: NaN or ``-inf + inf`` gives NaN, a ``+inf`` pair
+    ``+inf``, no finite pair ``-inf``.
+    """
+    mp = _mp()
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a2 = a[None, :] if a.ndim == 1 else a
+    b2 = b[:, None] if b.ndim == 1 else b
+    batch = np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+    a2 = np.broadcast_to(a2, batch + a2.shape[-2:])
+    b2 = np.broadcast_to(b2, batch + b2.shape[-2:])
+    n = a2.shape[-2]
+    m = b2.shape[-1]
+    out = np.empty(batch + (n, m), dtype=object)
+    with mp.workprec(PRECISION):
+        for index in np.ndindex(batch):
+            for i in range(n):
+                row = a2[index + (i,)].tolist()
+                for j in range(m):
+                    col = b2[index + (slice(None), j)].tolist()
+                    pairs = []
+                    for u, v in zip(row, col):
+                        if u != u or v != v or {u, v} == {np.inf, -np.inf}:
+                            pairs.append(float("nan"))
+                        elif np.inf in (u, v):
+                            pairs.append(np.inf)
+                        elif -np.inf in (u, v):
+                            pairs.append(-np.inf)
+                        else:
+                            pairs.append(mp.mpf(u) + mp.mpf(v))
+                    out[index + (i, j)] = _exact_lse_of(pairs, mp)
+    if b.ndim == 1:
+        out = out[..., 0]
+    if a.ndim == 1:
+        out = out[..., 0] if b.ndim == 1 else out[..., 0, :]
+    return out

@@ -175,7 +175,8 @@ class OnlineLogSumExp:
         self.axis = axis
         self.state: LSEState | None = None
         self.chunks = 0
-        self._axes: tuple[int, ...] | None = None
+        # (reduced axes, shape) of the chunks, set with the first state.
+        self._axes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._result_dtype = None
 
     def __repr__(self) -> str:
@@ -214,6 +215,7 @@ class OnlineLogSumExp:
         state = self._require_state()
         xp = array_api_compat.array_namespace(*state)
         value = lse_finalize(state, return_sign=return_sign, dtype=self._result_dtype)
+        assert self._axes is not None  # set with the state
         axes = self._axes[0]
         if not axes:
             return value
@@ -226,6 +228,7 @@ class OnlineLogSumExp:
         call = prepare(Op.LOG_SOFTMAX, chunk, axis=self.axis)
         if call.plan.is_complex:
             raise TypeError(f"argument 'chunk' must be real, got dtype {call.a.dtype}")
+        assert self._axes is not None  # set with the state
         if len(call.shape) != len(self._axes[1]):
             raise ValueError(
                 f"argument 'chunk' has {len(call.shape)} dimensions; the stream's chunks have {len(self._axes[1])}"

@@ -4,6 +4,7 @@
 #   bash scripts/dev.sh test     - the test suite
 #   bash scripts/dev.sh bench    - the benchmark (lse-dispatch bench)
 #   bash scripts/dev.sh conformance - the conformance suite on our implementation
+#   bash scripts/dev.sh lint     - ruff and mypy (configured in pyproject.toml)
 # Extra arguments go to the job.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,6 +35,7 @@ case "$job" in
     report) exec "$venv/bin/lse-dispatch" report "$@" ;;
     bench) exec "$venv/bin/lse-dispatch" bench "$@" ;;
     conformance) exec "$venv/bin/lse-dispatch" conformance "$@" ;;
+    lint) "$venv/bin/ruff" check "$@" . && exec "$venv/bin/mypy" ;;
     test)
         # The numba kernels (extra "fast"), compiled or loaded once here, so that
         # pytest's two workers load them from the on-disk cache instead of each
@@ -41,5 +43,5 @@ case "$job" in
         "$venv/bin/python" -c "from lse_dispatch.backends import _fused_cpu as f; f.available() and f.warm_up()" ||
             echo "warming up the numba kernels failed; the tests will say why" >&2
         exec "$venv/bin/python" -m pytest -n 2 "$@" ;;
-    *) echo "unknown job '$job' (report, test, bench or conformance)" >&2; exit 2 ;;
+    *) echo "unknown job '$job' (report, test, bench, conformance or lint)" >&2; exit 2 ;;
 esac

@@ -56,7 +56,7 @@ def _compile(name, fn, signature, constexprs, warps):
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     ptx = compiled.asm["ptx"]
     print(json.dumps({"kernel": name, "constexprs": {key: str(v) for key, v in constexprs.items()}, "warps": warps,
-                      "approximate": sorted(set(m.group(0) for m in APPROXIMATE.finditer(ptx))), "spill_bytes": _spills(ptx)}),
+                      "approximate": sorted({m.group(0) for m in APPROXIMATE.finditer(ptx)}), "spill_bytes": _spills(ptx)}),
           flush=True)
 
 

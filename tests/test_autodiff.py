@@ -159,7 +159,7 @@ def test_lse_gradients_all_weights_zero(ad):
 def test_lse_gradients_negative_sum_with_return_sign(ad):
     # S = e^0 - 2 e^0 = -1: lse = log|S| = 0, sign -1.
     def value(x, y):
-        out, sign = logsumexp(x, b=y, return_sign=True)
+        out, _ = logsumexp(x, b=y, return_sign=True)
         return out
 
     ga, gb = ad.grad(value, ad.array([0.0, 0.0]), ad.array([1.0, -2.0]), argnums=(0, 1))

@@ -18,13 +18,12 @@ import pytest
 pytest.importorskip("mpmath")
 pytest.importorskip("hypothesis")
 
-from lse_dispatch import conformance  # noqa: E402
-from lse_dispatch import logsumexp as _ours_lse  # noqa: E402
-from lse_dispatch import log_softmax as _ours_log_softmax  # noqa: E402
-from lse_dispatch import softmax as _ours_softmax  # noqa: E402
-from lse_dispatch.conformance import cli  # noqa: E402
-from lse_dispatch.conformance._checks import condition  # noqa: E402
-
+from lse_dispatch import conformance
+from lse_dispatch import log_softmax as _ours_log_softmax
+from lse_dispatch import logsumexp as _ours_lse
+from lse_dispatch import softmax as _ours_softmax
+from lse_dispatch.conformance import cli
+from lse_dispatch.conformance._checks import condition
 
 # -- deliberately broken implementations -----------------------------------------
 
@@ -171,6 +170,28 @@ def test_torch_adapter_reports_unsupported_not_pass():
     assert _statuses(result, "api/axis-tuple/softmax") == {"unsupported"}
     assert _statuses(result, "api/axis-int/logsumexp") == {"pass"}
     assert result.skipped_targets == {} and result.targets == {"torch": ["torch:cpu"]}
+
+
+def test_semiring_family_runs_the_functions_an_implementation_has():
+    """Ours passes; torch's scaled idiom fails the issue's example; an author's lone logcumsumexp runs alone."""
+    torch = pytest.importorskip("torch")
+    result = conformance.run(["ours", "torch"], backends="numpy:cpu,torch:cpu", families=["semiring"], quick=True,
+                             dtypes=["float64"])
+    ours = [r for r in result.records if r.impl == "ours"]
+    assert ours and all(r.status == "pass" for r in ours), [(r.check, r.detail) for r in ours if r.status != "pass"]
+    assert {"semiring/logcumsumexp/dominant", "semiring/logmatmulexp/issue-example"} <= {r.check for r in ours}
+    torch_example = {r.status for r in result.records if r.impl == "torch" and r.check == "semiring/logmatmulexp/issue-example"}
+    assert torch_example == {"fail"}
+
+    def prefix_sums_in_linear_space(x, axis, reverse=False):  # overflows, loses the tail
+        flipped = torch.flip(x, (axis,)) if reverse else x
+        out = torch.log(torch.cumsum(torch.exp(flipped), dim=axis))
+        return torch.flip(out, (axis,)) if reverse else out
+
+    naive = conformance.Implementation("naive-scan", {"logcumsumexp": prefix_sums_in_linear_space})
+    result = conformance.run(naive, backends="torch:cpu", families=["semiring"], quick=True, dtypes=["float64"])
+    assert {r.check.split("/")[1] for r in result.records} == {"logcumsumexp"}
+    assert "semiring/logcumsumexp/dominant" in {r.check for r in result.failures()}
 
 
 def test_condition_number_of_a_dominant_entry():
@@ -321,7 +342,7 @@ def test_subsets_by_position_name_and_module(monkeypatch, tmp_path):
 @pytest.mark.parametrize(("spec", "message"), [
     ("nomod:f", "cannot import 'nomod' (looked in {here} and sys.path): No module named 'nomod'"),
     ("mymod:nope", "'mymod:nope': 'mymod' has no attribute 'nope'"),
-    ("exp=mymod:lse", "--impl 'exp=mymod:lse': 'exp' is not one of logsumexp, softmax, log_softmax"),
+    ("exp=mymod:lse", "--impl 'exp=mymod:lse': 'exp' is not one of logsumexp, softmax, log_softmax, logcumsumexp, logmatmulexp"),
     ("softmax=mymod:sm,mymod:lse", "--impl 'softmax=mymod:sm,mymod:lse': a positional reference ('mymod:lse') "
                                    "follows a named one"),
     ("mymod:lse,softmax=mymod:sm,softmax=mymod:sm", "--impl 'mymod:lse,softmax=mymod:sm,softmax=mymod:sm': "

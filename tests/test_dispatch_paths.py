@@ -327,7 +327,7 @@ def test_where_and_b(backend, implementation):
     if _differentiable(backend, implementation):
         runners.append((_run_differentiated, True))
     for runner, differentiated in runners:
-        def declines(op, weighted=False):
+        def declines(op, weighted=False, differentiated=differentiated):
             return _declines(implementation, op, values.dtype, weighted=weighted, masked=not weighted,
                              differentiated=differentiated)
 

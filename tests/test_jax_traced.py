@@ -411,6 +411,7 @@ def test_one_pass_over_the_input_then_small_kernels():
     x = jnp.zeros((4096, 512), jnp.float32)
     text = jax.jit(_op("logsumexp", axis=-1)).lower(x).compile().as_text()
     entry = text[text.index("ENTRY") :]
-    full = [line for line in entry.splitlines() if "fusion(" in line and "f32[4096,512]" in line.split("=")[1].split("fusion(")[0]]
+    full = [line for line in entry.splitlines()
+            if "fusion(" in line and "f32[4096,512]" in line.split("=")[1].split("fusion(")[0]]
     assert full == [], full  # no fusion writes an array of the input's size
     assert "optimization_barrier" not in jax.jit(_op("logsumexp", axis=-1)).lower(x).as_text()

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from lse_dispatch import (
     LSEState,
     OnlineLogSumExp,
+    backends,
     log_softmax,
     logsumexp,
     logsumexp_blocked,
@@ -26,7 +27,6 @@ from lse_dispatch import (
     lse_state,
     softmax,
 )
-from lse_dispatch import backends
 from lse_dispatch.oracle import exact_log_softmax, exact_logsumexp, exact_softmax, ulp_error
 
 BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "dask"]
