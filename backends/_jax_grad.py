@@ -163,7 +163,7 @@ def _logsumexp(call: Call):
     return logsumexp(_Static(call.axes, call.op, call.plan, call.return_sign), call.a, call.b, call.where)
 
 
-def _normalized(call: Call):
+def _normalised(call: Call):
     _, normalized = _rules()
     return normalized(_Static(call.axes, call.op, call.plan), call.a, call.where)
 
@@ -171,6 +171,6 @@ def _normalized(call: Call):
 #: Kernels for backends/jax.py: they take every traced call.
 KERNELS = (
     Kernel(Op.LOGSUMEXP, AUTODIFF, _logsumexp, _declines, Priority.DERIVATIVE),
-    Kernel(Op.SOFTMAX, AUTODIFF, _normalized, _declines, Priority.DERIVATIVE),
-    Kernel(Op.LOG_SOFTMAX, AUTODIFF, _normalized, _declines, Priority.DERIVATIVE),
+    Kernel(Op.SOFTMAX, AUTODIFF, _normalised, _declines, Priority.DERIVATIVE),
+    Kernel(Op.LOG_SOFTMAX, AUTODIFF, _normalised, _declines, Priority.DERIVATIVE),
 )

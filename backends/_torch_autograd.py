@@ -37,6 +37,18 @@ def _undifferentiated(call: Call):
     return _kernel.dispatch(call, without=AUTODIFF)
 
 
+def _plain_backward() -> bool:
+    """A backward nobody differentiates: no graph recorded (no double backward),
+    no torch.func transform around it, not traced by torch.compile."""
+    return not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+                or torch.compiler.is_compiling())
+
+
+def _with_op(call: Call, op: Op) -> Call:
+    """``call`` as a call of operation ``op`` (same arrays, axes and plan)."""
+    return Call(op, call.xp, call.a, call.b, call.where, call.axes, call.shape, call.plan, False)
+
+
 def _rebuild(a, b, where, static) -> Call:
     """The Call of a Function's forward, from its (possibly unbatched) tensors."""
     shape = tuple(a.shape) if b is None else tuple(torch.broadcast_shapes(a.shape, b.shape))
@@ -170,7 +182,10 @@ class _LogSumExpReverse(torch.autograd.Function):
         # The state goes out too (not differentiable), so that the backward
         # forms the weights from it instead of recomputing it.
         call = _rebuild(a, b, where, static)
-        state = _generic.logsumexp_state(call)
+        if static.plan.is_complex:
+            state = _generic.logsumexp_state(call)
+        else:  # the STATE kernel that would run without derivatives (torch.fused when loaded)
+            state = _undifferentiated(_with_op(call, Op.STATE))
         return (*_generic.logsumexp_from_state(call, state), *state)
 
     @staticmethod
@@ -185,6 +200,13 @@ class _LogSumExpReverse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_value, *_g_constants):
         a, b, where, value, sign, *state = _saved(ctx)
+        if b is None and not ctx.plan.is_complex and _plain_backward():
+            # No graph of the backward is wanted (no double backward): the
+            # weights are softmax(a), limits included, by the kernel that
+            # softmax would run (one fused call when numba is loaded).
+            call = _rebuild(a, None, where, ctx.static)
+            w = _undifferentiated(_with_op(call, Op.SOFTMAX))
+            return (w * g_value.to(w.dtype)).to(a.dtype), None, None, None
         w, u = weights(a, b, where, value, sign, state, ctx.static, ctx.plan)
         # Only inputs that need a gradient get one (an integer `a` with a float `b`);
         # without b's, u stays out of the graph (see _LSEWeightsReverse).

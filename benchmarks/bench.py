@@ -481,8 +481,12 @@ def _grouped(timings: list[Timing]) -> dict:
     return grouped
 
 
-def render_markdown(data: dict) -> str:
-    """Markdown tables (timings, targets) of a ``bench.json`` document."""
+def render_markdown(data: dict, previous: dict | None = None) -> str:
+    """Markdown tables (timings, targets) of a ``bench.json`` document.
+
+    With ``previous`` (another run's document), each target gets the figure
+    that run measured for it ("was"; blank for targets it did not have).
+    """
     timings = [Timing(**t) for t in data["timings"]]
     lines = [f"Command: `{data['command'].strip()}`; machine: "
              + ", ".join(f"{k} {v}" for k, v in data["machine"].items())
@@ -498,13 +502,24 @@ def render_markdown(data: dict) -> str:
             peak = f"{t.peak_extra_bytes / t.nbytes:.2f}" if t.peak_extra_bytes is not None else ""
             lines.append(f"| {group} | {op} | {case} | {t.implementation} | {format_time(t.median_s)} | {ratio} | "
                          f"{format_time(t.cpu_median_s or 0.0)} | {peak} | {t.kernel} |")
-    lines += ["", "| target | op | case | measured | limit | verdict | compared |", "|---|---|---|---|---|---|---|"]
+    was = {(v["name"], v["op"], v["case"]): v for v in (previous or {}).get("targets", [])}
+    was_head, was_rule = (" was |", "---|") if previous else ("", "")
+    lines += ["", f"| target | op | case | measured | limit | verdict |{was_head} compared |",
+              f"|---|---|---|---|---|---|{was_rule}---|"]
     for v in data["targets"]:
         relation = ">=" if "faster" in v["name"] else "<="
         verdict = "met" if v["met"] else "missed (stretch)" if v.get("stretch") else "**missed**"
+        before = ""
+        if previous:
+            old = was.get((v["name"], v["op"], v["case"]))
+            before = f" {old['measured']:.2f} {old['unit']} |" if old else " |"
         lines.append(f"| {v['name']} | {v['op']} | {v['case']} | {v['measured']:.2f} {v['unit']} | "
-                     f"{relation} {v['limit']:g} {v['unit']} | {verdict} | {v['detail']} |")
+                     f"{relation} {v['limit']:g} {v['unit']} | {verdict} |{before} {v['detail']} |")
     lines += ["", _tally(data["targets"], data.get("quick", False)) + "."]
+    if previous:
+        lines += [f"Previous run (\"was\"): {_tally(previous['targets'], previous.get('quick', False))}; "
+                  f"`{previous['command'].strip()}`; load average at start "
+                  f"{previous['machine'].get('load average at start', '?')}."]
     return "\n".join(lines) + "\n"
 
 
@@ -558,6 +573,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", default="numpy,torch,jax", help="comma-separated groups: numpy, torch, jax")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (torch.set_num_threads) for both sides")
     parser.add_argument("--render", metavar="JSON", help="print an existing bench.json as Markdown tables and exit")
+    parser.add_argument("--previous", metavar="JSON", help="with --render: another run's bench.json, shown as 'was'")
     return parser
 
 
@@ -581,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.render:
-        print(render_markdown(json.loads(Path(args.render).read_text())), end="")
+        previous = json.loads(Path(args.previous).read_text()) if args.previous else None
+        print(render_markdown(json.loads(Path(args.render).read_text()), previous), end="")
         return 0
     groups = [g.strip() for g in args.only.split(",") if g.strip()]
     unknown = sorted(set(groups) - set(GROUPS))

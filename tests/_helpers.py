@@ -1,4 +1,4 @@
-"""Shared test helpers: the public functions by name, and a tolerance unit.
+"""Shared test helpers: the public functions by name, a tolerance unit, dtypes by name.
 
 Running a catalogue case is ``lse_dispatch.cases.run_case`` (the runner that
 ``lse-dispatch report`` and the conformance suite use); ulps are
@@ -8,6 +8,7 @@ Running a catalogue case is ``lse_dispatch.cases.run_case`` (the runner that
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import lse_dispatch
 from lse_dispatch import oracle
@@ -28,3 +29,18 @@ def ulp(value, dtype: str) -> np.ndarray:
     """
     eps = 2.0 ** (1 - oracle.FORMATS[oracle.dtype_name(dtype)][0])
     return oracle.ulp(np.abs(np.asarray(value, dtype=np.float64)) * (1 + 8 * eps), dtype)
+
+
+def np_dtype(dtype: str):
+    """The NumPy dtype of a dtype name (bfloat16 through ml_dtypes)."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
+def need_dtype(backend, dtype: str) -> None:
+    """Skip unless ``backend`` (a test target) has ``dtype``."""
+    if dtype not in backend.dtypes:
+        pytest.skip(f"{backend.id} has no {dtype}")

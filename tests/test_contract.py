@@ -20,21 +20,10 @@ from lse_dispatch import AxisError, log_softmax, logsumexp, oracle, softmax
 from lse_dispatch.cases import ULP_BUDGET, round_to
 
 from ._helpers import FUNCTIONS
+from ._helpers import need_dtype as _need
+from ._helpers import np_dtype as _np_dtype
 
 REAL_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-
-def _np_dtype(dtype: str):
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(dtype)
-
-
-def _need(backend, dtype: str) -> None:
-    if dtype not in backend.dtypes:
-        pytest.skip(f"{backend.id} has no {dtype}")
 
 
 def assert_oracle(got, exact, dtype: str, what: str = "") -> None:

@@ -543,6 +543,48 @@ def test_torch_autograd_uses_the_fused_forward_and_backward(op, axis, monkeypatc
     assert torch.autograd.gradgradcheck(lambda t: getattr(lse_dispatch, op)(t, axis=axis), (small,))
 
 
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_torch_logsumexp_gradient_runs_the_fused_kernels(axis, monkeypatch):
+    """Forward through the STATE kernel, backward as softmax(a) * g: both torch.fused; limits as analytic."""
+    torch = pytest.importorskip("torch")
+    _fused_cpu.warm_up(("float64",))
+    ran = []
+    original = _fused_cpu._run
+
+    def spy(call, *args):
+        ran.append(str(call.op.value))
+        return original(call, *args)
+
+    monkeypatch.setattr(_fused_cpu, "_run", spy)
+    rng = np.random.default_rng(5)
+    values = rng.standard_normal((40, 60)) * 3
+    values[0, :3] = np.inf  # a line of three +inf: 1/3 each
+    values[1, :] = -np.inf  # nothing included: 0
+    values[2, 5] = np.nan  # NaN propagates
+    if axis == 0:
+        values = np.ascontiguousarray(values.T)
+    x = torch.from_numpy(values).requires_grad_(True)
+    g = torch.from_numpy(rng.standard_normal(values.shape[1 - (axis % 2)]))
+    with lse_dispatch.trace() as seen:
+        (lse_dispatch.logsumexp(x, axis=axis) * g).sum().backward()
+    assert seen.implementations == ["autodiff"]
+    assert ran == ["state", "softmax"]
+    lines = np.moveaxis(values, axis, -1)
+    grad = np.moveaxis(x.grad.numpy(), axis, -1)
+    np.testing.assert_allclose(grad[0, :3], np.full(3, g[0].item() / 3), rtol=4 * np.finfo(np.float64).eps)
+    np.testing.assert_array_equal(grad[0, 3:], 0.0)
+    np.testing.assert_array_equal(grad[1], 0.0)
+    assert np.isnan(grad[2]).all()
+    finite = lines[3:]
+    expected = np.exp(finite - np.log(np.exp(finite).sum(axis=-1, keepdims=True))) * g.numpy()[3:, None]
+    np.testing.assert_allclose(grad[3:], expected, rtol=1e-13, atol=1e-300)
+    # Both passes ran torch.fused (grad mode is off inside the Function).
+    with lse_dispatch.trace() as inner, torch.no_grad():
+        lse_dispatch.logsumexp(x.detach(), axis=axis)
+        lse_dispatch.softmax(x.detach(), axis=axis)
+    assert inner.implementations == ["torch.fused", "torch.fused"]
+
+
 def test_masked_log_softmax_backward_matches_the_op_form():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(4)

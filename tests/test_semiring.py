@@ -19,6 +19,9 @@ import lse_dispatch
 from lse_dispatch import AxisError, logcumsumexp, logmatmulexp, oracle, semiring
 from lse_dispatch.cases import ULP_BUDGET, round_to
 
+from ._helpers import need_dtype as _need
+from ._helpers import np_dtype as _np_dtype
+
 pytestmark = [
     # torch's forward-AD setup (gradcheck's check_forward_ad) still calls torch.jit.script.
     pytest.mark.filterwarnings("ignore:`torch.jit.script.*` is deprecated:DeprecationWarning"),
@@ -26,19 +29,6 @@ pytestmark = [
 
 inf, nan = math.inf, math.nan
 REAL_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-
-def _np_dtype(dtype: str):
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(dtype)
-
-
-def _need(backend, dtype: str) -> None:
-    if dtype not in backend.dtypes:
-        pytest.skip(f"{backend.id} has no {dtype}")
 
 
 _PRECISION = {"float16": 11, "bfloat16": 8, "float32": 24, "float64": 53}

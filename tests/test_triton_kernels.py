@@ -42,6 +42,7 @@ from lse_dispatch.backends import _torch_triton  # noqa: E402
 from lse_dispatch.backends import _triton_kernels as kernels  # noqa: E402
 
 from ._helpers import FUNCTIONS  # noqa: E402
+from ._helpers import np_dtype as _np_dtype  # noqa: E402
 from .test_dispatch_paths import LIMITS, _hard_inputs  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
@@ -77,14 +78,6 @@ def _tensor(values, dtype, requires_grad=False):
 
 def _host(x):
     return x.detach().to(torch.float64).cpu().numpy() if x.dtype == torch.bfloat16 else x.detach().cpu().numpy()
-
-
-def _np_dtype(dtype):
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(dtype)
 
 
 def _forced(op, x, **kwargs):
