@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from lse_dispatch import semiring
 from lse_dispatch._namespace import DtypePlan
-from lse_dispatch._state import LSEState, finalize, merge
+from lse_dispatch._state import LSEState, finalize
 
 __all__ = ["logcumsumexp", "logmatmulexp", "takes"]
 
@@ -41,13 +41,10 @@ class _Static:
 
 
 def _scan_last(jnp, x, static):
-    """The forward along the last axis of ``x`` (compute dtype, scan order)."""
-    import jax
-
-    acc = static.plan.accumulator
-    state = jax.lax.associative_scan(
-        lambda first, second: merge(jnp, first, second), semiring.single_states(jnp, x, acc), axis=x.ndim - 1
-    )
+    """The forward along the last axis of ``x`` (compute dtype, scan order): the running max and a
+    log-step linear recurrence (``semiring.recurrence_states``), which XLA compiles several times faster
+    than an associative scan of ``merge``."""
+    state = semiring.recurrence_states(jnp, x, static.plan.accumulator)
     value, _ = finalize(jnp, state, static.plan.result)
     return value
 

@@ -70,7 +70,7 @@ class LogCumSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(x, static):
-        method = "scan" if _transformed(x) else None
+        method = "recurrence" if _transformed(x) else None
         return semiring.cumulative(xp, x, static.axis, static.plan, reverse=static.reverse, method=method)
 
     @staticmethod

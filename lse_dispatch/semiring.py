@@ -19,11 +19,14 @@ the sum of every term but one at the max (``d(i)``, its first occurrence), so
 that ``lse_i = m_i + log1p(T_i)`` keeps the tiny ``T_i`` of ``[0, -40]``.
 ``T_i`` is a sum of non-negative terms, so no step cancels.
 
-* *Generic path* (array-api-strict, CuPy, and JAX through
-  ``lax.associative_scan``): the prefix states are a scan of
-  :func:`~lse_dispatch._state.merge`, log-step (Hillis--Steele), each prefix
-  a merge tree of depth ``ceil(log2 n)``; finalised by
-  :func:`~lse_dispatch._state.finalize`.
+* *Lazy-safe path* (JAX, torch under ``torch.func``, namespaces without a
+  native running max): the blocked path below with one entry per block
+  (:func:`recurrence_states`), which reads no value on the host: the
+  running max fixes every reference, the rest is a log-step linear
+  recurrence; finalised by :func:`~lse_dispatch._state.finalize`.  (A
+  log-step scan of :func:`~lse_dispatch._state.merge` is kept as the
+  method ``"scan"``; it needs no running max but carries three arrays
+  through every level.)
 * *Blocked path* (eager NumPy and torch, and each Dask chunk): the running
   max ``m`` (a native ``cummax``) fixes every reference in advance.  Blocks
   of ``B`` entries take the block's last running max ``R_b`` as reference; a
@@ -197,14 +200,16 @@ def logcumsumexp(x, /, *, axis=None, include_initial=False, reverse=False):
 def cumulative(xp, x: Array, axis: int, plan: DtypePlan, *, include_initial=False, reverse=False, method=None):
     """``logcumsumexp`` of a real array of namespace ``xp`` (result dtype ``plan.result``).
 
-    ``method`` is ``"blocked"`` (eager namespaces), ``"scan"`` (the
-    log-step merge scan, lazy-safe) or ``None`` for the namespace's default.
+    ``method`` is ``"blocked"`` (eager namespaces), ``"recurrence"`` (the
+    running max and a log-step linear recurrence, lazy-safe: the default of
+    lazy namespaces), ``"scan"`` (the log-step merge scan, lazy-safe) or
+    ``None`` for the namespace's default.
     Shared by the public function, the derivative wrappers and the tests,
     which force each method.
     """
     if method is None:
         numerics = numerics_for(xp)
-        method = "scan" if numerics.lazy or numerics.cummax is None else "blocked"
+        method = "recurrence" if numerics.lazy or numerics.cummax is None else "blocked"
     x = xp.astype(x, plan.compute)
     if reverse:
         x = xp.flip(x, axis=axis)
@@ -223,7 +228,8 @@ def cumulative(xp, x: Array, axis: int, plan: DtypePlan, *, include_initial=Fals
                     moved = xp.reshape(xp.reshape(moved, (-1,)), moved.shape)
                 out = _blocked_lines(xp, moved, plan)
             else:
-                state = _merge_scan(xp, moved, plan.accumulator)
+                scan = recurrence_states if method == "recurrence" else _merge_scan
+                state = scan(xp, moved, plan.accumulator)
                 out, _ = finalize(xp, state, plan.result)
         out = _move(xp, out, -1, axis)
     if include_initial:
@@ -233,6 +239,44 @@ def cumulative(xp, x: Array, axis: int, plan: DtypePlan, *, include_initial=Fals
     if reverse:
         out = xp.flip(out, axis=axis)
     return out
+
+
+def recurrence_states(xp, x: Array, accumulator) -> LSEState:
+    """Inclusive prefix states along the last axis, with no value read on the host.
+
+    The running max ``m_i`` (a native ``cummax`` where the library has one)
+    is every prefix's reference, so the rest obeys the linear recurrence
+    ``T_i = alpha_i T_{i-1} + beta_i`` with ``alpha_i = exp(m_{i-1} - m_i)``
+    (exact difference; 1 while the max stands) and ``beta_i`` the new term
+    ``exp(x_i - m_i)`` or, at a new max (whose entry becomes the designated
+    one), the former designated term ``alpha_i``.  Solved log-step by
+    :func:`_linear_scan`: every quantity is non-negative, so no level
+    cancels, and prefix ``i`` sees ``ceil(log2 n)`` levels of two roundings.
+    This is the blocked scan with one entry per block; it is what lazy and
+    traced namespaces run (a few operations per level, where the merge scan
+    carries three arrays through every level: JAX compiles it several times
+    faster).
+    """
+    shape = tuple(x.shape)
+    n = shape[-1]
+    if n == 0 or math.prod(shape) == 0:  # nothing to scan (and no -1 in a reshape of an empty array)
+        return single_states(xp, x, accumulator)
+    lines = xp.reshape(x, (-1, n))
+    rows = lines.shape[0]
+    device = array_api_compat.device(x)
+    neg_inf = scalar(xp, -math.inf, x)
+    xs = xp.where(xp.isfinite(lines), lines, neg_inf)
+    m = cummax(xp, xs, axis=1)
+    first = xp.full((rows, 1), -math.inf, dtype=x.dtype, device=device)
+    before = xp.concat([first, m[:, : n - 1]], axis=1)
+    shift = xp.where(m == -math.inf, scalar(xp, 0.0, m), m)
+    terms = exp_difference(xp, xs, shift, accumulator)  # exp(x_i - m_i) <= 1; 0 for -inf
+    alpha = exp_difference(xp, before, shift, accumulator)  # 0 after an empty prefix
+    beta = xp.where(m > before, alpha, terms)
+    nothing = xp.zeros((rows, 1), dtype=accumulator, device=device)
+    rest = _linear_scan(xp, alpha, beta, nothing)
+    m, count = _non_finite_prefixes(xp, lines, m, first, xp.ones_like(rest), nothing)
+    return LSEState(*(xp.reshape(field, shape) for field in (m, count, rest)))
 
 
 def _move(xp, x: Array, source: int, destination: int) -> Array:

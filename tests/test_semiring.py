@@ -192,10 +192,10 @@ def _forced(backend):
         pytest.skip("the methods are forced on eager namespaces; JAX and Dask have their own kernels")
 
 
-@pytest.mark.parametrize("method", ["blocked", "scan"])
+@pytest.mark.parametrize("method", ["blocked", "recurrence", "scan"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", SCAN_CASES)
-def test_both_scan_methods_match_the_oracle(backend, name, dtype, method):
+def test_every_scan_method_matches_the_oracle(backend, name, dtype, method):
     _need(backend, dtype)
     _forced(backend)
     values, axis, exact, _ = _scan_case(name, dtype)
@@ -233,7 +233,7 @@ def test_error_grows_no_faster_than_the_condition_number(dtype):
     values = round_to(rng.standard_normal((4, 400)), dtype)
     exact = oracle.exact_logcumsumexp(values, axis=1)
     kappa = prefix_condition(values, exact)
-    for method in ("blocked", "scan"):
+    for method in ("blocked", "recurrence", "scan"):
         xp = pytest.importorskip("array_api_compat.numpy")
         x = np.asarray(values, dtype=dtype)
         got = semiring.cumulative(xp, x, 1, semiring.plan_dtypes(xp, x), method=method)
@@ -282,7 +282,7 @@ def test_logcumsumexp_limits_in_every_eager_method():
     xp = pytest.importorskip("array_api_compat.numpy")
     for values, want in LIMIT_ROWS.values():
         x = np.array(values)
-        for method in ("blocked", "scan"):
+        for method in ("blocked", "recurrence", "scan"):
             assert_stated(semiring.cumulative(xp, x, 0, semiring.plan_dtypes(xp, x), method=method), want)
 
 
