@@ -7,6 +7,8 @@ Running a catalogue case is ``lse_dispatch.cases.run_case`` (the runner that
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -44,3 +46,17 @@ def need_dtype(backend, dtype: str) -> None:
     """Skip unless ``backend`` (a test target) has ``dtype``."""
     if dtype not in backend.dtypes:
         pytest.skip(f"{backend.id} has no {dtype}")
+
+
+INF, NAN = math.inf, math.nan
+#: (input, logsumexp, softmax, log_softmax) of one line, exact: the contract's
+#: limits, which every kernel is held to (padded with -inf by the callers).
+LIMIT_ROWS = [
+    ([INF, 1.0, INF], INF, [0.5, 0.0, 0.5], [-math.log(2), -INF, -math.log(2)]),
+    ([-INF, -INF, -INF], -INF, [0.0, 0.0, 0.0], [-INF, -INF, -INF]),
+    ([-INF, 0.0, -INF], 0.0, [0.0, 1.0, 0.0], [-INF, 0.0, -INF]),
+    ([NAN, 0.0, 1.0], NAN, [NAN, NAN, NAN], [NAN, NAN, NAN]),
+    ([INF, NAN, 0.0], NAN, [NAN, NAN, NAN], [NAN, NAN, NAN]),
+    ([0.0, NAN, 1.0], NAN, [NAN, NAN, NAN], [NAN, NAN, NAN]),
+    ([1.0e30, 1.0e30, -1.0e30], 1.0e30 + math.log(2), [0.5, 0.5, 0.0], [-math.log(2), -math.log(2), -2.0e30]),
+]

@@ -26,14 +26,15 @@ reason and the generic implementation ran instead.  What declines what:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
 import lse_dispatch
 from lse_dispatch import oracle
 from lse_dispatch.backends import _fused_cpu
+
+from ._helpers import INF, NAN
+from ._helpers import LIMIT_ROWS as LIMITS
 
 mpmath = pytest.importorskip("mpmath")
 
@@ -273,16 +274,6 @@ def test_long_strided_axis(backend, implementation, dtype):
             _assert_ulps(got, exact[op], np.dtype(dtype), f"{op} ({backend}, {implementation}, {runner.__name__})")
 
 
-INF, NAN = math.inf, math.nan
-# (input, logsumexp, softmax, log_softmax) along the last axis, exact.
-LIMITS = [
-    ([INF, 1.0, INF], INF, [0.5, 0.0, 0.5], [-math.log(2), -INF, -math.log(2)]),
-    ([-INF, -INF, -INF], -INF, [0.0, 0.0, 0.0], [-INF, -INF, -INF]),
-    ([-INF, 0.0, -INF], 0.0, [0.0, 1.0, 0.0], [-INF, 0.0, -INF]),
-    ([NAN, 0.0, 1.0], NAN, [NAN, NAN, NAN], [NAN, NAN, NAN]),
-    ([INF, NAN, 0.0], NAN, [NAN, NAN, NAN], [NAN, NAN, NAN]),
-    ([1.0e30, 1.0e30, -1.0e30], 1.0e30 + math.log(2), [0.5, 0.5, 0.0], [-math.log(2), -math.log(2), -2.0e30]),
-]
 
 
 @pytest.mark.parametrize("pad", [0, 2000], ids=["short", "padded"])

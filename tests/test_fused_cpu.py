@@ -30,6 +30,9 @@ import lse_dispatch
 from lse_dispatch import oracle
 from lse_dispatch.backends import _fused_cpu
 
+from ._helpers import INF, NAN
+from ._helpers import LIMIT_ROWS as LIMITS
+
 numba = pytest.importorskip("numba")
 mpmath = pytest.importorskip("mpmath")
 
@@ -365,16 +368,6 @@ def test_read_only_input_reuses_the_compiled_code():
     assert len(K._items.overloads) == overloads == 2  # one per dtype (both warmed up)
 
 
-INF, NAN = math.inf, math.nan
-LIMITS = [
-    ([INF, 1.0, INF], INF, [0.5, 0.0, 0.5], [-math.log(2), -INF, -math.log(2)]),
-    ([-INF, -INF, -INF], -INF, [0.0, 0.0, 0.0], [-INF, -INF, -INF]),
-    ([-INF, 0.0, -INF], 0.0, [0.0, 1.0, 0.0], [-INF, 0.0, -INF]),
-    ([NAN, 0.0, 1.0], NAN, [NAN, NAN, NAN], [NAN, NAN, NAN]),
-    ([INF, NAN, 0.0], NAN, [NAN, NAN, NAN], [NAN, NAN, NAN]),
-    ([0.0, NAN, 1.0], NAN, [NAN, NAN, NAN], [NAN, NAN, NAN]),
-    ([1.0e30, 1.0e30, -1.0e30], 1.0e30 + math.log(2), [0.5, 0.5, 0.0], [-math.log(2), -math.log(2), -2.0e30]),
-]
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
