@@ -36,6 +36,8 @@ OPS = ("logsumexp", "softmax", "log_softmax")
 # The log-semiring functions (family "semiring"), optional beside the three:
 # logcumsumexp(x, axis, reverse=False) and logmatmulexp(a, b).
 SEMIRING_OPS = ("logcumsumexp", "logmatmulexp")
+# Every function an implementation may bring.
+ALL_OPS = OPS + SEMIRING_OPS
 XFAIL_DIR = Path(__file__).with_name("xfail")
 
 
@@ -81,10 +83,10 @@ class Implementation:
     source: str = ""  # the --impl text that loads it again ("" when built in Python)
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.functions) - set(OPS) - set(SEMIRING_OPS))
+        unknown = sorted(set(self.functions) - set(ALL_OPS))
         if unknown or not self.functions:
             raise ValueError(f"implementation {self.name!r}: functions must be a non-empty subset of "
-                             f"{', '.join(OPS + SEMIRING_OPS)}; got {', '.join(unknown) or 'none'}")
+                             f"{', '.join(ALL_OPS)}; got {', '.join(unknown) or 'none'}")
 
     def accepts(self, backend: str) -> bool:
         return self.backends is None or backend in self.backends
@@ -97,7 +99,7 @@ class Implementation:
         """What reports record about it."""
         has_xfails = self.xfail_file is not None and self.xfail_file.exists()
         return {"name": self.name, "description": self.description, "strict": self.strict,
-                "functions": [op for op in OPS + SEMIRING_OPS if op in self.functions],
+                "functions": [op for op in ALL_OPS if op in self.functions],
                 "xfail_file": self.xfail_file.name if has_xfails else None, "versions": self.versions}
 
     def __call__(self, op: str, x, **kwargs):
@@ -133,7 +135,7 @@ def _ours() -> Implementation:
 
     return Implementation(
         "ours",
-        {op: getattr(lse_dispatch, op) for op in OPS + SEMIRING_OPS},
+        {op: getattr(lse_dispatch, op) for op in ALL_OPS},
         strict=True,
         xfail_file=XFAIL_DIR / "ours.toml",
         description="lse_dispatch (this project)",
@@ -364,8 +366,8 @@ def parse(spec: str) -> dict[str, str]:
             if position >= len(OPS):
                 raise ValueError(f"--impl {spec!r}: more than three functions")
             op = OPS[position]
-        elif op not in OPS + SEMIRING_OPS:
-            raise ValueError(f"--impl {spec!r}: {op!r} is not one of {', '.join(OPS + SEMIRING_OPS)}")
+        elif op not in ALL_OPS:
+            raise ValueError(f"--impl {spec!r}: {op!r} is not one of {', '.join(ALL_OPS)}")
         if op in chosen:
             raise ValueError(f"--impl {spec!r}: {op} is given twice")
         chosen[op] = reference
@@ -376,9 +378,9 @@ def _from_references(spec: str, name: str | None) -> Implementation:
     text = spec.strip()
     if not any(mark in text for mark in ":=,"):  # a module: the functions it has
         module = _import(text)
-        functions = {op: getattr(module, op) for op in OPS + SEMIRING_OPS if callable(getattr(module, op, None))}
+        functions = {op: getattr(module, op) for op in ALL_OPS if callable(getattr(module, op, None))}
         if not functions:
-            raise ValueError(f"--impl {spec!r}: module {text!r} has none of {', '.join(OPS)}")
+            raise ValueError(f"--impl {spec!r}: module {text!r} has none of {', '.join(ALL_OPS)}")
         label = text
     else:
         references = parse(text)
