@@ -49,6 +49,8 @@ import math
 import os
 import threading
 
+from . import _torch_eager
+
 __all__ = [
     "FIRST_CALL_ELEMENTS",
     "PARALLEL_ELEMENTS",
@@ -231,8 +233,6 @@ def _numpy_declines(call) -> str | None:
 
 
 def _torch_declines(call) -> str | None:
-    from . import _torch_eager
-
     a = call.a
     reason = _torch_eager.declines(a, "kernel is CPU-only")
     if reason is not None:

@@ -254,7 +254,7 @@ class _NormalisedReverse(torch.autograd.Function):
     def backward(ctx, g):
         out, where = _saved(ctx)
         # Double backward and torch.compile's traced backward keep the op form.
-        if ctx.fused and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if ctx.fused and _plain_backward():
             fused = _fused_cpu.softmax_backward(ctx.op, out, where, g, ctx.axes)
             if fused is not None:
                 return fused, None, None
