@@ -232,16 +232,24 @@ def _numpy_declines(call) -> str | None:
     return reason
 
 
+#: torch dtype -> its name, for the dtypes the kernel takes (filled on first use).
+_TORCH_NAMES: dict = {}
+
+
 def _torch_declines(call) -> str | None:
     a = call.a
     reason = _torch_eager.declines(a, "kernel is CPU-only")
     if reason is not None:
         return reason
+    if not _TORCH_NAMES:
+        import torch
+
+        _TORCH_NAMES.update({torch.float32: "float32", torch.float64: "float64"})
     if a.is_conj() or a.is_neg():
         return "lazily conjugated or negated view"
     if call.plan.compute != a.dtype:
         return "input needs a cast"
-    dtype_name = str(a.dtype).removeprefix("torch.")
+    dtype_name = _TORCH_NAMES.get(a.dtype) or str(a.dtype).removeprefix("torch.")
     reason = _common_declines(call, tuple(a.shape), dtype_name, a.is_contiguous())
     if reason is None and call.where is not None and call.where.device.type != "cpu":
         reason = f"where on device {call.where.device.type}"
@@ -297,17 +305,60 @@ def _threads_for(size, library) -> int:
 # Running a call on NumPy arrays (torch tensors come as views).
 
 
-def _views(a, axes, where):
-    """``(view, axis, mask)``: 2-D views of the input and of ``where`` (uint8, or ``None``)."""
+#: (shape, axes, itemsize, mode) -> :class:`_Geometry`, first in first out.
+_GEOMETRIES: dict = {}
+_GEOMETRIES_SIZE = 256
+
+
+class _Geometry:
+    """What a call's shape, reduced axes, itemsize and mode fix: worked out once per
+    signature (layout, view shape, :func:`plan`, the keepdims shape), since most
+    calls repeat the last one's."""
+
+    __slots__ = ("axis", "keep", "lines", "normalised", "phases", "plan", "single", "view_shape")
+
+    def __init__(self, shape, axes, itemsize, mode):
+        kernels = _KERNELS[0]
+        axis = _reduced_axis(axes, len(shape))
+        n = math.prod(shape[ax] for ax in axes)
+        rest = math.prod(shape) // n
+        self.axis = axis
+        self.view_shape = (rest, n) if axis == 1 else (n, rest)
+        self.lines = rest
+        self.keep = tuple(1 if ax in axes else extent for ax, extent in enumerate(shape))
+        self.normalised = mode >= kernels.LOG_SOFTMAX
+        exact = itemsize == 8 or mode == kernels.STATE
+        span, width, parts, blocks, phases = kernels.plan(self.view_shape, axis, itemsize, exact, self.normalised)
+        self.plan = (axis, span, width, parts, blocks)
+        self.phases = phases
+        #: One phase, pieces = lines: per-line results go straight into ``per_line``.
+        self.single = parts == 1
+
+
+def _geometry(shape, axes, itemsize, mode) -> _Geometry:
+    key = (shape, axes, itemsize, mode)
+    found = _GEOMETRIES.get(key)
+    if found is None:
+        found = _Geometry(shape, axes, itemsize, mode)
+        if len(_GEOMETRIES) >= _GEOMETRIES_SIZE:
+            del _GEOMETRIES[next(iter(_GEOMETRIES))]
+        _GEOMETRIES[key] = found
+    return found
+
+
+def _mask_view(where, shape, view_shape):
+    """``where`` as a contiguous uint8 array of the 2-D view's shape (a broadcast one is copied)."""
     import numpy as np
 
+    return np.ascontiguousarray(np.broadcast_to(where, shape)).reshape(view_shape).view(np.uint8)
+
+
+def _views(a, axes, where):
+    """``(view, axis, mask)``: 2-D views of the input and of ``where`` (uint8, or ``None``)."""
     axis = _reduced_axis(axes, a.ndim)
     n = math.prod(a.shape[ax] for ax in axes)
     view = a.reshape((-1, n) if axis == 1 else (n, -1))
-    mask = None
-    if where is not None:
-        # A broadcast mask is made contiguous (one byte per entry).
-        mask = np.ascontiguousarray(np.broadcast_to(where, a.shape)).reshape(view.shape).view(np.uint8)
+    mask = None if where is None else _mask_view(where, a.shape, view.shape)
     return view, axis, mask
 
 
@@ -328,29 +379,25 @@ class _Lines:
 
     __slots__ = ("axis", "bad", "flagged_lines", "mask", "out", "per_line", "view")
 
-    def __init__(self, view, axis, mask, mode, threads):
-        import numpy as np
-
-        kernels = _KERNELS[0] or _kernels()
+    def __init__(self, view, geometry, mask, mode, threads):
+        np = _MODULES[0]
         dtype = view.dtype
-        lines = view.shape[1 - axis]
-        normalised = mode >= kernels.LOG_SOFTMAX
-        exact = dtype.itemsize == 8 or mode == kernels.STATE
-        span, width, parts, blocks, phases = kernels.plan(view.shape, axis, dtype.itemsize, exact, normalised)
+        axis, span, width, parts, blocks = geometry.plan
+        lines = geometry.lines
         no_mask, no_output = _nothing(dtype)
         self.view, self.axis, self.mask = view, axis, mask
-        self.out = np.empty(view.shape, dtype) if normalised else no_output
+        self.out = np.empty(view.shape, dtype) if geometry.normalised else no_output
         self.per_line = np.empty((4, lines))
         self.bad = np.zeros(lines, np.uint8)
         if parts == 1:
             pieces = self.per_line[:3].reshape(3, 1, lines)
         else:
             pieces = np.empty((3, lines, parts) if axis == 1 else (3, parts, lines))
-        entry = _compiled(_NAMES[dtype])
+        entry = _ENTRIES.get((_NAMES[dtype], "forward")) or _compiled(_NAMES[dtype])
         args = (view, no_mask if mask is None else mask, mask is not None, mode, 0, self.out, pieces, self.per_line,
                 self.bad, axis, span, width, parts, blocks)
         self.flagged_lines = 0  # counted by the phases that finish lines
-        for phase, items in phases:
+        for phase, items in geometry.phases:
             if phase:
                 args = args[:4] + (phase,) + args[5:]
             self.flagged_lines += _launch(entry, args, items, threads)
@@ -381,37 +428,41 @@ def _run(call, a, where, library):
     if _KERNELS[0] is None:
         _kernels()
     np, _generic, Op, LSEState = _MODULES
-    view, axis, mask = _views(a, call.axes, where)
-    done = _Lines(view, axis, mask, _MODES[call.op], _threads_for(a.size, library))
-    keep = _generic.keepdims_shape(call)
+    op = call.op
+    mode = _MODES[op]
+    geometry = _geometry(a.shape, call.axes, a.itemsize, mode)
+    view = a.reshape(geometry.view_shape)
+    mask = None if where is None else _mask_view(where, a.shape, geometry.view_shape)
+    done = _Lines(view, geometry, mask, mode, _threads_for(a.size, library))
+    if geometry.normalised and not done.flagged_lines:
+        return done.out.reshape(a.shape)
+    keep = geometry.keep
     dtype = a.dtype
-    found = done.flagged(call.op, call.return_sign)
+    found = done.flagged(op, call.return_sign)
     # Flagged lines hold whatever the compiled code left (overwritten below),
     # and a value beyond the dtype's range is a correct +inf: no warnings.
     with np.errstate(over="ignore", invalid="ignore"):
-        if call.op == Op.STATE:
+        if op == Op.STATE:
             fields = [done.per_line[0].astype(dtype), done.per_line[1], done.per_line[2]]
-        elif call.op == Op.LOGSUMEXP:
-            fields = [done.per_line[3].astype(dtype), np.ones(view.shape[1 - axis], dtype)]
+        elif op == Op.LOGSUMEXP:
+            fields = [done.per_line[3].astype(dtype), np.ones(geometry.lines, dtype)]
     if found is None:
-        if call.op in (Op.STATE, Op.LOGSUMEXP):
-            fields = [field.reshape(keep) for field in fields]
-            return LSEState(*fields) if call.op == Op.STATE else tuple(fields)
-        return done.out.reshape(a.shape)
+        fields = [field.reshape(keep) for field in fields]
+        return LSEState(*fields) if op == Op.STATE else tuple(fields)
     lines, sub = found
     with np.errstate(all="ignore"):
         sub_state = _generic.state(sub)
-        if call.op == Op.STATE:
+        if op == Op.STATE:
             parts = sub_state
-        elif call.op == Op.LOGSUMEXP:
+        elif op == Op.LOGSUMEXP:
             parts = _generic.logsumexp_from_state(sub, sub_state)
         else:
-            done.put(done.out, lines, _generic.normalised_from_state(sub, sub_state, call.op == Op.LOG_SOFTMAX))
+            done.put(done.out, lines, _generic.normalised_from_state(sub, sub_state, op == Op.LOG_SOFTMAX))
             return done.out.reshape(a.shape)
     for field, part in zip(fields, parts):
         field[lines] = np.reshape(part, -1)
     fields = [field.reshape(keep) for field in fields]
-    return LSEState(*fields) if call.op == Op.STATE else tuple(fields)
+    return LSEState(*fields) if op == Op.STATE else tuple(fields)
 
 
 def _numpy_run(call):
@@ -421,7 +472,9 @@ def _numpy_run(call):
 def _torch_run(call):
     import torch
 
-    result = _run(call, call.a.detach().numpy(), None if call.where is None else call.where.detach().numpy(), "torch")
+    a, where = call.a, call.where  # one that requires grad comes here only under no_grad
+    result = _run(call, (a.detach() if a.requires_grad else a).numpy(),
+                  None if where is None else where.detach().numpy(), "torch")
     if isinstance(result, tuple):
         return type(result)(*(torch.from_numpy(part) for part in result)) if hasattr(result, "_fields") else tuple(
             torch.from_numpy(part) for part in result)

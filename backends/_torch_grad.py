@@ -25,24 +25,24 @@ __all__ = ["KERNELS"]
 def _differentiating(call: Call) -> bool:
     """Whether autograd or a torch.func transform could differentiate ``call``."""
     import torch
-    from torch.autograd import forward_ad
 
-    tensors = (call.a,) if call.b is None else (call.a, call.b)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    a, b = call.a, call.b
+    if torch.is_grad_enabled() and (a.requires_grad or (b is not None and b.requires_grad)):
         return True
-    if forward_ad._current_level >= 0:
+    if torch.autograd.forward_ad._current_level >= 0:
         return True
     if torch.compiler.is_compiling():
         # Dynamo cannot trace the functorch check; inside a compiled graph
         # derivatives come from autograd, which requires_grad already covers.
         return False
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return wrapped(a) or (b is not None and wrapped(b))
 
 
 def _declines(call: Call) -> str | None:
     if call.plan.is_complex:
         return "complex input: the generic operations' own derivatives apply"
-    if any(call.shape[ax] == 0 for ax in call.axes) or any(n == 0 for n in call.shape):
+    if 0 in call.shape:  # the reduced axes are among them
         return "empty input: nothing to differentiate"
     if not _differentiating(call):
         return "no derivative is being taken"

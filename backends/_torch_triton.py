@@ -72,16 +72,16 @@ def _declines(call: Call) -> str | None:
     if torch.compiler.is_compiling():  # first: Dynamo traces no further than this
         return "inside torch.compile tracing"
     a = call.a
+    # The device first: it is what declines every CPU call, cheaply.
+    device = a.device.type
+    if device != "cuda" and not (device == "cpu" and _interpreting() and _chosen_by_name()):
+        return f"device {device} (CUDA tensors only; CPU tensors under TRITON_INTERPRET=1 when chosen by name)"
     if call.b is not None:
         return "b given"
     if call.plan.is_complex:
         return "complex input"
     if a.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return f"dtype {a.dtype} (kernels take float16, bfloat16, float32, float64)"
-    if a.device.type != "cuda":
-        if not (_interpreting() and a.device.type == "cpu" and _chosen_by_name()):
-            return (f"device {a.device.type} (CUDA tensors only; CPU tensors under TRITON_INTERPRET=1 "
-                    f"when chosen by name)")
     missing = _triton_missing()
     if missing is not None:
         return missing

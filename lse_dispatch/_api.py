@@ -70,7 +70,7 @@ def _prepare(op: Op, a, axis, b, where, return_sign: bool = False) -> tuple[Call
             if plan is None:
                 plan = _FAST_PLANS[key] = plan_dtypes(xp, a)
             shape = tuple(a.shape)
-            return Call(op, xp, a, None, None, normalize_axis(axis, len(shape)), shape, plan, bool(return_sign)), None
+            return Call.trusted(op, xp, a, normalize_axis(axis, len(shape)), shape, plan, bool(return_sign)), None
     a, b, where, mask = unwrap_numpy_subclasses(a, b, where)
     return prepare(op, a, axis=axis, b=b, where=where, return_sign=return_sign), mask
 

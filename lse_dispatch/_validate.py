@@ -25,12 +25,29 @@ class AxisError(np.exceptions.AxisError):
         super().__init__(message)
 
 
+#: ``(axis, ndim)`` -> the normalised axes, for ``None`` and the valid plain ints seen
+#: (only those: ``1.0`` and ``(1,)`` hash as ``1`` and must still be checked).
+_NORMALIZED: dict = {}
+
+
 def normalize_axis(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
     """Return ``axis`` as a sorted tuple of distinct non-negative axes.
 
     ``None`` means every axis and ``()`` means none.  Negative axes count
     from the end.
     """
+    plain = axis is None or type(axis) is int
+    if plain:
+        found = _NORMALIZED.get((axis, ndim))
+        if found is not None:
+            return found
+    found = _normalize_axis(axis, ndim, name)
+    if plain and len(_NORMALIZED) < 1024:
+        _NORMALIZED[axis, ndim] = found
+    return found
+
+
+def _normalize_axis(axis, ndim: int, name: str) -> tuple[int, ...]:
     if axis is None:
         return tuple(range(ndim))
     items = axis if isinstance(axis, tuple) else (axis,)
