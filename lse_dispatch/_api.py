@@ -94,6 +94,8 @@ def _normalised_out(call: Call, out: Array, mask) -> Array:
 def _squeeze(call: Call, x: Array, keepdims: bool) -> Array:
     if keepdims or not call.axes:
         return x
+    if type(x) is np.ndarray:  # the method: a third of the namespace function's time
+        return x.squeeze(axis=call.axes)
     return call.xp.squeeze(x, axis=call.axes)
 
 

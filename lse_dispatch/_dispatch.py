@@ -466,6 +466,11 @@ def run(call: Call, backend: str | None = None) -> Any:
     choice, source = _resolve(backend)
     pairs = kernels_for(call.a, call.op)
     verbose = _observed()
+    if choice == "auto" and not verbose:  # the commonest case, without bookkeeping
+        for _, kernel in pairs:
+            if kernel.declines(call) is None:
+                return kernel.run(call)
+        return GENERIC[call.op](call)
     declined: list[tuple[str, str]] = []
     kernels, skipped = _candidates(pairs, choice)
     chosen = None

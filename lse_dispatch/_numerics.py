@@ -154,7 +154,9 @@ def numerics_for(xp) -> Numerics:
 
 @compile_time_constant
 def _numerics_key(xp) -> str:
-    key = getattr(xp, "__name__", repr(xp))
+    key = getattr(xp, "__name__", None)
+    if key is None:  # not as getattr's default: repr() on every call costs a microsecond
+        key = repr(xp)
     if key not in _BY_NAMESPACE:
         declared = None if _LOOKUP is None else _LOOKUP(xp)
         _BY_NAMESPACE[key] = DEFAULT if declared is None else declared
