@@ -232,8 +232,15 @@ def _numpy_declines(call) -> str | None:
     return reason
 
 
-#: torch dtype -> its name, for the dtypes the kernel takes (filled on first use).
+#: torch dtype -> its name (``str(dtype)`` without the prefix), as it is met.
 _TORCH_NAMES: dict = {}
+
+
+def _torch_name(dtype) -> str:
+    name = _TORCH_NAMES.get(dtype)
+    if name is None:
+        name = _TORCH_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 def _torch_declines(call) -> str | None:
@@ -241,15 +248,11 @@ def _torch_declines(call) -> str | None:
     reason = _torch_eager.declines(a, "kernel is CPU-only")
     if reason is not None:
         return reason
-    if not _TORCH_NAMES:
-        import torch
-
-        _TORCH_NAMES.update({torch.float32: "float32", torch.float64: "float64"})
     if a.is_conj() or a.is_neg():
         return "lazily conjugated or negated view"
     if call.plan.compute != a.dtype:
         return "input needs a cast"
-    dtype_name = _TORCH_NAMES.get(a.dtype) or str(a.dtype).removeprefix("torch.")
+    dtype_name = _torch_name(a.dtype)
     reason = _common_declines(call, tuple(a.shape), dtype_name, a.is_contiguous())
     if reason is None and call.where is not None and call.where.device.type != "cpu":
         reason = f"where on device {call.where.device.type}"
@@ -529,23 +532,28 @@ def softmax_backward(op, out, where, g, axes):
     and one to write.  Entries where ``y`` (or ``exp(z)``) is 0 get exactly
     the op form's value.
     """
-    import numpy as np
     import torch
 
     if torch.compiler.is_compiling():  # a traced backward keeps the op form
         return None
-    if (out.device.type != "cpu" or g.device.type != "cpu" or out.dtype != g.dtype
-            or out.dtype not in (torch.float32, torch.float64) or not out.is_contiguous()
-            or _reduced_axis(tuple(axes), out.ndim) is None or tuple(g.shape) != tuple(out.shape)
-            or str(out.dtype).removeprefix("torch.") not in _SIGNATURES_SEEN or out.numel() == 0):
+    name = _torch_name(out.dtype)
+    if (name not in _SIGNATURES_SEEN or g.dtype != out.dtype or out.device.type != "cpu"
+            or g.device.type != "cpu" or not out.is_contiguous() or g.shape != out.shape):
         return None
-    y = out.detach().numpy()
-    grad = g.detach().contiguous().numpy()
-    view, axis, mask = _views(y, tuple(axes), None if where is None else where.detach().numpy())
-    result = np.empty_like(y)
+    shape = tuple(out.shape)
+    axes = tuple(axes)
+    if _reduced_axis(axes, len(shape)) is None or 0 in shape:
+        return None
+    geometry = _geometry(shape, axes, out.element_size(), _MODES[op])  # op: an Op or its name
+    view_shape, axis = geometry.view_shape, geometry.axis
+    np = _MODULES[0]
+    y = out.detach().numpy().reshape(view_shape)
+    grad = g.detach().contiguous().numpy().reshape(view_shape)
+    mask = None if where is None else _mask_view(where.detach().numpy(), shape, view_shape)
+    result = np.empty(view_shape, y.dtype)
     no_mask, _ = _nothing(y.dtype)
-    entry = _compiled(_FLOAT_NAMES[y.dtype.char], "backward")
-    args = (view, grad.reshape(view.shape), no_mask if mask is None else mask, mask is not None, axis,
-            op == "log_softmax", result.reshape(view.shape))
-    _launch(entry, args, _kernels().backward_items(view.shape, axis), _threads_for(y.size, "torch"))
+    entry = _ENTRIES.get((name, "backward")) or _compiled(name, "backward")
+    args = (y, grad, no_mask if mask is None else mask, mask is not None, axis, op == "log_softmax", result)
+    _launch(entry, args, _KERNELS[0].backward_items(view_shape, axis), _threads_for(y.size, "torch"))
+    result = result.reshape(shape)
     return torch.from_numpy(result)
