@@ -180,9 +180,11 @@ def _reduced_axis(axes, ndim) -> int | None:
     return None
 
 
-def _size_declines(call, dtype_name, size) -> str | None:
-    """Reasons of size: tiny calls the blocked kernels do faster, first calls too small to compile for."""
-    tiny = size <= TINY_ELEMENTS and len(call.axes) == len(call.shape) and call.where is None
+def _size_declines(call, dtype_name, size, tiny_path=True) -> str | None:
+    """Reasons of size: tiny calls the blocked kernels do faster (``tiny_path``: NumPy's
+    take a few microseconds; torch's convert to and from Python floats, slower than
+    this kernel's views), first calls too small to compile for."""
+    tiny = tiny_path and size <= TINY_ELEMENTS and len(call.axes) == len(call.shape) and call.where is None
     if tiny and (call.op == "logsumexp" or (dtype_name == "float32" and call.op != "state")):
         return f"tiny input ({size} entries): the blocked kernel's Python-float path is faster"
     if size < FIRST_CALL_ELEMENTS and dtype_name not in _SIGNATURES_SEEN:
@@ -257,7 +259,7 @@ def _torch_declines(call) -> str | None:
     if reason is None and call.where is not None and call.where.device.type != "cpu":
         reason = f"where on device {call.where.device.type}"
     if reason is None:
-        reason = _size_declines(call, dtype_name, a.numel())
+        reason = _size_declines(call, dtype_name, a.numel(), tiny_path=False)
     return reason
 
 
@@ -441,6 +443,11 @@ def _run(call, a, where, library):
         return done.out.reshape(a.shape)
     keep = geometry.keep
     dtype = a.dtype
+    if op == Op.LOGSUMEXP and not done.flagged_lines:
+        # No cast overflows here: m + L of a finite float32 max m exceeds m by
+        # at most log(n) < 64, far below the 2**103 that rounding m + L to
+        # float32 beyond its largest value would take.
+        return done.per_line[3].astype(dtype).reshape(keep), np.ones(keep, dtype)
     found = done.flagged(op, call.return_sign)
     # Flagged lines hold whatever the compiled code left (overwritten below),
     # and a value beyond the dtype's range is a correct +inf: no warnings.
@@ -478,9 +485,10 @@ def _torch_run(call):
     a, where = call.a, call.where  # one that requires grad comes here only under no_grad
     result = _run(call, (a.detach() if a.requires_grad else a).numpy(),
                   None if where is None else where.detach().numpy(), "torch")
-    if isinstance(result, tuple):
-        return type(result)(*(torch.from_numpy(part) for part in result)) if hasattr(result, "_fields") else tuple(
-            torch.from_numpy(part) for part in result)
+    if type(result) is tuple:  # (value, sign)
+        return torch.from_numpy(result[0]), torch.from_numpy(result[1])
+    if isinstance(result, tuple):  # an LSEState
+        return type(result)(*(torch.from_numpy(part) for part in result))
     return torch.from_numpy(result)
 
 

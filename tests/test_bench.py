@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from lse_dispatch.__main__ import BENCH_MISSING, load_checkout_module
@@ -118,3 +119,22 @@ def test_bench_outside_a_checkout_says_so_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip() == BENCH_MISSING and done.stdout == ""
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_per_call_breakdown_names_every_kernel_and_what_ran(library, capsys):
+    """benchmarks/per_call.py: each op's public time, then every kernel with its reason or its run."""
+    if library == "torch":
+        pytest.importorskip("torch")
+    per_call = load_checkout_module("benchmarks/per_call.py")
+    per_call.main(["--library", library, "--shape", "4,3", "--number", "3", "--repeats", "1"])
+    printed = capsys.readouterr().out
+    from lse_dispatch import _dispatch
+
+    x = np.zeros((4, 3), np.float32) if library == "numpy" else __import__("torch").zeros(4, 3)
+    for op in per_call.OPS:
+        assert f"{op}: lse_dispatch " in printed
+        section = printed.split(f"{op}: lse_dispatch ")[1].split(": lse_dispatch ")[0]
+        names = [kernel.name for _, kernel in _dispatch.kernels_for(x, op)]
+        assert names and all(f"  {name}" in section for name in names)
+        assert ", run " in section  # at least one kernel takes a plain 2-D float32 call

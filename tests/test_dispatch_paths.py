@@ -103,10 +103,11 @@ def _declines(implementation, op, dtype, *, layout=True, weighted=False, masked=
         return weighted or masked or np.dtype(dtype) == np.float64  # plain float32 without x64 only
     if implementation.endswith(".fused"):
         # Compiled kernels (numba): b, other layouts, autograd-recorded calls,
-        # and tiny calls the blocked kernels' Python-float path takes faster.
+        # and tiny NumPy calls the blocked kernel's Python-float path takes faster.
         if not _fused_cpu.available():
             return True
-        tiny_blocked = tiny and not masked and (op == "logsumexp" or np.dtype(dtype) == np.float32)
+        tiny_blocked = (implementation == "numpy.fused" and tiny and not masked
+                        and (op == "logsumexp" or np.dtype(dtype) == np.float32))
         return weighted or not layout or differentiated or tiny_blocked
     if implementation == "autodiff":
         return not differentiated
