@@ -67,9 +67,6 @@ __all__ = [
 FIRST_CALL_ELEMENTS = 1 << 20
 #: Inputs below this many entries run on the calling thread.
 PARALLEL_ELEMENTS = 1 << 18
-#: A reduction over all of at most this many entries is left to the blocked
-#: kernels' Python-float path (a few microseconds) when they take it.
-TINY_ELEMENTS = 16
 
 ENV_THREADS = "LSE_DISPATCH_NUM_THREADS"
 
@@ -180,13 +177,13 @@ def _reduced_axis(axes, ndim) -> int | None:
     return None
 
 
-def _size_declines(call, dtype_name, size, tiny_path=True) -> str | None:
-    """Reasons of size: tiny calls the blocked kernels do faster (``tiny_path``: NumPy's
-    take a few microseconds; torch's convert to and from Python floats, slower than
-    this kernel's views), first calls too small to compile for."""
-    tiny = tiny_path and size <= TINY_ELEMENTS and len(call.axes) == len(call.shape) and call.where is None
-    if tiny and (call.op == "logsumexp" or (dtype_name == "float32" and call.op != "state")):
-        return f"tiny input ({size} entries): the blocked kernel's Python-float path is faster"
+def _size_declines(call, dtype_name, size) -> str | None:
+    """First calls too small to load or compile the dtype's code for.
+
+    Tiny calls are taken: with the call's layout worked out once per
+    signature (``_Geometry``) the kernel runs ten entries faster than the
+    blocked kernels' Python-float paths (docs/fused_cpu.md has the figures).
+    """
     if size < FIRST_CALL_ELEMENTS and dtype_name not in _SIGNATURES_SEEN:
         return (f"not compiled yet: {size} entries are below the {FIRST_CALL_ELEMENTS} at which loading "
                 "or compiling pays off (lse_dispatch.backends._fused_cpu.warm_up() loads it)")
@@ -259,7 +256,7 @@ def _torch_declines(call) -> str | None:
     if reason is None and call.where is not None and call.where.device.type != "cpu":
         reason = f"where on device {call.where.device.type}"
     if reason is None:
-        reason = _size_declines(call, dtype_name, a.numel(), tiny_path=False)
+        reason = _size_declines(call, dtype_name, a.numel())
     return reason
 
 

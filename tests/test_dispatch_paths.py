@@ -14,8 +14,7 @@ reason and the generic implementation ran instead.  What declines what:
   of the exact difference, which only the shared state forms; see
   ``spread``); ``torch.blocked`` declines calls that autograd records.
 * ``numpy.fused`` / ``torch.fused`` (numba): ``b``, other layouts, calls
-  autograd records, tiny calls that the blocked kernels take (and every call
-  when numba is not installed); the module warms them up first so that they
+  autograd records (and every call when numba is not installed); the module warms them up first so that they
   take these small inputs.
 * ``jax.jit``: traced inputs (inside a JAX transform).
 * ``autodiff`` (torch and JAX): every call that is not being differentiated.
@@ -88,27 +87,22 @@ def _host(x):
     return np.asarray(x)
 
 
-def _declines(implementation, op, dtype, *, layout=True, weighted=False, masked=False, differentiated=False,
-              tiny=False):
+def _declines(implementation, op, dtype, *, layout=True, weighted=False, masked=False, differentiated=False):
     """Whether ``implementation`` must decline the call (worked out here, not asked of it).
 
     ``layout``: the reduced axes are the leading or trailing axes of a
     contiguous array; ``weighted``: ``b`` given; ``masked``: ``where`` given;
-    ``differentiated``: a derivative is being taken; ``tiny``: at most 16
-    entries, all reduced.
+    ``differentiated``: a derivative is being taken.
     """
     if implementation == "generic":
         return False
     if implementation == "jax.fused":
         return weighted or masked or np.dtype(dtype) == np.float64  # plain float32 without x64 only
     if implementation.endswith(".fused"):
-        # Compiled kernels (numba): b, other layouts, autograd-recorded calls,
-        # and tiny NumPy calls the blocked kernel's Python-float path takes faster.
+        # Compiled kernels (numba): b, other layouts, autograd-recorded calls.
         if not _fused_cpu.available():
             return True
-        tiny_blocked = (implementation == "numpy.fused" and tiny and not masked
-                        and (op == "logsumexp" or np.dtype(dtype) == np.float32))
-        return weighted or not layout or differentiated or tiny_blocked
+        return weighted or not layout or differentiated
     if implementation == "autodiff":
         return not differentiated
     if implementation == "jax.jit":
@@ -227,8 +221,7 @@ def test_hard_inputs_within_4_ulps(backend, implementation, op, dtype):
         values = values.astype(dtype)
         x = _convert(backend, values)
         # The middle-axis layout is outside the blocked kernels' reach.
-        tiny = values.size <= 16 and axis is None
-        declines = _declines(implementation, op, dtype, layout=name != "random-3d-middle", tiny=tiny)
+        declines = _declines(implementation, op, dtype, layout=name != "random-3d-middle")
         got = _run(backend, implementation, op, x, declines=declines, axis=axis)
         exact = EXACT[op](values, axis=axis)
         what = f"{op} {name} ({backend}, {implementation})"
