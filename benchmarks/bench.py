@@ -557,9 +557,16 @@ def machine_info(groups: list[str]) -> dict:
 
         info["torch threads"] = torch.get_num_threads()
     if _installed("numba"):
-        import numba
+        # The fused kernels' own threads (Python threads; numba's threading
+        # layer is never started: numba.get_num_threads() would start it, and
+        # its OpenMP layer raised torch's intra-op threads from 1 to 2 in this
+        # process, which made every torch figure of earlier runs two threads
+        # against our one).
+        from lse_dispatch.backends import _fused_cpu
 
-        info["numba threads"] = numba.get_num_threads()
+        info["fused kernel threads"] = ", ".join(
+            f"{library} {_fused_cpu.get_num_threads(library)}" for library in ("numpy", "torch")
+            if library == "numpy" or ("torch" in groups and _installed("torch")))
     if "jax" in groups:
         info["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "(unset: XLA's default threads)")
     return info
@@ -590,6 +597,11 @@ def run(groups: list[str], quick: bool, repeats: int, progress=None) -> Report:
     judge_targets(report)
     if hasattr(os, "getloadavg"):
         report.machine["load average at end"] = round(os.getloadavg()[0], 2)
+    if "torch" in groups and _installed("torch"):
+        import torch
+
+        # What the torch figures ran with, to the end (see machine_info).
+        report.machine["torch threads at end"] = torch.get_num_threads()
     return report
 
 

@@ -138,3 +138,18 @@ def test_per_call_breakdown_names_every_kernel_and_what_ran(library, capsys):
         names = [kernel.name for _, kernel in _dispatch.kernels_for(x, op)]
         assert names and all(f"  {name}" in section for name in names)
         assert ", run " in section  # at least one kernel takes a plain 2-D float32 call
+
+
+def test_torch_keeps_the_threads_it_was_given(tmp_path, capsys):
+    """--threads 1 holds for torch to the end of the run: nothing in the bench (machine
+    info, the fused kernels) starts a threading layer that changes torch's."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    try:
+        assert bench.main(["--quick", "--only", "numpy,torch", "--threads", "1", "--out", str(tmp_path)]) == 0
+        report = json.loads((tmp_path / "bench.json").read_text())
+        assert report["machine"]["torch threads"] == 1
+        assert report["machine"]["torch threads at end"] == 1
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
