@@ -153,3 +153,20 @@ def test_torch_keeps_the_threads_it_was_given(tmp_path, capsys):
     finally:
         torch.set_num_threads(before)
     capsys.readouterr()
+
+
+def test_fused_passes_breakdown_runs():
+    """benchmarks/fused_passes.py: every pass of the row kernel timed, on a small shape."""
+    pytest.importorskip("numba")
+    passes = load_checkout_module("benchmarks/fused_passes.py")
+    import io
+    from contextlib import redirect_stdout
+
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        passes.main(["--shapes", "4x16", "--repeats", "1"])
+    line = printed.getvalue().splitlines()[-1]
+    assert line.startswith("(4, 16): ")
+    for name in ("max", "sum", "sum+store", "scale", "lsm out", "forward", "backward", "np.exp"):
+        assert f"{name} " in line
+    assert line.endswith("ns a row")
