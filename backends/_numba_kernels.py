@@ -1311,19 +1311,23 @@ def _backward_sum(y, g, mask, masked, i, log):
 
 
 @njit(**_BORROWED)
-def _backward_row(y, g, mask, masked, i, log, out):
-    total = _backward_sum(y, g, mask, masked, i, log)
-    row, grad, target = y[i], g[i], out[i]
-    include = mask[i] if masked else mask[0, 0:0]
-    if log:
-        for j in range(row.shape[0]):
-            p = _exp(np.float64(row[j]))
-            value = np.float64(grad[j]) - (0.0 if p == 0.0 else p * total)
-            target[j] = value if (not masked) or include[j] else 0.0
-    else:
-        for j in range(row.shape[0]):
-            w = np.float64(row[j])
-            target[j] = w * (0.0 if w == 0.0 else np.float64(grad[j]) - total)
+def _backward_rows(y, g, mask, masked, log, out, start, stop):
+    """Rows ``start:stop`` of the backward; the loop is here, not in the caller (as
+    :func:`_rows_whole`: a call per row passing five arrays cost more than a short
+    row's work)."""
+    for i in range(start, stop):
+        total = _backward_sum(y, g, mask, masked, i, log)
+        row, grad, target = y[i], g[i], out[i]
+        include = mask[i] if masked else mask[0, 0:0]
+        if log:
+            for j in range(row.shape[0]):
+                p = _exp(np.float64(row[j]))
+                value = np.float64(grad[j]) - (0.0 if p == 0.0 else p * total)
+                target[j] = value if (not masked) or include[j] else 0.0
+        else:
+            for j in range(row.shape[0]):
+                w = np.float64(row[j])
+                target[j] = w * (0.0 if w == 0.0 else np.float64(grad[j]) - total)
 
 
 @njit(**_STRICT)
@@ -1357,12 +1361,12 @@ def _backward_columns(y, g, mask, masked, log, out, c0, c1):
 @njit(**_STRICT)
 def _backward_items(y, g, mask, masked, axis, log, out, start, stop):
     """Items ``start:stop`` of the backward (rows, or blocks of columns): its entry point."""
+    if axis == 1:
+        _backward_rows(y, g, mask, masked, log, out, start, stop)
+        return
     for item in range(start, stop):
-        if axis == 1:
-            _backward_row(y, g, mask, masked, item, log, out)
-        else:
-            c0 = item * BACKWARD_WIDTH
-            _backward_columns(y, g, mask, masked, log, out, c0, min(c0 + BACKWARD_WIDTH, y.shape[1]))
+        c0 = item * BACKWARD_WIDTH
+        _backward_columns(y, g, mask, masked, log, out, c0, min(c0 + BACKWARD_WIDTH, y.shape[1]))
 
 
 def backward_items(shape, axis):
