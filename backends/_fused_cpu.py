@@ -343,7 +343,10 @@ def _geometry(shape, axes, itemsize, mode) -> _Geometry:
     if found is None:
         found = _Geometry(shape, axes, itemsize, mode)
         if len(_GEOMETRIES) >= _GEOMETRIES_SIZE:
-            del _GEOMETRIES[next(iter(_GEOMETRIES))]
+            try:  # first in, first out; another thread may be evicting the same entry
+                _GEOMETRIES.pop(next(iter(_GEOMETRIES)), None)
+            except (RuntimeError, StopIteration):
+                pass
         _GEOMETRIES[key] = found
     return found
 

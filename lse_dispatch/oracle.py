@@ -5,6 +5,9 @@ float16/bfloat16/float32 value exactly, and returns exact results as object
 arrays of ``mpmath.mpf``.  Used by the tests, ``lse-dispatch report`` and the
 conformance suite.  mpmath is a dependency of the package (pure Python); it
 is imported when an oracle function first runs, not with ``lse_dispatch``.
+mpmath's working precision is one setting for the whole process: the oracle's
+computations take turns (a lock), so it may be called from several threads;
+other code that changes mpmath's precision while it runs is not covered.
 
 This module also owns the unit every accuracy figure of the project is
 counted in (:func:`ulp`) and the rounding of test inputs to a dtype
@@ -14,7 +17,9 @@ included, so that neither needs ml_dtypes.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import numpy as np
 
@@ -51,6 +56,19 @@ def _mp():
     import mpmath
 
     return mpmath
+
+
+#: mpmath's working precision is one setting for the whole process, so oracle
+#: computations on several threads at once would change it under each other
+#: (measured: results off by thousands of ulps).  They take turns.
+_PRECISION_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _precise(mp):
+    """``mp.workprec(PRECISION)``, one thread at a time."""
+    with _PRECISION_LOCK, mp.workprec(PRECISION):
+        yield
 
 
 def dtype_name(dtype) -> str:
@@ -141,7 +159,7 @@ def exact_logsumexp(a, axis=None, b=None, where=None) -> np.ndarray:
     out = np.empty(flat_a.shape[:-1], dtype=object)
     if flat_a.shape[-1] > _LONG_SLICE and b is None and where is None:
         return _long_logsumexp(flat_a, out)
-    with mp.workprec(PRECISION):
+    with _precise(mp):
         for index in np.ndindex(out.shape):
             kept = [(x, w) for x, w, keep in zip(flat_a[index], flat_b[index], flat_w[index]) if keep and w != 0]
             if len(kept) == 1:
@@ -173,7 +191,7 @@ def _long_logsumexp(flat_a: np.ndarray, out: np.ndarray) -> np.ndarray:
     under half a float64 ulp of the catalogue's long logsumexps.
     """
     mp = _mp()
-    with mp.workprec(PRECISION):
+    with _precise(mp):
         for index in np.ndindex(out.shape):
             values = flat_a[index]
             top = float(values.max())
@@ -193,7 +211,7 @@ def exact_log_softmax(x, axis=None, where=None) -> np.ndarray:
     lse = np.expand_dims(lse, axes) if axes else lse
     mask = np.broadcast_to(np.ones((), bool) if where is None else np.asarray(where, bool), x.shape)
     out = np.empty(x.shape, dtype=object)
-    with mp.workprec(PRECISION):
+    with _precise(mp):
         for index in np.ndindex(x.shape):
             lse_index = tuple(0 if ax in axes else i for ax, i in enumerate(index))
             out[index] = mp.mpf(float(x[index])) - lse[lse_index] if mask[index] else mp.mpf("-inf")
@@ -205,7 +223,7 @@ def exact_softmax(x, axis=None, where=None) -> np.ndarray:
     mp = _mp()
     log_values = exact_log_softmax(x, axis=axis, where=where)
     out = np.empty(log_values.shape, dtype=object)
-    with mp.workprec(PRECISION):
+    with _precise(mp):
         for index in np.ndindex(out.shape):
             out[index] = mp.exp(log_values[index])
     return out
@@ -272,7 +290,7 @@ def exact_logcumsumexp(x, axis=None, reverse=False) -> np.ndarray:
     if reverse:
         moved = moved[..., ::-1]
     out = np.empty(moved.shape, dtype=object)
-    with mp.workprec(PRECISION):
+    with _precise(mp):
         for index in np.ndindex(moved.shape[:-1]):
             total = mp.mpf(0)
             state = "finite"
@@ -313,7 +331,7 @@ def exact_logmatmulexp(a, b) -> np.ndarray:
     n = a2.shape[-2]
     m = b2.shape[-1]
     out = np.empty(batch + (n, m), dtype=object)
-    with mp.workprec(PRECISION):
+    with _precise(mp):
         for index in np.ndindex(batch):
             for i in range(n):
                 row = a2[index + (i,)].tolist()

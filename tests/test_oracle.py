@@ -89,3 +89,41 @@ def test_stated_rows_compare_limits_exactly():
     # A zero that is not exactly zero is a wrong limit, however small.
     verdict = cases.evaluate(case, "float32", inputs, np.array([1e-45, 0.5, 0.0, 0.5]))
     assert not verdict.passed and "expected" in verdict.detail
+
+
+def test_the_oracle_gives_the_same_values_from_several_threads():
+    """mpmath's working precision is process-wide: concurrent oracle calls must not
+    change it under each other (they did, by thousands of ulps, before they took
+    turns), so twenty runs of four threads."""
+    import sys
+    import threading
+
+    mpmath = pytest.importorskip("mpmath")
+
+    rng = np.random.default_rng(41)
+    inputs = [rng.standard_normal((6, 9)) * 5 for _ in range(24)]
+    expected = [oracle.exact_log_softmax(x, axis=-1) for x in inputs]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often
+    try:
+        for _ in range(20):
+            # An overlap leaves mpmath at the oracle's precision for good (the
+            # last block to exit restores what the first one set), which hides
+            # later overlaps: each run starts from mpmath's default.
+            mpmath.mp.prec = 53
+            results: dict = {}
+
+            def work(part, results=results):
+                for index in range(part, len(inputs), 4):
+                    results[index] = oracle.exact_log_softmax(inputs[index], axis=-1)
+
+            threads = [threading.Thread(target=work, args=(part,)) for part in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            for index, want in enumerate(expected):
+                assert all(got == exact for got, exact in zip(results[index].ravel(), want.ravel())), index
+    finally:
+        sys.setswitchinterval(interval)
+        mpmath.mp.prec = 53
