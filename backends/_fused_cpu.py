@@ -317,7 +317,7 @@ class _Geometry:
     signature (layout, view shape, :func:`plan`, the keepdims shape), since most
     calls repeat the last one's."""
 
-    __slots__ = ("axis", "keep", "lines", "normalised", "phases", "plan", "single", "view_shape")
+    __slots__ = ("axis", "keep", "lines", "normalised", "phases", "plan", "view_shape")
 
     def __init__(self, shape, axes, itemsize, mode):
         kernels = _KERNELS[0]
@@ -333,8 +333,6 @@ class _Geometry:
         span, width, parts, blocks, phases = kernels.plan(self.view_shape, axis, itemsize, exact, self.normalised)
         self.plan = (axis, span, width, parts, blocks)
         self.phases = phases
-        #: One phase, pieces = lines: per-line results go straight into ``per_line``.
-        self.single = parts == 1
 
 
 def _geometry(shape, axes, itemsize, mode) -> _Geometry:
@@ -356,15 +354,6 @@ def _mask_view(where, shape, view_shape):
     import numpy as np
 
     return np.ascontiguousarray(np.broadcast_to(where, shape)).reshape(view_shape).view(np.uint8)
-
-
-def _views(a, axes, where):
-    """``(view, axis, mask)``: 2-D views of the input and of ``where`` (uint8, or ``None``)."""
-    axis = _reduced_axis(axes, a.ndim)
-    n = math.prod(a.shape[ax] for ax in axes)
-    view = a.reshape((-1, n) if axis == 1 else (n, -1))
-    mask = None if where is None else _mask_view(where, a.shape, view.shape)
-    return view, axis, mask
 
 
 @functools.cache

@@ -118,9 +118,9 @@ def main(argv=None) -> None:
             tx, ty, tg = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(g)
             timed["torch softmax"] = lambda: torch.softmax(tx, -1)
             timed["torch backward"] = lambda: torch._softmax_backward_data(tg, ty, -1, torch.float32)
-        figures = ", ".join(f"{name} {_median_us(fn, args.repeats):.1f}" for name, fn in timed.items())
-        per_row = _median_us(timed["forward"], args.repeats) * 1e3 / rows
-        print(f"({rows}, {n}): {figures}; forward {per_row:.0f} ns a row")
+        medians = {name: _median_us(fn, args.repeats) for name, fn in timed.items()}
+        figures = ", ".join(f"{name} {value:.1f}" for name, value in medians.items())
+        print(f"({rows}, {n}): {figures}; forward {medians['forward'] * 1e3 / rows:.0f} ns a row")
 
 
 if __name__ == "__main__":
