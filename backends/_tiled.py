@@ -416,17 +416,12 @@ class TiledKernel:
 
     def logsumexp(self, call):
         """``m + log_norm`` for finite lines; any other line takes the shared finalisation."""
-        ops, xp = self.ops, self.ops.xp
         found = self._few_entries(call)
         if found is not None:
             return found
         state = self.state(call)
-        m, count, rest = state
-        if not bool(xp.all(xp.isfinite(m))):
-            return _generic.logsumexp_from_state(call, state)
-        dtype = call.plan.result
-        value = xp.astype(xp.astype(m, ops.float64) + log_norm(xp, count, rest), dtype)
-        return value, xp.ones(value.shape, dtype=dtype)
+        found = _generic.logsumexp_of_finite_lines(call, state)
+        return _generic.logsumexp_from_state(call, state) if found is None else found
 
     # -- softmax and log_softmax ------------------------------------------------------
 

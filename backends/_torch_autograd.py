@@ -186,7 +186,13 @@ class _LogSumExpReverse(torch.autograd.Function):
             state = _generic.logsumexp_state(call)
         else:  # the STATE kernel that would run without derivatives (torch.fused when loaded)
             state = _undifferentiated(_with_op(call, Op.STATE))
-        return (*_generic.logsumexp_from_state(call, state), *state)
+        # Finite unweighted lines by the one rule for them, eagerly: it reads
+        # the maxima on the host, which neither torch.compile's tracing nor
+        # torch.func's batched tensors allow.  The shared finalisation's small
+        # operations otherwise.
+        traced = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+        found = None if traced else _generic.logsumexp_of_finite_lines(call, state)
+        return (*(_generic.logsumexp_from_state(call, state) if found is None else found), *state)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -20,6 +20,7 @@ from ._ops import Op
 from ._state import (
     LSEState,
     finalize,
+    log_norm,
     log_softmax_from_state,
     narrow_max,
     softmax_from_state,
@@ -34,6 +35,7 @@ __all__ = [
     "log_softmax",
     "logsumexp",
     "logsumexp_from_state",
+    "logsumexp_of_finite_lines",
     "logsumexp_state",
     "normalised_from_state",
     "softmax",
@@ -128,6 +130,25 @@ def logsumexp(call: Call) -> tuple[Array, Array]:
     if plan.is_complex:
         return _complex_logsumexp(call)
     return logsumexp_from_state(call, logsumexp_state(call))
+
+
+def logsumexp_of_finite_lines(call: Call, state: LSEState) -> tuple[Array, Array] | None:
+    """``(m + log_norm, 1)`` of an unweighted real call whose every max is finite, else ``None``.
+
+    What :func:`logsumexp_from_state` gives such lines (their sum is
+    positive, so no limit or sign applies), without its dozen small array
+    operations: for eager kernels, which can read ``all(isfinite(m))`` on
+    the host.
+    """
+    if call.b is not None or call.plan.is_complex:
+        return None
+    xp = call.xp
+    m, count, rest = state
+    if not bool(xp.all(xp.isfinite(m))):
+        return None
+    dtype = call.plan.result
+    value = xp.astype(xp.astype(m, rest.dtype) + log_norm(xp, count, rest), dtype)
+    return value, xp.ones(value.shape, dtype=dtype)
 
 
 def logsumexp_from_state(call: Call, state: LSEState) -> tuple[Array, Array]:
