@@ -15,6 +15,8 @@ import pytest
 from lse_dispatch import log_softmax, logsumexp, softmax
 from lse_dispatch.oracle import exact_softmax
 
+from ._helpers import Adapter
+
 pytestmark = [
     # torch's own forward-AD setup and inductor still call torch.jit.script(_method).
     pytest.mark.filterwarnings("ignore:`torch.jit.script.*` is deprecated:DeprecationWarning"),
@@ -26,46 +28,6 @@ pytestmark = [
 
 inf = math.inf
 BACKENDS = ["torch", "jax"]
-
-
-class Adapter:
-    """Gradients of a scalar function of arrays, in one backend, as NumPy."""
-
-    def __init__(self, name):
-        self.name = name
-        if name == "torch":
-            self.torch = pytest.importorskip("torch")
-        else:
-            self.jax = pytest.importorskip("jax")
-            self.jnp = pytest.importorskip("jax.numpy")
-
-    def array(self, values, dtype="float64"):
-        if self.name == "torch":
-            return self.torch.tensor(values, dtype=getattr(self.torch, dtype))
-        return self.jnp.asarray(values, dtype=getattr(self.jnp, dtype))
-
-    def mask(self, values):
-        return self.torch.tensor(values) if self.name == "torch" else self.jnp.asarray(values)
-
-    def grad(self, fn, *arrays, argnums=(0,)):
-        """``d fn / d arrays[i]`` for i in argnums, as NumPy arrays."""
-        if self.name == "torch":
-            leaves = [x.clone().requires_grad_(i in argnums) for i, x in enumerate(arrays)]
-            out = fn(*leaves)
-            grads = self.torch.autograd.grad(out, [leaves[i] for i in argnums])
-            self.dtypes = [str(g.dtype).removeprefix("torch.") for g in grads]
-            # NumPy has no bfloat16: widen it (exactly) for the comparisons.
-            return [(g.float() if g.dtype == self.torch.bfloat16 else g).detach().numpy() for g in grads]
-        # Under jit: one compilation instead of one per eager operation.
-        grads = self.jax.jit(self.jax.grad(fn, argnums=argnums))(*arrays)
-        self.dtypes = [str(g.dtype) for g in grads]
-        return [np.asarray(g) for g in grads]
-
-    def where(self, cond, x, y):
-        return self.torch.where(cond, x, y) if self.name == "torch" else self.jnp.where(cond, x, y)
-
-    def sum(self, x):
-        return x.sum()
 
 
 @pytest.fixture(params=BACKENDS)

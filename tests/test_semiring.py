@@ -19,6 +19,7 @@ import lse_dispatch
 from lse_dispatch import AxisError, logcumsumexp, logmatmulexp, oracle, semiring
 from lse_dispatch.cases import ULP_BUDGET, round_to
 
+from ._helpers import Adapter
 from ._helpers import need_dtype as _need
 from ._helpers import np_dtype as _np_dtype
 
@@ -633,32 +634,16 @@ CUMULATIVE_GRADIENT_ROWS = {
 }
 
 
-class _Grad:
-    """Gradients in torch or JAX (float64), as NumPy."""
-
-    def __init__(self, name):
-        self.name = name
-        if name == "torch":
-            self.torch = pytest.importorskip("torch")
-        else:
-            self.jax = pytest.importorskip("jax")
-            self.jnp = pytest.importorskip("jax.numpy")
-
-    def const(self, values):
-        """A constant of the backend (made inside the traced function, so under x64 for JAX)."""
-        if self.name == "torch":
-            return self.torch.tensor(values, dtype=self.torch.float64)
-        return self.jnp.asarray(values, dtype=self.jnp.float64)
+class _Grad(Adapter):
+    """:class:`Adapter`'s gradients with respect to every argument, from float64 NumPy inputs
+    (JAX under x64; constants are made with ``array`` inside the traced function)."""
 
     def __call__(self, fn, *arrays):
+        argnums = tuple(range(len(arrays)))
         if self.name == "torch":
-            leaves = [self.torch.tensor(a, dtype=self.torch.float64, requires_grad=True) for a in arrays]
-            grads = self.torch.autograd.grad(fn(*leaves), leaves)
-            return [g.numpy() for g in grads]
+            return self.grad(fn, *(self.array(a) for a in arrays), argnums=argnums)
         with self.jax.enable_x64(True):
-            leaves = [self.jnp.asarray(a, dtype=self.jnp.float64) for a in arrays]
-            grads = self.jax.jit(self.jax.grad(fn, argnums=tuple(range(len(arrays)))))(*leaves)
-            return [np.asarray(g) for g in grads]
+            return self.grad(fn, *(self.array(a) for a in arrays), argnums=argnums)
 
 
 @pytest.mark.parametrize("lib", ["torch", "jax"])
@@ -668,12 +653,12 @@ def test_logcumsumexp_gradient_values_and_limits(lib, row):
     x = CUMULATIVE_GRADIENT_ROWS[row]
     cotangent = np.array([1.0, -2.0, 0.5, 3.0])
     want = _cumulative_gradient(x, cotangent)
-    (got,) = grad(lambda v: (logcumsumexp(v) * grad.const(cotangent)).sum(), x)
+    (got,) = grad(lambda v: (logcumsumexp(v) * grad.array(cotangent)).sum(), x)
     assert np.all(np.isfinite(got)), got
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300)
     np.testing.assert_array_equal(got[x == -inf], 0.0)
     # reverse scans the flipped input
-    (got,) = grad(lambda v: (logcumsumexp(v, reverse=True) * grad.const(cotangent)).sum(), x)
+    (got,) = grad(lambda v: (logcumsumexp(v, reverse=True) * grad.array(cotangent)).sum(), x)
     np.testing.assert_allclose(got, _cumulative_gradient(x[::-1], cotangent[::-1])[::-1], rtol=1e-12, atol=1e-300)
 
 
@@ -715,7 +700,7 @@ def test_logmatmulexp_gradient_values_and_limits(lib, row):
     a, b = PRODUCT_GRADIENT_ROWS[row](np.random.default_rng(1))
     cotangent = np.random.default_rng(2).standard_normal((a.shape[0], b.shape[1]))
     want_a, want_b = _product_gradient(a, b, cotangent)
-    got_a, got_b = grad(lambda u, v: (logmatmulexp(u, v) * grad.const(cotangent)).sum(), a, b)
+    got_a, got_b = grad(lambda u, v: (logmatmulexp(u, v) * grad.array(cotangent)).sum(), a, b)
     assert np.all(np.isfinite(got_a)) and np.all(np.isfinite(got_b))
     np.testing.assert_allclose(got_a, want_a, rtol=1e-10, atol=1e-300)
     np.testing.assert_allclose(got_b, want_b, rtol=1e-10, atol=1e-300)
