@@ -47,6 +47,20 @@ def _rounds(candidates: dict, repeats: int) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _ratio_row(what: str, shape: str, med: dict, numpy: tuple, torch: tuple, seconds: bool = True) -> dict:
+    """A row of ratios ``med[top] / med[bottom]``, one ``(top, bottom)`` pair per library;
+    torch's is ``None`` when its candidates were not timed (torch not installed)."""
+    row = {
+        "what": what,
+        "shape": shape,
+        "numpy": med[numpy[0]] / med[numpy[1]],
+        "torch": med[torch[0]] / med[torch[1]] if torch[0] in med else None,
+    }
+    if seconds:
+        row["seconds"] = med
+    return row
+
+
 def _peak_extra(fn, output_bytes: int) -> float:
     """Peak traced NumPy memory of ``fn()`` beyond its own output, in multiples of the output."""
     tracemalloc.start()
@@ -86,23 +100,11 @@ def product_rows(repeats: int, quick: bool) -> list[dict]:
         torch = None
     med = _rounds(candidates, repeats)
     shape = f"({n}, {n}) @ ({n}, {n}) float32"
-    rows.append(
-        {
-            "what": "logmatmulexp / float32 a @ b (target <= 5)",
-            "shape": shape,
-            "numpy": med["ours (numpy)"] / med["a @ b float32 (numpy)"],
-            "torch": med["ours (torch)"] / med["a @ b float32 (torch)"] if torch else None,
-            "seconds": med,
-        }
-    )
-    rows.append(
-        {
-            "what": "floor: float64 a @ b / float32 a @ b",
-            "shape": shape,
-            "numpy": med["a @ b float64 (numpy)"] / med["a @ b float32 (numpy)"],
-            "torch": med["a @ b float64 (torch)"] / med["a @ b float32 (torch)"] if torch else None,
-        }
-    )
+    rows.append(_ratio_row("logmatmulexp / float32 a @ b (target <= 5)", shape, med,
+                           ("ours (numpy)", "a @ b float32 (numpy)"), ("ours (torch)", "a @ b float32 (torch)")))
+    rows.append(_ratio_row("floor: float64 a @ b / float32 a @ b", shape, med,
+                           ("a @ b float64 (numpy)", "a @ b float32 (numpy)"),
+                           ("a @ b float64 (torch)", "a @ b float32 (torch)"), seconds=False))
     extra = _peak_extra(lambda: logmatmulexp(a, b), n * n * 4)
     what = "logmatmulexp peak extra memory / output (numpy, tracemalloc)"
     rows.append({"what": what, "shape": shape, "numpy": extra, "torch": None})
@@ -126,16 +128,13 @@ def product_rows(repeats: int, quick: bool) -> list[dict]:
             }
         )
     med = _rounds(candidates, max(3, repeats // 2))
-    rows.append(
-        {
-            "what": "broadcast-sum idiom / logmatmulexp (target >= 10)",
-            "shape": f"({m}, {m}) @ ({m}, {m}) float32",
-            "numpy": med["idiom (scipy)"] / med["ours (numpy)"],
-            "torch": med["idiom (torch)"] / med["ours (torch)"] if torch is not None else None,
-            "seconds": med,
-        }
-    )
+    rows.append(_ratio_row("broadcast-sum idiom / logmatmulexp (target >= 10)", f"({m}, {m}) @ ({m}, {m}) float32",
+                           med, ("idiom (scipy)", "ours (numpy)"), ("idiom (torch)", "ours (torch)")))
     return rows
+
+
+#: The scan rows' ratios: ours over the library's own cumulative log-sum-exp.
+_SCAN_PAIRS = (("ours (numpy)", "np.logaddexp.accumulate"), ("ours (torch)", "torch.logcumsumexp"))
 
 
 def scan_rows(repeats: int, quick: bool) -> list[dict]:
@@ -162,15 +161,8 @@ def scan_rows(repeats: int, quick: bool) -> list[dict]:
                 }
             )
         med = _rounds(candidates, repeats)
-        rows.append(
-            {
-                "what": "logcumsumexp / native (target <= 2)",
-                "shape": f"({n}, {n}) float32, axis {axis}",
-                "numpy": med["ours (numpy)"] / med["np.logaddexp.accumulate"],
-                "torch": med["ours (torch)"] / med["torch.logcumsumexp"] if torch is not None else None,
-                "seconds": med,
-            }
-        )
+        rows.append(_ratio_row("logcumsumexp / native (target <= 2)", f"({n}, {n}) float32, axis {axis}", med,
+                               *_SCAN_PAIRS))
     # The worst case of the blocked scan: every block gets a new maximum.
     increasing = np.sort(x, axis=1)
     candidates = {
@@ -186,15 +178,8 @@ def scan_rows(repeats: int, quick: bool) -> list[dict]:
             }
         )
     med = _rounds(candidates, max(3, repeats // 2))
-    rows.append(
-        {
-            "what": "logcumsumexp / native, rows sorted increasing (every block redone)",
-            "shape": f"({n}, {n}) float32, axis 1",
-            "numpy": med["ours (numpy)"] / med["np.logaddexp.accumulate"],
-            "torch": med["ours (torch)"] / med["torch.logcumsumexp"] if torch is not None else None,
-            "seconds": med,
-        }
-    )
+    rows.append(_ratio_row("logcumsumexp / native, rows sorted increasing (every block redone)",
+                           f"({n}, {n}) float32, axis 1", med, *_SCAN_PAIRS))
     return rows
 
 
