@@ -397,13 +397,11 @@ class _Lines:
             self.flagged_lines += _launch(entry, args, items, threads)
 
     def flagged(self, op, return_sign=False):
-        """``(indices, sub-call)`` of the flagged lines (as a NumPy call of ``op``), or ``None``."""
+        """``(indices, sub-call)`` of the flagged lines (as a NumPy call of ``op``); some are."""
         import numpy as np
 
         from lse_dispatch._call import prepare
 
-        if not self.flagged_lines:
-            return None
         lines = np.flatnonzero(self.bad)
         take = (lambda arr: arr[lines]) if self.axis == 1 else (lambda arr: arr[:, lines])
         where = None if self.mask is None else take(self.mask).view(bool)
@@ -428,32 +426,26 @@ def _run(call, a, where, library):
     view = a.reshape(geometry.view_shape)
     mask = None if where is None else _mask_view(where, a.shape, geometry.view_shape)
     done = _Lines(view, geometry, mask, mode, _threads_for(a.size, library))
-    if geometry.normalised and not done.flagged_lines:
-        return done.out.reshape(a.shape)
-    keep = geometry.keep
-    dtype = a.dtype
-    if op == Op.LOGSUMEXP and not done.flagged_lines:
-        # No cast overflows here: m + L of a finite float32 max m exceeds m by
-        # at most log(n) < 64, far below the 2**103 that rounding m + L to
-        # float32 beyond its largest value would take.
-        return done.per_line[3].astype(dtype).reshape(keep), np.ones(keep, dtype)
-    found = done.flagged(op, call.return_sign)
-    # Flagged lines hold whatever the compiled code left (overwritten below),
-    # and a value beyond the dtype's range is a correct +inf: no warnings.
-    with np.errstate(over="ignore", invalid="ignore"):
+    per_line, keep, dtype = done.per_line, geometry.keep, a.dtype
+    if not done.flagged_lines:
+        if geometry.normalised:
+            return done.out.reshape(a.shape)
+        # No cast overflows on finite lines: a float32 max is exact in float32,
+        # and m + L exceeds it by at most log(n) < 64, far below the 2**103 that
+        # rounding m + L to float32 beyond its largest value would take.
         if op == Op.STATE:
-            fields = [done.per_line[0].astype(dtype), done.per_line[1], done.per_line[2]]
-        elif op == Op.LOGSUMEXP:
-            fields = [done.per_line[3].astype(dtype), np.ones(geometry.lines, dtype)]
-    if found is None:
-        fields = [field.reshape(keep) for field in fields]
-        return LSEState(*fields) if op == Op.STATE else tuple(fields)
-    lines, sub = found
+            return LSEState(per_line[0].astype(dtype).reshape(keep), per_line[1].reshape(keep),
+                            per_line[2].reshape(keep))
+        return per_line[3].astype(dtype).reshape(keep), np.ones(keep, dtype)
+    lines, sub = done.flagged(op, call.return_sign)
+    # Flagged lines hold whatever the compiled code left (cast here without
+    # warnings, overwritten below by the shared functions' results).
     with np.errstate(all="ignore"):
         sub_state = _generic.state(sub)
         if op == Op.STATE:
-            parts = sub_state
+            fields, parts = [per_line[0].astype(dtype), per_line[1], per_line[2]], sub_state
         elif op == Op.LOGSUMEXP:
+            fields = [per_line[3].astype(dtype), np.ones(geometry.lines, dtype)]
             parts = _generic.logsumexp_from_state(sub, sub_state)
         else:
             done.put(done.out, lines, _generic.normalised_from_state(sub, sub_state, op == Op.LOG_SOFTMAX))
