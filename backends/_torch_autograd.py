@@ -37,11 +37,16 @@ def _undifferentiated(call: Call):
     return _kernel.dispatch(call, without=AUTODIFF)
 
 
+def _traced() -> bool:
+    """Inside torch.compile's tracing or a torch.func transform: no host reads of
+    tensor values, no compiled kernels outside the traced graph."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
 def _plain_backward() -> bool:
     """A backward nobody differentiates: no graph recorded (no double backward),
     no torch.func transform around it, not traced by torch.compile."""
-    return not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
-                or torch.compiler.is_compiling())
+    return not (torch.is_grad_enabled() or _traced())
 
 
 def _with_op(call: Call, op: Op) -> Call:
@@ -190,8 +195,7 @@ class _LogSumExpReverse(torch.autograd.Function):
         # the maxima on the host, which neither torch.compile's tracing nor
         # torch.func's batched tensors allow.  The shared finalisation's small
         # operations otherwise.
-        traced = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-        found = None if traced else _generic.logsumexp_of_finite_lines(call, state)
+        found = None if _traced() else _generic.logsumexp_of_finite_lines(call, state)
         return (*(_generic.logsumexp_from_state(call, state) if found is None else found), *state)
 
     @staticmethod
