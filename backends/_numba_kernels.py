@@ -722,14 +722,15 @@ def _rows_whole(x, mask, masked, mode, out, tops, counts, rests, values, bad, bu
     n = x.shape[1]
     # Not the literal 0: a literal argument compiles another copy of the callee.
     first = np.int64(0)
+    store = mode == SOFTMAX
+    fast = _single(x) and mode != STATE
     for i in range(start, stop):
         m, nan = _row_max(x, mask, masked, i, first, n)
         tops[i] = m
         if nan or not math.isfinite(m):
             bad[i] = 1
             continue
-        store = mode == SOFTMAX
-        if _single(x) and mode != STATE:
+        if fast:
             count, rest = _row_sum_fast(x, mask, masked, i, first, n, m, out, store)
             if not store:
                 log_norm = math.log1p((count - 1.0) + rest)
