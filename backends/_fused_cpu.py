@@ -387,7 +387,7 @@ class _Lines:
             pieces = self.per_line[:3].reshape(3, 1, lines)
         else:
             pieces = np.empty((3, lines, parts) if axis == 1 else (3, parts, lines))
-        entry = _ENTRIES.get((_NAMES[dtype], "forward")) or _compiled(_NAMES[dtype])
+        entry = _compiled(_NAMES[dtype])
         args = (view, no_mask if mask is None else mask, mask is not None, mode, 0, self.out, pieces, self.per_line,
                 self.bad, axis, span, width, parts, blocks)
         self.flagged_lines = 0  # counted by the phases that finish lines
@@ -541,7 +541,7 @@ def softmax_backward(op, out, where, g, axes):
     mask = None if where is None else _mask_view(where.detach().numpy(), shape, view_shape)
     result = np.empty(view_shape, y.dtype)
     no_mask, _ = _nothing(y.dtype)
-    entry = _ENTRIES.get((name, "backward")) or _compiled(name, "backward")
+    entry = _compiled(name, "backward")
     args = (y, grad, no_mask if mask is None else mask, mask is not None, axis, op == "log_softmax", result)
     _launch(entry, args, _KERNELS[0].backward_items(view_shape, axis), _threads_for(y.size, "torch"))
     result = result.reshape(shape)
