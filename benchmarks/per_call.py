@@ -36,7 +36,6 @@ def _input(library: str, shape: tuple, dtype: str):
     if library == "torch":
         import torch
 
-        torch.set_num_threads(1)
         return torch.from_numpy(x), (lambda op: lambda t, axis: getattr(torch, op)(t, axis))
     import scipy.special
 
@@ -54,6 +53,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     shape = tuple(int(n) for n in args.shape.split(","))
     x, native = _input(args.library, shape, args.dtype)
+    if args.library == "torch":
+        import torch
+
+        torch.set_num_threads(1)
     try:
         from lse_dispatch.backends import _fused_cpu
 

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from lse_dispatch.__main__ import BENCH_MISSING, load_checkout_module
@@ -124,14 +123,18 @@ def test_bench_outside_a_checkout_says_so_in_one_line(tmp_path):
 @pytest.mark.parametrize("library", ["numpy", "torch"])
 def test_per_call_breakdown_names_every_kernel_and_what_ran(library, capsys):
     """benchmarks/per_call.py: each op's public time, then every kernel with its reason or its run."""
-    if library == "torch":
-        pytest.importorskip("torch")
+    torch = pytest.importorskip("torch") if library == "torch" else None
+    threads = torch.get_num_threads() if torch else None
     per_call = load_checkout_module("benchmarks/per_call.py")
-    per_call.main(["--library", library, "--shape", "4,3", "--number", "3", "--repeats", "1"])
+    try:
+        per_call.main(["--library", library, "--shape", "4,3", "--number", "3", "--repeats", "1"])
+    finally:
+        if torch:
+            torch.set_num_threads(threads)  # the script runs torch on one thread
     printed = capsys.readouterr().out
     from lse_dispatch import _dispatch
 
-    x = np.zeros((4, 3), np.float32) if library == "numpy" else __import__("torch").zeros(4, 3)
+    x, _ = per_call._input(library, (4, 3), "float32")
     for op in per_call.OPS:
         assert f"{op}: lse_dispatch " in printed
         section = printed.split(f"{op}: lse_dispatch ")[1].split(": lse_dispatch ")[0]
