@@ -166,8 +166,17 @@ def test_fused_passes_breakdown_runs():
     from contextlib import redirect_stdout
 
     printed = io.StringIO()
-    with redirect_stdout(printed):
-        passes.main(["--shapes", "4x16", "--repeats", "1"])
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    threads = torch.get_num_threads() if torch else None
+    try:
+        with redirect_stdout(printed):
+            passes.main(["--shapes", "4x16", "--repeats", "1"])
+    finally:
+        if torch:
+            torch.set_num_threads(threads)  # the script runs torch on one thread
     line = printed.getvalue().splitlines()[-1]
     assert line.startswith("(4, 16): ")
     for name in ("max", "sum", "sum+store", "scale", "lsm out", "forward", "backward", "np.exp"):
