@@ -128,16 +128,51 @@ by TwoSum (``d + e`` exact) and the term is ``exp(d) + exp(d) e``.
   otherwise its sum is redone exactly (:data:`KEEP_BELOW`).  That recheck is
   what the cancelling case ``[-1, c, c]`` (``lse = -1.7e-9``) needs; lines
   whose ``lse`` is within ``2**-7`` of 0 take it.
-* float32 softmax: ``term7 / (c + r)``, the term rounded to float32 when it
-  is stored and the scaled value rounded again: at most 1 ulp plus ``2**-8``
-  ulp (long rows and column tiles scale the stored term by ``exp(m_s - M) /
-  (c + r)``, computed in float64: the same bound plus float64 noise).
-* float32 log_softmax: ``(x - m) - L`` in float64 (exact difference), rounded
-  once: 0.5 ulp plus ``L``'s relative error (``delta / L`` with ``L >= r /
-  (1 + r)`` for ``c = 1``, ``L >= ln 2`` otherwise).
+* float32 softmax and log_softmax of whole rows whose max allows it: float32
+  terms (below).
+* float32 softmax otherwise: ``term7 / (c + r)``, the term rounded to float32
+  when it is stored and the scaled value rounded again: at most 1 ulp plus
+  ``2**-8`` ulp (long rows and column tiles scale the stored term by
+  ``exp(m_s - M) / (c + r)``, computed in float64: the same bound plus
+  float64 noise).
+* float32 log_softmax otherwise: ``(x - m) - L`` in float64 (exact
+  difference), rounded once: 0.5 ulp plus ``L``'s relative error (``delta /
+  L`` with ``L >= r / (1 + r)`` for ``c = 1``, ``L >= ln 2`` otherwise).
 * float64: logsumexp ``m + L``; log_softmax ``(x - m) - L``, both terms
   non-positive; softmax ``t / (c + r)`` (stored term, or recomputed from the
   final max where a line's segments had other maxima).
+
+float32 terms
+-------------
+float32 softmax and log_softmax of rows of at most ``SEGMENT`` entries form
+their terms in float32 lanes, twice as many per vector as float64, where the
+row's max allows an exact shift (:func:`_shift32`: ``s = 0`` for ``0 < m <=
+87``, ``m`` rounded to the float32 ulp of ``|m| + 128`` for ``-2**20 < m <=
+0``; other rows take the float64 terms above).  ``x - s`` is then exact in
+float32 for every entry within 127 of the max, and the term is
+:func:`_term32` (Cody-Waite in float32 with explicit FMAs, a degree-4
+polynomial for ``(exp(r) - 1 - r) / r**2``, ``1 + r`` split exactly).  Its
+error, measured on every float32 in ``[-87, 88]`` (``scripts/expf_exhaustive.py``),
+is at most ``1.2286 * 2**-24`` relative: ``EXPF_ERROR = 1.25 * 2**-24``.  The
+code is strict IEEE arithmetic (the FMAs are ``llvm.fma`` calls, no
+contraction), so the vector loops compute exactly the values that check saw.
+The terms are summed in float64.
+
+* softmax: every term stored (:func:`_stored_term32`, the same values, with
+  gradual underflow below ``e**-87``), the float64 total of the stored terms
+  (the max's own included), the output ``t * (1 / total)`` rounded once.  A
+  stored term and the total are each within ``EXPF_ERROR`` (the total's
+  error is an average of its terms'), so the quotient is within ``2
+  EXPF_ERROR`` plus float64 noise: at most ``2 * 1.25 + 0.5 = 3`` ulps
+  (``ulp(y) >= 2**-24 y``); subnormal outputs within about one subnormal ulp.
+* log_softmax: ``rest`` of the entries below the max brought back to it by
+  ``exp(s - m)`` (float64), within ``EXPF_ERROR``; ``L = log1p(c - 1 + r)``
+  is off by at most ``EXPF_ERROR r / (c + r) <= EXPF_ERROR L`` (``c = 1``:
+  ``L >= r / (1 + r)``; ``c >= 2``: ``r / ((c + r) log(c + r)) <= 0.38``), and
+  ``|y| >= L``, so ``(x - m) - L`` rounded once is within ``1.25 + 0.5`` ulps:
+  no recheck is needed.
+* logsumexp keeps the float64 ``_term7`` terms: its keep rule needs their
+  ``2**-33`` to keep ordinary lines at one ulp.
 
 The tests hold every path to the oracle (4 ulps) and the exponential and the
 sum to their bounds (``tests/test_fused_cpu.py``); docs/fused_cpu.md has the
@@ -467,6 +502,159 @@ def _exact_term(x, v, mf):
 
 
 # ---------------------------------------------------------------------------
+# float32 terms in float32 lanes (twice the lanes of float64), for softmax and
+# log_softmax of float32 rows whose max allows an exact shift (see the module
+# docstring, "float32 terms").
+
+
+@intrinsic
+def _bits32(typingctx, value):
+    """The IEEE bits of a float32, as int32."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(value), codegen
+
+
+@intrinsic
+def _from_bits32(typingctx, bits):
+    """The float32 whose IEEE bits are the low 32 bits of the integer ``bits``."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        if bits.bitwidth > 32:
+            value = builder.trunc(value, ir.IntType(32))
+        elif bits.bitwidth < 32:
+            value = builder.sext(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _fma32(typingctx, a, b, c):
+    """``a * b + c`` in float32 with one rounding (``llvm.fma``): the same value in
+    scalar and vector code, whatever the fast-math flags around it."""
+    if not (a == b == c == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from numba.core import cgutils
+
+        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType()] * 3)
+        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.f32"), args)
+
+    return types.float32(a, b, c), codegen
+
+
+_F32 = np.float32
+_LOG2E_32 = _F32(_LOG2E)
+_SHIFTER_32 = _F32(12582912.0)  # 1.5 * 2**23
+_SHIFTER_32_BITS = np.int32(np.array(_SHIFTER_32).view(np.int32))
+_LN2_HI_32 = _F32(0.693359375)  # 9 significant bits: k * it is exact for |k| < 2**15
+_LN2_LO_32 = _F32(float.fromhex("-0x1.bd0106p-13"))  # ln 2 - _LN2_HI_32, rounded to float32
+_ONE_32 = _F32(1.0)
+_ZERO_32 = _F32(0.0)
+# Coefficients of h (highest degree first), fitted to (exp(r) - 1 - r) / r**2
+# on |r| <= 1.001 ln2 / 2 (mpmath.chebyfit, 100 bits), rounded to float32.
+EXPF_COEFFICIENTS = tuple(_F32(float.fromhex(c)) for c in (
+    "0x1.6d117cp-10", "0x1.120be2p-7", "0x1.555518p-5", "0x1.5554dcp-3", "0x1p-1"))
+#: Relative error bound of :func:`_term32` and :func:`_stored_term32` where the
+#: result is normal: ``1.229 * 2**-24`` at most over every float32 ``d`` in
+#: ``[-87, 88]`` (``scripts/expf_exhaustive.py``; the tests check a sample).
+EXPF_ERROR = 1.25 * 2.0**-24
+#: float32 terms of differences below this are 0 in the sums (under
+#: ``e**-87`` of the max's term, which is at least ``e**-(1/16)``).
+FLUSH32 = _F32(-87.0)
+# Below this a stored term rounds to 0 (exp(-104) is under half the least subnormal).
+_LOWEST32 = _F32(-104.0)
+
+
+@njit(**_STRICT)
+def _expf_parts(d):
+    """``(p, k)``, ``exp(d) = p 2**k`` with ``p`` in ``[0.70, 1.42]`` (float32 ``d <= 88``).
+
+    Cody-Waite as in :func:`_term`, in float32 with explicit FMAs: ``k =
+    round(d / ln2)`` by the ``1.5 * 2**23`` shifter, ``r = (d - k C1) - k C2``
+    (the first step exact), ``exp(r) = 1 + r + r**2 h(r)`` with the last two
+    additions compensated: ``1 + r`` is split exactly (Fast2Sum, ``|r| < 1``)
+    and its rounding error is added back with ``r**2 h``, so that only the
+    final addition rounds at the scale of the result.
+    """
+    shifted = _fma32(d, _LOG2E_32, _SHIFTER_32)
+    k = shifted - _SHIFTER_32
+    r = _fma32(k, -_LN2_LO_32, _fma32(k, -_LN2_HI_32, d))
+    c = EXPF_COEFFICIENTS
+    h = _fma32(c[0], r, c[1])
+    h = _fma32(h, r, c[2])
+    h = _fma32(h, r, c[3])
+    h = _fma32(h, r, c[4])
+    high = _ONE_32 + r
+    low = r - (high - _ONE_32)
+    return high + ((r * r) * h + low), _bits32(shifted) - _SHIFTER_32_BITS
+
+
+@njit(**_STRICT)
+def _term32(d):
+    """``exp(d)`` of a float32 ``d <= 88`` within :data:`EXPF_ERROR` relative, 0 below
+    :data:`FLUSH32` (the scaling by ``2**k`` adds ``k`` to the exponent bits,
+    exact for normal results)."""
+    p, k = _expf_parts(d)
+    t = _from_bits32(_bits32(p) + (k << 23))
+    return t if d >= FLUSH32 else _ZERO_32
+
+
+@njit(**_STRICT)
+def _stored_term32(d):
+    """``exp(d)`` of a float32 ``d <= 88`` (``-inf`` included), down to the subnormal range.
+
+    The value of :func:`_term32` where that is normal (both scalings are
+    exact there); below, ``p 2**k`` rounds once, as ``2**(k - k//2)`` times the
+    normal ``p 2**(k//2)`` (within half a subnormal ulp plus
+    :data:`EXPF_ERROR` of the value).  For softmax's stored terms, whose
+    quotients by the line's total (at least ``e**-(1/16)``) can be normal or
+    subnormal float32 down to ``d = -104``.
+    """
+    d = d if d >= _LOWEST32 else _LOWEST32
+    p, k = _expf_parts(d)
+    half = k >> 1
+    return (p * _from_bits32((half + 127) << 23)) * _from_bits32((k - half + 127) << 23)
+
+
+@njit(**_BORROWED)
+def _shift32(m):
+    """``(s, ok)`` for a line of float32 entries with the finite max ``m`` (float64).
+
+    ``s`` (float32) makes ``x - s`` exact in float32 for every entry
+    ``x >= m - 127`` (the entries below have terms under ``e**-126`` of the
+    max's and are flushed):
+
+    * ``0 < m <= 87``: ``s = 0``, ``x - s = x``; the terms ``exp(x)`` are
+      normal float32 down to ``e**-87`` (the max's term is ``e**m > 1``);
+    * ``-2**20 < m <= 0``: ``s`` is ``m`` rounded to a multiple of ``G``, the
+      float32 ulp of the binade of ``|m| + 128``.  Every such ``x`` has
+      ``|x| < |m| + 128``, so ``G`` is a multiple of ``ulp(x)``; ``x - s`` is
+      then a multiple of ``ulp(x)`` no larger than ``|x|`` (``s`` is 0 when
+      ``|m| < G / 2``), hence a float32.  ``|m - s| <= G / 2 <= 2**-4``;
+    * otherwise ``ok`` is False (the float64 terms).
+    """
+    if 0.0 < m <= 87.0:
+        return _ZERO_32, True
+    if not (-(2.0**20) < m <= 0.0):
+        return _ZERO_32, False
+    # G from the exponent bits of 128 - m (exact, in [128, 2**20 + 128)); m rounded
+    # to a multiple of G by adding and subtracting 1.5 * 2**52 G (|m| < 2**24 G).
+    grid = _from_bits(((_bits(128.0 - m) >> 52) - 23) << 52)
+    shifter = 1.5 * 2.0**52 * grid
+    return _F32((m + shifter) - shifter), True
+
+
+# ---------------------------------------------------------------------------
 # Rows: x[i, a:b] is (part of) a line.  Maxima are passed as float64 (exact
 # for float32 input): one type for every caller, so one compiled copy.
 
@@ -534,6 +722,51 @@ def _row_sum_fast(x, mask, masked, i, a, b, m, out, store):
             t = _fast_term(x, v, m)
             total += 0.0 if v == m else t
             count += 1 if v == m else 0
+    return np.float64(count), total
+
+
+@njit(**_REASSOC_BORROWED)
+def _row_sum_single(x, mask, masked, i, a, b, m, s, out, store):
+    """float32 terms of ``x[i, a:b]`` relative to the exact shift ``s`` (:func:`_shift32`).
+
+    ``store`` (softmax): every term goes to ``out`` (:func:`_stored_term32`, 0
+    for excluded entries) and the result is ``(0, total)``, the float64 sum of
+    the stored terms, the max's included.  Otherwise ``(count, rest)``: the
+    entries equal to ``m`` counted, the :func:`_term32` terms of the others
+    summed in float64 (relative to ``s``).
+    """
+    row = x[i, a:b]  # float32 (the casts below only type the float64 copy, which never runs this)
+    top = _F32(m)
+    total = 0.0
+    count = 0
+    if store:
+        target = out[i, a:b]
+        if masked:
+            include = mask[i, a:b]
+            for j in range(row.shape[0]):
+                t = _stored_term32(_F32(row[j]) - s) if include[j] != 0 else _ZERO_32
+                target[j] = t
+                total += np.float64(t)
+        else:
+            for j in range(row.shape[0]):
+                t = _stored_term32(_F32(row[j]) - s)
+                target[j] = t
+                total += np.float64(t)
+        return 0.0, total
+    if masked:
+        include = mask[i, a:b]
+        for j in range(row.shape[0]):
+            v = _F32(row[j])
+            inc = include[j] != 0
+            counted = inc and v == top
+            total += np.float64(_term32(v - s) if inc and not counted else _ZERO_32)
+            count += 1 if counted else 0
+    else:
+        for j in range(row.shape[0]):
+            v = _F32(row[j])
+            counted = v == top
+            total += np.float64(_ZERO_32 if counted else _term32(v - s))
+            count += 1 if counted else 0
     return np.float64(count), total
 
 
@@ -724,11 +957,25 @@ def _rows_whole(x, mask, masked, mode, out, tops, counts, rests, values, bad, bu
     first = np.int64(0)
     store = mode == SOFTMAX
     fast = _single(x) and mode != STATE
+    normalised = fast and (store or mode == LOG_SOFTMAX)
     for i in range(start, stop):
         m, nan = _row_max(x, mask, masked, i, first, n)
         tops[i] = m
         if nan or not math.isfinite(m):
             bad[i] = 1
+            continue
+        s, shifted = _shift32(m) if normalised else (_ZERO_32, False)
+        if shifted:
+            # float32 terms: softmax scales its stored terms by their total;
+            # log_softmax takes L from the rest brought back to the max.
+            count, total = _row_sum_single(x, mask, masked, i, first, n, m, s, out, store)
+            if store:
+                counts[i], rests[i] = np.nan, np.nan  # not formed
+                _row_output(x, mask, masked, i, first, n, m, total, 1.0 / total, out, mode, True)
+                continue
+            rest = total * _exp(np.float64(s) - m)  # |s - m| <= 2**-4, or s = 0: k <= 0
+            counts[i], rests[i] = count, rest
+            _row_output(x, mask, masked, i, first, n, m, math.log1p((count - 1.0) + rest), 0.0, out, mode, False)
             continue
         if fast:
             count, rest = _row_sum_fast(x, mask, masked, i, first, n, m, out, store)

@@ -5,15 +5,17 @@
 For float32 rows it times, in microseconds a call (median of ``--repeats``):
 
 * ``max``: the integer-keyed max of every row (``_row_max``);
-* ``sum``: the terms and their sum, float64 lanes (``_row_sum_fast``), and
-  ``sum+store`` with each term stored for softmax;
+* ``sum f64``: the terms and their sum in float64 lanes (``_row_sum_fast``,
+  what logsumexp runs); ``sum f32``: the float32 terms (``_row_sum_single``,
+  log_softmax), and ``sum f32+store`` with each term stored (softmax);
 * ``scale``: softmax's output pass over the stored terms, ``lsm out``:
   log_softmax's ``(x - m) - L``;
-* ``forward``: the whole compiled forward of softmax (``_items``, what
+* ``softmax``, ``log_softmax``: the whole compiled forward (``_items``, what
   ``torch.fused`` runs), ``backward``: the fused softmax backward;
 
 beside a bare ``np.exp`` and, when torch is installed, torch's softmax and
-its backward (``torch._softmax_backward_data``) on one intra-op thread.  The
+log_softmax and softmax's backward (``torch._softmax_backward_data``) on one
+intra-op thread.  The
 per-pass drivers are compiled here (numba, not cached): the first line takes
 a few seconds.  Maintainer tooling: it calls private functions of
 ``lse_dispatch.backends._numba_kernels``.
@@ -68,13 +70,22 @@ def _drivers():
         return total
 
     @njit(**options)
+    def sum32_pass(x, mask, out, store):
+        first, total = np.int64(0), 0.0
+        s, _ = k._shift32(3.0)
+        for i in range(x.shape[0]):
+            _, rest = k._row_sum_single(x, mask, False, i, first, x.shape[1], 3.0, s, out, store)
+            total += rest
+        return total
+
+    @njit(**options)
     def output_pass(x, mask, out, mode):
         first = np.int64(0)
         for i in range(x.shape[0]):
             k._row_output(x, mask, False, i, first, x.shape[1], 3.0, 2.0, 0.5, out, mode, True)
         return out[0, 0]
 
-    return k, max_pass, sum_pass, output_pass
+    return k, max_pass, sum_pass, sum32_pass, output_pass
 
 
 def main(argv=None) -> None:
@@ -85,7 +96,7 @@ def main(argv=None) -> None:
     from lse_dispatch.backends import _fused_cpu
 
     _fused_cpu.warm_up(("float32",))
-    k, max_pass, sum_pass, output_pass = _drivers()
+    k, max_pass, sum_pass, sum32_pass, output_pass = _drivers()
     try:
         import torch
 
@@ -101,26 +112,30 @@ def main(argv=None) -> None:
         mask, _ = _fused_cpu._nothing(x.dtype)
         backward = _fused_cpu._compiled("float32", "backward")
         geometry = _fused_cpu._geometry(x.shape, (1,), 4, k.SOFTMAX)
+        log_geometry = _fused_cpu._geometry(x.shape, (1,), 4, k.LOG_SOFTMAX)
         y = np.exp(x - x.max(axis=1, keepdims=True))
         y /= y.sum(axis=1, keepdims=True)
         g = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
         timed = {
             "max": lambda: max_pass(x, mask),
-            "sum": lambda: sum_pass(x, mask, out, False),
-            "sum+store": lambda: sum_pass(x, mask, out, True),
+            "sum f64": lambda: sum_pass(x, mask, out, False),
+            "sum f32": lambda: sum32_pass(x, mask, out, False),
+            "sum f32+store": lambda: sum32_pass(x, mask, out, True),
             "scale": lambda: output_pass(x, mask, out, k.SOFTMAX),
             "lsm out": lambda: output_pass(x, mask, out, k.LOG_SOFTMAX),
-            "forward": lambda: _fused_cpu._Lines(x, geometry, None, k.SOFTMAX, 1),
+            "softmax": lambda: _fused_cpu._Lines(x, geometry, None, k.SOFTMAX, 1),
+            "log_softmax": lambda: _fused_cpu._Lines(x, log_geometry, None, k.LOG_SOFTMAX, 1),
             "backward": lambda: backward(y, g, mask, False, 1, False, out, 0, rows),
             "np.exp": lambda: np.exp(x),
         }
         if torch is not None:
             tx, ty, tg = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(g)
             timed["torch softmax"] = lambda: torch.softmax(tx, -1)
+            timed["torch log_softmax"] = lambda: torch.log_softmax(tx, -1)
             timed["torch backward"] = lambda: torch._softmax_backward_data(tg, ty, -1, torch.float32)
         medians = {name: _median_us(fn, args.repeats) for name, fn in timed.items()}
         figures = ", ".join(f"{name} {value:.1f}" for name, value in medians.items())
-        print(f"({rows}, {n}): {figures}; forward {medians['forward'] * 1e3 / rows:.0f} ns a row")
+        print(f"({rows}, {n}): {figures}; softmax {medians['softmax'] * 1e3 / rows:.0f} ns a row")
 
 
 if __name__ == "__main__":

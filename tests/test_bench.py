@@ -179,6 +179,7 @@ def test_fused_passes_breakdown_runs():
             torch.set_num_threads(threads)  # the script runs torch on one thread
     line = printed.getvalue().splitlines()[-1]
     assert line.startswith("(4, 16): ")
-    for name in ("max", "sum", "sum+store", "scale", "lsm out", "forward", "backward", "np.exp"):
+    for name in ("max", "sum f64", "sum f32", "sum f32+store", "scale", "lsm out", "softmax", "log_softmax", "backward",
+                 "np.exp"):
         assert f"{name} " in line
     assert line.endswith("ns a row")

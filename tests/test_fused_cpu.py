@@ -165,6 +165,100 @@ def test_terms_within_their_bounds_and_flushed_below():
         assert not _batch(function)(np.array([K.FLUSH - 1e-9, -701.0, -1e308, -np.inf])).any()
 
 
+@numba.njit(cache=False)
+def _float32_term_errors(first, last, stride, negative):
+    """Worst relative errors of :func:`_term32` and :func:`_stored_term32` (normal results,
+    against float64 ``exp``, within ``2**-52``) over every ``stride``-th float32 bit
+    pattern in ``[first, last)``, the sign bit from ``negative``; and whether the two
+    functions differ anywhere there."""
+    worst, stored_worst, differ = 0.0, 0.0, False
+    sign = np.int64(1) << 31 if negative else np.int64(0)
+    for bits in range(first, last, stride):
+        d = K._from_bits32(bits | sign)
+        exact = math.exp(np.float64(d))
+        t, stored = np.float64(K._term32(d)), np.float64(K._stored_term32(d))
+        worst = max(worst, abs(t / exact - 1.0))
+        stored_worst = max(stored_worst, abs(stored / exact - 1.0))
+        differ = differ or t != stored
+    return worst, stored_worst, differ
+
+
+def _float32_bits(value):
+    return int(np.array(np.float32(value)).view(np.int32))
+
+
+def test_float32_terms_within_their_bound():
+    """:func:`_term32` and :func:`_stored_term32` agree and stay within ``EXPF_ERROR``
+    on every 61st float32 in ``[-87, 88]`` (about 3.5 million; the whole range is
+    checked by ``scripts/expf_exhaustive.py``), and on the worst input that found."""
+    for negative, last in ((True, _float32_bits(87.0)), (False, _float32_bits(88.0))):
+        worst, stored_worst, differ = _float32_term_errors(0, last + 1, 61, negative)
+        assert worst <= K.EXPF_ERROR and stored_worst <= K.EXPF_ERROR, (worst * 2**24, stored_worst * 2**24)
+        assert not differ
+    for d in (-27.378822326660156,):  # the worst of every float32 in [-87, 88]: 1.2286 * 2**-24
+        bits = _float32_bits(d) & 0x7FFFFFFF
+        worst, _, _ = _float32_term_errors(bits, bits + 1, 1, d < 0)
+        assert 1.2 * 2.0**-24 < worst <= K.EXPF_ERROR, worst * 2**24  # the bound is tight
+    zero = np.float32(0.0)
+    assert K._term32(zero) == 1.0 and K._stored_term32(-zero) == 1.0
+    assert K._term32(np.float32(-87.01)) == 0.0 and K._term32(np.float32(-np.inf)) == 0.0
+
+
+def test_stored_float32_terms_underflow_gradually():
+    """Below ``FLUSH32`` softmax's stored terms are subnormal float32: within half a
+    subnormal ulp plus ``EXPF_ERROR`` of the value, down to 0 at ``-104`` and ``-inf``."""
+    d = np.concatenate([np.linspace(-104.5, -87.0, 20001), [-103.28, -103.97, -1e30, -np.inf]]).astype(np.float32)
+    got = np.array([np.float64(K._stored_term32(v)) for v in d])
+    exact = np.exp(d.astype(np.float64))
+    tiny = np.finfo(np.float32).smallest_subnormal
+    assert np.all(np.abs(got - exact) <= 0.5 * float(tiny) + K.EXPF_ERROR * exact)
+    assert (got[exact < np.finfo(np.float32).smallest_normal] > 0).any()
+    assert got[-1] == 0 and got[-2] == 0
+
+
+def test_the_float32_shift_makes_every_difference_exact():
+    """``x - s`` in float32 equals the exact ``x - s`` for every entry within 127 of the
+    max, over maxima across the ranges of :func:`_shift32`; outside them it declines."""
+    rng = np.random.default_rng(3)
+    maxima = np.concatenate([
+        -np.exp(rng.uniform(-30, math.log(2.0**20), 3000)), rng.uniform(0, 87, 500),
+        [0.0, -0.0, -1e-38, -(2.0**20) + 1, 87.0, -1.0, -128.0, -127.99],
+    ]).astype(np.float32)
+    for m in maxima:
+        s, ok = K._shift32(float(m))
+        assert ok and float(np.float32(s)) == s, m
+        s = np.float32(s)
+        assert abs(float(m) - float(s)) <= (2.0**-4 if m <= 0 else 87.0)
+        x = np.concatenate([m - rng.uniform(0, 127, 200), [m, np.nextafter(m, -np.inf)]]).astype(np.float32)
+        x = x[x.astype(np.float64) >= float(m) - 127]
+        assert np.array_equal((x - s).astype(np.float64), x.astype(np.float64) - float(s)), m
+    for m in (87.01, 1e10, -(2.0**20), -1e30):
+        assert not K._shift32(float(np.float32(m)))[1]
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_float32_terms_on_every_range_of_the_max(library):
+    """float32 softmax / log_softmax rows whose max takes each branch of :func:`_shift32`
+    (``s = 0``, the rounded max, and the float64 terms beyond), with ties, ``-inf``
+    entries, a ``where`` mask, and softmax outputs down in the subnormal range."""
+    rng = np.random.default_rng(11)
+    tail = [0.0, -86.5, -87.5, -90.0, -95.0, -100.0, -103.0, -103.9, -110.0, -np.inf]
+    rows = [row + shift for shift in (0.0, 40.0, 86.9, 87.5, 500.0, -3.7, -5000.25, -(2.0**20) + 200, -(2.0**21))
+            for row in (np.array(tail + [-1.0, -1.0, -0.5]), rng.standard_normal(13) * 20)]
+    x = np.array(rows, dtype=np.float32)
+    x[1::2] -= x[1::2].max(axis=1, keepdims=True) - x[0::2].max(axis=1, keepdims=True)  # same maxima
+    where = rng.random(x.shape) < 0.8
+    where[:, 0] = True
+    for op in ("softmax", "log_softmax"):
+        exact = EXACT[op](x.astype(np.float64), axis=-1)
+        _assert_ulps(_fused(library, op, x, axis=-1), exact, np.float32, f"{op} {library}")
+        got = _fused(library, op, x, axis=-1, where=where)
+        exact = EXACT[op](x.astype(np.float64), axis=-1, where=where)
+        _assert_ulps(got[where], exact[where], np.float32, f"{op} {library} where")
+    subnormal = _fused(library, "softmax", x[:1], axis=-1)[0]
+    assert 0 < subnormal[5] < np.finfo(np.float32).smallest_normal  # e**-100 / 2.34: 1.6e-44
+
+
 def test_the_float32_recheck_is_what_the_cancelling_case_needs():
     """The fast float32 sum alone misses ``[-1, c, c]`` (lse = -1.7e-9) by far more
     than 4 ulps; the keep rule sends it to the exact sum, which the kernel then
