@@ -253,7 +253,7 @@ def _torch_declines(call) -> str | None:
         return "input needs a cast"
     dtype_name = _torch_name(a.dtype)
     reason = _common_declines(call, tuple(a.shape), dtype_name, a.is_contiguous())
-    if reason is None and call.where is not None and call.where.device.type != "cpu":
+    if reason is None and call.where is not None and not call.where.is_cpu:
         reason = f"where on device {call.where.device.type}"
     if reason is None:
         reason = _size_declines(call, dtype_name, a.numel())
@@ -526,8 +526,8 @@ def softmax_backward(op, out, where, g, axes):
     if torch.compiler.is_compiling():  # a traced backward keeps the op form
         return None
     name = _torch_name(out.dtype)
-    if (name not in _SIGNATURES_SEEN or g.dtype != out.dtype or out.device.type != "cpu"
-            or g.device.type != "cpu" or not out.is_contiguous() or g.shape != out.shape):
+    if (name not in _SIGNATURES_SEEN or g.dtype != out.dtype or not out.is_cpu
+            or not g.is_cpu or not out.is_contiguous() or g.shape != out.shape):
         return None
     shape = tuple(out.shape)
     axes = tuple(axes)

@@ -14,7 +14,7 @@ def declines(a, why_cpu: str) -> str | None:
     """
     import torch
 
-    if a.device.type != "cpu":
+    if not a.is_cpu:  # 0.05 us; a.device.type builds a device object (0.28 us)
         return f"device {a.device.type} ({why_cpu})"
     if torch.is_grad_enabled() and a.requires_grad:
         return "autograd active (input requires grad)"

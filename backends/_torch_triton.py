@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 from lse_dispatch._call import Call
+from lse_dispatch._env import getenv
 from lse_dispatch._kernel import Kernel, Priority, user_choice
 from lse_dispatch._ops import Op
 
@@ -59,11 +59,14 @@ def _triton_missing() -> str | None:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return getenv("TRITON_INTERPRET") == "1"
 
 
 def _chosen_by_name() -> bool:
     return user_choice() == NAME
+
+
+_CPU_REASON = "device cpu (CUDA tensors only; CPU tensors under TRITON_INTERPRET=1 when chosen by name)"
 
 
 def _declines(call: Call) -> str | None:
@@ -72,9 +75,12 @@ def _declines(call: Call) -> str | None:
     if torch.compiler.is_compiling():  # first: Dynamo traces no further than this
         return "inside torch.compile tracing"
     a = call.a
-    # The device first: it is what declines every CPU call, cheaply.
-    device = a.device.type
-    if device != "cuda" and not (device == "cpu" and _interpreting() and _chosen_by_name()):
+    # The device first: it is what declines every CPU call, cheaply (one look at
+    # the environment, a constant reason).
+    if a.is_cpu:
+        if not (_interpreting() and _chosen_by_name()):
+            return _CPU_REASON
+    elif (device := a.device.type) != "cuda":
         return f"device {device} (CUDA tensors only; CPU tensors under TRITON_INTERPRET=1 when chosen by name)"
     if call.b is not None:
         return "b given"

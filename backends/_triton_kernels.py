@@ -519,9 +519,9 @@ def _multiprocessors(device) -> int | None:
 
 
 def _interpreting() -> bool:
-    import os
+    from lse_dispatch._env import getenv
 
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return getenv("TRITON_INTERPRET") == "1"
 
 
 class _Quiet:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -47,6 +46,7 @@ from typing import Any
 
 from . import _kernel, _numerics
 from ._call import Call
+from ._env import getenv
 from ._generic import IMPLEMENTATIONS as GENERIC
 from ._kernel import Kernel, Priority
 from ._numerics import compile_time_constant as _compile_time_constant
@@ -353,7 +353,7 @@ def _resolve(per_call: str | None) -> tuple[str, str]:
     chosen = _CHOICE.get()
     if chosen is not None:
         return chosen, "use()"
-    env = os.environ.get(ENV_VAR)
+    env = getenv(ENV_VAR)
     if env:
         try:
             return _check_choice(env.strip()), ENV_VAR
