@@ -136,8 +136,13 @@ by TwoSum (``d + e`` exact) and the term is ``exp(d) + exp(d) e``.
   ``exp(m_s - M) / (c + r)``, computed in float64: the same bound plus
   float64 noise).
 * float32 log_softmax otherwise: ``(x - m) - L`` in float64 (exact
-  difference), rounded once: 0.5 ulp plus ``L``'s relative error (``delta /
-  L`` with ``L >= r / (1 + r)`` for ``c = 1``, ``L >= ln 2`` otherwise).
+  difference), rounded once.  ``L``'s error is at most ``(delta + 3.5 u) L``:
+  ``delta r / (c + r)`` from the rest, which is at most ``delta L`` (``c =
+  1``: ``L >= r / (1 + r)``; ``c >= 2``: ``L >= ln 2``), ``(c - 1) + r`` exact
+  for ``c = 1`` and within ``u <= 1.45 u L`` otherwise, and ``log1p``'s own
+  ``2 u L``.  As ``|y| >= L`` the result is within ``0.5 + (delta + 3.5 u)
+  2**24`` ulps: under 0.51 ulps for the pieces summed here (``delta <=
+  2**-33 + (2**16 + 4) u``), so no recheck is needed.
 * float64: logsumexp ``m + L``; log_softmax ``(x - m) - L``, both terms
   non-positive; softmax ``t / (c + r)`` (stored term, or recomputed from the
   final max where a line's segments had other maxima).
@@ -884,28 +889,28 @@ def _row_sum_exact(x, mask, masked, i, a, b, m, out, store, buffer):
     return np.float64(count), total + error
 
 
-#: float32 logsumexp and log_softmax from fast sums are kept when the error
-#: of ``L`` is at most this fraction of ``|lse|`` (of ``L`` for log_softmax,
-#: whose every output has ``|y| >= L``): half a float32 ulp at most
-#: (``ulp(y) >= 2**-24 |y|``), so the result is within one ulp.
+#: float32 logsumexp from fast sums is kept when the error of ``L`` is at most
+#: this fraction of ``|lse|``: half a float32 ulp at most (``ulp(y) >= 2**-24
+#: |y|``), so the result is within one ulp.
 KEEP_BELOW = 2.0**-25
 
 
 @njit(**_BORROWED)
 def _kept(mode, delta, m, count, rest, log_norm):
-    """Whether a float32 line whose ``rest`` is within ``delta`` relatively is accurate as it is.
+    """Whether a float32 logsumexp line whose ``rest`` is within ``delta`` relatively is
+    accurate as it is (``mode`` is ``LOGSUMEXP``).
 
     ``L = log(c + r)`` is then within ``delta r / (c + r)``, plus the
-    roundings of ``(c - 1) + r`` (``u``) and of ``log1p`` (``2 u L``);
-    logsumexp adds the rounding of ``m + L`` (``u |lse|``).  Lines that
-    fail (``lse`` or ``L`` near 0: the cancelling case ``[-1, c, c]``, lines
-    of log-probabilities) are redone with exact sums.
+    roundings of ``(c - 1) + r`` (``u``) and of ``log1p`` (``2 u L``), and
+    ``m + L`` rounds by ``u |lse|``.  Lines that fail (``lse`` near 0: the
+    cancelling case ``[-1, c, c]``, lines of log-probabilities) are redone
+    with exact sums.  log_softmax needs no such rule: its ``L`` is within
+    ``(delta + 3.5 u) L`` (the module docstring, "Sums") and every output has
+    ``|y| >= L``.
     """
     error = delta * rest / (count + rest) + _U * (1.0 + 2.0 * log_norm)
-    if mode == LOGSUMEXP:
-        value = abs(m + log_norm)
-        return error + _U * value <= KEEP_BELOW * value
-    return error <= KEEP_BELOW * log_norm
+    value = abs(m + log_norm)
+    return error + _U * value <= KEEP_BELOW * value
 
 
 @njit(**_BORROWED)
@@ -979,7 +984,7 @@ def _rows_whole(x, mask, masked, mode, out, tops, counts, rests, values, bad, bu
             continue
         if fast:
             count, rest = _row_sum_fast(x, mask, masked, i, first, n, m, out, store)
-            if not store:
+            if mode == LOGSUMEXP:
                 log_norm = math.log1p((count - 1.0) + rest)
                 delta = TERM7_ERROR + (n - 1) * _U
                 if not _kept(mode, delta, m, count, rest, log_norm):
@@ -1085,7 +1090,7 @@ def _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad,
     if not math.isfinite(m):
         bad[line] = 1
         return
-    if _single(x) and (mode == LOGSUMEXP or mode == LOG_SOFTMAX):
+    if _single(x) and mode == LOGSUMEXP:
         # Merged fast states: each piece's rest within TERM7_ERROR + (span - 1) u,
         # the merge weights (1.7 u) and roundings of the compensated merge 5 u more.
         log_norm = math.log1p((count - 1.0) + rest)

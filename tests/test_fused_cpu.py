@@ -238,9 +238,10 @@ def test_the_float32_shift_makes_every_difference_exact():
 
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_float32_terms_on_every_range_of_the_max(library):
-    """float32 softmax / log_softmax rows whose max takes each branch of :func:`_shift32`
+    """float32 softmax / log_softmax lines whose max takes each branch of :func:`_shift32`
     (``s = 0``, the rounded max, and the float64 terms beyond), with ties, ``-inf``
-    entries, a ``where`` mask, and softmax outputs down in the subnormal range."""
+    entries, a ``where`` mask, and softmax outputs down in the subnormal range; as
+    rows, as whole columns and as columns in several tiles."""
     rng = np.random.default_rng(11)
     tail = [0.0, -86.5, -87.5, -90.0, -95.0, -100.0, -103.0, -103.9, -110.0, -np.inf]
     rows = [row + shift for shift in (0.0, 40.0, 86.9, 87.5, 500.0, -3.7, -5000.25, -(2.0**20) + 200, -(2.0**21))
@@ -257,6 +258,22 @@ def test_float32_terms_on_every_range_of_the_max(library):
         _assert_ulps(got[where], exact[where], np.float32, f"{op} {library} where")
     subnormal = _fused(library, "softmax", x[:1], axis=-1)[0]
     assert 0 < subnormal[5] < np.finfo(np.float32).smallest_normal  # e**-100 / 2.34: 1.6e-44
+    # The same lines as columns: whole columns in one tile, and (padded below
+    # with entries 150 under each column's max, in other tiles whose own maxima
+    # take their own shifts, or float64 terms) columns in several tiles.
+    padded = np.concatenate([x.T, np.repeat(x.max(axis=1)[None, :] - 150, 3 * K.TILE_BYTES // (4 * x.shape[0]), 0)])
+    padded[-1] = x.max(axis=1) - 20  # a last tile with a max of its own
+    for columns in (x.T.copy(), padded):
+        assert (_fused_cpu._geometry(columns.shape, (0,), 4, K.SOFTMAX).plan[3] > 1) == (columns is padded)
+        for op in ("softmax", "log_softmax"):
+            exact = EXACT[op](columns.astype(np.float64), axis=0)
+            got = _fused(library, op, columns, axis=0)
+            _assert_ulps(got, exact, np.float32, f"{op} {library} columns {columns.shape}")
+            mask = np.ones(columns.shape, bool)
+            mask[: x.shape[1]] = where.T
+            got = _fused(library, op, columns, axis=0, where=mask)
+            exact = EXACT[op](columns.astype(np.float64), axis=0, where=mask)
+            _assert_ulps(got[mask], exact[mask], np.float32, f"{op} {library} columns {columns.shape} where")
 
 
 def test_the_float32_recheck_is_what_the_cancelling_case_needs():
@@ -386,6 +403,22 @@ def test_logsumexp_that_cancels_to_near_zero(library, pad):
     _assert_ulps(got, np.array([lse, second], dtype=object), np.float32, f"columns pad {pad}")
     got = _fused(library, "log_softmax", values[None, :], axis=-1)[0]
     _assert_ulps(got[:3], log_sm[[0, 1, 1]], np.float32, "log_softmax")
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("pad", [0, 3000, LONG], ids=["short", "rows", "long-rows"])
+def test_log_softmax_of_a_dominant_max_without_a_recheck(library, pad):
+    """``L`` of about ``e**-40`` (the max's output is ``-L``): the float64 terms' bound
+    ``0.5 + (delta + 3.5 u) 2**24`` ulps needs no exact recheck, on rows, long rows
+    and columns, for maxima above 87 (float64 terms) and at 0 (float32 terms)."""
+    for top in (100.0, 0.0):
+        values = np.array([top, top - 40, top - 41.5] + [top - 300] * pad, dtype=np.float32)
+        _, log_sm, _ = _exact_from_counts([top, top - 40, top - 41.5, top - 300], [1, 1, 1, pad])
+        got = _fused(library, "log_softmax", values[None, :], axis=-1)[0]
+        errors = oracle.ulp_error(got[:3].astype(np.float64), log_sm[:3], np.float32)
+        assert errors.max() <= 0.51 if top > 87 else errors.max() <= 1.75, errors
+        got = _fused(library, "log_softmax", np.stack([values, values], axis=1), axis=0)[:3, 0]
+        assert oracle.ulp_error(got.astype(np.float64), log_sm[:3], np.float32).max() <= ULPS
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
