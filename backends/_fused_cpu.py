@@ -190,6 +190,21 @@ def _size_declines(call, dtype_name, size) -> str | None:
     return None
 
 
+_LAYOUT_REASON = "layout: reduced axes are not the leading or trailing axes of a C-contiguous array"
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_declines(shape, axes) -> str | None:
+    """What the shape and the reduced axes alone decline (once per signature)."""
+    if not axes:
+        return "nothing reduced"
+    if math.prod(shape) == 0:
+        return "empty input"
+    if _reduced_axis(axes, len(shape)) is None:
+        return _LAYOUT_REASON
+    return None
+
+
 def _common_declines(call, shape, dtype_name, contiguous) -> str | None:
     if call.b is not None:
         return "b given"
@@ -199,12 +214,11 @@ def _common_declines(call, shape, dtype_name, contiguous) -> str | None:
         return f"dtype {dtype_name} (kernel takes float32, float64)"
     if shape != call.shape:
         return "input needs a broadcast"
-    if not call.axes:
-        return "nothing reduced"
-    if math.prod(shape) == 0:
-        return "empty input"
-    if not contiguous or _reduced_axis(call.axes, len(shape)) is None:
-        return "layout: reduced axes are not the leading or trailing axes of a C-contiguous array"
+    reason = _shape_declines(shape, call.axes)
+    if reason is not None:
+        return reason
+    if not contiguous:
+        return _LAYOUT_REASON
     if not available():
         return "numba is not installed (pip install 'lse-dispatch[fast]')"
     return None
@@ -381,13 +395,19 @@ class _Lines:
         no_mask, no_output = _nothing(dtype)
         self.view, self.axis, self.mask = view, axis, mask
         self.out = np.empty(view.shape, dtype) if geometry.normalised else no_output
-        self.per_line = np.empty((4, lines))
         self.bad = np.zeros(lines, np.uint8)
-        if parts == 1:
-            pieces = self.per_line[:3].reshape(3, 1, lines)
-        else:
-            pieces = np.empty((3, lines, parts) if axis == 1 else (3, parts, lines))
         entry = _compiled(_NAMES[dtype])
+        if parts == 1:
+            # One phase: the pieces are the lines (a fourth row is not read as a piece).
+            pieces = np.empty((4, 1, lines))
+            self.per_line = pieces.reshape(4, lines)
+            args = (view, no_mask if mask is None else mask, mask is not None, mode, 0, self.out, pieces,
+                    self.per_line, self.bad, axis, span, width, parts, blocks)
+            self.flagged_lines = (entry(*args, 0, geometry.phases[0][1]) if threads == 1
+                                  else _launch(entry, args, geometry.phases[0][1], threads))
+            return
+        self.per_line = np.empty((4, lines))
+        pieces = np.empty((3, lines, parts) if axis == 1 else (3, parts, lines))
         args = (view, no_mask if mask is None else mask, mask is not None, mode, 0, self.out, pieces, self.per_line,
                 self.bad, axis, span, width, parts, blocks)
         self.flagged_lines = 0  # counted by the phases that finish lines

@@ -26,6 +26,9 @@ Array = Any
 Axis = int | tuple[int, ...] | None
 
 _FAST_PLANS: dict = {}
+#: The namespaces of the short lane, imported once (an import statement costs a
+#: lookup on every call).
+_LANE_NAMESPACES: dict = {}
 
 
 def _short_lane(a):
@@ -39,14 +42,20 @@ def _short_lane(a):
     kind = type(a)
     if kind is np.ndarray:
         if a.dtype in (np.float32, np.float64) and a.ndim:
-            import array_api_compat.numpy as xp
+            xp = _LANE_NAMESPACES.get("numpy")
+            if xp is None:
+                import array_api_compat.numpy as xp
 
+                _LANE_NAMESPACES["numpy"] = xp
             return (kind, a.dtype), xp
         return None
     torch = sys.modules.get("torch")
     if torch is not None and kind is torch.Tensor and a.dtype in (torch.float32, torch.float64) and a.ndim:
-        import array_api_compat.torch as torch_xp
+        torch_xp = _LANE_NAMESPACES.get("torch")
+        if torch_xp is None:
+            import array_api_compat.torch as torch_xp
 
+            _LANE_NAMESPACES["torch"] = torch_xp
         return (kind, a.dtype, a.device), torch_xp
     return None
 
