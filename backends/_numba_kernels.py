@@ -313,14 +313,15 @@ def _single(typingctx, array):
 
 @intrinsic
 def _bits(typingctx, value):
-    """The IEEE bits of a float64, as int64."""
-    if value != types.float64:
+    """The IEEE bits of a float64 (as int64) or a float32 (as int32)."""
+    int_ty, width = _int_type(value)
+    if int_ty is None:
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(64))
+        return builder.bitcast(args[0], ir.IntType(width))
 
-    return types.int64(value), codegen
+    return int_ty(value), codegen
 
 
 @intrinsic
@@ -515,18 +516,6 @@ def _exact_term(x, v, mf):
 
 
 @intrinsic
-def _bits32(typingctx, value):
-    """The IEEE bits of a float32, as int32."""
-    if value != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(value), codegen
-
-
-@intrinsic
 def _from_bits32(typingctx, bits):
     """The float32 whose IEEE bits are the low 32 bits of the integer ``bits``."""
     if not isinstance(bits, types.Integer):
@@ -603,7 +592,7 @@ def _expf_parts(d):
     h = _fma32(h, r, c[4])
     high = _ONE_32 + r
     low = r - (high - _ONE_32)
-    return high + ((r * r) * h + low), _bits32(shifted) - _SHIFTER_32_BITS
+    return high + ((r * r) * h + low), _bits(shifted) - _SHIFTER_32_BITS
 
 
 @njit(**_STRICT)
@@ -612,7 +601,7 @@ def _term32(d):
     :data:`FLUSH32` (the scaling by ``2**k`` adds ``k`` to the exponent bits,
     exact for normal results)."""
     p, k = _expf_parts(d)
-    t = _from_bits32(_bits32(p) + (k << 23))
+    t = _from_bits32(_bits(p) + (k << 23))
     return t if d >= FLUSH32 else _ZERO_32
 
 
