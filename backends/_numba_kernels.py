@@ -1013,16 +1013,22 @@ def _short_rows(x, mode, out, tops, counts, rests, values, bad, buffer, start, s
             else:
                 value[k] = count[k] + rest[k]
         if mode == LOG_SOFTMAX or mode == SOFTMAX:
-            target = out[i0:i0 + rows]
-            for k in range(rows):
-                if flag[k]:
-                    continue
-                m, norm = top[k], value[k]
-                for j in range(n):
-                    if mode == SOFTMAX:
-                        target[k, j] = terms[j * width + k] / norm
-                    else:
-                        target[k, j] = (block[k, j] - m) - norm
+            _short_outputs(block, terms, mode, out[i0:i0 + rows], top, value, flag)
+
+
+@njit(**_BORROWED)
+def _short_outputs(block, terms, mode, target, top, norm, flag):
+    """softmax (the block's stored terms over ``c + r``) or log_softmax (``(x - m) - L``)
+    of the unflagged rows of a :func:`_short_rows` block."""
+    width = SHORT_BLOCK
+    for k in range(block.shape[0]):
+        if flag[k]:
+            continue
+        for j in range(block.shape[1]):
+            if mode == SOFTMAX:
+                target[k, j] = terms[j * width + k] / norm[k]
+            else:
+                target[k, j] = (block[k, j] - top[k]) - norm[k]
 
 
 @njit(**_BORROWED)
