@@ -20,8 +20,13 @@ def test_getenv_follows_every_change_made_through_os_environ(monkeypatch):
 
 
 def test_getenv_reads_a_replaced_environ(monkeypatch):
-    """An ``os.environ`` replaced by a plain mapping (no ``_data``) is read as it is."""
-    monkeypatch.setattr(os, "environ", {"LSE_DISPATCH_TEST_VARIABLE": "x"})
+    """An ``os.environ`` replaced by a plain mapping (no ``_data``) is read as it is
+    (replaced for ``_env`` alone, not for the whole test process)."""
+    import types
+
+    fake = types.SimpleNamespace(name="posix", environ={"LSE_DISPATCH_TEST_VARIABLE": "x"},
+                                 fsencode=os.fsencode, fsdecode=os.fsdecode)
+    monkeypatch.setattr(_env, "os", fake)
     assert _env.getenv("LSE_DISPATCH_TEST_VARIABLE") == "x"
     assert _env.getenv("LSE_DISPATCH_MISSING", "y") == "y"
 
