@@ -401,15 +401,14 @@ class _Lines:
             # One phase: the pieces are the lines (a fourth row is not read as a piece).
             pieces = np.empty((4, 1, lines))
             self.per_line = pieces.reshape(4, lines)
-            args = (view, no_mask if mask is None else mask, mask is not None, mode, 0, self.out, pieces,
-                    self.per_line, self.bad, axis, span, width, parts, blocks)
-            self.flagged_lines = (entry(*args, 0, geometry.phases[0][1]) if threads == 1
-                                  else _launch(entry, args, geometry.phases[0][1], threads))
-            return
-        self.per_line = np.empty((4, lines))
-        pieces = np.empty((3, lines, parts) if axis == 1 else (3, parts, lines))
+        else:
+            self.per_line = np.empty((4, lines))
+            pieces = np.empty((3, lines, parts) if axis == 1 else (3, parts, lines))
         args = (view, no_mask if mask is None else mask, mask is not None, mode, 0, self.out, pieces, self.per_line,
                 self.bad, axis, span, width, parts, blocks)
+        if parts == 1 and threads == 1:  # the commonest call, without the launcher
+            self.flagged_lines = entry(*args, 0, geometry.phases[0][1])
+            return
         self.flagged_lines = 0  # counted by the phases that finish lines
         for phase, items in geometry.phases:
             if phase:

@@ -993,9 +993,7 @@ def _short_rows(x, mode, out, tops, counts, rests, values, bad, buffer, start, s
             for k in range(rows):
                 v = column[k]
                 m = top[k]
-                d, e = _two_sum(v, -m)
-                t = _term(d)
-                t = t + t * e if d >= FLUSH else 0.0
+                t = _exact_term(x, v, m)
                 stored[k] = t
                 at_top = v == m
                 total, error = _two_sum(rest[k], 0.0 if at_top else t)
