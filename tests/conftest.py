@@ -19,7 +19,9 @@ library or the device is missing.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import sys
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -139,6 +141,55 @@ def pytest_collection_modifyitems(config, items):
         reason = KNOWN_FAILURES.get(item.name)
         if reason is not None:
             item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
+
+
+# XLA maps every executable it compiles into regions of its own (code,
+# read-only data, data: three mappings) and JAX keeps them for the life of the
+# process.  One pytest worker compiles about 15,000 over the suite (the eager
+# JAX path compiles each primitive for each shape and dtype), and at Linux's
+# default vm.max_map_count of 65530 the next mapping fails and XLA's compiler
+# crashes the worker with a segfault in backend_compile_and_load.  So every
+# CHECK_EVERY tests the worker counts its mappings and drops JAX's caches once
+# they pass half of the limit.  Nothing a test measures crosses a test's end.
+CHECK_EVERY = 50
+_tests_since_check = 0
+
+
+def mapped_regions() -> int | None:
+    """This process's memory mappings (None where /proc does not say)."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return None
+
+
+def mapping_limit() -> int | None:
+    try:
+        with open("/proc/sys/vm/max_map_count") as limit:
+            return int(limit.read())
+    except (OSError, ValueError):
+        return None
+
+
+def release_jax_executables(limit: int | None) -> bool:
+    """Drop JAX's compiled executables if the mappings pass half of ``limit``."""
+    jax = sys.modules.get("jax")
+    count = mapped_regions()
+    if jax is None or limit is None or count is None or count < limit // 2:
+        return False
+    jax.clear_caches()
+    gc.collect()
+    return True
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    global _tests_since_check
+    _tests_since_check += 1
+    if _tests_since_check >= CHECK_EVERY:
+        _tests_since_check = 0
+        release_jax_executables(mapping_limit())
 
 
 def _skip_reason(report) -> str:
