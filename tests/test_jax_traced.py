@@ -374,6 +374,39 @@ def test_vmap_keeps_one_cond(op):
     assert "select_n" not in jaxpr.split("cond[")[0], jaxpr
 
 
+_EAGER = {
+    **{op: _op(op, axis=-1) for op in OPS},
+    "logcumsumexp": lambda a: lse_dispatch.logcumsumexp(a, axis=-1),
+    "logmatmulexp": lambda a: lse_dispatch.logmatmulexp(a, a.T),
+}
+
+
+@pytest.mark.parametrize("op", list(_EAGER))
+def test_eager_calls_on_a_seen_shape_compile_nothing(op):
+    """A concrete JAX array of a shape already seen reuses the compiled program:
+    no XLA compilation per call (each would also keep an executable mapped)."""
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    rng = np.random.default_rng(12)
+    xs = [jnp.asarray(rng.standard_normal((5, 37)), jnp.float32) for _ in range(4)]
+    f = _EAGER[op]
+    f(xs[0]).block_until_ready()  # the shape's first call may compile
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        f(jnp.asarray(rng.standard_normal((6, 37)), jnp.float32)).block_until_ready()
+        assert compiles, "the listener sees a new shape's compilation"
+        compiles.clear()
+        for x in xs[1:]:
+            f(x).block_until_ready()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
 def test_donated_input_is_reused_for_the_output(op):
     x = jnp.asarray(np.random.default_rng(7).standard_normal((256, 128)), jnp.float32)
