@@ -3,7 +3,9 @@
 It takes every call that JAX computes in float32 without a float64
 accumulator (float32, float16 and bfloat16 input with x64 off), without ``b``
 or ``where``, traced (inside the user's ``jit``, ``grad``, ``vmap``...) or
-concrete (compiled once per signature with ``jax.jit``).  The state comes from
+concrete, through one ``jax.jit`` per signature: inside the user's program it
+is a nested jit, so its trace is made once per signature, however many layers
+and programs call it (XLA inlines it: the optimized program is the same).  The state comes from
 :mod:`._jax_traced`; the outputs and their limits from the shared functions of
 :mod:`lse_dispatch._state`.
 
@@ -169,10 +171,9 @@ def _compiled(op, axes, plan, return_sign):
 def _run(call):
     import dataclasses
 
-    import jax
-
-    if isinstance(call.a, jax.core.Tracer):
-        return _run_traced(call)
+    # Traced or concrete, the call goes through the same jitted function: inside
+    # the user's trace it is a nested jit, traced once per signature however
+    # many times and in however many programs the user calls it.
     fn = _compiled(call.op, call.axes, call.plan, call.return_sign)
     return fn(dataclasses.replace(call, a=None), call.a)
 
