@@ -19,8 +19,11 @@ def test_release_drops_compiled_executables_only_past_half_the_limit():
     for n in range(2, 42):  # 40 executables, each mapped apart
         jax.jit(lambda v: v * 2.0 + 1.0)(jnp.ones(n))
     grown = mapped_regions()
-    assert grown - before >= 40
+    added = grown - before
+    assert added >= 40
+    # Other mappings come and go meanwhile (a few at a time: threads, malloc
+    # arenas), so "kept" and "dropped" are told apart by half of what was added.
     assert not release_jax_executables(limit=4 * grown)  # under half the limit: kept
-    assert mapped_regions() >= grown
+    assert mapped_regions() > grown - added // 2
     assert release_jax_executables(limit=grown)  # past half: dropped
-    assert mapped_regions() <= grown - 40
+    assert mapped_regions() <= grown - added // 2
