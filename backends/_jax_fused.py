@@ -3,11 +3,11 @@
 It takes every call that JAX computes in float32 without a float64
 accumulator (float32, float16 and bfloat16 input with x64 off), without ``b``
 or ``where``, traced (inside the user's ``jit``, ``grad``, ``vmap``...) or
-concrete, through one ``jax.jit`` per signature: inside the user's program it
-is a nested jit, so its trace is made once per signature, however many layers
-and programs call it (XLA inlines it: the optimized program is the same).  The state comes from
-:mod:`._jax_traced`; the outputs and their limits from the shared functions of
-:mod:`lse_dispatch._state`.
+concrete, through one ``jax.jit`` with the call's signature static: inside
+the user's program it is a nested jit, traced once per signature however
+many layers and programs call it (XLA inlines it: the optimized program is
+the same).  The state comes from :mod:`._jax_traced`; the outputs and their
+limits from the shared functions of :mod:`lse_dispatch._state`.
 
 Derivatives (``jax.custom_jvp``, formulas of :mod:`lse_dispatch._autodiff`):
 
@@ -143,7 +143,7 @@ def _rules():
 
 
 def _run_traced(call):
-    """The call in the caller's trace (or eagerly inside a compiled function)."""
+    """The call's computation in the current trace (the nested jit's, see :func:`_run`)."""
     import jax.numpy as jnp
 
     plan = call.plan
@@ -156,16 +156,19 @@ def _run_traced(call):
     return back(rule(lines)).astype(plan.result)
 
 
-@functools.lru_cache(maxsize=256)
-def _compiled(op, axes, plan, return_sign):
+def _in_place(call, a):
+    """The call on the array ``a`` (``call`` carries everything else), traced where it is called."""
     import dataclasses
 
+    return _run_traced(dataclasses.replace(call, a=a))
+
+
+@functools.cache
+def _compiled():
+    """:func:`_in_place` under ``jax.jit`` with the call static: one trace per signature."""
     import jax
 
-    def run(call, a):
-        return _run_traced(dataclasses.replace(call, a=a))
-
-    return jax.jit(run, static_argnums=0)
+    return jax.jit(_in_place, static_argnums=0)
 
 
 def _run(call):
@@ -174,8 +177,7 @@ def _run(call):
     # Traced or concrete, the call goes through the same jitted function: inside
     # the user's trace it is a nested jit, traced once per signature however
     # many times and in however many programs the user calls it.
-    fn = _compiled(call.op, call.axes, call.plan, call.return_sign)
-    return fn(dataclasses.replace(call, a=None), call.a)
+    return _compiled()(dataclasses.replace(call, a=None), call.a)
 
 
 def _kernels():

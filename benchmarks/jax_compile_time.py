@@ -9,8 +9,8 @@ time, so nothing is cached) of:
   (a model whose every layer has a softmax).
 
 ``ours, flat`` traces the kernel into the caller's program at each call, as
-before it became a nested jit (``_jax_fused._compiled`` replaced by a
-function that calls ``_run_traced`` in place):
+before it became a nested jit (``_jax_fused._compiled`` replaced by one that
+returns the un-jitted ``_in_place``):
 the difference is what the nested jit saves.  Maintainer tooling: the flat
 variant reaches into ``lse_dispatch.backends._jax_fused``.
 
@@ -20,7 +20,6 @@ Usage: ``python benchmarks/jax_compile_time.py [--layers 12] [--repeats 3]``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 
@@ -36,13 +35,9 @@ OPS = ("softmax", "log_softmax", "logsumexp")
 _nested = _jax_fused._compiled
 
 
-def _flat(op, axes, plan, return_sign):
+def _flat():
     """What ``_run`` calls instead of the nested jit: the kernel traced in place."""
-
-    def run(call, a):
-        return _jax_fused._run_traced(dataclasses.replace(call, a=a))
-
-    return run
+    return _jax_fused._in_place
 
 
 def _program(f, layers: int, kernel):
