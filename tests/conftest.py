@@ -19,6 +19,7 @@ library or the device is missing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import sys
@@ -164,6 +165,7 @@ def mapped_regions() -> int | None:
         return None
 
 
+@functools.cache
 def mapping_limit() -> int | None:
     try:
         with open("/proc/sys/vm/max_map_count") as limit:
@@ -175,8 +177,10 @@ def mapping_limit() -> int | None:
 def release_jax_executables(limit: int | None) -> bool:
     """Drop JAX's compiled executables if the mappings pass half of ``limit``."""
     jax = sys.modules.get("jax")
+    if jax is None or limit is None:
+        return False
     count = mapped_regions()
-    if jax is None or limit is None or count is None or count < limit // 2:
+    if count is None or count < limit // 2:
         return False
     jax.clear_caches()
     gc.collect()
