@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_bench.py [--max-exp 28] [--repeats 20] [--json PATH]
     python benchmarks/gpu_bench.py --dry-run      # CPU, tiny sizes: checks the script only
+    python benchmarks/gpu_bench.py --without jax  # leave JAX's columns out (each size compiles two programs)
 
 float32, sizes 2**10 .. 2**max_exp (every second power), three layouts:
 ``flat`` (one vector), ``rows4096`` (rows of 4096, the issue's targets) and
@@ -167,6 +168,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-exp", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, the interpreter: checks the script")
+    parser.add_argument("--without", default="", help="contenders to leave out, comma-separated: jax, cupy")
     options = parser.parse_args(argv)
     if options.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -181,7 +183,8 @@ def main(argv=None) -> int:
         print("no CUDA device: run with --dry-run to check the script on the CPU", file=sys.stderr)
         return 2
     device = "cuda" if cuda else "cpu"
-    cupy = _optional("cupy") if cuda else None
+    without = set(filter(None, options.without.split(",")))
+    cupy = _optional("cupy") if cuda and "cupy" not in without else None
     cupyx = None
     if cupy is not None:
         try:
@@ -190,7 +193,7 @@ def main(argv=None) -> int:
             cupyx = sys.modules["cupyx"]
         except Exception:
             cupyx = None
-    jax = _optional("jax") if cuda else None
+    jax = _optional("jax") if cuda and "jax" not in without else None
     if jax is not None:
         try:
             jax.devices("gpu")

@@ -1,7 +1,7 @@
 """lse_dispatch inside the user's ``jax.jit`` against ``jax.nn``: issue 16's targets.
 
     python benchmarks/jax_jit_bench.py [--repeats N] [--only forward,grad]
-        [--shapes 32x4096,1024x128] [--save FILE] [--previous FILE]
+        [--shapes 32x4096,1024x128] [--save FILE] [--previous FILE] [--device gpu]
 
 Float32 without x64, CPU, one intra-op thread on each side: the process pins
 itself to one CPU before JAX is imported (XLA sizes its intra-op thread pool
@@ -25,6 +25,10 @@ for each op:
 * ``residuals``: the bytes ``jax.ad_checkpoint.saved_residuals`` lists for that
   function, the input ``x`` included (a saved input keeps it alive), ``c``
   excluded (the user's, saved alike on both sides), ours against jax.nn's.
+
+``--device gpu`` runs the same cases on JAX's GPU backend (the issue asks for
+GPU figures when a device is lent): no pinning, wall time, each sample a loop
+of asynchronous calls closed by one ``block_until_ready``.
 
 Targets: time ratio <= 1.25 and residual bytes <= jax.nn's.  ``--save``
 writes the ratios as JSON; ``--previous`` prints a saved run's ratio beside
@@ -141,17 +145,24 @@ def main(argv=None) -> int:
     parser.add_argument("--save", default=None, help="write the ratios to this JSON file")
     parser.add_argument("--previous", default=None, help="a --save file of an earlier run, printed beside")
     parser.add_argument("--clock", choices=sorted(_CLOCK), default="cpu", help="process CPU time (default) or wall time")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="JAX backend to run on (gpu: wall time)")
     args = parser.parse_args(argv)
     global clock
+    if args.device == "gpu":
+        args.clock = "wall"
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     clock = _CLOCK[args.clock]
 
-    pinned = _pin_one_thread()
+    pinned = _pin_one_thread() if args.device == "cpu" else "not pinned (GPU)"
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     if jax.config.jax_enable_x64:
         raise SystemExit("run without x64: the targets are for float32 without a float64 accumulator")
+    if jax.default_backend() != args.device:
+        raise SystemExit(f"asked for {args.device}, JAX's default backend is {jax.default_backend()}")
+    pinned += f"; device {jax.devices()[0].device_kind}"
     shapes = SHAPES if args.shapes is None else tuple(tuple(map(int, s.split("x"))) for s in args.shapes.split(","))
     modes = args.only.split(",")
     previous = {}
