@@ -10,8 +10,8 @@ around one measured behaviour of XLA (jax 0.10, CPU):
 * ``log1p``: XLA's float64 ``log1p`` is up to 128 ulps off on (-0.5, 0);
 * ``sum_last``: float32 sums without a wider accumulator are grouped sums
   plus exact limb sums, fused by XLA (no optimization barriers);
-* ``weight_parts``: XLA flushes subnormal operands (``1e-310 != 0`` is False),
-  so weights are read from their bits;
+* ``bitcast``: XLA flushes subnormal operands (``1e-310 != 0`` is False),
+  so weights are read from their bits (``Numerics.weight_parts``);
 * ``undefined_where``: NaN made as ``inf - inf``, never selected from a
   constant (``jax.debug_nans``).
 
@@ -66,8 +66,10 @@ class JaxNumerics(Numerics):
     def sum_last(self, xp, x: Array, dtype) -> Array:
         return _fused_sum_last(xp, x)
 
-    def weight_parts(self, xp, b: Array, dtype) -> tuple[Array, Array, Array]:
-        return _weight_parts(xp, b, dtype)
+    def bitcast(self, x: Array, dtype) -> Array:
+        import jax
+
+        return jax.lax.bitcast_convert_type(x, dtype)
 
     def undefined_where(self, xp, mask: Array, like: Array) -> Array:
         z = xp.where(mask, scalar(xp, math.inf, like), scalar(xp, 0.0, like))
@@ -197,37 +199,3 @@ def _limb_sum(xp, values: Array, axis: int) -> Array:
         if n == chunk:
             return xp.ldexp(high + (mid + low), total_exponent)
         values = xp.concat([high, mid, low], axis=axis)
-
-
-
-# Cody and Waite's split of log 2: _LN2_HIGH has 32 significant bits, so
-# k * _LN2_HIGH is exact for |k| < 2**20 and k log 2 is formed to an ulp.
-_LN2_HIGH = 6.93147180369123816490e-01
-_LN2_LOW = 1.90821492927058770002e-10
-
-
-def _weight_parts(xp, b: Array, dtype) -> tuple[Array, Array, Array]:
-    """``(b != 0, sign(b), log|b|)`` from the bits of ``b`` (float16/32/64), immune to flushing.
-
-    A subnormal ``b`` is ``n * 2**-k`` with ``n`` its integer significand
-    (``k`` = 1074 for float64, 149 for float32, 24 for float16); ``n`` is
-    exact as a float of ``b``'s dtype and ``log|b| = log n - k log 2``.
-    (The float32 to float64 conversion of a subnormal is flushed too, so the
-    log is taken from the significand, never from a converted ``b``.)
-    """
-    import jax
-
-    info = xp.finfo(b.dtype)
-    bits_dtype = {8: xp.int64, 4: xp.int32, 2: xp.int16}[info.bits // 8]
-    bits = jax.lax.bitcast_convert_type(b, bits_dtype)
-    magnitude = bits & ((1 << (info.bits - 1)) - 1)
-    nonzero = magnitude != 0
-    one = scalar(xp, 1.0, b)
-    sign = xp.where(bits < 0, -one, one)
-    sign = xp.where(nonzero, sign, xp.zeros_like(sign))
-    subnormal = nonzero & (magnitude < (1 << info.nmant))
-    k = -math.frexp(float(info.smallest_subnormal))[1] + 1  # smallest subnormal = 2**-k
-    significand = xp.astype(xp.where(subnormal, magnitude, xp.ones_like(magnitude)), dtype)
-    log_subnormal = (xp.log(significand) - k * _LN2_LOW) - k * _LN2_HIGH
-    log_normal = xp.log(xp.astype(xp.where(nonzero & ~subnormal, xp.abs(b), one), dtype))
-    return nonzero, sign, xp.where(subnormal, log_subnormal, log_normal)

@@ -6,7 +6,19 @@ import math
 
 from array_api_compat import is_cupy_array
 
+from lse_dispatch._numerics import Numerics
+
 from ._spec import BackendSpec, Device
+
+
+class CupyNumerics(Numerics):
+    """CuPy compiles its kernels with ``-ftz=true``: float32 subnormal operands
+    (and float32 to float64 conversions of them) are flushed to zero, so
+    weights are read from their bits (measured on an H200, CuPy 14.2:
+    ``logsumexp([16.5], b=[1e-40])`` in float32 gave ``-inf``)."""
+
+    def bitcast(self, x, dtype):
+        return x.view(dtype)
 
 
 def _namespace():
@@ -91,4 +103,5 @@ SPEC = BackendSpec(
     dtypes=("float16", "float32", "float64"),
     to_numpy=_to_numpy,
     kernels=_kernels(),
+    numerics=CupyNumerics(),
 )

@@ -85,8 +85,16 @@ class Numerics:
         """Sum over the contiguous last axis (no keepdims), in the library's most accurate order."""
         return xp.sum(x, axis=-1, dtype=dtype)
 
+    #: ``bitcast(x, int_dtype)``: the bits of a float array as integers of its
+    #: width, for a library that flushes subnormal operands to zero (XLA;
+    #: CuPy's float32 kernels, compiled with ``-ftz=true``).  Weights are then
+    #: read from their bits (:meth:`weight_parts`).  ``None``: no flushing.
+    bitcast: Callable[[Array, Any], Array] | None = None
+
     def weight_parts(self, xp, b: Array, dtype) -> tuple[Array, Array, Array]:
         """``(b != 0, sign(b), log|b|)`` of real weights; ``log|b|`` in ``dtype``, 0 where ``b == 0``."""
+        if self.bitcast is not None:
+            return _weight_parts_from_bits(xp, b, dtype, self.bitcast)
         nonzero = b != 0
         log_abs = xp.log(xp.astype(xp.where(nonzero, xp.abs(b), scalar(xp, 1.0, b)), dtype))
         return nonzero, real_sign(xp, b), log_abs
@@ -161,3 +169,34 @@ def _numerics_key(xp) -> str:
         declared = None if _LOOKUP is None else _LOOKUP(xp)
         _BY_NAMESPACE[key] = DEFAULT if declared is None else declared
     return key
+
+
+# Cody and Waite's split of log 2: _LN2_HIGH has 32 significant bits, so
+# k * _LN2_HIGH is exact for |k| < 2**20 and k log 2 is formed to an ulp.
+_LN2_HIGH = 6.93147180369123816490e-01
+_LN2_LOW = 1.90821492927058770002e-10
+
+
+def _weight_parts_from_bits(xp, b: Array, dtype, bitcast) -> tuple[Array, Array, Array]:
+    """``(b != 0, sign(b), log|b|)`` from the bits of ``b`` (float16/32/64), immune to flushing.
+
+    A subnormal ``b`` is ``n * 2**-k`` with ``n`` its integer significand
+    (``k`` = 1074 for float64, 149 for float32, 24 for float16); ``n`` is
+    exact as a float of ``b``'s dtype and ``log|b| = log n - k log 2``.
+    (A flushing library flushes the float32 to float64 conversion of a
+    subnormal too, so the log is taken from the significand, never from a
+    converted ``b``.)
+    """
+    info = xp.finfo(b.dtype)
+    bits = bitcast(b, {8: xp.int64, 4: xp.int32, 2: xp.int16}[info.bits // 8])
+    magnitude = bits & ((1 << (info.bits - 1)) - 1)
+    nonzero = magnitude != 0
+    one = scalar(xp, 1.0, b)
+    sign = xp.where(bits < 0, -one, one)
+    sign = xp.where(nonzero, sign, xp.zeros_like(sign))
+    subnormal = nonzero & (magnitude < (1 << info.nmant))
+    k = -math.frexp(float(info.smallest_subnormal))[1] + 1  # smallest subnormal = 2**-k
+    significand = xp.astype(xp.where(subnormal, magnitude, xp.ones_like(magnitude)), dtype)
+    log_subnormal = (xp.log(significand) - k * _LN2_LOW) - k * _LN2_HIGH
+    log_normal = xp.log(xp.astype(xp.where(nonzero & ~subnormal, xp.abs(b), one), dtype))
+    return nonzero, sign, xp.where(subnormal, log_subnormal, log_normal)

@@ -6,7 +6,8 @@ concerns, against the oracle where a value is involved:
 
 1. float32 with weights: the exponent ``a + log|b|`` must be formed in the
    float64 accumulator (the entry at the max then counts as exactly 1);
-2. subnormal weights on JAX (XLA flushes subnormal operands);
+2. subnormal weights on JAX (XLA flushes subnormal operands) and on CuPy
+   (float32 kernels compiled with ``-ftz=true``; found on an H200);
 3. Hessians in ``a`` with ``b == 0`` on a ``+inf`` or NaN entry;
 4. NumPy masked arrays and matrices;
 6. Dask arrays of unknown chunk sizes with ``b`` or ``where``;
@@ -153,6 +154,32 @@ def test_float32_subnormal_weights_count(backend):
     value = backend.call(logsumexp, backend.asarray(a, "float32"), b=backend.asarray(b, "float32"))
     # log(1e-40) + 16.5 = -75.6: within the contract whether or not float64 exists.
     assert _ulps(backend.to_numpy(value), a, b, "float32") <= ULPS
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_weights_read_from_bits_match_the_plain_form(dtype):
+    """The bit-reading ``weight_parts`` (JAX, CuPy) agrees with the plain one where nothing is flushed.
+
+    Run on NumPy, whose operations keep subnormals: zero, signed zero,
+    subnormal, normal, huge and infinite weights of each width.
+    """
+    from backends.cupy import CupyNumerics
+
+    from lse_dispatch._numerics import Numerics
+
+    info = np.finfo(dtype)
+    tiny, sub = float(info.smallest_normal), float(info.smallest_subnormal)
+    values = [0.0, -0.0, sub, -sub, 3 * sub, tiny / 2, -tiny / 2, tiny, 1.0, -2.5, 1e-3, float(info.max), math.inf, -math.inf]
+    b = np.asarray(values, dtype=dtype)
+    assert CupyNumerics.bitcast is not Numerics.bitcast
+    for accumulator in (np.float64, dtype):
+        plain = Numerics().weight_parts(np, b, accumulator)
+        with np.errstate(divide="ignore"):
+            bits = CupyNumerics().weight_parts(np, b, accumulator)
+        np.testing.assert_array_equal(bits[0], plain[0])
+        np.testing.assert_array_equal(bits[1], plain[1])
+        # log|b| to an ulp of the accumulator (the subnormal ones through n * 2**-k).
+        np.testing.assert_allclose(bits[2], plain[2], rtol=2 * np.finfo(accumulator).eps, atol=0)
 
 
 def test_gradient_at_a_subnormal_weight():
