@@ -163,9 +163,8 @@ def test_weights_read_from_bits_match_the_plain_form(dtype):
     Run on NumPy, whose operations keep subnormals: zero, signed zero,
     subnormal, normal, huge and infinite weights of each width.
     """
-    from backends.cupy import CupyNumerics
-
     from lse_dispatch._numerics import Numerics
+    from lse_dispatch.backends.cupy import CupyNumerics
 
     info = np.finfo(dtype)
     tiny, sub = float(info.smallest_normal), float(info.smallest_subnormal)
