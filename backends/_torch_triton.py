@@ -14,8 +14,10 @@ without ``b``, reduced over trailing axes of a C-contiguous tensor, with or
 without ``where``.  Declined (with the reason, see ``lse-dispatch`` trace):
 triton missing, other devices, ``b``, complex input, other layouts,
 ``torch.compile`` tracing, ``torch.func`` transforms and forward-mode AD
-(the ``autodiff`` kernel has those rules), CUDA graph capture (a flagged
-row is found by reading one value back to the host).
+(the ``autodiff`` kernel has those rules), and a differentiated logsumexp
+under CUDA graph capture (its backward finds the limit rows by reading one
+value back to the host).  Forward calls read nothing back: the kernels
+write the limits themselves, so they are captured and never wait.
 
 Under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter) the kernel also
 takes CPU tensors, but only when chosen by name (``lse_dispatch.use("torch.triton")``
@@ -97,8 +99,9 @@ def _declines(call: Call) -> str | None:
 
     if forward_ad._current_level >= 0:
         return "forward-mode AD active (the autodiff kernel has the jvp rules)"
-    if a.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return "CUDA graph capture (flagged rows are found by a read-back)"
+    if (call.op == Op.LOGSUMEXP and a.requires_grad and torch.is_grad_enabled() and a.device.type == "cuda"
+            and torch.cuda.is_current_stream_capturing()):
+        return "CUDA graph capture of a differentiated logsumexp (its backward reads limit rows back)"
     if not call.axes:
         return "nothing reduced"
     if a.numel() == 0:
@@ -147,10 +150,12 @@ def _flagged(special):
 
 
 def _forward(call: Call):
-    """``(result, state, flagged)``; result as the generic path returns it."""
-    import torch
+    """``(result, state)``; result as the generic path returns it, limits included.
 
-    from lse_dispatch import _generic
+    Nothing is read back: the kernels write the limit rows themselves, so the
+    call returns while the GPU works.
+    """
+    import torch
 
     from . import _triton_kernels as kernels
 
@@ -160,27 +165,11 @@ def _forward(call: Call):
     if op == 0:
         value = torch.empty((2, x2d.shape[0]), dtype=dtype, device=x2d.device)
         state = kernels.rows_forward(x2d, where2d, op, value=value)
-        out2d = None
-    else:
-        out = torch.empty(call.a.shape, dtype=dtype, device=x2d.device)
-        out2d = out.view(x2d.shape)
-        state = kernels.rows_forward(x2d, where2d, op, out=out2d)
-    flagged = _flagged(state[3])
-    if flagged is not None:
-        # The shared rules of lse_dispatch._state, through the generic path.
-        sub = _sub_call(call, x2d, where2d, flagged)
-        fixed = getattr(_generic, str(call.op))(sub)
-        if op == 0:
-            value[0].index_copy_(0, flagged, fixed[0].reshape(-1).to(dtype))
-            value[1].index_copy_(0, flagged, fixed[1].reshape(-1).to(dtype))
-        else:
-            out2d.index_copy_(0, flagged, fixed.to(dtype))
-    if op == 0:
         keep_shape = tuple(1 if ax in call.axes else n for ax, n in enumerate(call.shape))
-        result = (value[0].view(keep_shape), value[1].view(keep_shape))
-    else:
-        result = out
-    return result, state, flagged
+        return (value[0].view(keep_shape), value[1].view(keep_shape)), state
+    out = torch.empty(call.a.shape, dtype=dtype, device=x2d.device)
+    state = kernels.rows_forward(x2d, where2d, op, out=out.view(x2d.shape))
+    return out, state
 
 
 # --------------------------------------------------------------------------
@@ -206,13 +195,12 @@ def _make_function():
 
         @staticmethod
         def forward(ctx, x, where, call):
-            result, state, flagged = _forward(call)
+            result, state = _forward(call)
             ctx.call = call
-            ctx.flagged = flagged
             if call.op == "logsumexp":
                 value, sign = result
                 ctx.mark_non_differentiable(sign)
-                ctx.save_for_backward(x, where, *state[:3], value, sign)
+                ctx.save_for_backward(x, where, *state, value, sign)
                 return value, sign
             ctx.save_for_backward(result, where)
             return result
@@ -222,8 +210,8 @@ def _make_function():
             call = ctx.call
             with _on_device(g.device):
                 if call.op == "logsumexp":
-                    x, where, m, count, rest, value, sign = ctx.saved_tensors
-                    grad = _lse_backward(call, x, where, (m, count, rest), value, sign, g, ctx.flagged)
+                    x, where, m, count, rest, special, value, sign = ctx.saved_tensors
+                    grad = _lse_backward(call, x, where, (m, count, rest), value, sign, g, special)
                 else:
                     out, where = ctx.saved_tensors
                     grad = _normalized_backward(call, out, where, g)
@@ -232,7 +220,7 @@ def _make_function():
     return _Fused
 
 
-def _lse_backward(call, x, where, state, value, sign, g, flagged):
+def _lse_backward(call, x, where, state, value, sign, g, special):
     import torch
 
     from lse_dispatch import _autodiff
@@ -254,6 +242,7 @@ def _lse_backward(call, x, where, state, value, sign, g, flagged):
     grad2d = grad.view(x2d.shape)
     m, count, rest = state
     kernels.lse_backward(x2d, where2d, m, count, rest, g_rows, grad2d)
+    flagged = _flagged(special)  # the backward's one read-back
     if flagged is not None:
         # The limits (+inf shares, -inf rows, NaN): the shared formulas.
         sub = _sub_call(sub_call, x2d, where2d, flagged)

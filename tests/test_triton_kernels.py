@@ -225,7 +225,7 @@ def test_where_masks(path, op, dtype):
 
 
 # --------------------------------------------------------------------------
-# Limits: flagged rows go to the shared rules.
+# Limits: written by the kernels as the shared rules define them.
 
 
 @pytest.mark.parametrize("pad", [0, 40], ids=["short", "padded"])
@@ -243,6 +243,12 @@ def test_limits(path, dtype, pad):
             want = FUNCTIONS[op](x, axis=-1)
         np.testing.assert_allclose(_host(got), _host(want), rtol=4 * float(torch.finfo(x.dtype).eps), atol=0,
                                    err_msg=op)
+    # The sign too (0 on a row with nothing in the sum, NaN on a NaN row).
+    with lse_dispatch.use(NAME):
+        got_sign = _host(lse_dispatch.logsumexp(x, axis=-1, return_sign=True)[1])
+    with lse_dispatch.use("generic"):
+        want_sign = _host(lse_dispatch.logsumexp(x, axis=-1, return_sign=True)[1])
+    np.testing.assert_array_equal(got_sign, want_sign)
     exact_rows = np.array([row[0] + [-INF] * pad for row in rows])
     x = _tensor(exact_rows, dtype)
     got = _host(_forced("logsumexp", x, axis=-1))
@@ -252,6 +258,65 @@ def test_limits(path, dtype, pad):
         want = np.array([row[2 if op == "softmax" else 3] + [fill[op] if row[1] == row[1] else NAN] * pad
                          for row in rows])
         np.testing.assert_allclose(got, want, rtol=4 * float(torch.finfo(x.dtype).eps), atol=0, err_msg=op)
+
+
+def test_forward_reads_nothing_back(path, monkeypatch):
+    """Forward calls never wait for the device: the limit rows are the kernels' own.
+
+    The read-back (``_flagged``) is left to the logsumexp backward; a forward
+    that called it would synchronise every call (44 us of 174 on an H200).
+    """
+    reads = []
+    real = _torch_triton._flagged
+    monkeypatch.setattr(_torch_triton, "_flagged", lambda special: reads.append(1) or real(special))
+    values = np.array([[1.0, INF, INF, 0.5], [-INF] * 4, [NAN, 1.0, 2.0, 3.0], [0.25, 0.5, 1.0, 2.0]])
+    x = _tensor(values, "float32")
+    for op in OPS:
+        _forced(op, x, axis=-1)
+        _forced(op, x, axis=-1, where=torch.tensor(values > 0.3, device=DEVICE))
+    assert reads == []
+    xg = x.clone().requires_grad_(True)
+    with lse_dispatch.use(NAME):
+        lse_dispatch.logsumexp(xg, axis=-1).sum().backward()
+    assert reads == [1]
+    with lse_dispatch.use("autodiff"):  # the contract's derivative rules
+        xr = x.clone().requires_grad_(True)
+        lse_dispatch.logsumexp(xr, axis=-1).sum().backward()
+    np.testing.assert_allclose(_host(xg.grad), _host(xr.grad), rtol=4e-7, atol=0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA device")
+def test_forward_calls_are_captured_in_a_cuda_graph():
+    """With nothing read back, forward calls can be captured and replayed (limit rows included)."""
+    rng = np.random.default_rng(3)
+
+    def fill(target):
+        values = rng.standard_normal((64, 1000)) * 4
+        values[0] = -INF
+        values[1, 3] = values[1, 7] = INF
+        values[2, 5] = NAN
+        target.copy_(torch.tensor(values, dtype=torch.float32, device=DEVICE))
+
+    static = torch.empty((64, 1000), dtype=torch.float32, device=DEVICE)
+    fill(static)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compilation, allocator) off the capturing stream
+        for op in OPS:
+            _forced(op, static, axis=-1)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with lse_dispatch.use(NAME), lse_dispatch.trace() as seen, torch.cuda.graph(graph):
+        outs = {op: FUNCTIONS[op](static, axis=-1) for op in OPS}
+    assert seen.implementations == [NAME] * len(OPS), str(seen)
+    fill(static)  # new values, same buffer
+    graph.replay()
+    torch.cuda.synchronize()
+    for op in OPS:
+        with lse_dispatch.use("generic"):
+            want = FUNCTIONS[op](static, axis=-1)
+        np.testing.assert_allclose(_host(outs[op]), _host(want), rtol=4 * float(torch.finfo(torch.float32).eps),
+                                   atol=0, err_msg=op)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
