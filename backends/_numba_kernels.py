@@ -1657,7 +1657,8 @@ def _backward_rows(y, g, mask, masked, log, out, start, stop):
         include = mask[i] if masked else mask[0, 0:0]
         if log:
             for j in range(row.shape[0]):
-                p = _exp(np.float64(row[j]))
+                # float32 input: the degree-7 exp (2**-33 relative) is exact enough.
+                p = _exp7(np.float64(row[j])) if _single(y) else _exp(np.float64(row[j]))
                 value = np.float64(grad[j]) - (0.0 if p == 0.0 else p * total)
                 target[j] = value if (not masked) or include[j] else 0.0
         else:
@@ -1685,7 +1686,7 @@ def _backward_columns(y, g, mask, masked, log, out, c0, c1):
         include = mask[i, c0:c1] if masked else mask[0, 0:0]
         if log:
             for j in range(width):
-                p = _exp(np.float64(row[j]))
+                p = _exp7(np.float64(row[j])) if _single(y) else _exp(np.float64(row[j]))
                 value = np.float64(grad[j]) - (0.0 if p == 0.0 else p * totals[j])
                 target[j] = value if (not masked) or include[j] else 0.0
         else:

@@ -738,6 +738,41 @@ def test_torch_logsumexp_gradient_runs_the_fused_kernels(axis, monkeypatch):
     assert inner.implementations == ["torch.fused", "torch.fused"]
 
 
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("shape", [(33, 47), (8, 300)])
+def test_float32_fused_backward_is_float64_accurate(op, axis, shape):
+    """The float32 backward equals the VJP of its float32 arguments computed in float64,
+    rounded once: within an ulp of the result plus ``2**-30`` of its terms' size.
+
+    (The op form in float32 would be off by a few ulps of the terms; an ``exp``
+    with 2**-20 relative error, 8 float32 ulps, fails this.)
+    """
+    torch = pytest.importorskip("torch")
+    _fused_cpu.warm_up(("float32",))
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy((rng.standard_normal(shape) * 4).astype(np.float32))
+    g = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+    with torch.no_grad():
+        y = getattr(lse_dispatch, op)(x, axis=axis)
+    axes = (y.ndim + axis if axis < 0 else axis,)
+    got = _fused_cpu.softmax_backward(op, y, None, g, axes)
+    assert got is not None and got.dtype == torch.float32
+    y64, g64 = y.numpy().astype(np.float64), g.numpy().astype(np.float64)
+    if op == "softmax":
+        total = np.sum(y64 * g64, axis=axis, keepdims=True)
+        want = y64 * (g64 - total)
+        size = np.abs(y64) * (np.abs(g64) + np.abs(total))
+    else:
+        total = np.sum(g64, axis=axis, keepdims=True)
+        p = np.exp(y64)
+        want = g64 - p * total
+        size = np.abs(g64) + p * np.abs(total)
+    err = np.abs(got.numpy().astype(np.float64) - want)
+    ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+    assert np.all(err <= ulp + 2.0**-30 * size), float(np.max(err / (ulp + 2.0**-30 * size)))
+
+
 def test_masked_log_softmax_backward_matches_the_op_form():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(4)
