@@ -13,14 +13,14 @@ Derivatives (``jax.custom_jvp``, formulas of :mod:`lse_dispatch._autodiff`):
 
 * ``softmax``: ``dy = y (dx - sum y dx)``, from the output ``y`` alone;
 * ``log_softmax``: ``dz = dx - sum exp(z) dx``, from the output ``z`` alone;
-* ``logsumexp``: ``d lse = sum w dx`` with ``w = softmax(x)``, rebuilt from the
-  input and one number per line (``c + r``, or the count at a non-finite max).
+* ``logsumexp``: ``d lse = sum w dx`` with ``w = softmax(x)``, formed in the
+  same pass as the value by the rule's forward (``with_weights``).
 
 Each tangent map runs under ``jax.checkpoint``, so that reverse mode saves
-only the map's inputs: the output (softmax, log_softmax) or the input and
-the per-line total (logsumexp), as ``jax.nn``'s rules do, instead of the
-masks and products the map forms (which it recomputes in the backward pass,
-fused into it).  The weights of ``logsumexp`` are a ``custom_jvp`` function
+only the map's inputs: the output (softmax, log_softmax) or the weights
+(logsumexp), one array of the input's size as ``jax.nn``'s rules save,
+instead of the masks and products the map forms (which it recomputes in the
+backward pass, fused into it).  The weights of ``logsumexp`` are a ``custom_jvp`` function
 whose rule is softmax's, so that second and higher derivatives (``hessian``,
 ``jacfwd`` of ``grad``) come out of the same formulas, limits included.
 """
