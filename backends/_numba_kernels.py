@@ -178,8 +178,13 @@ The terms are summed in float64.
   ``L >= r / (1 + r)``; ``c >= 2``: ``r / ((c + r) log(c + r)) <= 0.38``), and
   ``|y| >= L``, so ``(x - m) - L`` rounded once is within ``1.25 + 0.5`` ulps:
   no recheck is needed.
-* logsumexp keeps the float64 ``_term7`` terms: its keep rule needs their
-  ``2**-33`` to keep ordinary lines at one ulp.
+* logsumexp takes float32 terms only on rows where they provably pass the
+  keep rule (``m >= 1``, or ``m + log n <= -3``: :data:`LSE_SINGLE_ABOVE`
+  has the argument), and still checks it, with ``delta = EXPF_ERROR + (n +
+  1) u`` (the terms, the float64 sum, the rescale), falling back to the
+  float64 terms; so the line stays within one ulp.  Rows between
+  (log-probabilities, sums cancelling near 0) keep the float64 ``_term7``
+  terms, whose ``2**-33`` the keep rule needs there.
 
 The tests hold every path to the oracle (4 ulps) and the exponential and the
 sum to their bounds (``tests/test_fused_cpu.py``); docs/fused_cpu.md has the
@@ -884,6 +889,21 @@ def _row_sum_exact(x, mask, masked, i, a, b, m, out, store, buffer):
 #: this fraction of ``|lse|``: half a float32 ulp at most (``ulp(y) >= 2**-24
 #: |y|``), so the result is within one ulp.
 KEEP_BELOW = 2.0**-25
+#: float32 logsumexp rows take float32 terms (:func:`_term32`) when ``m >=
+#: LSE_SINGLE_ABOVE`` or ``m + log n <= -LSE_SINGLE_BELOW``, where the keep
+#: rule holds with ``delta = EXPF_ERROR + (n + 1) u`` (``2**-25 (2.5 + (n + 1)
+#: 2**-28)``, at most ``2**-25 * 2.50025`` for rows of ``SEGMENT``):
+#:
+#: * ``m >= 1``: with ``q = r / (1 + r)``, ``r / (c + r) <= q`` and ``L =
+#:   log(c + r) >= -log(1 - q)``, so ``delta r / (c + r) <= 2**-25 |lse|``
+#:   needs ``2.50025 q <= m - log(1 - q)``, whose worst case (``q = 0.6``)
+#:   asks ``m >= 0.584``; 1 leaves ``0.4 * 2**-25`` for the float64 roundings;
+#: * ``m + log n <= -3``: ``|lse| >= -(m + log n) >= 3 > 2.50025``.
+#:
+#: Rows between (log-probabilities, sums cancelling near 0) keep the float64
+#: ``_term7`` terms, whose ``2**-33`` the keep rule needs there.
+LSE_SINGLE_ABOVE = 1.0
+LSE_SINGLE_BELOW = 3.0
 
 
 @njit(**_BORROWED)
@@ -1046,25 +1066,36 @@ def _rows_whole(x, mask, masked, mode, out, tops, counts, rests, values, bad, bu
     store = mode == SOFTMAX
     fast = _single(x) and mode != STATE
     normalised = fast and (store or mode == LOG_SOFTMAX)
+    # logsumexp takes float32 terms on rows whose lse is certainly far enough
+    # from 0 (LSE_SINGLE_ABOVE, LSE_SINGLE_BELOW) for them to keep it within an ulp.
+    low = -LSE_SINGLE_BELOW - math.log(n)
     for i in range(start, stop):
         m, nan = _row_max(x, mask, masked, i, first, n)
         tops[i] = m
         if nan or not math.isfinite(m):
             bad[i] = 1
             continue
-        s, shifted = _shift32(m) if normalised else (_ZERO_32, False)
+        single = normalised or (fast and mode == LOGSUMEXP and (m >= LSE_SINGLE_ABOVE or m <= low))
+        s, shifted = _shift32(m) if single else (_ZERO_32, False)
         if shifted:
             # float32 terms: softmax scales its stored terms by their total;
-            # log_softmax takes L from the rest brought back to the max.
+            # log_softmax and logsumexp take L from the rest brought back to the max.
             count, total = _row_sum_single(x, mask, masked, i, first, n, m, s, out, store)
             if store:
                 counts[i], rests[i] = np.nan, np.nan  # not formed
                 _row_output(x, mask, masked, i, first, n, m, total, 1.0 / total, out, mode, True)
                 continue
             rest = total * _exp(np.float64(s) - m)  # |s - m| <= 2**-4, or s = 0: k <= 0
-            counts[i], rests[i] = count, rest
-            _row_output(x, mask, masked, i, first, n, m, math.log1p((count - 1.0) + rest), 0.0, out, mode, False)
-            continue
+            log_norm = math.log1p((count - 1.0) + rest)
+            if mode == LOG_SOFTMAX:
+                counts[i], rests[i] = count, rest
+                _row_output(x, mask, masked, i, first, n, m, log_norm, 0.0, out, mode, False)
+                continue
+            # logsumexp: the terms, the float64 sum and the rescale (1.7 u).
+            if _kept(mode, EXPF_ERROR + (n + 1) * _U, m, count, rest, log_norm):
+                counts[i], rests[i], values[i] = count, rest, m + log_norm
+                continue
+            # Not kept (the margins are chosen so that it holds): the float64 terms.
         if fast:
             count, rest = _row_sum_fast(x, mask, masked, i, first, n, m, out, store)
             if mode == LOGSUMEXP:

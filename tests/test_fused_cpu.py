@@ -68,9 +68,9 @@ def _fused(library, op, x, **kwargs):
     return np.asarray(result)
 
 
-def _assert_ulps(got, exact, dtype, what):
+def _assert_ulps(got, exact, dtype, what, bound=ULPS):
     errors = oracle.ulp_error(np.asarray(got, dtype=np.float64), exact, np.dtype(dtype))
-    assert errors.max() <= ULPS, f"{what}: {errors.max():.2f} ulps at {int(np.argmax(errors))}"
+    assert errors.max() <= bound, f"{what}: {errors.max():.2f} ulps at {int(np.argmax(errors))}"
 
 
 def _exact_from_counts(values, counts):
@@ -256,6 +256,12 @@ def test_float32_terms_on_every_range_of_the_max(library):
         got = _fused(library, op, x, axis=-1, where=where)
         exact = EXACT[op](x.astype(np.float64), axis=-1, where=where)
         _assert_ulps(got[where], exact[where], np.float32, f"{op} {library} where")
+    # logsumexp: float32 terms where the max is at least 1 or far below 0, float64
+    # terms between (-3.7 here); every line within the keep rule's one ulp.
+    for mask in (None, where):
+        got = _fused(library, "logsumexp", x, axis=-1, where=mask)
+        exact = oracle.exact_logsumexp(x.astype(np.float64), axis=-1, where=mask)
+        _assert_ulps(got, exact, np.float32, f"logsumexp {library} where={mask is not None}", bound=1.0)
     subnormal = _fused(library, "softmax", x[:1], axis=-1)[0]
     assert 0 < subnormal[5] < np.finfo(np.float32).smallest_normal  # e**-100 / 2.34: 1.6e-44
     # The same lines as columns: whole columns in one tile, and (padded below
@@ -293,6 +299,27 @@ def test_the_float32_recheck_is_what_the_cancelling_case_needs():
     assert K._kept(K.LOGSUMEXP, K.TERM7_ERROR + 4095 * 2.0**-53, 3.3, 1.0, 253.9, math.log(254.9))
     got = _fused("numpy", "logsumexp", x, axis=-1).reshape(-1)
     _assert_ulps(got, np.array([lse], dtype=object), np.float32, "recheck")
+
+
+def test_float32_logsumexp_terms_are_kept_wherever_they_are_taken():
+    """The margins of :data:`LSE_SINGLE_ABOVE` / ``_BELOW``: on every row they let take
+    float32 terms, the keep rule holds with their ``delta``, whatever the count and
+    the rest (the argument in their comment; a margin of 0.5 above fails here)."""
+    rng = np.random.default_rng(12)
+    for n in (2, 13, 1000, K.SEGMENT):
+        delta = K.EXPF_ERROR + (n + 1) * 2.0**-53
+        count = rng.integers(1, n, size=4000, endpoint=True).astype(float)
+        share = np.concatenate([rng.random(2000), 10.0 ** rng.uniform(-12, 0, 2000)])
+        rest = share * (n - count)  # every rest a row of n entries can have
+        count[:8] = 1.0
+        rest[:8] = np.minimum((0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 100.0, n - 1.0), n - 1.0)
+        for m in (K.LSE_SINGLE_ABOVE, K.LSE_SINGLE_ABOVE + 0.25, 7.0, 87.0,
+                  -K.LSE_SINGLE_BELOW - math.log(n), -K.LSE_SINGLE_BELOW - math.log(n) - 5.0, -1.0e5):
+            for c, r in zip(count, rest):
+                assert K._kept(K.LOGSUMEXP, delta, m, c, r, math.log1p((c - 1.0) + r)), (n, m, c, r)
+    # Below the margin the rule does fail for some rows (so the margin is needed):
+    # m = 0.5, one entry at the max and a rest of 1.5 (q = 0.6).
+    assert not K._kept(K.LOGSUMEXP, K.EXPF_ERROR + 3 * 2.0**-53, 0.5, 1.0, 1.5, math.log1p(1.5))
 
 
 def test_split_sum_is_exact_where_a_plain_sum_is_not():
