@@ -407,6 +407,19 @@ def test_eager_calls_on_a_seen_shape_compile_nothing(op):
     assert compiles == []
 
 
+def _count_traces(monkeypatch, module, name: str) -> list:
+    """The ops that ``module.name`` (a function of a call, run while tracing) is called with."""
+    traced = []
+    original = getattr(module, name)
+
+    def counting(call):
+        traced.append(call.op)
+        return original(call)
+
+    monkeypatch.setattr(module, name, counting)
+    return traced
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_the_kernel_is_traced_once_per_signature_inside_user_programs(op, monkeypatch):
     """Inside the user's jit the call is a nested jit: a model that calls it on
@@ -414,14 +427,7 @@ def test_the_kernel_is_traced_once_per_signature_inside_user_programs(op, monkey
     (what that saves: ``python benchmarks/jax_compile_time.py``)."""
     from lse_dispatch.backends import _jax_fused
 
-    traced = []
-    original = _jax_fused._run_traced
-
-    def counting(call):
-        traced.append(call.op)
-        return original(call)
-
-    monkeypatch.setattr(_jax_fused, "_run_traced", counting)
+    traced = _count_traces(monkeypatch, _jax_fused, "_run_traced")
     x = jnp.asarray(np.random.default_rng(13).standard_normal((3, 5, 71)), jnp.float32)
     f = getattr(lse_dispatch, op)
 
@@ -442,14 +448,7 @@ def test_the_derivative_kernel_is_traced_once_per_signature_too(op, monkeypatch)
     forward for three layers and a second program of the same signature."""
     from lse_dispatch.backends import _jax_grad
 
-    traced = []
-    original = _jax_grad._undifferentiated
-
-    def counting(call):
-        traced.append(call.op)
-        return original(call)
-
-    monkeypatch.setattr(_jax_grad, "_undifferentiated", counting)
+    traced = _count_traces(monkeypatch, _jax_grad, "_undifferentiated")
     x = jnp.asarray(np.random.default_rng(15).standard_normal((3, 5, 73)), jnp.float32)
     mask = jnp.asarray(np.random.default_rng(16).uniform(size=(3, 5, 73)) < 0.8)
     f = getattr(lse_dispatch, op)
