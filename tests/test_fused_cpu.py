@@ -725,7 +725,8 @@ def test_torch_autograd_uses_the_fused_forward_and_backward(op, axis, monkeypatc
 
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_torch_logsumexp_gradient_runs_the_fused_kernels(axis, monkeypatch):
-    """Forward through the STATE kernel, backward as softmax(a) * g: both torch.fused; limits as analytic."""
+    """Forward through the LOGSUMEXP kernel (the value alone: the plain backward needs
+    no state), backward as softmax(a) * g: both torch.fused; limits as analytic."""
     torch = pytest.importorskip("torch")
     _fused_cpu.warm_up(("float64",))
     ran = []
@@ -748,7 +749,7 @@ def test_torch_logsumexp_gradient_runs_the_fused_kernels(axis, monkeypatch):
     with lse_dispatch.trace() as seen:
         (lse_dispatch.logsumexp(x, axis=axis) * g).sum().backward()
     assert seen.implementations == ["autodiff"]
-    assert ran == ["state", "softmax"]
+    assert ran == ["logsumexp", "softmax"]
     lines = np.moveaxis(values, axis, -1)
     grad = np.moveaxis(x.grad.numpy(), axis, -1)
     np.testing.assert_allclose(grad[0, :3], np.full(3, g[0].item() / 3), rtol=4 * np.finfo(np.float64).eps)
