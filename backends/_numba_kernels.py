@@ -900,6 +900,8 @@ KEEP_BELOW = 2.0**-25
 #:   asks ``m >= 0.584``; 1 leaves ``0.4 * 2**-25`` for the float64 roundings;
 #: * ``m + log n <= -3``: ``|lse| >= -(m + log n) >= 3 > 2.50025``.
 #:
+#: (The terms :func:`_term32` flushes, under ``e**-87`` of the max's, change
+#: ``c + r`` by under ``n e**-87 < 2**-109`` for rows of ``SEGMENT``.)
 #: Rows between (log-probabilities, sums cancelling near 0) keep the float64
 #: ``_term7`` terms, whose ``2**-33`` the keep rule needs there.
 LSE_SINGLE_ABOVE = 1.0
