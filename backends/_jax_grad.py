@@ -158,24 +158,14 @@ def _rules():
     return logsumexp, normalized
 
 
-@functools.cache
-def _compiled(index: int):
-    """Rule ``index`` of :func:`_rules` under ``jax.jit`` with the call's
-    :class:`_Static` static: inside the user's program a nested jit, traced
-    once per signature however many call sites share it (XLA inlines it, as
-    ``jax.fused``'s; see docs/jax.md, "Compile time")."""
-    import jax
-
-    return jax.jit(_rules()[index], static_argnums=0)
-
-
 def _logsumexp(call: Call):
-    static = _Static(call.axes, call.op, call.plan, call.return_sign)
-    return _compiled(0)(static, call.a, call.b, call.where)
+    logsumexp, _ = _rules()
+    return logsumexp(_Static(call.axes, call.op, call.plan, call.return_sign), call.a, call.b, call.where)
 
 
 def _normalised(call: Call):
-    return _compiled(1)(_Static(call.axes, call.op, call.plan), call.a, call.where)
+    _, normalized = _rules()
+    return normalized(_Static(call.axes, call.op, call.plan), call.a, call.where)
 
 
 #: Kernels for backends/jax.py: they take every traced call.

@@ -441,33 +441,6 @@ def test_the_kernel_is_traced_once_per_signature_inside_user_programs(op, monkey
     assert traced == [op]
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_the_derivative_kernel_is_traced_once_per_signature_too(op, monkeypatch):
-    """Traced calls that jax.fused declines (here: with ``where``) take the
-    ``autodiff`` kernel, which is a nested jit as well: one trace of its
-    forward for three layers and a second program of the same signature."""
-    from lse_dispatch.backends import _jax_grad
-
-    traced = _count_traces(monkeypatch, _jax_grad, "_undifferentiated")
-    x = jnp.asarray(np.random.default_rng(15).standard_normal((3, 5, 73)), jnp.float32)
-    mask = jnp.asarray(np.random.default_rng(16).uniform(size=(3, 5, 73)) < 0.8)
-    f = getattr(lse_dispatch, op)
-
-    def layers(v):
-        for _ in range(3):
-            if op == "logsumexp":
-                v = v + f(v, axis=-1, keepdims=True, where=mask)
-            else:
-                v = jnp.where(mask, f(v * 1.5, axis=-1, where=mask), 0.0)
-        return v
-
-    with lse_dispatch.trace() as seen:
-        jax.jit(layers)(x)
-        jax.jit(lambda v: f(v - 1.0, axis=-1, where=mask))(x)  # another program, the same signature
-    assert set(seen.implementations) == {"autodiff"}, str(seen)
-    assert traced == [op]
-
-
 def _instructions(hlo_text: str) -> list[str]:
     """The optimized program's instructions without names, metadata or stack frames."""
     import re
