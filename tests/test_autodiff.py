@@ -409,18 +409,14 @@ def test_jax_rules_compile_to_the_same_program_under_jit():
                 lines.append(line)
         return lowered.as_text(), lines
 
-    def instructions(lines):
-        """The instructions without names (the rules run in a nested jit, which XLA inlines)."""
-        text = re.sub(r"[%\w.\-]*\.\d+", "N", "\n".join(lines))
-        return sorted(re.sub(r"\s+", " ", line).strip() for line in text.splitlines() if line.strip())
-
     with_rules = programs("autodiff")
     without_rules = programs("generic")
     # No optimization barrier in either program: the float32 sums and TwoSum
     # are written so that XLA can fuse them (tests/test_jax_fused.py).
     assert "optimization_barrier" not in with_rules[0]
+    assert with_rules[0] == without_rules[0]
     assert any(line.startswith("ENTRY") for line in with_rules[1])
-    assert instructions(with_rules[1]) == instructions(without_rules[1])
+    assert with_rules[1] == without_rules[1]
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
