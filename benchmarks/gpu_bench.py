@@ -146,20 +146,23 @@ def host_overhead(torch, lse_dispatch, cupy, cupyx, device: str, calls: int = 30
         if cupy is not None:
             cupy.cuda.Device().synchronize()
 
-    out = {}
-    for name, fn in fns.items():
-        for _ in range(min(20, calls)):
+    return {name: wall_per_call(fn, calls, sync) for name, fn in fns.items()}
+
+
+def wall_per_call(fn, calls: int, sync) -> float:
+    """Wall seconds per call of ``fn`` over a loop of ``calls`` calls closed by one
+    ``sync()`` (median of 5 loops, after a warm-up)."""
+    for _ in range(min(20, calls)):
+        fn()
+    sync()
+    loops = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
             fn()
         sync()
-        loops = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            sync()
-            loops.append((time.perf_counter() - t0) / calls)
-        out[name] = statistics.median(loops)
-    return out
+        loops.append((time.perf_counter() - t0) / calls)
+    return statistics.median(loops)
 
 
 def main(argv=None) -> int:

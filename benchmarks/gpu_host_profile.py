@@ -28,23 +28,9 @@ import argparse
 import cProfile
 import io
 import pstats
-import statistics
 import sys
-import time
 
-
-def per_call(fn, calls: int, sync) -> float:
-    for _ in range(min(20, calls)):
-        fn()
-    sync()
-    loops = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        loops.append((time.perf_counter() - start) / calls)
-    return statistics.median(loops)
+from gpu_bench import wall_per_call  # the sibling script (its directory is on sys.path when run)
 
 
 def main(argv=None) -> int:
@@ -103,7 +89,7 @@ def main(argv=None) -> int:
                 f"lse_dispatch.{op} on 10 CPU entries": lambda ours=ours: ours(x_cpu, axis=-1),
             }
             for label, fn in rows.items():
-                print(f"{label:<48} {per_call(fn, calls, sync) * 1e6:9.1f}", flush=True)
+                print(f"{label:<48} {wall_per_call(fn, calls, sync) * 1e6:9.1f}", flush=True)
             if args.profile:
                 profiler = cProfile.Profile()
                 profiler.enable()
