@@ -182,7 +182,7 @@ def weights(a, b, where, value, sign, state, static, plan):
 def _state_of(a, b, where, state, static):
     """The forward's saved state, or, where the forward formed the value alone
     (empty state tensors), the state formed now by the STATE kernel."""
-    if state[0].numel() or not a.numel():
+    if state[0].numel():
         return state
     with torch.no_grad():
         return tuple(_undifferentiated(_with_op(_rebuild(a.detach(), b, where, static), Op.STATE)))
