@@ -12,6 +12,13 @@ around one measured behaviour of XLA (jax 0.10, CPU):
   plus exact limb sums, fused by XLA (no optimization barriers);
 * ``bitcast``: XLA flushes subnormal operands (``1e-310 != 0`` is False),
   so weights are read from their bits (``Numerics.weight_parts``);
+* ``weights``: a concrete ``b`` with subnormal entries inside a staged
+  trace (a weight the user's ``jax.jit`` function closes over) would be a
+  constant of the compiled program, and XLA rewrites such constants (it
+  replaced ``[1e-310, 1, 2]`` by ``iota`` = ``[0, 1, 2]``, and folds the
+  bitcast of a subnormal constant to 0); it is handed to the program as its
+  integer bits behind an optimization barrier instead (a complex ``b``
+  always: XLA aborts on some complex constants);
 * ``undefined_where``: NaN made as ``inf - inf``, never selected from a
   constant (``jax.debug_nans``).
 
@@ -70,6 +77,9 @@ class JaxNumerics(Numerics):
         import jax
 
         return jax.lax.bitcast_convert_type(x, dtype)
+
+    def weights(self, xp, b: Array) -> Array:
+        return _weights_out_of_reach(b)
 
     def undefined_where(self, xp, mask: Array, like: Array) -> Array:
         z = xp.where(mask, scalar(xp, math.inf, like), scalar(xp, 0.0, like))
@@ -199,3 +209,53 @@ def _limb_sum(xp, values: Array, axis: int) -> Array:
         if n == chunk:
             return xp.ldexp(high + (mid + low), total_exponent)
         values = xp.concat([high, mid, low], axis=axis)
+
+
+def _staging() -> bool:
+    """Whether JAX is staging operations into a program (``jit``, ``make_jaxpr``, a loop body).
+
+    JAX's trace context is private API, read with a fallback to the public
+    test (which costs 26 us: it stages or runs a zero): under a staging
+    trace a new array is a tracer.
+    """
+    import jax
+
+    try:
+        from jax._src import core
+
+        return not isinstance(core.trace_ctx.trace, core.EvalTrace)
+    except (ImportError, AttributeError):  # pragma: no cover - another JAX's internals
+        return isinstance(jax.numpy.zeros(()), jax.core.Tracer)
+
+
+def _weights_out_of_reach(b: Array) -> Array:
+    """``b``, as a value XLA cannot rewrite where it would be a constant it mishandles.
+
+    Only a concrete ``b`` met while staging is read (on the host, once per
+    trace); a traced ``b`` is an argument or a computed value and is left
+    alone, as is every ``b`` of an eager call.  Real weights are hidden when
+    they hold subnormals; complex ones always: XLA aborts the process when it
+    rewrites ``abs`` of a complex constant that looks like ``iota``
+    (``[0, 1, 2]``, jax 0.10.2, CPU).
+    """
+    import jax
+    import numpy as np
+
+    jnp = jax.numpy
+    if isinstance(b, jax.core.Tracer) or not jnp.issubdtype(b.dtype, jnp.inexact) or not _staging():
+        return b
+    host = np.asarray(b)
+    if jnp.issubdtype(b.dtype, jnp.complexfloating):
+        return jax.lax.complex(_from_bits(np.ascontiguousarray(host.real)), _from_bits(np.ascontiguousarray(host.imag)))
+    if not np.any((host != 0) & (np.abs(host) < jnp.finfo(b.dtype).smallest_normal)):
+        return b
+    return _from_bits(host)
+
+
+def _from_bits(host) -> Array:
+    """A real NumPy array as a value of the staged program: its integer bits behind a barrier, cast back."""
+    import jax
+    import numpy as np
+
+    bits = host.view({8: np.int64, 4: np.int32, 2: np.int16}[host.dtype.itemsize])
+    return jax.lax.bitcast_convert_type(jax.lax.optimization_barrier(jax.numpy.asarray(bits)), host.dtype)

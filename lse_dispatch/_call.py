@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._namespace import DtypePlan, device_of, is_python_scalar, plan_dtypes, resolve_namespace
+from ._numerics import numerics_for
 from ._ops import Op
 from ._validate import broadcast_shapes, normalize_axis
 
@@ -58,6 +59,8 @@ def prepare(op: Op | str, a, *, axis, b=None, where=None, return_sign: bool = Fa
     weak = (is_python_scalar(a), is_python_scalar(b))
     xp, arrays = resolve_namespace({first: a, "b": b, "where": where}, booleans=("where",))
     a, b, where = arrays[first], arrays["b"], arrays["where"]
+    if b is not None:
+        b = numerics_for(xp).weights(xp, b)
     from_scalar = all(x is None or x.ndim == 0 for x in (a, b, where))
     if from_scalar:
         # SciPy computes 0-d input as the 1-d array of its one entry: axis 0

@@ -16,6 +16,7 @@ from typing import Any
 
 from ._call import Call
 from ._namespace import scalar
+from ._numerics import numerics_for
 from ._ops import Op
 from ._state import (
     LSEState,
@@ -181,9 +182,9 @@ def _complex_logsumexp(call: Call) -> tuple[Array, Array]:
     b = None if call.b is None else xp.astype(call.b, plan.compute)
     included = call.where
     if b is not None:
-        nonzero = b != 0
+        nonzero, small, scaled, log_b, s = _complex_weights(xp, b)
         included = nonzero if included is None else included & nonzero
-        real = real + xp.log(xp.where(nonzero, xp.abs(b), scalar(xp, 1.0, real)))
+        real = real + log_b
     if included is None:
         included = xp.ones_like(real, dtype=xp.bool)
     neg_inf = scalar(xp, -math.inf, real)
@@ -204,7 +205,13 @@ def _complex_logsumexp(call: Call) -> tuple[Array, Array]:
     # Finite rows: the shifted sum (other rows get 0 terms, no inf - inf).
     in_finite_row = included & finite & (real != neg_inf)
     shifted = xp.where(in_finite_row, a - xp.astype(shift, plan.compute), complex_zero)
-    finite_total = total(xp.where(in_finite_row, weighted(xp.exp(shifted)), complex_zero))
+    if b is None:
+        terms = xp.exp(shifted)
+    else:
+        # A subnormal |b| leaves exp(a - m) room to overflow (a - m <= -log|b|):
+        # its term is (b 2**s) exp(a - m - s log 2) instead.
+        terms = xp.where(small, scaled, b) * xp.exp(xp.where(small, shifted - s * math.log(2.0), shifted))
+    finite_total = total(xp.where(in_finite_row, terms, complex_zero))
     # Rows with a +inf entry: the phases of the +inf entries.
     at_inf = included & (real == math.inf)
     unit_terms = xp.exp(xp.astype(xp.imag(xp.where(at_inf, a, complex_zero)), plan.compute) * 1j)
@@ -231,6 +238,33 @@ def _complex_logsumexp(call: Call) -> tuple[Array, Array]:
     angle = xp.atan2(xp.imag(unit), xp.real(unit))
     value = xp.astype(log_magnitude, plan.compute) + xp.astype(angle, plan.compute) * 1j
     return xp.astype(value, plan.result), xp.ones_like(value)
+
+
+def _complex_weights(xp, b: Array):
+    """``(nonzero, small, b * 2**s, log|b|, s)`` of complex weights.
+
+    ``small`` is where ``|b|`` is below the smallest normal (both parts
+    subnormal or 0): there ``b`` is also given exactly as ``b * 2**s``
+    (``s = nmant + 2``, which makes it normal) and ``log|b|`` is taken from
+    that.  The parts are read as :meth:`Numerics.subnormal_scaled
+    <lse_dispatch._numerics.Numerics.subnormal_scaled>` reads them, from the
+    bits where the library flushes subnormals (XLA), so such weights count
+    there too.
+    """
+    numerics = numerics_for(xp)
+    real_part, imag_part = xp.real(b), xp.imag(b)
+    info = xp.finfo(real_part.dtype)
+    s = round(-math.log2(float(info.eps))) + 2  # nmant + 2 (the standard's finfo has no nmant)
+    real_subnormal, real_scaled = numerics.subnormal_scaled(xp, real_part, s)
+    imag_subnormal, imag_scaled = numerics.subnormal_scaled(xp, imag_part, s)
+    magnitude = xp.abs(b)
+    one = scalar(xp, 1.0, magnitude)
+    nonzero = (b != 0) | real_subnormal | imag_subnormal
+    small = nonzero & (magnitude < scalar(xp, float(info.smallest_normal), magnitude))
+    scaled = xp.astype(real_scaled, b.dtype) + xp.astype(imag_scaled, b.dtype) * 1j
+    log_small = xp.log(xp.where(small, xp.abs(scaled), one)) - s * math.log(2.0)
+    log_b = xp.where(small, log_small, xp.log(xp.where(nonzero & ~small, magnitude, one)))
+    return nonzero, small, scaled, log_b, s
 
 
 def normalised_from_state(call: Call, state: LSEState, log: bool) -> Array:

@@ -91,6 +91,14 @@ class Numerics:
     #: read from their bits (:meth:`weight_parts`).  ``None``: no flushing.
     bitcast: Callable[[Array, Any], Array] | None = None
 
+    def weights(self, xp, b: Array) -> Array:
+        """The weights as the library's own operations should take them; ``b`` itself by default.
+
+        A hook for a compiler that would rewrite a constant ``b`` (XLA:
+        :meth:`JaxNumerics.weights <lse_dispatch.backends._jax_numerics.JaxNumerics.weights>`).
+        """
+        return b
+
     def weight_parts(self, xp, b: Array, dtype) -> tuple[Array, Array, Array]:
         """``(b != 0, sign(b), log|b|)`` of real weights; ``log|b|`` in ``dtype``, 0 where ``b == 0``."""
         if self.bitcast is not None:
@@ -98,6 +106,18 @@ class Numerics:
         nonzero = b != 0
         log_abs = xp.log(xp.astype(xp.where(nonzero, xp.abs(b), scalar(xp, 1.0, b)), dtype))
         return nonzero, real_sign(xp, b), log_abs
+
+    def subnormal_scaled(self, xp, x: Array, s: int) -> tuple[Array, Array]:
+        """``(subnormal, x * 2**s)`` of real ``x``: where ``x`` is subnormal, and ``x`` scaled exactly there (0 elsewhere).
+
+        ``s >= nmant + 2`` makes every subnormal normal.  Read from the bits
+        where the library flushes subnormal operands (:attr:`bitcast`).
+        """
+        info = xp.finfo(x.dtype)
+        if self.bitcast is not None:
+            return _subnormal_scaled_from_bits(xp, x, s, self.bitcast)
+        subnormal = (x != 0) & (xp.abs(x) < scalar(xp, float(info.smallest_normal), x))
+        return subnormal, xp.where(subnormal, x, xp.zeros_like(x)) * scalar(xp, float(2**s), x)
 
     def undefined_where(self, xp, mask: Array, like: Array) -> Array:
         """NaN where ``mask`` is True and 0 elsewhere, in the dtype of ``like``.
@@ -200,3 +220,15 @@ def _weight_parts_from_bits(xp, b: Array, dtype, bitcast) -> tuple[Array, Array,
     log_subnormal = (xp.log(significand) - k * _LN2_LOW) - k * _LN2_HIGH
     log_normal = xp.log(xp.astype(xp.where(nonzero & ~subnormal, xp.abs(b), one), dtype))
     return nonzero, sign, xp.where(subnormal, log_subnormal, log_normal)
+
+
+def _subnormal_scaled_from_bits(xp, x: Array, s: int, bitcast) -> tuple[Array, Array]:
+    """:meth:`Numerics.subnormal_scaled` from the bits: ``x = n * 2**-k``, so ``x * 2**s = n * 2**(s - k)``, exact."""
+    info = xp.finfo(x.dtype)
+    bits = bitcast(x, {8: xp.int64, 4: xp.int32, 2: xp.int16}[info.bits // 8])
+    magnitude = bits & ((1 << (info.bits - 1)) - 1)
+    subnormal = (magnitude != 0) & (magnitude < (1 << info.nmant))
+    k = -math.frexp(float(info.smallest_subnormal))[1] + 1  # smallest subnormal = 2**-k
+    n = xp.astype(xp.where(subnormal, magnitude, xp.zeros_like(magnitude)), x.dtype)  # < 2**nmant: exact
+    signed = xp.where(bits < 0, -n, n)
+    return subnormal, signed * scalar(xp, float(2.0 ** (s - k)), x)

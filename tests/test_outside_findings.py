@@ -20,6 +20,7 @@ concerns, against the oracle where a value is involved:
 
 from __future__ import annotations
 
+import cmath
 import math
 import warnings
 
@@ -181,29 +182,76 @@ def test_weights_read_from_bits_match_the_plain_form(dtype):
         np.testing.assert_allclose(bits[2], plain[2], rtol=2 * np.finfo(accumulator).eps, atol=0)
 
 
-def _subnormal_weight_under_jit(closed_over: bool) -> tuple[float, float]:
-    """``(eager value, value under jax.jit)`` of a logsumexp with the weight 1e-310 (x64, XLA's CPU backend)."""
+# (x64, a, b): a subnormal weight that dominates the sum (float64, and float32 without x64).
+SUBNORMAL_UNDER_JIT = {
+    "float64": (True, [760.0, 0.0, 1.0], [1e-310, 1.0, 2.0]),
+    "float32": (False, [100.0, 0.0, 1.0], [1e-40, 1.0, 2.0]),
+    "float32-negative": (False, [90.0, 0.0, 1.0], [-3e-42, 1.0, 2.0]),
+}
+
+
+def _subnormal_weight_under_jit(case: str, closed_over: bool):
+    """Eager and jitted ``(value, d/da, d/db)`` of a logsumexp whose weight is subnormal (XLA's CPU backend)."""
     jax = pytest.importorskip("jax")
     jnp = pytest.importorskip("jax.numpy")
-    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):  # measured on XLA's CPU backend
-        a, b = jnp.array([760.0, 0.0]), jnp.array([1e-310, 1.0])
-        want = float(logsumexp(a, b=b))  # 46.198...
+    x64, a, b = SUBNORMAL_UNDER_JIT[case]
+    with jax.enable_x64(x64), jax.default_device(jax.devices("cpu")[0]):  # measured on XLA's CPU backend
+        a, b = jnp.array(a), jnp.array(b)
+        f = lambda a, b: logsumexp(a, b=b, return_sign=True)[0]  # noqa: E731
+        want = (f(a, b), jax.grad(f)(a, b), jax.grad(f, argnums=1)(a, b))
         if closed_over:
-            return want, float(jax.jit(lambda a: logsumexp(a, b=b))(a))
-        return want, float(jax.jit(lambda a, b: logsumexp(a, b=b))(a, b))
+            # The weight is a constant of the compiled program: XLA folds what it can of it.
+            got = (jax.jit(lambda a: f(a, b))(a), jax.jit(jax.grad(lambda a: f(a, b)))(a),
+                   jax.jit(jax.grad(lambda b: f(a, b)))(b))
+        else:
+            got = (jax.jit(f)(a, b), jax.jit(jax.grad(f))(a, b), jax.jit(jax.grad(f, argnums=1))(a, b))
+        return [np.asarray(w) for w in want], [np.asarray(g) for g in got]
 
 
-def test_subnormal_weight_passed_to_a_jitted_function():
-    want, got = _subnormal_weight_under_jit(closed_over=False)
-    assert got == pytest.approx(want, rel=1e-15)
+@pytest.mark.parametrize("closed_over", [False, True], ids=["argument", "closed-over"])
+@pytest.mark.parametrize("case", list(SUBNORMAL_UNDER_JIT))
+def test_subnormal_weight_under_jit(case, closed_over):
+    """Found 2026-11-30: a closed-over subnormal weight was dropped (46.2 became 0.0).
+
+    XLA rewrote the constant (its bits folded to 0, or the whole constant
+    replaced by ``iota``); the weight now counts as a constant, as an
+    argument and outside jit, in the value and both gradients.
+    """
+    (value, grad_a, grad_b), (got_value, got_a, got_b) = _subnormal_weight_under_jit(case, closed_over)
+    x64, a, b = SUBNORMAL_UNDER_JIT[case]
+    rtol = 1e-14 if x64 else 2e-6
+    # The subnormal entry's term, exp(a + log|b|), is formed in Python's float64.
+    subnormal_term = math.copysign(math.exp(a[0] + math.log(abs(b[0]))), b[0])
+    exact = math.log(math.exp(a[1]) * b[1] + math.exp(a[2]) * b[2] + subnormal_term)
+    assert float(value) == pytest.approx(exact, rel=rtol)
+    np.testing.assert_allclose(got_value, value, rtol=rtol)
+    np.testing.assert_allclose(got_a, grad_a, rtol=rtol)
+    np.testing.assert_allclose(got_b, grad_b, rtol=rtol)
 
 
-@pytest.mark.xfail(strict=True, reason="known wrong value (README, accuracy): XLA's CPU backend folds the bits "
-                   "of a subnormal constant weight to 0 when the user's jitted function closes over it")
-def test_subnormal_weight_closed_over_by_a_jitted_function():
-    """Found 2026-11-30: the weight counts as an argument (above) and outside jit, not as a constant."""
-    want, got = _subnormal_weight_under_jit(closed_over=True)
-    assert got == pytest.approx(want, rel=1e-15)
+@pytest.mark.parametrize("dtype, tiny", [("float16", 1e-6), ("bfloat16", 1e-39), ("float32", 1e-40)])
+def test_subnormal_weight_and_input_both_closed_over(dtype, tiny):
+    """Nothing traced: the call runs the ``jax.jit`` kernel, staged into the user's program with both constants."""
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    with jax.default_device(jax.devices("cpu")[0]):
+        a = jnp.array([100.0, 0.0, 1.0], dtype=dtype)  # the b = [tiny, 1, 2] of these dtypes looks like iota to XLA
+        b = jnp.array([tiny, 1.0, 2.0], dtype=dtype)
+        want = float(logsumexp(a, b=b))
+        got = float(jax.jit(lambda: logsumexp(a, b=b))())
+    exact = math.log(float(b[0]) * math.exp(float(a[0])) + 1 + 2 * math.e)
+    assert want == pytest.approx(exact, rel=float(jnp.finfo(dtype).eps))
+    assert got == want
+
+
+def test_complex_weights_that_look_like_iota_under_jit():
+    """XLA (jax 0.10.2, CPU) aborted the process rewriting ``abs`` of the closed-over constant ``[0, 1, 2]`` (complex)."""
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    with jax.default_device(jax.devices("cpu")[0]):
+        a, b = jnp.array([1.0, 2.0, 3.0]), jnp.array([0, 1, 2], dtype=jnp.complex64)
+        got = jax.jit(lambda a: logsumexp(a, b=b))(a)
+    np.testing.assert_allclose(np.asarray(got), math.log(math.exp(2) + 2 * math.exp(3)), rtol=1e-6)
 
 
 def test_gradient_at_a_subnormal_weight():
@@ -340,6 +388,29 @@ def test_complex_infinite_terms_have_a_defined_phase(backend, dtype):
     # Nothing included: -inf with sign 0, no warning.
     value, sign = backend.call(logsumexp, backend.asarray(np.array([-np.inf + 1j, -np.inf]), dtype), return_sign=True)
     assert float(backend.to_numpy(value)) == -math.inf and complex(backend.to_numpy(sign)) == 0
+
+
+# (a, b) with complex weights of subnormal magnitude, dominant because a is large.
+COMPLEX_SUBNORMAL_WEIGHTS = {
+    "complex128": ([760.0, 0.0, 1.0], [2e-310 + 1e-310j, 1, 2]),
+    "complex64": ([100.0, 0.0, 1.0], [3e-41 + 1e-40j, 1, 2]),
+}
+
+
+@pytest.mark.parametrize("dtype", list(COMPLEX_SUBNORMAL_WEIGHTS))
+def test_complex_subnormal_weights_count(backend, dtype):
+    """Found 2026-11-30: NaN on NumPy (``b * exp(a - m)`` overflowed in ``exp``), the weight dropped on JAX (flushed)."""
+    if dtype not in backend.complex_dtypes:
+        pytest.skip(f"{backend.id} has no {dtype}")
+    a, b = COMPLEX_SUBNORMAL_WEIGHTS[dtype]
+    real = np.float32 if dtype == "complex64" else np.float64
+    a, b = np.asarray(a, real), np.asarray(b, dtype)
+    # Formed in Python's float64 from log|b| (b * e^a overflows nothing there).
+    terms = [cmath.exp(complex(x) + cmath.log(complex(w))) for x, w in zip(a, b)]
+    exact = cmath.log(sum(terms))
+    value = complex(backend.to_numpy(backend.call(logsumexp, backend.asarray(a, real.__name__), b=backend.asarray(b, dtype))))
+    tolerance = 64 * float(np.finfo(real).eps) * abs(exact)  # the complex path's a - m rounds (|a - m| ~ 700)
+    assert abs(value - exact) <= tolerance, (value, exact)
 
 
 def test_python_integers_beyond_int64():
