@@ -182,7 +182,7 @@ def _complex_logsumexp(call: Call) -> tuple[Array, Array]:
     b = None if call.b is None else xp.astype(call.b, plan.compute)
     included = call.where
     if b is not None:
-        nonzero, small, scaled, log_b, s = _complex_weights(xp, b)
+        nonzero, log_b, weighted_exp = _complex_weights(xp, b)
         included = nonzero if included is None else included & nonzero
         real = real + log_b
     if included is None:
@@ -205,12 +205,7 @@ def _complex_logsumexp(call: Call) -> tuple[Array, Array]:
     # Finite rows: the shifted sum (other rows get 0 terms, no inf - inf).
     in_finite_row = included & finite & (real != neg_inf)
     shifted = xp.where(in_finite_row, a - xp.astype(shift, plan.compute), complex_zero)
-    if b is None:
-        terms = xp.exp(shifted)
-    else:
-        # A subnormal |b| leaves exp(a - m) room to overflow (a - m <= -log|b|):
-        # its term is (b 2**s) exp(a - m - s log 2) instead.
-        terms = xp.where(small, scaled, b) * xp.exp(xp.where(small, shifted - s * math.log(2.0), shifted))
+    terms = xp.exp(shifted) if b is None else weighted_exp(shifted)
     finite_total = total(xp.where(in_finite_row, terms, complex_zero))
     # Rows with a +inf entry: the phases of the +inf entries.
     at_inf = included & (real == math.inf)
@@ -241,12 +236,13 @@ def _complex_logsumexp(call: Call) -> tuple[Array, Array]:
 
 
 def _complex_weights(xp, b: Array):
-    """``(nonzero, small, b * 2**s, log|b|, s)`` of complex weights.
+    """``(b != 0, log|b|, weighted_exp)`` of complex weights; ``weighted_exp(d)`` is ``b exp(d)``.
 
-    ``small`` is where ``|b|`` is below the smallest normal (both parts
-    subnormal or 0): there ``b`` is also given exactly as ``b * 2**s``
-    (``s = nmant + 2``, which makes it normal) and ``log|b|`` is taken from
-    that.  The parts are read as :meth:`Numerics.subnormal_scaled
+    Where ``|b|`` is below the smallest normal (both parts subnormal or 0),
+    ``b exp(a - m)`` could overflow in ``exp`` (``a - m <= -log|b|``): there
+    ``b`` is taken exactly as ``b * 2**s`` (``s = nmant + 2``, which makes it
+    normal), its term is ``(b 2**s) exp(d - s log 2)`` and ``log|b|`` comes
+    from ``b 2**s`` too.  The parts are read as :meth:`Numerics.subnormal_scaled
     <lse_dispatch._numerics.Numerics.subnormal_scaled>` reads them, from the
     bits where the library flushes subnormals (XLA), so such weights count
     there too.
@@ -264,7 +260,11 @@ def _complex_weights(xp, b: Array):
     scaled = xp.astype(real_scaled, b.dtype) + xp.astype(imag_scaled, b.dtype) * 1j
     log_small = xp.log(xp.where(small, xp.abs(scaled), one)) - s * math.log(2.0)
     log_b = xp.where(small, log_small, xp.log(xp.where(nonzero & ~small, magnitude, one)))
-    return nonzero, small, scaled, log_b, s
+
+    def weighted_exp(d):
+        return xp.where(small, scaled, b) * xp.exp(xp.where(small, d - s * math.log(2.0), d))
+
+    return nonzero, log_b, weighted_exp
 
 
 def normalised_from_state(call: Call, state: LSEState, log: bool) -> Array:
