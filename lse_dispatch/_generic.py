@@ -238,14 +238,29 @@ def _complex_logsumexp(call: Call) -> tuple[Array, Array]:
 def _complex_weights(xp, b: Array):
     """``(b != 0, log|b|, weighted_exp)`` of complex weights; ``weighted_exp(d)`` is ``b exp(d)``.
 
-    Where ``|b|`` is below the smallest normal (both parts subnormal or 0),
-    ``b exp(a - m)`` could overflow in ``exp`` (``a - m <= -log|b|``): there
-    ``b`` is taken exactly as ``b * 2**s`` (``s = nmant + 2``, which makes it
-    normal), its term is ``(b 2**s) exp(d - s log 2)`` and ``log|b|`` comes
-    from ``b 2**s`` too.  The parts are read as :meth:`Numerics.subnormal_scaled
-    <lse_dispatch._numerics.Numerics.subnormal_scaled>` reads them, from the
-    bits where the library flushes subnormals (XLA), so such weights count
-    there too.
+    ``d = a - m`` has real part at most ``-log|b|``, so ``exp(d)`` can leave
+    the normal range where ``b`` does not, and the product then loses what
+    ``exp(d)`` lost:
+
+    * a subnormal part, and both below ``tiny 2**s`` (``tiny`` the smallest
+      normal, ``s = nmant + 2``): ``exp(d)`` could overflow where ``|b|`` is
+      subnormal, and a subnormal part would be flushed.  ``b`` is taken exactly as
+      ``b * 2**s``, its term is ``(b 2**s) exp(d - s log 2)`` and ``log|b|``
+      comes from ``b 2**s`` too.  Subnormal parts are read as :meth:`Numerics.subnormal_scaled
+      <lse_dispatch._numerics.Numerics.subnormal_scaled>` reads them, from
+      the bits where the library flushes subnormals (XLA), so such weights
+      count there too.
+    * where the library flushes subnormals (XLA, CuPy's float32):
+      ``exp(d)`` below the smallest normal (a large ``|b|``, the term still
+      normal), or a part of it (``|b|`` above ``eps / tiny``, where losing a
+      part below ``tiny`` costs more than an ulp), would flush to 0.  The
+      term is ``(b / |b|) exp(d + log|b|)``, whose ``exp`` argument is the
+      term's own log, at most 0.  (Elsewhere the subnormal ``exp(d)`` keeps
+      the term to a few ulps of the largest, better than that form.)
+
+    ``log|b|`` is ``log h + log1p((l / h)**2) / 2`` with ``h``, ``l`` the
+    larger and smaller part magnitudes: ``|b|`` itself overflows for parts
+    near the largest float (``3e38 + 3e38j`` in complex64).
     """
     numerics = numerics_for(xp)
     real_part, imag_part = xp.real(b), xp.imag(b)
@@ -253,16 +268,41 @@ def _complex_weights(xp, b: Array):
     s = round(-math.log2(float(info.eps))) + 2  # nmant + 2 (the standard's finfo has no nmant)
     real_subnormal, real_scaled = numerics.subnormal_scaled(xp, real_part, s)
     imag_subnormal, imag_scaled = numerics.subnormal_scaled(xp, imag_part, s)
-    magnitude = xp.abs(b)
-    one = scalar(xp, 1.0, magnitude)
+    tiny = scalar(xp, float(info.smallest_normal), real_part)
+    one = scalar(xp, 1.0, real_part)
+    high = xp.maximum(xp.abs(real_part), xp.abs(imag_part))
+    low = xp.minimum(xp.abs(real_part), xp.abs(imag_part))
     nonzero = (b != 0) | real_subnormal | imag_subnormal
-    small = nonzero & (magnitude < scalar(xp, float(info.smallest_normal), magnitude))
-    scaled = xp.astype(real_scaled, b.dtype) + xp.astype(imag_scaled, b.dtype) * 1j
-    log_small = xp.log(xp.where(small, xp.abs(scaled), one)) - s * math.log(2.0)
-    log_b = xp.where(small, log_small, xp.log(xp.where(nonzero & ~small, magnitude, one)))
+    # A subnormal part, the other below tiny 2**s (else the subnormal one is under
+    # 2**-s of it): both parts scale exactly, a normal one by a plain product.
+    small = nonzero & (high < tiny * 2.0**s) & (real_subnormal | imag_subnormal | (high < tiny))
+    normal = nonzero & ~small
+    high = xp.where(normal, high, one)
+    log_b = xp.log(high) + xp.log1p(xp.square(xp.where(normal, low, xp.zeros_like(low)) / high)) / 2
+
+    def scale(part, subnormal, part_scaled):
+        return xp.where(subnormal, part_scaled, xp.where(small, part, xp.zeros_like(part)) * 2.0**s)
+
+    scaled = (xp.astype(scale(real_part, real_subnormal, real_scaled), b.dtype)
+              + xp.astype(scale(imag_part, imag_subnormal, imag_scaled), b.dtype) * 1j)
+    log_b = xp.where(small, xp.log(xp.where(small, xp.abs(scaled), one)) - s * math.log(2.0), log_b)
+    # b / |b| from its angle: divisions by |b| overflow near the largest float
+    # (XLA turns (x / h) / n into x / (h n), and divides complex numbers through |divisor|**2).
+    angle = xp.atan2(imag_part, real_part)
+    unit = xp.astype(xp.cos(angle), b.dtype) + xp.astype(xp.sin(angle), b.dtype) * 1j
+    # Where the library flushes subnormal results (numerics.bitcast): above
+    # eps / tiny, a part of exp(d) flushed to 0 (even where |exp(d)| is normal)
+    # costs more than an ulp of the line's largest term.  Where it does not, a
+    # subnormal exp(d) costs under |b| 2**-emin_subnormal, a few ulps at most,
+    # less than the unit form's rounding of d + log|b|.
+    flushes = numerics.bitcast is not None
+    log_tiny = math.log(float(info.smallest_normal))
+    huge = normal & (log_b > math.log(float(info.eps) / float(info.smallest_normal)))
 
     def weighted_exp(d):
-        return xp.where(small, scaled, b) * xp.exp(xp.where(small, d - s * math.log(2.0), d))
+        under = (huge | (normal & (xp.real(d) < log_tiny))) if flushes else xp.zeros_like(small)
+        d = xp.where(under, d + xp.astype(log_b, d.dtype), xp.where(small, d - s * math.log(2.0), d))
+        return xp.where(under, unit, xp.where(small, scaled, b)) * xp.exp(d)
 
     return nonzero, log_b, weighted_exp
 
