@@ -285,10 +285,12 @@ def _complex_weights(xp, b: Array):
 
     scaled = (xp.astype(scale(real_part, real_subnormal, real_scaled), b.dtype)
               + xp.astype(scale(imag_part, imag_subnormal, imag_scaled), b.dtype) * 1j)
-    log_b = xp.where(small, xp.log(xp.where(small, xp.abs(scaled), one)) - s * math.log(2.0), log_b)
+    # (Unselected entries get safe arguments: JAX differentiates both branches of where.)
+    safe_scaled = xp.where(small, scaled, xp.ones_like(scaled))
+    log_b = xp.where(small, xp.log(xp.abs(safe_scaled)) - s * math.log(2.0), log_b)
     # b / |b| from its angle: divisions by |b| overflow near the largest float
     # (XLA turns (x / h) / n into x / (h n), and divides complex numbers through |divisor|**2).
-    angle = xp.atan2(imag_part, real_part)
+    angle = xp.atan2(xp.where(normal, imag_part, xp.zeros_like(imag_part)), xp.where(normal, real_part, one))
     unit = xp.astype(xp.cos(angle), b.dtype) + xp.astype(xp.sin(angle), b.dtype) * 1j
     # Where the library flushes subnormal results (numerics.bitcast): above
     # eps / tiny, a part of exp(d) flushed to 0 (even where |exp(d)| is normal)

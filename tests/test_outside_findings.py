@@ -420,6 +420,31 @@ def test_complex_extreme_weights_count(backend, case):
     assert abs(value - exact) <= tolerance, (value, exact)
 
 
+@pytest.mark.parametrize("library", ["jax", "torch"])
+def test_complex_weight_gradient_at_a_zero_weight(library):
+    """The complex path's own derivatives: no NaN from the branches a zero weight does not take."""
+    a, b = np.array([1.0, 2.0, 0.5]), np.array([1 + 1j, 0, 2 - 0.5j])
+    total = np.sum(b * np.exp(a))
+    want_a = np.real(b * np.exp(a) / total)  # d Re(lse) / d a
+    # |d Re(lse) / d b|; at the zero weight the complex path gives 0 (it excludes the entry), not
+    # the limit exp(a) / total that the real path's rules give (docs/autodiff.md).
+    want_b = np.where(b != 0, np.exp(a) / total, 0)
+    if library == "jax":
+        jax = pytest.importorskip("jax")
+        jnp = pytest.importorskip("jax.numpy")
+        with jax.enable_x64(True):
+            f = lambda a, b: jnp.real(logsumexp(a, b=b))  # noqa: E731
+            got_a, got_b = (np.asarray(g) for g in jax.grad(f, argnums=(0, 1))(jnp.asarray(a), jnp.asarray(b)))
+    else:
+        torch = pytest.importorskip("torch")
+        ta = torch.tensor(a, requires_grad=True)
+        tb = torch.tensor(b, requires_grad=True)
+        logsumexp(ta, b=tb).real.backward()
+        got_a, got_b = ta.grad.numpy(), tb.grad.numpy()
+    np.testing.assert_allclose(got_a, want_a, rtol=1e-12)
+    np.testing.assert_allclose(np.abs(got_b), np.abs(want_b), rtol=1e-12)
+
+
 def test_python_integers_beyond_int64():
     assert float(logsumexp([2**70, 1])) == float(2**70)
     assert float(logsumexp(2**70)) == float(2**70)
