@@ -228,6 +228,21 @@ def test_subnormal_weight_under_jit(case, closed_over):
     np.testing.assert_allclose(got_b, grad_b, rtol=rtol)
 
 
+def test_subnormal_weight_under_jit_without_jax_private_trace_state(monkeypatch):
+    """``JaxNumerics.weights`` reads whether JAX is staging from a private module; without it, the public test."""
+    pytest.importorskip("jax")
+    from lse_dispatch.backends import _jax_numerics
+
+    def missing():
+        raise AttributeError("no trace_ctx in this JAX")
+
+    monkeypatch.setattr(_jax_numerics, "_staging_from_trace_context", missing)
+    (value, grad_a, grad_b), (got_value, got_a, got_b) = _subnormal_weight_under_jit("float32", True)
+    np.testing.assert_allclose(got_value, value, rtol=2e-6)
+    np.testing.assert_allclose(got_a, grad_a, rtol=2e-6)
+    np.testing.assert_allclose(got_b, grad_b, rtol=2e-6)
+
+
 @pytest.mark.parametrize("dtype, tiny", [("float16", 1e-6), ("bfloat16", 1e-39), ("float32", 1e-40)])
 def test_subnormal_weight_and_input_both_closed_over(dtype, tiny):
     """Nothing traced: the call runs the ``jax.jit`` kernel, staged into the user's program with both constants."""
