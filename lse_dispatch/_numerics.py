@@ -113,10 +113,9 @@ class Numerics:
         ``s >= nmant + 2`` makes every subnormal normal.  Read from the bits
         where the library flushes subnormal operands (:attr:`bitcast`).
         """
-        info = xp.finfo(x.dtype)
         if self.bitcast is not None:
             return _subnormal_scaled_from_bits(xp, x, s, self.bitcast)
-        subnormal = (x != 0) & (xp.abs(x) < scalar(xp, float(info.smallest_normal), x))
+        subnormal = (x != 0) & (xp.abs(x) < scalar(xp, float(xp.finfo(x.dtype).smallest_normal), x))
         return subnormal, xp.where(subnormal, x, xp.zeros_like(x)) * scalar(xp, float(2**s), x)
 
     def undefined_where(self, xp, mask: Array, like: Array) -> Array:
@@ -207,15 +206,11 @@ def _weight_parts_from_bits(xp, b: Array, dtype, bitcast) -> tuple[Array, Array,
     subnormal too, so the log is taken from the significand, never from a
     converted ``b``.)
     """
-    info = xp.finfo(b.dtype)
-    bits = bitcast(b, {8: xp.int64, 4: xp.int32, 2: xp.int16}[info.bits // 8])
-    magnitude = bits & ((1 << (info.bits - 1)) - 1)
+    bits, magnitude, subnormal, k = _bit_fields(xp, b, bitcast)
     nonzero = magnitude != 0
     one = scalar(xp, 1.0, b)
     sign = xp.where(bits < 0, -one, one)
     sign = xp.where(nonzero, sign, xp.zeros_like(sign))
-    subnormal = nonzero & (magnitude < (1 << info.nmant))
-    k = -math.frexp(float(info.smallest_subnormal))[1] + 1  # smallest subnormal = 2**-k
     significand = xp.astype(xp.where(subnormal, magnitude, xp.ones_like(magnitude)), dtype)
     log_subnormal = (xp.log(significand) - k * _LN2_LOW) - k * _LN2_HIGH
     log_normal = xp.log(xp.astype(xp.where(nonzero & ~subnormal, xp.abs(b), one), dtype))
@@ -224,11 +219,18 @@ def _weight_parts_from_bits(xp, b: Array, dtype, bitcast) -> tuple[Array, Array,
 
 def _subnormal_scaled_from_bits(xp, x: Array, s: int, bitcast) -> tuple[Array, Array]:
     """:meth:`Numerics.subnormal_scaled` from the bits: ``x = n * 2**-k``, so ``x * 2**s = n * 2**(s - k)``, exact."""
+    bits, magnitude, subnormal, k = _bit_fields(xp, x, bitcast)
+    n = xp.astype(xp.where(subnormal, magnitude, xp.zeros_like(magnitude)), x.dtype)  # < 2**nmant: exact
+    signed = xp.where(bits < 0, -n, n)
+    return subnormal, signed * scalar(xp, float(2.0 ** (s - k)), x)
+
+
+def _bit_fields(xp, x: Array, bitcast) -> tuple[Array, Array, Array, int]:
+    """``(bits, magnitude, subnormal, k)`` of a float16/32/64 array: its bits as integers,
+    those without the sign, where it is subnormal, and ``k`` with ``2**-k`` the smallest subnormal."""
     info = xp.finfo(x.dtype)
     bits = bitcast(x, {8: xp.int64, 4: xp.int32, 2: xp.int16}[info.bits // 8])
     magnitude = bits & ((1 << (info.bits - 1)) - 1)
     subnormal = (magnitude != 0) & (magnitude < (1 << info.nmant))
-    k = -math.frexp(float(info.smallest_subnormal))[1] + 1  # smallest subnormal = 2**-k
-    n = xp.astype(xp.where(subnormal, magnitude, xp.zeros_like(magnitude)), x.dtype)  # < 2**nmant: exact
-    signed = xp.where(bits < 0, -n, n)
-    return subnormal, signed * scalar(xp, float(2.0 ** (s - k)), x)
+    k = -math.frexp(float(info.smallest_subnormal))[1] + 1
+    return bits, magnitude, subnormal, k
