@@ -407,19 +407,6 @@ def test_eager_calls_on_a_seen_shape_compile_nothing(op):
     assert compiles == []
 
 
-def _count_traces(monkeypatch, module, name: str) -> list:
-    """The ops that ``module.name`` (a function of a call, run while tracing) is called with."""
-    traced = []
-    original = getattr(module, name)
-
-    def counting(call):
-        traced.append(call.op)
-        return original(call)
-
-    monkeypatch.setattr(module, name, counting)
-    return traced
-
-
 @pytest.mark.parametrize("op", OPS)
 def test_the_kernel_is_traced_once_per_signature_inside_user_programs(op, monkeypatch):
     """Inside the user's jit the call is a nested jit: a model that calls it on
@@ -427,7 +414,14 @@ def test_the_kernel_is_traced_once_per_signature_inside_user_programs(op, monkey
     (what that saves: ``python benchmarks/jax_compile_time.py``)."""
     from lse_dispatch.backends import _jax_fused
 
-    traced = _count_traces(monkeypatch, _jax_fused, "_run_traced")
+    traced = []
+    original = _jax_fused._run_traced
+
+    def counting(call):
+        traced.append(call.op)
+        return original(call)
+
+    monkeypatch.setattr(_jax_fused, "_run_traced", counting)
     x = jnp.asarray(np.random.default_rng(13).standard_normal((3, 5, 71)), jnp.float32)
     f = getattr(lse_dispatch, op)
 
