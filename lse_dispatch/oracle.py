@@ -169,9 +169,26 @@ def exact_logsumexp(a, axis=None, b=None, where=None) -> np.ndarray:
                 x, w = kept[0]
                 out[index] = mp.mpf(float(x)) + mp.log(abs(mp.mpf(float(w))))
                 continue
-            total = mp.fsum(mp.mpf(float(w)) * mp.exp(mp.mpf(float(x))) for x, w in kept)
-            out[index] = mp.log(abs(total)) if total != 0 else mp.mpf("-inf")
+            out[index] = _log_abs_sum(mp, [mp.mpf(float(w)) * mp.exp(mp.mpf(float(x))) for x, w in kept])
     return out
+
+
+def _log_abs_sum(mp, terms) -> object:
+    """``log|sum(terms)|`` of ``mpf`` terms, to the working precision even where the sum is near 1 in magnitude.
+
+    The terms are added exactly and the log is ``log1p(|sum| - 1)`` of the
+    exact difference: a sum rounded to the working precision would hold no
+    more than 160 bits of ``1 + 5e-127`` (``logsumexp([0, -745.5], b=[1,
+    1e308])``, ``logsumexp([0, -290])``) and give 0 for its log.  (mpmath's
+    ``fsum`` rounds too: ``fsum([1, 1e-200, -1])`` is 0.)
+    """
+    total = mp.mpf(0)
+    for term in terms:
+        total = mp.fadd(total, term, exact=True)
+    if total == 0:
+        return mp.mpf("-inf")
+    magnitude = mp.fneg(total, exact=True) if total < 0 else total  # abs() would round
+    return mp.log1p(mp.fadd(magnitude, -1, exact=True))
 
 
 _LONG_SLICE = 65_536
@@ -198,7 +215,7 @@ def _long_logsumexp(flat_a: np.ndarray, out: np.ndarray) -> np.ndarray:
             below = values[values < top]
             count = values.size - below.size
             rest = math.fsum(np.exp(below - top).tolist())
-            out[index] = mp.mpf(top) + mp.log(count + mp.mpf(rest))
+            out[index] = mp.mpf(top) + mp.log1p((count - 1) + mp.mpf(rest))
     return out
 
 
@@ -272,7 +289,7 @@ def _exact_lse_of(values, mp) -> object:
         return mp.mpf("-inf")
     if len(finite) == 1:
         return finite[0] if isinstance(finite[0], mp.mpf) else mp.mpf(finite[0])
-    return mp.log(mp.fsum(mp.exp(v) for v in finite))
+    return _log_abs_sum(mp, [mp.exp(v) for v in finite])
 
 
 def exact_logcumsumexp(x, axis=None, reverse=False) -> np.ndarray:
@@ -281,7 +298,7 @@ def exact_logcumsumexp(x, axis=None, reverse=False) -> np.ndarray:
     Entry ``i`` is ``log(sum(exp(x[..., :i+1])))`` (of ``x[..., i:]`` with
     ``reverse``): ``-inf`` entries add nothing, an empty or all ``-inf``
     prefix gives ``-inf``, ``+inf`` from the first ``+inf`` on and NaN from
-    the first NaN on.  The running sum is kept in ``PRECISION`` bits.
+    the first NaN on.  The running sum is kept exactly (see :func:`_log_abs_sum`).
     """
     mp = _mp()
     x = np.asarray(x, dtype=np.float64)
@@ -300,13 +317,13 @@ def exact_logcumsumexp(x, axis=None, reverse=False) -> np.ndarray:
                 elif value == np.inf and state != "nan":
                     state = "inf"
                 elif value != -np.inf:
-                    total += mp.exp(mp.mpf(value))
+                    total = mp.fadd(total, mp.exp(mp.mpf(value)), exact=True)
                 if state == "nan":
                     out[index + (position,)] = mp.mpf("nan")
                 elif state == "inf":
                     out[index + (position,)] = mp.mpf("inf")
                 else:
-                    out[index + (position,)] = mp.log(total) if total != 0 else mp.mpf("-inf")
+                    out[index + (position,)] = _log_abs_sum(mp, [total])
     if reverse:
         out = out[..., ::-1]
     return np.moveaxis(out, -1, axis)

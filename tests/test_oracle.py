@@ -127,3 +127,22 @@ def test_the_oracle_gives_the_same_values_from_several_threads():
     finally:
         sys.setswitchinterval(interval)
         mpmath.mp.prec = 53
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), [
+    # log(1 + t) = t - t**2 / 2 + ...: t alone is exact to far below its ulp.
+    ([0.0, -290.0], None, math.exp(-290.0)),
+    ([0.0, -745.5], [1.0, 1e308], 1e308 * math.exp(-745.5 + 700) * math.exp(-700)),
+    ([0.0, -290.0], [-1.0, -1.0], math.exp(-290.0)),  # a negative sum: the log of its magnitude
+])
+def test_sums_near_one_keep_what_lies_beyond_the_working_precision(a, b, expected):
+    """Found 2026-11-30: the sum was rounded to 160 bits before its log, which gave 0 for these
+    (mpmath's fsum rounds too); now the terms are added exactly and the log is log1p(|sum| - 1)."""
+    got = float(oracle.exact_logsumexp(a, b=b))
+    assert got == pytest.approx(expected, rel=1e-13, abs=0)
+
+
+def test_prefix_sums_near_one_keep_what_lies_beyond_the_working_precision():
+    got = oracle.exact_logcumsumexp(np.array([0.0, -290.0, -300.0]))
+    assert float(got[1]) == pytest.approx(math.exp(-290.0), rel=1e-13, abs=0)
+    assert float(got[2]) == pytest.approx(math.exp(-290.0) + math.exp(-300.0), rel=1e-13, abs=0)
