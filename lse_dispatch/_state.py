@@ -45,6 +45,7 @@ __all__ = [
     "state_from_exponents",
     "two_sum",
     "undefined_where",
+    "underflow_shift",
     "weight_parts",
 ]
 
@@ -117,10 +118,12 @@ def narrow_max(xp, state: LSEState, dtype) -> LSEState:
     float32, as every state of float32 input has it.  ``m`` becomes
     ``m' = fl(m)``, and ``exp(m) (c + r) = exp(m') (c + r) exp(m - m')``:
 
-    * ``|m| < 2 / eps`` (``2**24`` for float32): ``|m - m'|`` is at most half
-      an ulp of ``m'``, at most 1/2, so ``(m', 0, (c + r) exp(m - m'))``,
-      whose rest carries the float64 precision of the terms (``c`` no longer
-      splits off, which only mattered for float64 results);
+    * ``|m| < 2 / eps`` (``2**24`` for float32): ``|m - m'| = |delta|`` is at
+      most half an ulp of ``m'``, at most 1/2, so ``(m', c, c expm1(delta) +
+      r exp(delta))``.  The count stays apart: folding it into the rest as
+      ``(c + r) exp(delta)`` rounded ``1 + r`` in float64, 0.4 % of a result
+      near 0 (``logsumexp([0, -120], b=[1, 3e38])`` in float32: 2.3093e-14
+      for 2.3003e-14, until 2026-11-30);
     * larger, infinite or NaN ``m``: ``(m', c, r)``.  The rounding of ``m``
       is then at most half an ulp of the result, whose magnitude is that of
       ``m``, and the limits keep their count.
@@ -131,8 +134,8 @@ def narrow_max(xp, state: LSEState, dtype) -> LSEState:
     # m - m' only where it is small: infinite m would give inf - inf.
     zero = xp.zeros_like(count)
     difference = xp.where(small, m - xp.astype(xp.where(small, narrow, xp.zeros_like(narrow)), m.dtype), zero)
-    moved = (count + rest) * xp.exp(difference)
-    return LSEState(narrow, xp.where(small, zero, count), xp.where(small, moved, rest))
+    moved = count * xp.expm1(difference) + rest * xp.exp(difference)
+    return LSEState(narrow, count, xp.where(small, moved, rest))
 
 
 def finite_shift(xp, m: Array) -> Array:
@@ -203,8 +206,7 @@ def state_from_exponents(
         ``|b_i|`` and ``a_i`` (the exponent without ``log|b_i|``).  When
         given, the terms are formed as ``|b_i| * exp(a_i - m)``, which keeps
         the full precision of ``b`` instead of rounding ``log|b_i|`` (whose
-        absolute error grows with ``|log b_i|``).  Subnormal ``|b_i|`` fall
-        back to ``exp(e_i - m)``, where ``exp(a_i - m)`` alone could overflow.
+        absolute error grows with ``|log b_i|``); see :func:`_weighted_terms`.
     """
     neg_inf = scalar(xp, -math.inf, exponent)
     masked = exponent if included is None else xp.where(included, exponent, neg_inf)
@@ -216,16 +218,7 @@ def state_from_exponents(
     if weight is None:
         terms = exp_difference(xp, masked, shift, accumulator)
     else:
-        tiny = scalar(xp, xp.finfo(exponent.dtype).smallest_normal, exponent)
-        one = scalar(xp, 1.0, exponent)
-        # One below log(max): exp of log(max) itself rounds up to inf.
-        max_log = scalar(xp, math.log(xp.finfo(exponent.dtype).max) - 1.0, exponent)
-        normal = weight >= tiny
-        # |b| * exp(a - m): a - m <= -log|b| <= max_log for normal |b|, so the
-        # clamp below only ever bites on entries that the where discards.
-        direct = exp_difference(xp, unweighted, shift, accumulator, upper=max_log)
-        direct = direct * xp.astype(xp.where(normal, weight, one), accumulator)
-        terms = xp.where(normal, direct, xp.astype(xp.exp(exponent - shift), accumulator))
+        terms = _weighted_terms(xp, exponent, unweighted, weight, shift, accumulator)
     zero = scalar(xp, 0.0, terms)
     if sign is not None:
         # A where, not a product: 0 * inf at excluded b == 0 entries would warn.
@@ -239,6 +232,77 @@ def state_from_exponents(
         at_max_value = xp.where(counted, xp.astype(sign, accumulator), scalar(xp, 0.0, rest))
     count = accurate_sum(xp, at_max_value, axes, accumulator)
     return LSEState(m, count, rest)
+
+
+# ln 2 = _LN2 + _LN2_TAIL, _LN2 its float64 rounding.
+_LN2 = 0.6931471805599453
+_LN2_TAIL = 2.3190468138462996e-17
+
+
+def underflow_shift(tiny: float, eps: float) -> tuple[float, float]:
+    """``(s C1, s C2)`` of a dtype with smallest normal ``tiny = 2**-s`` and ``eps``:
+    ``s ln 2 = s C1 + s C2`` with ``s C1`` exact (``C1`` has ``s.bit_length()``
+    digits fewer than the dtype) and ``s C2`` rounded; see :func:`_weighted_terms`."""
+    s = 1 - math.frexp(tiny)[1]
+    digits = round(1 - math.log2(eps)) - s.bit_length()
+    high = round(_LN2 * 2.0**digits) / 2.0**digits
+    return s * high, s * ((_LN2 - high) + _LN2_TAIL)
+
+
+def _weighted_terms(xp, exponent: Array, a: Array, weight: Array, shift: Array, accumulator) -> Array:
+    """The terms ``|b_i| exp(a_i - m)`` of weighted entries, in ``accumulator``.
+
+    ``exponent`` (``e_i = a_i + log|b_i|``), ``a`` and ``weight`` (``|b_i|``)
+    are in the accumulator dtype; ``shift`` is ``m`` made finite.  Which form
+    keeps the precision depends on the entry:
+
+    * normal ``|b|`` and ``d = a - m`` at least ``log`` of the smallest normal
+      number: the product ``|b| exp(d)``, ``d`` without its rounding
+      (:func:`exp_difference`);
+    * normal ``|b|`` and a smaller ``d``, where ``exp(d)`` is subnormal,
+      flushed or 0 while a huge ``|b|`` still makes the term count
+      (``a = [0, -745.5]``, ``b = [1, 1e308]``: ``lse = 1.7e-16``, which the
+      product gives as 0): ``(|b| 2**-s) exp((d + s C1) + s C2)``, with
+      ``2**-s`` the smallest normal number (a normal constant, which XLA does
+      not flush; ``|b| 2**-s`` is exact for ``|b| >= 1``, and smaller weights
+      give terms below ``2**-s`` relatively) and ``C1 + C2 = ln 2``, ``C1``
+      rounded to the dtype.  ``s C1`` is exact, and so is ``d + s C1`` for
+      ``d`` within a factor two of it (beyond, the term is again below
+      ``2**-s`` relatively), and ``exp(y + s C2) = exp(y) (1 + s C2)`` to
+      ``(s C2)**2``, under ``2**-45`` relatively in float32 and ``2**-90`` in
+      float64: the term is within a few ulps, where forming ``e_i - m`` would
+      leave ``u |log|b_i||`` (some 700 u in float64).  ``s C2`` joins the
+      rounding error of ``d`` rather than ``d + s C1``: XLA folds ``(y + c1) +
+      c2`` into ``y + (c1 + c2)``, which is the rounded ``s ln 2`` again;
+    * subnormal ``|b|``: ``exp(e_i - m)``, where ``exp(a_i - m)`` alone could
+      overflow.
+
+    One below ``log(max)`` bounds the argument of ``exp``: for normal ``|b|``
+    ``d <= -log|b| <= max_log``, so the bound only bites on entries that are
+    at the max (``+inf``) or that the final ``where`` discards.
+    """
+    info = xp.finfo(exponent.dtype)
+    tiny = float(info.smallest_normal)
+    s_high, s_low = underflow_shift(tiny, float(info.eps))
+    zero, one = scalar(xp, 0.0, exponent), scalar(xp, 1.0, exponent)
+    max_log = scalar(xp, math.log(float(info.max)) - 1.0, exponent)
+    finite = xp.isfinite(a)
+    # The rounding error of d: 0 when a wider accumulator holds it exactly.
+    _, error = two_sum(xp, xp.where(finite, a, zero), -shift)
+    error = xp.where(xp.isfinite(error), error, zero)
+    d = a - shift
+    # An infinite weight sits at the max (e = +inf), out of the rest; in the
+    # product form its 0 * inf would warn.
+    normal = (weight >= scalar(xp, tiny, weight)) & (weight < scalar(xp, math.inf, weight))
+    scaled = normal & (d < scalar(xp, math.log(tiny), d))
+    # Two selects: XLA would fold (d + c1) + c2 into d + (c1 + c2), the
+    # rounded s ln 2 again.
+    argument = xp.where(scaled, d + scalar(xp, s_high, d), d)
+    argument = argument + xp.where(scaled, scalar(xp, s_low, d), zero)
+    factor = xp.where(scaled, weight * scalar(xp, tiny, weight), xp.where(normal, weight, one))
+    product = xp.exp(xp.minimum(argument, max_log)) * (1 + error) * factor
+    terms = xp.where(normal, product, xp.exp(exponent - shift))
+    return xp.astype(terms, accumulator)
 
 
 def merge(xp, first: LSEState, second: LSEState) -> LSEState:

@@ -7,7 +7,8 @@ concerns, against the oracle where a value is involved:
 1. float32 with weights: the exponent ``a + log|b|`` must be formed in the
    float64 accumulator (the entry at the max then counts as exactly 1);
 2. subnormal weights on JAX (XLA flushes subnormal operands) and on CuPy
-   (float32 kernels compiled with ``-ftz=true``; found on an H200);
+   (float32 kernels compiled with ``-ftz=true``; found on an H200), and huge
+   weights on entries whose ``exp(a - m)`` is subnormal or 0;
 3. Hessians in ``a`` with ``b == 0`` on a ``+inf`` or NaN entry;
 4. NumPy masked arrays and matrices;
 6. Dask arrays of unknown chunk sizes with ``b`` or ``where``;
@@ -71,6 +72,32 @@ def test_float32_weights_reported(backend, a, b):
     backend.check_array(value, "float32", ())
     assert _ulps(backend.to_numpy(value), a, b, "float32") <= ULPS
     assert float(backend.to_numpy(sign)) == float(np.sign(sum(w * math.exp(x) for x, w in zip(a, b))))
+
+
+# float32 with weights whose logsumexp is near 0 because the rest is tiny (no
+# cancellation): the float64 state's max, narrowed to float32, folded the count
+# into the rest as (c + r) exp(m - m'), which rounded 1 + r in float64.  SciPy
+# had them right.
+NEAR_ZERO_FLOAT32_WEIGHTED = {
+    "unit-weights": ([0.0, -40.0], [1.0, 1.0]),  # 4.25e-18; was 0.0
+    "unit-weights-1000-ulps": ([0.0, -27.6], [1.0, 1.0]),  # 1.03e-12; was 1012 ulps off
+    "huge-weight": ([0.0, -120.0], [1.0, 3e38]),  # 2.30e-14; was 0.4 % off
+    "shifted": ([3.5, -40.0], [1.0, 1.0]),  # m = 3.5 is exact in float32: rest kept as is
+    # m = log(1 + 2**-23) is no float32: the narrowed max moves by m - m', which
+    # matters at a quarter of an ulp of the result here.
+    "inexact-max": ([0.0, -40.0], [1.0 + 2.0**-23, 1.0]),
+}
+
+
+@pytest.mark.parametrize("case", list(NEAR_ZERO_FLOAT32_WEIGHTED))
+def test_float32_weights_keep_a_tiny_rest(backend, case):
+    if case == "huge-weight":
+        # Without float64 exp(-120) underflows in float32: the scaled term of
+        # test_huge_weight_whose_exp_underflows_counts, whose bound is wider.
+        _needs_float64(backend)
+    a, b = (_f32(values) for values in NEAR_ZERO_FLOAT32_WEIGHTED[case])
+    value = backend.call(logsumexp, backend.asarray(a, "float32"), b=backend.asarray(b, "float32"))
+    assert _ulps(backend.to_numpy(value), a, b, "float32") <= ULPS
 
 
 def _float32_weight_family(seed: int):
@@ -154,6 +181,48 @@ def test_float32_subnormal_weights_count(backend):
     value = backend.call(logsumexp, backend.asarray(a, "float32"), b=backend.asarray(b, "float32"))
     # log(1e-40) + 16.5 = -75.6: within the contract whether or not float64 exists.
     assert _ulps(backend.to_numpy(value), a, b, "float32") <= ULPS
+
+
+# (a, b, dtype, y): a huge weight on an entry whose exp(a - m) is subnormal or 0 while
+# its term |b| exp(a - m) counts; y = a - m + s ln 2 is where the term's exp is taken
+# (2**-s the smallest normal number of the accumulator, _state._weighted_terms).
+HUGE_WEIGHT_UNDERFLOWING_EXP = {
+    # 1.7e-16; was 0.0 on every backend (SciPy 1.17 too).
+    "float64-zero": ([0.0, -745.5], [1.0, 1e308], "float64", -745.5 + 1022 * math.log(2)),
+    # 4.19e-22; was 0.26 % off: exp(-740) kept 7 bits.
+    "float64-few-bits": ([0.0, -740.0], [1.0, 1e300], "float64", -740 + 1022 * math.log(2)),
+    # 5.08e-127: exp(a - m) is 0 for some 290 units of a beyond the normal range.
+    "float64-far": ([0.0, -1000.0], [1.0, 1e308], "float64", -1000 + 1022 * math.log(2)),
+    # float32 without a float64 accumulator (JAX without x64): 1.116e-5 and
+    # 2.3e-14, both were 0.0 (exp(-100) flushed); float64 accumulators had them right.
+    "float32": ([0.0, -100.0], [1.0, 3e38], "float32", -100 + 126 * math.log(2)),
+    "float32-far": ([0.0, -120.0], [1.0, 3e38], "float32", -120 + 126 * math.log(2)),
+}
+
+
+@pytest.mark.parametrize("case", list(HUGE_WEIGHT_UNDERFLOWING_EXP))
+def test_huge_weight_whose_exp_underflows_counts(backend, case):
+    """Found 2026-11-30 by reading the weighted terms' forms for what the subnormal-weight fix had not covered.
+
+    The term is formed as ``(|b| 2**-s) exp((a - m) + s ln 2)``: within ``u (|y| + 1)``
+    relatively (``_state._weighted_terms``), so the bound is the contract's 4 ulps plus
+    ``|y|`` (the condition number in ``a`` is ``|a_i|``-sized here: 745, 100).  Dask
+    merges the states of its blocks, and a block's state keeps its max as the rounded
+    exponent ``e = a + log|b|``: there the term carries the roundings of ``log|b|`` and
+    ``e``, ``(|log|b|| + |e|) / 2`` ulps of it.
+    """
+    a, b, dtype, y = HUGE_WEIGHT_UNDERFLOWING_EXP[case]
+    if dtype not in backend.dtypes:
+        pytest.skip(f"{backend.id} has no {dtype}")
+    a, b = np.asarray(a), np.asarray(b, dtype).astype(np.float64)
+    if backend.spec.name == "dask":
+        e = a[1] + math.log(b[1])
+        y = (abs(math.log(b[1])) + abs(e)) / 2
+    value = backend.call(logsumexp, backend.asarray(a, dtype), b=backend.asarray(b, dtype))
+    assert _ulps(backend.to_numpy(value), a, b, dtype) <= ULPS + abs(y)
+    value, sign = backend.call(logsumexp, backend.asarray(a, dtype), b=backend.asarray(-b, dtype), return_sign=True)
+    assert _ulps(backend.to_numpy(value), a, b, dtype) <= ULPS + abs(y)
+    assert float(backend.to_numpy(sign)) == -1.0
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
