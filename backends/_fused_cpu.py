@@ -16,6 +16,12 @@ flagged lines alone by the shared functions: ``_generic.state``,
 torch CPU tensors go through the same code as zero-copy NumPy views
 (``tensor.numpy()``), and the results come back through ``torch.from_numpy``.
 
+Weighted NumPy calls (logsumexp and ``STATE`` with ``b``) take a row kernel
+of their own (:func:`_weighted_run`): input, weights and mask are broadcast
+and laid out as rows (copied where they are not rows already), each row's
+state is formed in float64 with the terms of the shared weighted state, and
+the logsumexp is the shared finalisation.
+
 Threads
 -------
 The compiled entry points release the GIL; a call runs disjoint ranges of
@@ -157,7 +163,8 @@ def _compiled(dtype_name: str, kind: str = "forward"):
     entry = _ENTRIES.get((dtype_name, kind))
     if entry is None:
         entry = _ENTRIES[dtype_name, kind] = _kernels().compiled(dtype_name, kind)
-    _SIGNATURES_SEEN.add(dtype_name)
+    # The weighted entry point is loaded on its own (the others come together).
+    _SIGNATURES_SEEN.add(f"{dtype_name}:weighted" if kind == "weighted" else dtype_name)
     return entry
 
 
@@ -239,10 +246,38 @@ def _numpy_declines(call) -> str | None:
     if call.plan.compute != dtype:
         return "input needs a cast"
     name = _FLOAT_NAMES.get(dtype.char) or dtype.name
+    if call.b is not None:
+        return _weighted_declines(call, name)
     reason = _common_declines(call, a.shape, name, flags.c_contiguous)
     if reason is None:
         reason = _size_declines(call, name, a.size)
     return reason
+
+
+def _weighted_declines(call, name) -> str | None:
+    """Weighted NumPy calls (logsumexp and its state): any layout and broadcast, copied
+    to rows where they are not rows already; real weights of a kind that casts to
+    the input's dtype."""
+    import numpy as np
+
+    b = call.b
+    if type(b) is not np.ndarray:
+        return f"b is a {type(b).__name__}, not a NumPy array"
+    if b.dtype.kind not in "biuf":
+        return f"b of dtype {b.dtype}"
+    if call.where is not None and type(call.where) is not np.ndarray:
+        return f"where is a {type(call.where).__name__}, not a NumPy array"
+    if call.plan.is_complex:
+        return "complex input"
+    if name not in ("float32", "float64"):
+        return f"dtype {name} (kernel takes float32, float64)"
+    if not call.axes:
+        return "nothing reduced"
+    if math.prod(call.shape) == 0:
+        return "empty input"
+    if not available():
+        return "numba is not installed (pip install 'lse-dispatch[fast]')"
+    return _size_declines(call, f"{name}:weighted", math.prod(call.shape))
 
 
 #: torch dtype -> its name (``str(dtype)`` without the prefix), as it is met.
@@ -476,7 +511,63 @@ def _run(call, a, where, library):
 
 
 def _numpy_run(call):
+    if call.b is not None:
+        return _weighted_run(call)
     return _run(call, call.a, call.where, "numpy")
+
+
+def _rows(array, shape, axes, dtype=None):
+    """``array`` broadcast to ``shape``, the reduced ``axes`` last, as a C-contiguous
+    ``(lines, n)`` array (a copy only where it is not one already)."""
+    np = _MODULES[0]
+    n = math.prod([shape[ax] for ax in axes])
+    if _reduced_axis(axes, len(shape)) != 1 or array.shape != shape:
+        array = np.broadcast_to(array, shape)
+        kept = tuple(ax for ax in range(len(shape)) if ax not in axes)
+        array = np.transpose(array, kept + tuple(axes))
+    array = np.ascontiguousarray(array, dtype=dtype)
+    return array.reshape(array.size // n, n)
+
+
+def _weighted_run(call):
+    """The state of a weighted NumPy call, and its logsumexp by the shared finalisation.
+
+    Rows that the compiled code flags (a non-finite entry or weight, nothing
+    included) get the shared state of those rows alone; float32 input's
+    float64 state has its max narrowed as the shared code narrows it.
+    """
+    if _KERNELS[0] is None:
+        _kernels()
+    np, _generic, Op, LSEState = _MODULES
+    from lse_dispatch._call import prepare
+    from lse_dispatch._state import narrow_max
+
+    a, dtype, shape, axes = call.a, call.a.dtype, call.shape, call.axes
+    x = _rows(a, shape, axes)
+    lines = x.shape[0]
+    w = _rows(call.b, shape, axes, dtype)
+    mask = None if call.where is None else _rows(call.where, shape, axes, np.bool_).view(np.uint8)
+    per_line = np.empty((3, lines))
+    bad = np.empty(lines, np.uint8)
+    no_mask, _ = _nothing(dtype)
+    args = (x, w, no_mask if mask is None else mask, mask is not None, per_line, bad)
+    flagged = _launch(_compiled(_NAMES[dtype], "weighted"), args, lines, _threads_for(x.size, "numpy"))
+    state = LSEState(per_line[0], per_line[1], per_line[2])
+    if dtype != per_line.dtype:
+        with np.errstate(all="ignore"):  # flagged rows hold whatever the compiled code left
+            state = narrow_max(np, state, dtype)
+    if flagged:
+        rows = np.flatnonzero(bad)
+        where = None if mask is None else mask[rows].view(np.bool_)
+        sub = prepare(Op.STATE, x[rows], axis=-1, b=w[rows], where=where)
+        for field, part in zip(state, _generic.state(sub)):
+            field[rows] = np.reshape(part, -1)
+    keep = tuple(1 if ax in axes else n for ax, n in enumerate(shape))
+    state = LSEState(*(np.reshape(field, keep) for field in state))
+    if call.op == Op.STATE:
+        return state
+    return (None if flagged else _generic.logsumexp_of_finite_lines(call, state)) or \
+        _generic.logsumexp_from_state(call, state)
 
 
 def _torch_run(call):
@@ -524,7 +615,7 @@ def warm_up(dtypes=("float32", "float64"), *, masks: bool = True) -> None:
     if not available():
         raise ImportError("numba is not installed: pip install 'lse-dispatch[fast]'")
     for dtype in dtypes:
-        for kind in ("forward", "backward"):
+        for kind in ("forward", "backward", "weighted"):
             _compiled(str(dtype), kind)
 
 

@@ -7,8 +7,8 @@ What is compiled, and why so little
 -----------------------------------
 Compile time is what a user of a compiled kernel pays first, and CI pays it
 on every run that starts without a cache; so every choice that does not change
-the machine code is a runtime argument, and every dtype gets exactly two
-compiled entry points (:func:`compiled`):
+the machine code is a runtime argument, and every dtype gets two compiled
+entry points for the unweighted operations (:func:`compiled`):
 
 * one loop, :func:`_items`, that does a range of *items* (a line, a segment
   of a line, a tile of columns) of one *phase* of any operation: the mode
@@ -19,7 +19,9 @@ compiled entry points (:func:`compiled`):
   be another signature of every function below);
 * Python threads call it on disjoint ranges (it releases the GIL), so no
   numba parallel driver is compiled;
-* the same for the softmax / log_softmax backward (:func:`_backward_items`).
+* the same for the softmax / log_softmax backward (:func:`_backward_items`);
+* a third entry point, :func:`_weighted_rows` (logsumexp with ``b``), is
+  compiled only when a weighted call (or :func:`warm_up`) first needs it.
 
 The entry points are compiled for an explicit signature whose arrays are
 typed read-only (a writable array converts to it), so that read-only input
@@ -200,6 +202,8 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
+
+from lse_dispatch._state import underflow_shift
 
 __all__ = ["CHUNK", "LOGSUMEXP", "LOG_SOFTMAX", "SEGMENT", "SOFTMAX", "STATE", "TILE_BYTES", "compiled", "plan"]
 
@@ -1745,6 +1749,86 @@ def backward_items(shape, axis):
 
 
 # ---------------------------------------------------------------------------
+# Weighted rows: the state of logsumexp with ``b``, in float64 (float32 input
+# and weights too, as the shared code forms them), with the terms of
+# lse_dispatch._state._weighted_terms.  A row of finite entries and finite
+# weights that includes some entry gets its state; any other row is flagged
+# for the shared functions.
+
+_TINY = 2.2250738585072014e-308  # the smallest normal float64
+_LOG_TINY = math.log(_TINY)
+_S_HIGH, _S_LOW = underflow_shift(_TINY, 2.0**-52)
+
+
+@njit(**_STRICT)
+def _weighted_term(a, m, b):
+    """``|b| exp(a - m)`` of an entry below the max, as ``_state._weighted_terms`` forms it."""
+    magnitude = abs(b)
+    if magnitude < _TINY:  # subnormal b: exp(a - m) alone could overflow
+        return np.exp((a + np.log(magnitude)) - m)
+    d, error = _two_sum(a, -m)
+    if d >= _LOG_TINY:
+        return np.exp(d) * (1.0 + error) * magnitude
+    # exp(d) would be subnormal or 0 while |b| is huge: (|b| 2**-1022) exp(d + 1022 ln 2).
+    return np.exp((d + _S_HIGH) + _S_LOW) * (1.0 + error) * (magnitude * _TINY)
+
+
+@njit(**_STRICT)
+def _weighted_rows(x, w, mask, masked, per_line, bad, start, stop):
+    """Rows ``start:stop`` of a weighted logsumexp state: the weighted entry point.
+
+    ``per_line`` gets each row's max ``m`` (of ``a + log|b|`` over included
+    entries with ``b != 0``), count (the signs at the max) and rest (the
+    signed terms, summed with Neumaier's compensation).  Returns the number
+    of rows flagged.
+    """
+    exponents = np.empty(x.shape[1])
+    flagged = 0
+    for i in range(start, stop):
+        row, weights = x[i], w[i]
+        include = mask[i] if masked else mask[0, 0:0]
+        m = -np.inf
+        finite = True
+        for j in range(row.shape[0]):
+            b = np.float64(weights[j])
+            v = -np.inf
+            if b != 0.0 and ((not masked) or include[j]):
+                a = np.float64(row[j])
+                v = a + np.log(abs(b))
+                finite = finite and np.isfinite(a) and np.isfinite(b)
+                m = max(m, v)
+            exponents[j] = v
+        if not finite or m == -np.inf:
+            bad[i] = 1
+            flagged += 1
+            continue
+        count = 0.0
+        total = 0.0
+        compensation = 0.0
+        for j in range(row.shape[0]):
+            v = exponents[j]
+            if v == -np.inf:
+                continue
+            b = np.float64(weights[j])
+            if v == m:
+                count += 1.0 if b > 0.0 else -1.0
+                continue
+            term = _weighted_term(np.float64(row[j]), m, b)
+            term = term if b > 0.0 else -term
+            summed = total + term
+            if abs(total) >= abs(term):
+                compensation += (total - summed) + term
+            else:
+                compensation += (term - summed) + total
+            total = summed
+        per_line[0, i] = m
+        per_line[1, i] = count
+        per_line[2, i] = total + compensation
+        bad[i] = 0
+    return flagged
+
+
+# ---------------------------------------------------------------------------
 # The compiled entry points, per dtype.
 
 
@@ -1759,19 +1843,22 @@ def _signatures(dtype_name):
     forward = (readonly, mask, boolean, i64, i64, matrix, types.Array(types.float64, 3, "C"), wide, flags,
                i64, i64, i64, i64, i64, i64, i64)
     backward = (readonly, readonly, mask, boolean, i64, boolean, matrix, i64, i64)
-    return forward, backward
+    weighted = (readonly, readonly, mask, boolean, wide, flags, i64, i64)
+    return forward, backward, weighted
 
 
 @functools.cache
 def compiled(dtype_name, kind="forward"):
-    """The compiled entry point ``kind`` (``"forward"`` or ``"backward"``) of a dtype.
+    """The compiled entry point ``kind`` (``"forward"``, ``"backward"`` or ``"weighted"``) of a dtype.
 
     Compiled on first use, or loaded from numba's on-disk cache; the entry
     points are called directly, without the dispatcher's type resolution
     (arguments must have the signature's types, which :mod:`._fused_cpu`
     ensures).  They release the GIL: threads run disjoint item ranges.
     """
-    forward, backward = _signatures(dtype_name)
+    forward, backward, weighted = _signatures(dtype_name)
     if kind == "forward":
         return _items.compile(forward)
+    if kind == "weighted":
+        return _weighted_rows.compile(weighted)
     return _backward_items.compile(backward)

@@ -134,18 +134,20 @@ def logsumexp(call: Call) -> tuple[Array, Array]:
 
 
 def logsumexp_of_finite_lines(call: Call, state: LSEState) -> tuple[Array, Array] | None:
-    """``(m + log_norm, 1)`` of an unweighted real call whose every max is finite, else ``None``.
+    """``(m + log_norm, 1)`` of a real call whose every max is finite and every sum positive, else ``None``.
 
-    What :func:`logsumexp_from_state` gives such lines (their sum is
-    positive, so no limit or sign applies), without its dozen small array
-    operations: for eager kernels, which can read ``all(isfinite(m))`` on
-    the host.
+    What :func:`logsumexp_from_state` gives such lines (no limit or sign
+    applies), without its dozen small array operations: for eager kernels,
+    which can read ``all(isfinite(m))`` on the host.  Without weights every
+    sum with a finite max is positive; with them the signs are checked.
     """
-    if call.b is not None or call.plan.is_complex:
+    if call.plan.is_complex:
         return None
     xp = call.xp
     m, count, rest = state
     if not bool(xp.all(xp.isfinite(m))):
+        return None
+    if call.b is not None and not bool(xp.all(count + rest > 0)):
         return None
     dtype = call.plan.result
     value = xp.astype(xp.astype(m, rest.dtype) + log_norm(xp, count, rest), dtype)
