@@ -1758,6 +1758,22 @@ def backward_items(shape, axis):
 _TINY = 2.2250738585072014e-308  # the smallest normal float64
 _LOG_TINY = math.log(_TINY)
 _S_HIGH, _S_LOW = underflow_shift(_TINY, 2.0**-52)
+_MANTISSA = (1 << 52) - 1
+_ONE_BITS = 1023 << 52
+_LN2_DOUBLE = math.log(2.0)
+#: ln 2 times the largest ``log2(1 + f) - f`` on [0, 1] (0.0861): the most
+#: :func:`_rough_log` is below ``ln|b|``.
+ROUGH_DEFICIT = 0.0597
+
+
+@njit(**_CONTRACT)
+def _rough_log(magnitude):
+    """``ln(magnitude)`` of a normal float64 from its bits: ``(k + f) ln 2`` for
+    ``magnitude = 2**k (1 + f)``, never above it (``log2(1 + f) >= f``) and at
+    most ``ROUGH_DEFICIT`` below, up to the roundings of the product."""
+    bits = _bits(magnitude)
+    fraction = _from_bits((bits & _MANTISSA) | _ONE_BITS) - 1.0
+    return (np.float64((bits >> 52) - 1023) + fraction) * _LN2_DOUBLE
 
 
 @njit(**_STRICT)
@@ -1773,58 +1789,164 @@ def _weighted_term(a, m, b):
     return np.exp((d + _S_HIGH) + _S_LOW) * (1.0 + error) * (magnitude * _TINY)
 
 
+@njit(**_BORROWED)
+def _weighted_rough(row, weights, include, masked, rough):
+    """``(rough max, ordinary)``: the max of the rough exponents ``a + _rough_log|b|``
+    (stored in ``rough``, ``-inf`` for entries not included or with ``b == 0``), and
+    whether the included entries are all finite with normal weights."""
+    rough_max = -np.inf
+    ordinary = True
+    for j in range(row.shape[0]):
+        b = np.float64(weights[j])
+        v = -np.inf
+        if b != 0.0 and ((not masked) or include[j] != 0):
+            a = np.float64(row[j])
+            magnitude = abs(b)
+            ordinary = ordinary and np.isfinite(a) and _TINY <= magnitude < np.inf
+            v = a + _rough_log(magnitude)
+            rough_max = max(rough_max, v)
+        rough[j] = v
+    return rough_max, ordinary
+
+
+@njit(**_BORROWED)
+def _weighted_exact(row, weights, include, masked, exponents):
+    """``(m, count, rest, flagged)`` of a row with a log per entry and a term per entry:
+    rows with subnormal weights (which :func:`_rough_log` cannot read); rows with a
+    non-finite entry or weight, or nothing included, are flagged."""
+    m = -np.inf
+    for j in range(row.shape[0]):
+        b = np.float64(weights[j])
+        v = -np.inf
+        if b != 0.0 and ((not masked) or include[j] != 0):
+            a = np.float64(row[j])
+            if not (np.isfinite(a) and np.isfinite(b)):
+                return m, 0.0, 0.0, True
+            v = a + np.log(abs(b))
+            m = max(m, v)
+        exponents[j] = v
+    if m == -np.inf:
+        return m, 0.0, 0.0, True
+    count = 0.0
+    total = 0.0
+    error = 0.0
+    for j in range(row.shape[0]):
+        v = exponents[j]
+        b = np.float64(weights[j])
+        if v == m:
+            count += 1.0 if b > 0.0 else -1.0
+        elif v != -np.inf:
+            term = _weighted_term(np.float64(row[j]), m, b)
+            total, e = _two_sum(total, term if b > 0.0 else -term)
+            error += e
+    return m, count, total + error, False
+
+
+@njit(**_CONTRACT)
+def _weighted_chunk(row, weights, rough, m, floor, buffer, c0, c1):
+    """Signed terms of entries ``c0:c1`` into ``buffer``, branch-free (it vectorises):
+    the product form with ``a - m`` clamped to ``[log tiny, 0]``.  Returns the IEEE
+    bits of the largest magnitude and how many entries need another form (``a - m``
+    outside that range, or possibly at the max: rough exponent at least ``floor``)."""
+    largest = 0
+    special = 0
+    for j in range(c0, c1):
+        a = np.float64(row[j])
+        b = np.float64(weights[j])
+        included = rough[j] != -np.inf
+        d, error = _two_sum(a, -m)
+        clamped = min(max(d, _LOG_TINY), 0.0)
+        t = _exp(clamped) * (1.0 + error) * abs(b)
+        t = t if included else 0.0
+        odd = included and (d != clamped or rough[j] >= floor)
+        special += 1 if odd else 0
+        bits = _bits(t)
+        largest = bits if bits > largest else largest
+        buffer[j - c0] = -t if b < 0.0 else t
+    return largest, special
+
+
+@njit(**_BORROWED)
+def _weighted_fixups(row, weights, rough, m, floor, buffer, c0, c1, largest):
+    """The entries :func:`_weighted_chunk` counted as special: those at the max go to the
+    count (0 in ``buffer``), the others get :func:`_weighted_term`.  Returns the count's
+    part and the largest magnitude's bits."""
+    count = 0.0
+    for j in range(c0, c1):
+        v = rough[j]
+        a = np.float64(row[j])
+        d = a - m
+        if v == -np.inf or not (v >= floor or d < _LOG_TINY or d > 0.0):
+            continue
+        b = np.float64(weights[j])
+        t = 0.0
+        if v >= floor and a + np.log(abs(b)) == m:
+            count += 1.0 if b > 0.0 else -1.0
+        else:
+            t = _weighted_term(a, m, b)
+        bits = _bits(t)
+        largest = bits if bits > largest else largest
+        buffer[j - c0] = -t if b < 0.0 else t
+    return count, largest
+
+
+@njit(**_BORROWED)
+def _weighted_ordinary(row, weights, rough, rough_max, buffer):
+    """``(m, count, rest)`` of a row whose included entries are finite with normal weights.
+
+    Only entries whose rough exponent ``a + _rough_log|b|`` is within the rough
+    log's deficit (and the roundings) of the rough max can be at the max; they
+    alone take a ``log``.  The terms go ``CHUNK`` at a time through
+    :func:`_weighted_chunk` (and :func:`_weighted_fixups` for the few that need
+    another form), summed by the exact split (:func:`_split_sum`: signed terms
+    below ``2**E`` split as exactly as positive ones), the chunk sums by TwoSum.
+    """
+    floor = rough_max - (ROUGH_DEFICIT + 2.0**-46 * (abs(rough_max) + 1.0))
+    m = -np.inf
+    for j in range(row.shape[0]):
+        if rough[j] >= floor:
+            m = max(m, np.float64(row[j]) + np.log(abs(np.float64(weights[j]))))
+    count = 0.0
+    total = 0.0
+    error = 0.0
+    n = row.shape[0]
+    for c0 in range(0, n, CHUNK):
+        c1 = min(c0 + CHUNK, n)
+        largest, special = _weighted_chunk(row, weights, rough, m, floor, buffer, c0, c1)
+        if special:
+            found, largest = _weighted_fixups(row, weights, rough, m, floor, buffer, c0, c1, largest)
+            count += found
+        exponent = (largest >> 52) + 1 + 16  # sigma = 1.5 * 2**(E + 16), 2**E above the largest
+        total, e = _two_sum(total, _split_sum(buffer, c1 - c0, _from_bits((exponent << 52) | (1 << 51))))
+        error += e
+    return m, count, total + error
+
+
 @njit(**_STRICT)
 def _weighted_rows(x, w, mask, masked, per_line, bad, start, stop):
     """Rows ``start:stop`` of a weighted logsumexp state: the weighted entry point.
 
     ``per_line`` gets each row's max ``m`` (of ``a + log|b|`` over included
     entries with ``b != 0``), count (the signs at the max) and rest (the
-    signed terms, summed with Neumaier's compensation).  Returns the number
-    of rows flagged.
+    signed terms).  Returns the number of rows flagged.
     """
-    exponents = np.empty(x.shape[1])
+    exponents = np.empty(x.shape[1])  # rough exponents, or exact ones (_weighted_exact)
+    buffer = np.empty(CHUNK)
     flagged = 0
     for i in range(start, stop):
         row, weights = x[i], w[i]
         include = mask[i] if masked else mask[0, 0:0]
-        m = -np.inf
-        finite = True
-        for j in range(row.shape[0]):
-            b = np.float64(weights[j])
-            v = -np.inf
-            if b != 0.0 and ((not masked) or include[j]):
-                a = np.float64(row[j])
-                v = a + np.log(abs(b))
-                finite = finite and np.isfinite(a) and np.isfinite(b)
-                m = max(m, v)
-            exponents[j] = v
-        if not finite or m == -np.inf:
-            bad[i] = 1
-            flagged += 1
-            continue
-        count = 0.0
-        total = 0.0
-        compensation = 0.0
-        for j in range(row.shape[0]):
-            v = exponents[j]
-            if v == -np.inf:
-                continue
-            b = np.float64(weights[j])
-            if v == m:
-                count += 1.0 if b > 0.0 else -1.0
-                continue
-            term = _weighted_term(np.float64(row[j]), m, b)
-            term = term if b > 0.0 else -term
-            summed = total + term
-            if abs(total) >= abs(term):
-                compensation += (total - summed) + term
-            else:
-                compensation += (term - summed) + total
-            total = summed
+        rough_max, ordinary = _weighted_rough(row, weights, include, masked, exponents)
+        flag = False
+        if ordinary and rough_max > -np.inf:
+            m, count, rest = _weighted_ordinary(row, weights, exponents, rough_max, buffer)
+        else:
+            m, count, rest, flag = _weighted_exact(row, weights, include, masked, exponents)
         per_line[0, i] = m
         per_line[1, i] = count
-        per_line[2, i] = total + compensation
-        bad[i] = 0
+        per_line[2, i] = rest
+        bad[i] = 1 if flag else 0
+        flagged += 1 if flag else 0
     return flagged
 
 

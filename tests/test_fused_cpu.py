@@ -699,6 +699,29 @@ def test_weighted_extremes(case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_weighted_long_rows_and_ties(dtype):
+    """Rows of several chunks of terms (``CHUNK``), entries tied at the max with signed
+    weights (the count), entries whose rough exponent is near the max without being at
+    it, and ``a - m > 0`` (weights below 1 on entries above the max exponent)."""
+    rng = np.random.default_rng(25)
+    n = 2 * K.CHUNK + 37
+    a = (rng.standard_normal((3, n)) * 4).astype(dtype)
+    b = rng.uniform(0.01, 2.0, (3, n)).astype(dtype)
+    b[1] *= np.where(rng.uniform(size=n) < 0.3, -1, 1).astype(dtype)
+    a[2, :4], b[2, :4] = 30.0, np.array([2.0, 2.0, -2.0, 2.0], dtype)  # three 2s and a -2 at the max: count 2
+    a[2, 4], b[2, 4] = 30.0 + math.log(1.9) - math.log(2.0), 1.9  # rough exponent near the max, exponent below
+    a[2, 5], b[2, 5] = 33.0, 0.01  # a - m = 3 > 0, exponent 28.4 below the max
+    value, sign = _fused("numpy", "logsumexp", a, axis=1, b=b, return_sign=True)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    exact = oracle.exact_logsumexp(a64, axis=1, b=b64)
+    errors = oracle.ulp_error(value, exact, np.dtype(dtype))
+    assert np.all(errors <= _signed_bound(a64, b64, 1)), errors
+    assert np.all(sign == 1.0)
+    state = _fused("numpy", "lse_state", a, axis=1, b=b)
+    assert state[1][2] == 2.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_weighted_state_is_the_shared_state(dtype):
     """``lse_state`` with ``b``: the max and the count exactly the shared code's, the rest
     within 4 ulps of it; rows the kernel flags (non-finite entries or weights, nothing
