@@ -552,6 +552,13 @@ def _weighted_run(call):
     no_mask, _ = _nothing(dtype)
     args = (x, w, no_mask if mask is None else mask, mask is not None, per_line, bad)
     flagged = _launch(_compiled(_NAMES[dtype], "weighted"), args, lines, _threads_for(x.size, "numpy"))
+    keep = tuple(1 if ax in axes else n for ax, n in enumerate(shape))
+    if call.op == Op.LOGSUMEXP and not flagged:
+        # m + log_norm from the float64 state itself (its max not yet narrowed:
+        # the same rule, one rounding fewer), when every sum is positive.
+        found = _generic.logsumexp_of_finite_lines(call, LSEState(*(field.reshape(keep) for field in per_line)))
+        if found is not None:
+            return found
     state = LSEState(per_line[0], per_line[1], per_line[2])
     if dtype != per_line.dtype:
         with np.errstate(all="ignore"):  # flagged rows hold whatever the compiled code left
@@ -562,12 +569,10 @@ def _weighted_run(call):
         sub = prepare(Op.STATE, x[rows], axis=-1, b=w[rows], where=where)
         for field, part in zip(state, _generic.state(sub)):
             field[rows] = np.reshape(part, -1)
-    keep = tuple(1 if ax in axes else n for ax, n in enumerate(shape))
     state = LSEState(*(np.reshape(field, keep) for field in state))
     if call.op == Op.STATE:
         return state
-    return (None if flagged else _generic.logsumexp_of_finite_lines(call, state)) or \
-        _generic.logsumexp_from_state(call, state)
+    return _generic.logsumexp_from_state(call, state)
 
 
 def _torch_run(call):
