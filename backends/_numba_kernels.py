@@ -1761,8 +1761,11 @@ _S_HIGH, _S_LOW = underflow_shift(_TINY, 2.0**-52)
 _MANTISSA = (1 << 52) - 1
 _ONE_BITS = 1023 << 52
 _LN2_DOUBLE = math.log(2.0)
-#: ln 2 times the largest ``log2(1 + f) - f`` on [0, 1] (0.0861): the most
-#: :func:`_rough_log` is below ``ln|b|``.
+#: ln 2 times the largest ``log2(1 + f) - f`` on [0, 1] (at ``f = 1/ln 2 - 1``:
+#: 0.0596603), rounded up: the most :func:`_rough_log` is below ``ln|b|``.  The
+#: 4e-5 it is rounded up by covers the roundings of the rough and the exact
+#: exponents where ``|log|b||`` is at most 710 (a few ``u 710``); the floor of
+#: the candidates adds ``2**-46 |rough max|`` for large exponents.
 ROUGH_DEFICIT = 0.0597
 
 
