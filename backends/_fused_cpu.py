@@ -267,6 +267,10 @@ def _weighted_declines(call, name) -> str | None:
         return f"b of dtype {b.dtype}"
     if call.where is not None and type(call.where) is not np.ndarray:
         return f"where is a {type(call.where).__name__}, not a NumPy array"
+    return _weighted_shape_declines(call, name)
+
+
+def _weighted_shape_declines(call, name) -> str | None:
     if call.plan.is_complex:
         return "complex input"
     if name not in ("float32", "float64"):
@@ -291,6 +295,22 @@ def _torch_name(dtype) -> str:
     return name
 
 
+def _torch_weighted_declines(call, name) -> str | None:
+    """Weighted CPU tensors: the NumPy weighted kernel on their zero-copy views."""
+    import torch
+
+    b, where = call.b, call.where
+    if not isinstance(b, torch.Tensor) or not b.is_cpu:
+        return "b is not a CPU tensor"
+    if b.is_complex() or b.is_conj() or b.is_neg():
+        return "b is complex or a lazily conjugated or negated view"
+    if torch.is_grad_enabled() and b.requires_grad:
+        return "autograd active (b requires grad)"
+    if where is not None and not where.is_cpu:
+        return f"where on device {where.device.type}"
+    return _weighted_shape_declines(call, name)
+
+
 def _torch_declines(call) -> str | None:
     a = call.a
     reason = _torch_eager.declines(a, "kernel is CPU-only")
@@ -301,6 +321,8 @@ def _torch_declines(call) -> str | None:
     if call.plan.compute != a.dtype:
         return "input needs a cast"
     dtype_name = _torch_name(a.dtype)
+    if call.b is not None:
+        return _torch_weighted_declines(call, dtype_name)
     reason = _common_declines(call, tuple(a.shape), dtype_name, a.is_contiguous())
     if reason is None and call.where is not None and not call.where.is_cpu:
         reason = f"where on device {call.where.device.type}"
@@ -512,7 +534,7 @@ def _run(call, a, where, library):
 
 def _numpy_run(call):
     if call.b is not None:
-        return _weighted_run(call)
+        return _weighted_run(call, "numpy")
     return _run(call, call.a, call.where, "numpy")
 
 
@@ -529,7 +551,7 @@ def _rows(array, shape, axes, dtype=None):
     return array.reshape(array.size // n, n)
 
 
-def _weighted_run(call):
+def _weighted_run(call, library):
     """The state of a weighted NumPy call, and its logsumexp by the shared finalisation.
 
     Rows that the compiled code flags (a non-finite entry or weight, nothing
@@ -551,7 +573,7 @@ def _weighted_run(call):
     bad = np.empty(lines, np.uint8)
     no_mask, _ = _nothing(dtype)
     args = (x, w, no_mask if mask is None else mask, mask is not None, per_line, bad)
-    flagged = _launch(_compiled(_NAMES[dtype], "weighted"), args, lines, _threads_for(x.size, "numpy"))
+    flagged = _launch(_compiled(_NAMES[dtype], "weighted"), args, lines, _threads_for(x.size, library))
     keep = tuple(1 if ax in axes else n for ax, n in enumerate(shape))
     if call.op == Op.LOGSUMEXP and not flagged:
         # m + log_norm from the float64 state itself (its max not yet narrowed:
@@ -579,8 +601,16 @@ def _torch_run(call):
     import torch
 
     a, where = call.a, call.where  # one that requires grad comes here only under no_grad
-    result = _run(call, (a.detach() if a.requires_grad else a).numpy(),
-                  None if where is None else where.detach().numpy(), "torch")
+    if call.b is not None:
+        # The weighted kernel finishes with the shared functions: on a NumPy call of the views.
+        from lse_dispatch._call import prepare
+
+        views = [None if t is None else t.detach().numpy() for t in (a, call.b, where)]
+        result = _weighted_run(prepare(call.op, views[0], axis=call.axes, b=views[1], where=views[2],
+                                       return_sign=call.return_sign), "torch")
+    else:
+        result = _run(call, (a.detach() if a.requires_grad else a).numpy(),
+                      None if where is None else where.detach().numpy(), "torch")
     if type(result) is tuple:  # (value, sign)
         return torch.from_numpy(result[0]), torch.from_numpy(result[1])
     if isinstance(result, tuple):  # an LSEState

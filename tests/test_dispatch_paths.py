@@ -13,11 +13,10 @@ reason and the generic implementation ran instead.  What declines what:
   float64 log_softmax (the max's ``-log1p(rest)`` needs terms ``exp(x - m)``
   of the exact difference, which only the shared state forms; see
   ``spread``); ``torch.blocked`` declines calls that autograd records.
-* ``numpy.fused`` / ``torch.fused`` (numba): other layouts and calls
-  autograd records, ``torch.fused`` also ``b`` (``numpy.fused`` takes
-  weighted logsumexp in any layout), and every call when numba is not
-  installed; the module warms them up first so that they take these small
-  inputs.
+* ``numpy.fused`` / ``torch.fused`` (numba): other layouts (weighted
+  logsumexp is taken in any layout) and calls autograd records, and every
+  call when numba is not installed; the module warms them up first so that
+  they take these small inputs.
 * ``jax.jit``: traced inputs (inside a JAX transform).
 * ``autodiff`` (torch and JAX): every call that is not being differentiated.
   They are also exercised for real: torch with ``requires_grad=True`` inputs
@@ -101,12 +100,12 @@ def _declines(implementation, op, dtype, *, layout=True, weighted=False, masked=
     if implementation == "jax.fused":
         return weighted or masked or np.dtype(dtype) == np.float64  # plain float32 without x64 only
     if implementation.endswith(".fused"):
-        # Compiled kernels (numba): other layouts, autograd-recorded calls; torch's also b.
+        # Compiled kernels (numba): other layouts (not for b), autograd-recorded calls.
         if not _fused_cpu.available():
             return True
-        if weighted and implementation == "numpy.fused":
-            return False  # any layout
-        return weighted or not layout or differentiated
+        if weighted:
+            return differentiated  # any layout
+        return not layout or differentiated
     if implementation == "autodiff":
         return not differentiated
     if implementation == "jax.jit":
