@@ -27,6 +27,7 @@ from ._state import (
     softmax_from_state,
     state_from_exponents,
     undefined_where,
+    underflow_shift,
     weight_parts,
 )
 
@@ -196,23 +197,22 @@ def _complex_logsumexp(call: Call) -> tuple[Array, Array]:
     shift = xp.where(finite, m, scalar(xp, 0.0, m))
     complex_zero = xp.zeros_like(a)
 
-    def total(terms):
+    def total(terms, dtype=plan.compute):
         summed = xp.sum(terms, axis=call.axes, keepdims=True, dtype=plan.accumulator) if call.axes else terms
-        return xp.astype(summed, plan.compute)
-
-    def weighted(terms):
-        terms = terms if b is None else b * terms
-        return terms
+        return xp.astype(summed, dtype)
 
     # Finite rows: the shifted sum (other rows get 0 terms, no inf - inf).
     in_finite_row = included & finite & (real != neg_inf)
     shifted = xp.where(in_finite_row, a - xp.astype(shift, plan.compute), complex_zero)
     terms = xp.exp(shifted) if b is None else weighted_exp(shifted)
-    finite_total = total(xp.where(in_finite_row, terms, complex_zero))
+    # The terms at the max apart from the rest, in the accumulator (_log_abs_sum).
+    at_top = in_finite_row & (real == m)
+    top, rest = (total(xp.where(mask, terms, complex_zero), plan.accumulator) for mask in (at_top, in_finite_row & ~at_top))
+    finite_total = xp.astype(top + rest, plan.compute)
     # Rows with a +inf entry: the phases of the +inf entries.
     at_inf = included & (real == math.inf)
     unit_terms = xp.exp(xp.astype(xp.imag(xp.where(at_inf, a, complex_zero)), plan.compute) * 1j)
-    inf_total = total(xp.where(at_inf, weighted(unit_terms), complex_zero))
+    inf_total = total(xp.where(at_inf, unit_terms if b is None else b * unit_terms, complex_zero))
     row_total = xp.where(m == math.inf, inf_total, finite_total)
 
     magnitude = xp.abs(row_total)
@@ -222,7 +222,7 @@ def _complex_logsumexp(call: Call) -> tuple[Array, Array]:
     unit = row_total / xp.astype(safe_magnitude, row_total.dtype)
     # A zero sum of +inf entries' phases has no limit.
     inf_undefined = (m == math.inf) & empty
-    log_magnitude = xp.astype(shift, real_dtype) + xp.log(safe_magnitude)
+    log_magnitude = xp.astype(shift, real_dtype) + _log_abs_sum(xp, top, rest, safe_magnitude, finite)
     log_magnitude = xp.where(empty, scalar(xp, -math.inf, log_magnitude), log_magnitude)
     log_magnitude = xp.where(finite, log_magnitude, xp.astype(m, real_dtype))
     log_magnitude = log_magnitude + undefined_where(xp, inf_undefined, log_magnitude)
@@ -235,6 +235,25 @@ def _complex_logsumexp(call: Call) -> tuple[Array, Array]:
     angle = xp.atan2(xp.imag(unit), xp.real(unit))
     value = xp.astype(log_magnitude, plan.compute) + xp.astype(angle, plan.compute) * 1j
     return xp.astype(value, plan.result), xp.ones_like(value)
+
+
+def _log_abs_sum(xp, top: Array, rest: Array, magnitude: Array, finite: Array) -> Array:
+    """``log|S|`` of a complex sum ``S = top + rest`` (the terms at the max, the others;
+    accumulator dtype) in the dtype of ``magnitude`` (``|S|`` rounded, 1 where ``S = 0``).
+
+    Where ``|S|`` is within [1/2, 2] (and the row finite), ``log1p(x (x + 2) + y**2) / 2``
+    with ``x = (Re top - 1) + Re rest`` and ``y = Im S``: ``|S|**2 - 1`` without forming
+    ``|S|``, so a rest far below 1 survives as it does in the real state
+    (``logsumexp([0, -40])`` of complex input is 4.25e-18, which ``log|S|`` rounded to 0,
+    as SciPy's does).  Elsewhere ``log|S|``.
+    """
+    near_one = finite & (magnitude >= 0.5) & (magnitude <= 2.0)
+    x = (xp.real(top) - 1) + xp.real(rest)
+    y = xp.imag(top) + xp.imag(rest)
+    zero = xp.zeros_like(x)
+    argument = xp.where(near_one, x * (x + 2) + y * y, zero)
+    near = xp.astype(numerics_for(xp).log1p(xp, argument) / 2, magnitude.dtype)
+    return xp.where(near_one, near, xp.log(magnitude))
 
 
 def _complex_weights(xp, b: Array):
@@ -257,8 +276,9 @@ def _complex_weights(xp, b: Array):
       normal), or a part of it (``|b|`` above ``eps / tiny``, where losing a
       part below ``tiny`` costs more than an ulp), would flush to 0.  The
       term is ``(b / |b|) exp(d + log|b|)``, whose ``exp`` argument is the
-      term's own log, at most 0.  (Elsewhere the subnormal ``exp(d)`` keeps
-      the term to a few ulps of the largest, better than that form.)
+      term's own log, at most 0.  Elsewhere, ``exp(d)`` below the smallest
+      normal (subnormal or 0, a large ``|b|``): ``(b tiny) exp((d + s C1) +
+      s C2)``, the scaled form of the real terms (``_state._weighted_terms``).
 
     ``log|b|`` is ``log h + log1p((l / h)**2) / 2`` with ``h``, ``l`` the
     larger and smaller part magnitudes: ``|b|`` itself overflows for parts
@@ -296,17 +316,26 @@ def _complex_weights(xp, b: Array):
     unit = xp.astype(xp.cos(angle), b.dtype) + xp.astype(xp.sin(angle), b.dtype) * 1j
     # Where the library flushes subnormal results (numerics.bitcast): above
     # eps / tiny, a part of exp(d) flushed to 0 (even where |exp(d)| is normal)
-    # costs more than an ulp of the line's largest term.  Where it does not, a
-    # subnormal exp(d) costs under |b| 2**-emin_subnormal, a few ulps at most,
-    # less than the unit form's rounding of d + log|b|.
+    # costs more than an ulp of the line's largest term.  Where it does not,
+    # the scaled form below keeps such terms to a few ulps of themselves (a
+    # subnormal exp(d) kept a few ulps of the largest term: nothing of a result
+    # near 0, which _log_abs_sum now keeps).
     flushes = numerics.bitcast is not None
     log_tiny = math.log(float(info.smallest_normal))
+    s_high, s_low = underflow_shift(float(info.smallest_normal), float(info.eps))
     huge = normal & (log_b > math.log(float(info.eps) / float(info.smallest_normal)))
 
     def weighted_exp(d):
-        under = (huge | (normal & (xp.real(d) < log_tiny))) if flushes else xp.zeros_like(small)
-        d = xp.where(under, d + xp.astype(log_b, d.dtype), xp.where(small, d - s * math.log(2.0), d))
-        return xp.where(under, unit, xp.where(small, scaled, b)) * xp.exp(d)
+        small_d = xp.where(small, d - s * math.log(2.0), d)
+        if flushes:
+            under = huge | (normal & (xp.real(d) < log_tiny))
+            d = xp.where(under, d + xp.astype(log_b, d.dtype), small_d)
+            return xp.where(under, unit, xp.where(small, scaled, b)) * xp.exp(d)
+        # exp(d) below the smallest normal keeps few bits of a term that a huge
+        # |b| makes count: (b tiny) exp((d + s C1) + s C2), as the real terms.
+        below = normal & (xp.real(d) < log_tiny)
+        d = xp.where(below, (d + s_high) + s_low, small_d)
+        return xp.where(below, b * float(info.smallest_normal), xp.where(small, scaled, b)) * xp.exp(d)
 
     return nonzero, log_b, weighted_exp
 

@@ -504,6 +504,39 @@ def test_complex_extreme_weights_count(backend, case):
     assert abs(value - exact) <= tolerance, (value, exact)
 
 
+# (a, b, condition): complex sums near 1, whose log is near 0.  log|S| rounded
+# |S| = 1 + 4.25e-18 to 1 and gave 0 for all of them (SciPy 1.17 too); now
+# log1p of |S|**2 - 1 formed from the terms at the max and the rest.
+COMPLEX_NEAR_ZERO = {
+    "rest-complex128": ([0.0, -40.0], None, 40),
+    "rest-complex64": ([0.0, -40.0], None, 40),
+    "imaginary-rest-complex128": ([0.0, -30.0], [1.0, 2j], 30),
+    "phase-in-a-complex128": ([0.0, -20.0 + 1j], None, 20),
+    # A huge weight whose exp(a - m) underflows: 0 on NumPy and torch before
+    # (exp(-745.5) is 0 there), as for real weights.
+    "huge-weight-complex128": ([0.0, -745.5], [1.0, 1e308], 745.5),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPLEX_NEAR_ZERO))
+def test_complex_sums_near_one_keep_their_log(backend, case):
+    """Found 2026-11-30 while fixing the real weights' underflow.  Bound: 4 eps times the
+    condition number in ``a`` (``|a_i| p_i / |lse|``, the weight of the small entry)."""
+    dtype = case.rsplit("-", 1)[1]
+    if dtype not in backend.complex_dtypes:
+        pytest.skip(f"{backend.id} has no {dtype}")
+    values, weights, condition = COMPLEX_NEAR_ZERO[case]
+    real = np.float32 if dtype == "complex64" else np.float64
+    a = np.asarray(values, dtype)
+    b = None if weights is None else np.asarray(weights, dtype)
+    with mpmath.workprec(400):
+        exact = complex(mpmath.log(mpmath.fsum((1 if b is None else mpmath.mpc(complex(w))) * mpmath.exp(mpmath.mpc(complex(x)))
+                                               for x, w in zip(a, a if b is None else b))))
+    kwargs = {} if b is None else {"b": backend.asarray(b, dtype)}
+    value = complex(backend.to_numpy(backend.call(logsumexp, backend.asarray(a, dtype), **kwargs)))
+    assert abs(value - exact) <= 4 * condition * float(np.finfo(real).eps) * abs(exact), (value, exact)
+
+
 @pytest.mark.parametrize("library", ["jax", "torch"])
 def test_complex_weight_gradient_at_a_zero_weight(library):
     """The complex path's own derivatives: no NaN from the branches a zero weight does not take."""
