@@ -275,13 +275,14 @@ def _weighted_shape_declines(call, name) -> str | None:
         return "complex input"
     if name not in ("float32", "float64"):
         return f"dtype {name} (kernel takes float32, float64)"
+    size = math.prod(call.shape)
     if not call.axes:
         return "nothing reduced"
-    if math.prod(call.shape) == 0:
+    if size == 0:
         return "empty input"
     if not available():
         return "numba is not installed (pip install 'lse-dispatch[fast]')"
-    return _size_declines(call, f"{name}:weighted", math.prod(call.shape))
+    return _size_declines(call, f"{name}:weighted", size)
 
 
 #: torch dtype -> its name (``str(dtype)`` without the prefix), as it is met.
@@ -574,7 +575,7 @@ def _weighted_run(call, library):
     no_mask, _ = _nothing(dtype)
     args = (x, w, no_mask if mask is None else mask, mask is not None, per_line, bad)
     flagged = _launch(_compiled(_NAMES[dtype], "weighted"), args, lines, _threads_for(x.size, library))
-    keep = tuple(1 if ax in axes else n for ax, n in enumerate(shape))
+    keep = _generic.keepdims_shape(call)
     if call.op == Op.LOGSUMEXP and not flagged:
         # m + log_norm from the float64 state itself (its max not yet narrowed:
         # the same rule, one rounding fewer), when every sum is positive.

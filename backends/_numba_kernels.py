@@ -821,6 +821,13 @@ def _split(t, sigma):
     return hi, t - hi
 
 
+@njit(**_BORROWED)
+def _split_sigma(largest):
+    """``sigma = 1.5 * 2**(E + 16)`` of :func:`_split_sum`, ``2**E`` the power of two above
+    the term whose magnitude has the IEEE bits ``largest``."""
+    return _from_bits((((largest >> 52) + 1 + 16) << 52) | (1 << 51))
+
+
 @njit(**_REASSOC_BORROWED)
 def _split_sum(buffer, n, sigma):
     """Sum of ``buffer[:n]`` (values in ``[0, 2**E)``, ``sigma = 1.5 * 2**(E + 16)``).
@@ -881,10 +888,7 @@ def _row_sum_exact(x, mask, masked, i, a, b, m, out, store, buffer):
         d = min(c + CHUNK, b)
         found, largest = _chunk_terms(x, mask, masked, i, c, d, m, buffer, out, store)
         count += found
-        # sigma = 1.5 * 2**(E + 16), 2**E the power of two above the largest term.
-        exponent = (largest >> 52) + 1 + 16
-        sigma = _from_bits((exponent << 52) | (1 << 51))
-        total, e = _two_sum(total, _split_sum(buffer, d - c, sigma))
+        total, e = _two_sum(total, _split_sum(buffer, d - c, _split_sigma(largest)))
         error += e
     return np.float64(count), total + error
 
@@ -1919,8 +1923,7 @@ def _weighted_ordinary(row, weights, rough, rough_max, buffer):
         if special:
             found, largest = _weighted_fixups(row, weights, rough, m, floor, buffer, c0, c1, largest)
             count += found
-        exponent = (largest >> 52) + 1 + 16  # sigma = 1.5 * 2**(E + 16), 2**E above the largest
-        total, e = _two_sum(total, _split_sum(buffer, c1 - c0, _from_bits((exponent << 52) | (1 << 51))))
+        total, e = _two_sum(total, _split_sum(buffer, c1 - c0, _split_sigma(largest)))
         error += e
     return m, count, total + error
 

@@ -151,7 +151,7 @@ def finite_shift(xp, m: Array) -> Array:
     return xp.where(m == -math.inf, zero, xp.where(xp.isfinite(m), m, huge))
 
 
-def exp_difference(xp, x: Array, shift: Array, accumulator, *, upper: Array | None = None) -> Array:
+def exp_difference(xp, x: Array, shift: Array, accumulator, *, upper: Array | None = None, offsets=()) -> Array:
     """``exp(min(x - shift, upper))`` in ``accumulator``, without the rounding of ``x - shift``.
 
     A rounded difference ``d`` is off by up to half an ulp of ``|d|``, which
@@ -159,10 +159,14 @@ def exp_difference(xp, x: Array, shift: Array, accumulator, *, upper: Array | No
     dominant entry's state, and so its ``log_softmax = -log1p(rest)``, would
     be some 30 ulps off for differences near -30.  A wider accumulator holds
     the difference exactly; otherwise TwoSum recovers its error ``e`` and
-    ``exp(d + e) = exp(d) * (1 + e)``.  ``shift`` is finite.
+    ``exp(d + e) = exp(d) * (1 + e)``.  ``shift`` is finite.  ``offsets`` are
+    added to the difference one after another, before ``upper`` (the scaled
+    weighted terms of :func:`_weighted_terms`).
     """
     if x.dtype != accumulator:
         diff = xp.astype(x, accumulator) - xp.astype(shift, accumulator)
+        for offset in offsets:
+            diff = diff + offset
         return xp.exp(diff if upper is None else xp.minimum(diff, xp.astype(upper, accumulator)))
     # Non-finite x get a finite stand-in for TwoSum; their exp comes from
     # x - shift itself below.
@@ -171,6 +175,8 @@ def exp_difference(xp, x: Array, shift: Array, accumulator, *, upper: Array | No
     # An overflowing difference (x - huge) leaves a NaN error: exp is 0 there.
     error = xp.where(xp.isfinite(error), error, zero)
     diff = x - shift
+    for offset in offsets:
+        diff = diff + offset
     if upper is not None:
         diff = xp.minimum(diff, upper)
     return xp.exp(diff) * (1 + error)
@@ -286,21 +292,15 @@ def _weighted_terms(xp, exponent: Array, a: Array, weight: Array, shift: Array, 
     s_high, s_low = underflow_shift(tiny, float(info.eps))
     zero, one = scalar(xp, 0.0, exponent), scalar(xp, 1.0, exponent)
     max_log = scalar(xp, math.log(float(info.max)) - 1.0, exponent)
-    finite = xp.isfinite(a)
-    # The rounding error of d: 0 when a wider accumulator holds it exactly.
-    _, error = two_sum(xp, xp.where(finite, a, zero), -shift)
-    error = xp.where(xp.isfinite(error), error, zero)
-    d = a - shift
     # An infinite weight sits at the max (e = +inf), out of the rest; in the
     # product form its 0 * inf would warn.
     normal = (weight >= scalar(xp, tiny, weight)) & (weight < scalar(xp, math.inf, weight))
-    scaled = normal & (d < scalar(xp, math.log(tiny), d))
-    # Two selects: XLA would fold (d + c1) + c2 into d + (c1 + c2), the
-    # rounded s ln 2 again.
-    argument = xp.where(scaled, d + scalar(xp, s_high, d), d)
-    argument = argument + xp.where(scaled, scalar(xp, s_low, d), zero)
+    scaled = normal & (a - shift < scalar(xp, math.log(tiny), a))
+    # Two selected offsets: XLA would fold (d + c1) + c2 into d + (c1 + c2),
+    # the rounded s ln 2 again.
+    offsets = tuple(xp.where(scaled, scalar(xp, c, a), zero) for c in (s_high, s_low))
     factor = xp.where(scaled, weight * scalar(xp, tiny, weight), xp.where(normal, weight, one))
-    product = xp.exp(xp.minimum(argument, max_log)) * (1 + error) * factor
+    product = exp_difference(xp, a, shift, accumulator, upper=max_log, offsets=offsets) * factor
     terms = xp.where(normal, product, xp.exp(exponent - shift))
     return xp.astype(terms, accumulator)
 
