@@ -11,8 +11,9 @@ turn a state into results (:func:`logsumexp_from_state`,
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._call import Call
 from ._namespace import scalar
@@ -26,6 +27,7 @@ from ._state import (
     narrow_max,
     softmax_from_state,
     state_from_exponents,
+    two_sum,
     undefined_where,
     underflow_shift,
     weight_parts,
@@ -203,8 +205,7 @@ def _complex_logsumexp(call: Call) -> tuple[Array, Array]:
 
     # Finite rows: the shifted sum (other rows get 0 terms, no inf - inf).
     in_finite_row = included & finite & (real != neg_inf)
-    shifted = xp.where(in_finite_row, a - xp.astype(shift, plan.compute), complex_zero)
-    terms = xp.exp(shifted) if b is None else weighted_exp(shifted)
+    terms = _complex_terms(xp, a, shift, in_finite_row, None if b is None else weighted_exp)
     # The terms at the max apart from the rest, in the accumulator (_log_abs_sum).
     at_top = in_finite_row & (real == m)
     top, rest = (total(xp.where(mask, terms, complex_zero), plan.accumulator) for mask in (at_top, in_finite_row & ~at_top))
@@ -235,6 +236,30 @@ def _complex_logsumexp(call: Call) -> tuple[Array, Array]:
     angle = xp.atan2(xp.imag(unit), xp.real(unit))
     value = xp.astype(log_magnitude, plan.compute) + xp.astype(angle, plan.compute) * 1j
     return xp.astype(value, plan.result), xp.ones_like(value)
+
+
+def _complex_terms(xp, a: Array, shift: Array, rows: Array, weighted_exp) -> Array:
+    """``b exp(a - shift)`` (``exp(a - shift)`` without weights) where ``rows``, 0 elsewhere;
+    the real part of ``a - shift`` taken exactly.
+
+    A rounded difference ``d`` is off by half an ulp of ``|d|``, which ``exp``
+    turns into ``|d| / 2`` ulps of the term.  With a huge weight such a term
+    can be as large as the max's (``b`` near ``1e264`` and ``d = -608``: 208
+    eps off, and 86 eps in the phase of a sum of two such terms).  As for real
+    terms (``_state.exp_difference``), TwoSum gives the error ``e`` of the real
+    part and the term is ``exp(d) (1 + e)`` (``weighted_exp(d, e)`` with
+    weights, which adds the roundings of its own offsets to ``e``).  ``shift``
+    is finite on ``rows``; a difference that overflows (its term is 0) gets
+    ``e = 0``.
+    """
+    zero = scalar(xp, 0.0, shift)
+    real = xp.where(rows, xp.real(a), zero)
+    _, error = two_sum(xp, real, -shift)
+    error = xp.where(rows & xp.isfinite(error), error, zero)
+    shifted = xp.where(rows, a - xp.astype(shift, a.dtype), xp.zeros_like(a))
+    if weighted_exp is not None:
+        return weighted_exp(shifted, error)
+    return xp.exp(shifted) * xp.astype(1 + error, a.dtype)
 
 
 def _log_abs_sum(xp, top: Array, rest: Array, magnitude: Array, finite: Array) -> Array:
@@ -317,27 +342,64 @@ def _complex_weights(xp, b: Array):
     # Where the library flushes subnormal results (numerics.bitcast): above
     # eps / tiny, a part of exp(d) flushed to 0 (even where |exp(d)| is normal)
     # costs more than an ulp of the line's largest term.  Where it does not,
-    # the scaled form below keeps such terms to a few ulps of themselves (a
+    # the scaled form (_weighted_exp) keeps such terms to a few ulps of themselves (a
     # subnormal exp(d) kept a few ulps of the largest term: nothing of a result
     # near 0, which _log_abs_sum now keeps).
-    flushes = numerics.bitcast is not None
-    log_tiny = math.log(float(info.smallest_normal))
-    s_high, s_low = underflow_shift(float(info.smallest_normal), float(info.eps))
     huge = normal & (log_b > math.log(float(info.eps) / float(info.smallest_normal)))
+    parts = _WeightParts(b, scaled, unit, log_b, small, normal, huge, s, numerics.bitcast is not None, info)
+    return nonzero, log_b, functools.partial(_weighted_exp, xp, parts)
 
-    def weighted_exp(d):
-        small_d = xp.where(small, d - s * math.log(2.0), d)
-        if flushes:
-            under = huge | (normal & (xp.real(d) < log_tiny))
-            d = xp.where(under, d + xp.astype(log_b, d.dtype), small_d)
-            return xp.where(under, unit, xp.where(small, scaled, b)) * xp.exp(d)
-        # exp(d) below the smallest normal keeps few bits of a term that a huge
-        # |b| makes count: (b tiny) exp((d + s C1) + s C2), as the real terms.
-        below = normal & (xp.real(d) < log_tiny)
+
+class _WeightParts(NamedTuple):
+    """What :func:`_complex_weights` works out of the weights for :func:`_weighted_exp`."""
+
+    b: Array
+    scaled: Array  # b 2**s where small
+    unit: Array  # b / |b| where normal
+    log_b: Array
+    small: Array
+    normal: Array
+    huge: Array
+    s: int
+    flushes: bool
+    info: Any
+
+
+def _offset(xp, d: Array, offset: Array, error: Array) -> tuple[Array, Array]:
+    """``d + offset`` (complex ``d``, real ``offset``), and ``error`` plus the rounding of its real part."""
+    _, rounding = two_sum(xp, xp.real(d), offset)
+    return d + xp.astype(offset, d.dtype), error + xp.where(xp.isfinite(rounding), rounding, xp.zeros_like(rounding))
+
+
+def _weighted_exp(xp, w: _WeightParts, d: Array, error: Array) -> Array:
+    """``b exp(d + error)`` for ``d = a - m`` (real part rounded, ``error`` its rounding).
+
+    Small weights: ``(b 2**s) exp(d - s ln 2)``, ``s ln 2`` as ``s C1`` (exact)
+    plus ``s C2``, the rounding of ``d - s C1`` recovered by TwoSum.  Where
+    the library flushes: ``(b / |b|) exp(d + log|b|)`` for huge weights and
+    where ``exp(d)`` is not normal (``log|b|``'s own rounding stays, an ulp of
+    the term's log).  Elsewhere, ``exp(d)`` below the smallest normal: ``(b
+    tiny) exp((d + s C1) + s C2)``, the real terms' scaled form (``d + s C1``
+    is exact there).  Every form is multiplied by ``1 + error``.
+    """
+    info = w.info
+    zero = xp.zeros_like(xp.real(d))
+    small_high, small_low = underflow_shift(2.0**-w.s, float(info.eps))
+    small_d, small_error = _offset(xp, d, xp.where(w.small, scalar(xp, -small_high, zero), zero), error)
+    small_error = small_error - xp.where(w.small, scalar(xp, small_low, zero), zero)
+    log_tiny = math.log(float(info.smallest_normal))
+    if w.flushes:
+        under = w.huge | (w.normal & (xp.real(d) < log_tiny))
+        under_d, under_error = _offset(xp, d, xp.where(under, w.log_b, zero), error)
+        d, error = xp.where(under, under_d, small_d), xp.where(under, under_error, small_error)
+        factor = xp.where(under, w.unit, xp.where(w.small, w.scaled, w.b))
+    else:
+        s_high, s_low = underflow_shift(float(info.smallest_normal), float(info.eps))
+        below = w.normal & (xp.real(d) < log_tiny)
         d = xp.where(below, (d + s_high) + s_low, small_d)
-        return xp.where(below, b * float(info.smallest_normal), xp.where(small, scaled, b)) * xp.exp(d)
-
-    return nonzero, log_b, weighted_exp
+        error = xp.where(below, error, small_error)
+        factor = xp.where(below, w.b * float(info.smallest_normal), xp.where(w.small, w.scaled, w.b))
+    return factor * xp.exp(d) * xp.astype(1 + error, d.dtype)
 
 
 def normalised_from_state(call: Call, state: LSEState, log: bool) -> Array:

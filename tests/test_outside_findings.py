@@ -541,6 +541,35 @@ def test_complex_sums_near_one_keep_their_log(backend, case):
     assert abs(value - exact) <= 4 * condition * float(np.finfo(real).eps) * abs(exact), (value, exact)
 
 
+# (a, b) whose terms have a - m far below 0 and weights that bring them up to
+# the max's (found by benchmarks/fuzz_complex.py, seed 3, on 2026-11-30).
+COMPLEX_ROUNDED_DIFFERENCES = {
+    # Re a - m = -608.5 rounded: 208 eps in the term's magnitude, 31 eps (86 eps
+    # absolute) in the phase of the sum.
+    "huge-weights-complex128": ([0.0729855949553662 - 3.90994700867415j, 7.740153740084057j],
+                                [-3.950857613599256e263 + 5.264282518233153e263j,
+                                 1.0585363124709168e264 + 1.5957706673692172e264j]),
+    # A subnormal weight's exponent d - s ln 2 rounded (d = 100.6): 5.8 eps in the phase.
+    "subnormal-weight-complex64": ([-9.631731033325195j, -59.42512893676758 + 8.105170249938965j],
+                                   [1.401298464324817e-44j, 1.1128422672193873e-18 + 5.032215295012285e-19j]),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPLEX_ROUNDED_DIFFERENCES))
+def test_complex_terms_take_the_exact_difference(backend, case):
+    """Bound: 4 eps of each part (at least 1); both were 5.8 to 31 eps with ``a - m`` rounded."""
+    dtype = case.rsplit("-", 1)[1]
+    if dtype not in backend.complex_dtypes:
+        pytest.skip(f"{backend.id} has no {dtype}")
+    values, weights = COMPLEX_ROUNDED_DIFFERENCES[case]
+    a, b = np.asarray(values, dtype), np.asarray(weights, dtype)
+    exact = _exact_complex_lse(a, b)
+    value = complex(backend.to_numpy(backend.call(logsumexp, backend.asarray(a, dtype), b=backend.asarray(b, dtype))))
+    eps = float(np.finfo(dtype).eps)
+    assert abs(value.real - exact.real) <= 4 * eps * max(1.0, abs(exact.real)), (value, exact)
+    assert abs(value.imag - exact.imag) <= 4 * eps * max(1.0, abs(exact.imag)), (value, exact)
+
+
 @pytest.mark.parametrize("library", ["jax", "torch"])
 def test_complex_weight_gradient_at_a_zero_weight(library):
     """The complex path's own derivatives: no NaN from the branches a zero weight does not take."""
