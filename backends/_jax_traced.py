@@ -21,7 +21,7 @@ that the exact-shift form writes out the finite-line formulas of
 **Terms.**  Where every line allows it (:func:`exact_shift`, one ``lax.cond``
 per call), the terms are ``exp(x - s)`` with ``x - s`` exact by
 construction: ``s`` is the max rounded to the grid of ``ulp(|m| + 128)``
-(``m <= 0``) or 0 (``0 < m < ln(FLT_MAX) - ln(n) - 1``), so the only cost
+(``m <= 0``) or 0 (``0 < m < 126 ln 2 - ln(n) - 1``), so the only cost
 over jax.nn is the split and the tree; the rest is rescaled by
 ``exp(s - m)`` (to half an ulp by Taylor when ``|m - s| <= 2**-4``, else
 XLA's ``exp``).  Otherwise (a max that is not finite, or beyond those
@@ -237,9 +237,22 @@ def state(lines: Array, *, count_free: bool = False, m: Array | None = None) -> 
 # The exact shift: no TwoSum per entry where every line allows it.
 
 
-def overflow_limit(n: int) -> float:
-    """Largest max of a line of ``n`` entries whose unshifted terms ``exp(x)`` sum without overflow."""
-    return math.floor(math.log(_F32_MAX) - math.log(n) - 1)
+#: ``log(2**126)``: the log of the reciprocal of the smallest normal float32.
+_LOG_RECIPROCAL_TINY = 126 * math.log(2.0)
+
+
+def shift_free_limit(n: int) -> float:
+    """Bound on the max of a line of ``n`` entries below which its terms need no shift.
+
+    The unshifted terms ``exp(x)`` then sum to at most ``n e**m < 2**126 / e``,
+    so the total's reciprocal (XLA divides by a broadcast total by multiplying
+    with its reciprocal) and ``exp(-m) / (c + r)`` (the logsumexp weights'
+    factor) stay normal: XLA's CPU backend flushes subnormal results to 0,
+    and an earlier bound, ``n e**m`` below ``FLT_MAX / e``, let softmax of the
+    float32 line ``[86.901474, 86.899925]`` come out ``[0, 0]`` (the total
+    ``1.1e38`` has a subnormal reciprocal), and the gradient of its logsumexp too.
+    """
+    return math.floor(_LOG_RECIPROCAL_TINY - math.log(n) - 1)
 
 
 def exact_shift(m: Array, n: int) -> tuple[Array, Array]:
@@ -251,7 +264,7 @@ def exact_shift(m: Array, n: int) -> tuple[Array, Array]:
       ``x - s`` (a multiple of ``ulp(x)``, no larger in magnitude than ``x``)
       is exact; entries further below have terms under ``e**-126`` of the
       max's, and ``|m - s| <= G / 2 <= 2**-4``.
-    * ``0 < m < overflow_limit(n)``: ``s = 0``, ``x - s = x``.
+    * ``0 < m < shift_free_limit(n)``: ``s = 0``, ``x - s = x``.
     * anything else (a max that is not finite, or beyond these bounds):
       ``ok`` is False and the line needs the TwoSum form.
     """
@@ -263,7 +276,7 @@ def exact_shift(m: Array, n: int) -> tuple[Array, Array]:
     grid = jnp.ldexp(jnp.ones_like(safe), exponent - 24)
     rounded = jnp.round(safe / grid) * grid
     s = jnp.where(safe > 0, jnp.zeros_like(safe), rounded)
-    ok = finite & (m > -(2.0**20)) & (m < overflow_limit(n))
+    ok = finite & (m > -(2.0**20)) & (m < shift_free_limit(n))
     return s, ok
 
 

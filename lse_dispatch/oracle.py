@@ -176,26 +176,55 @@ def exact_logsumexp(a, axis=None, b=None, where=None) -> np.ndarray:
 def _log_abs_sum(mp, terms) -> object:
     """``log|sum(terms)|`` of ``mpf`` terms, to the working precision even where the sum is near 1 in magnitude.
 
-    The terms are added exactly and the log is ``log1p(|sum| - 1)`` of the
-    exact difference: a sum rounded to the working precision would hold no
-    more than 160 bits of ``1 + 5e-127`` (``logsumexp([0, -745.5], b=[1,
+    The terms within ``2**-SPAN`` of the largest are added exactly and, where
+    their sum is near 1, the log is ``log1p(|sum| - 1)`` of the exact
+    difference: a sum rounded to the working precision would hold no more
+    than 160 bits of ``1 + 5e-127`` (``logsumexp([0, -745.5], b=[1,
     1e308])``, ``logsumexp([0, -290])``) and give 0 for its log.  (mpmath's
-    ``fsum`` rounds too: ``fsum([1, 1e-200, -1])`` is 0.)
+    ``fsum`` rounds too: ``fsum([1, 1e-200, -1])`` is 0.)  Smaller terms are
+    added to that difference at the working precision (an exact ``1 +
+    exp(-1e30)`` would not fit in memory); if the larger ones cancel
+    exactly, the log is the smaller ones' own.
     """
+    terms = sorted(terms, key=abs, reverse=True)
+    if not terms or terms[0] == 0:
+        return mp.mpf("-inf")
+    floor = abs(terms[0]) * mp.ldexp(1, -_SPAN)
+    large = [term for term in terms if abs(term) >= floor]
+    small = terms[len(large):]
     total = mp.mpf(0)
-    for term in terms:
+    for term in large:
         total = mp.fadd(total, term, exact=True)
     if total == 0:
-        return mp.mpf("-inf")
+        return _log_abs_sum(mp, small)
+    sign = -1 if total < 0 else 1
+    rest = sign * mp.fsum(small)  # what the smaller terms add to |sum|
     magnitude = mp.fneg(total, exact=True) if total < 0 else total  # abs() would round
-    return mp.log1p(mp.fadd(magnitude, -1, exact=True))
+    if 0.5 <= magnitude <= 2:
+        return mp.log1p(mp.fadd(mp.fadd(magnitude, -1, exact=True), rest))
+    return mp.log(magnitude + rest)
+
+
+#: Terms below ``2**-_SPAN`` of the largest are added at the working precision.
+_SPAN = 4000
 
 
 _LONG_SLICE = 65_536
 
 
 def _long_logsumexp(flat_a: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Long unweighted slices: float64 terms, summed by ``math.fsum`` (correctly rounded).
+    """Long unweighted slices: ``max + L`` from :func:`_long_log_norm`."""
+    mp = _mp()
+    with _precise(mp):
+        for index in np.ndindex(out.shape):
+            top, log_norm = _long_log_norm(mp, flat_a[index])
+            out[index] = top + log_norm
+    return out
+
+
+def _long_log_norm(mp, values: np.ndarray) -> tuple:
+    """``(max, log(sum exp(values - max)))`` of a long slice: float64 terms, summed by
+    ``math.fsum`` (correctly rounded).
 
     mpmath costs microseconds per entry.  The entries at the max are counted
     exactly and kept out of the float64 sum, so that ``count + rest`` is
@@ -207,31 +236,58 @@ def _long_logsumexp(flat_a: np.ndarray, out: np.ndarray) -> np.ndarray:
     error by about 1e-15 of ``rest`` relative, far under a float32 ulp and
     under half a float64 ulp of the catalogue's long logsumexps.
     """
+    top = float(values.max())
+    below = values[values < top]
+    count = values.size - below.size
+    rest = math.fsum(np.exp(below - top).tolist())
+    return mp.mpf(top), mp.log1p((count - 1) + mp.mpf(rest))
+
+
+def _log_norms(x: np.ndarray, axes: tuple[int, ...], mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(m, L)`` of each slice (keepdims shape, ``mpf``): its max and ``log(sum exp(x - m))``
+    over the included entries; ``m = -inf``, ``L = 0`` where none is."""
     mp = _mp()
+    flat_x, flat_mask = move_to_end(x, axes), move_to_end(mask, axes)
+    tops, norms = (np.empty(flat_x.shape[:-1], dtype=object) for _ in range(2))
     with _precise(mp):
-        for index in np.ndindex(out.shape):
-            values = flat_a[index]
-            top = float(values.max())
-            below = values[values < top]
-            count = values.size - below.size
-            rest = math.fsum(np.exp(below - top).tolist())
-            out[index] = mp.mpf(top) + mp.log1p((count - 1) + mp.mpf(rest))
-    return out
+        for index in np.ndindex(tops.shape):
+            values = flat_x[index][flat_mask[index]]
+            if values.size > _LONG_SLICE:
+                tops[index], norms[index] = _long_log_norm(mp, values)
+                continue
+            if not values.size:
+                tops[index], norms[index] = mp.mpf("-inf"), mp.mpf(0)
+                continue
+            top = mp.mpf(float(values.max()))
+            tops[index] = top
+            norms[index] = _log_abs_sum(mp, [mp.exp(mp.mpf(float(v)) - top) for v in values])
+    keep = tuple(1 if ax in axes else n for ax, n in enumerate(x.shape))
+    return tops.reshape(keep), norms.reshape(keep)
 
 
 def exact_log_softmax(x, axis=None, where=None) -> np.ndarray:
-    """Exact ``x - logsumexp(x)``; excluded entries get ``-inf``."""
+    """Exact ``x - logsumexp(x)``; excluded entries get ``-inf``.
+
+    Formed as ``(x - m) - L`` with ``m`` the slice's max and ``L`` the log of
+    its sum relative to ``m``, not as ``x - lse``: ``lse = m + L`` rounded to
+    the working precision loses a tiny ``L`` (``log_softmax`` at the max of a
+    column whose second entry is 108 below is ``-1.25e-47``; ``x - lse`` gave
+    0 at 160 bits).
+    """
     mp = _mp()
     x = np.asarray(x, dtype=np.float64)
     axes = normalize_axis(axis, x.ndim)
-    lse = exact_logsumexp(x, axis=axes, where=where)
-    lse = np.expand_dims(lse, axes) if axes else lse
     mask = np.broadcast_to(np.ones((), bool) if where is None else np.asarray(where, bool), x.shape)
+    tops, norms = _log_norms(x, axes, mask)
     out = np.empty(x.shape, dtype=object)
     with _precise(mp):
         for index in np.ndindex(x.shape):
-            lse_index = tuple(0 if ax in axes else i for ax, i in enumerate(index))
-            out[index] = mp.mpf(float(x[index])) - lse[lse_index] if mask[index] else mp.mpf("-inf")
+            line = tuple(0 if ax in axes else i for ax, i in enumerate(index))
+            if not mask[index]:
+                out[index] = mp.mpf("-inf")
+                continue
+            # x - m exactly (both doubles), then one rounding at the working precision.
+            out[index] = mp.fsub(mp.mpf(float(x[index])), tops[line], exact=True) - norms[line]
     return out
 
 

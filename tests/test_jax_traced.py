@@ -95,7 +95,7 @@ def test_pairwise_sum_beats_the_sequential_sum():
 
 @pytest.mark.parametrize(
     "m",
-    [0.0, -0.0, -1e-30, -0.3, -5.7, -40.123, -127.9, -1000.3, -123456.78, -(2.0**20) + 1, 1e-30, 0.7123, 50.5, 78.9],
+    [0.0, -0.0, -1e-30, -0.3, -5.7, -40.123, -127.9, -1000.3, -123456.78, -(2.0**20) + 1, 1e-30, 0.7123, 50.5, 77.9],
 )
 def test_exact_shift_leaves_every_difference_that_counts_exact(m):
     rng = np.random.default_rng(0)
@@ -121,6 +121,26 @@ def test_exact_shift_declines_what_it_cannot_take(m):
     assert not bool(ok[0, 0])
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 100])
+def test_positive_maxima_whose_total_has_a_subnormal_reciprocal(n):
+    """Found 2026-11-30 by fuzzing: with ``s = 0`` up to ``ln(FLT_MAX) - ln(n) - 1`` a line
+    could sum to above ``2**126``, whose reciprocal (XLA's division by the total) and
+    ``exp(-m) / (c + r)`` (the logsumexp weights) XLA flushes: softmax of ``[86.901474,
+    86.899925]`` was ``[0, 0]``, and so was the gradient of its logsumexp."""
+    rows = []
+    old_limit = math.floor(math.log(float(np.finfo(np.float32).max)) - math.log(n) - 1)
+    for top in (old_limit - 1e-3, _jax_traced.shift_free_limit(n) - 1e-3, 86.901474, 85.5, 80.0):
+        rows.append(np.full(n, top))  # ties: the largest total a max allows
+        rows.append(top - np.arange(n) * 1.5e-3)
+    x = np.asarray(rows, np.float32)
+    for op in ("softmax", "log_softmax"):
+        worst = np.max(_errors(op, x, -1))
+        assert worst <= ULPS, (op, worst)
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(lse_dispatch.logsumexp(a, axis=-1))))(jnp.asarray(x))
+    want = np.asarray(oracle.exact_softmax(x.astype(np.float64), axis=-1), np.float64)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), want, rtol=3e-6)
+
+
 def _hard_rows(n=1000):
     rng = np.random.default_rng(5)
     rows = {
@@ -132,7 +152,7 @@ def _hard_rows(n=1000):
         "ties": np.concatenate([np.full(3, 2.5), 2.5 - 30.0 - rng.random(n - 3)]),
         "with -inf": np.where(rng.random(n) < 0.3, -np.inf, rng.standard_normal(n)),
         "negative offset": -1e4 + rng.standard_normal(n),
-        "max near the exact-shift limit": np.concatenate([[79.5], 79.5 - 20 * rng.random(n - 1)]),
+        "max near the exact-shift limit": np.concatenate([[78.5], 78.5 - 20 * rng.random(n - 1)]),
         "max near 0": np.concatenate([[1e-3], -rng.random(n - 1) * 5.0]),
         "max just below 0": np.concatenate([[-1e-3], -1e-3 - rng.random(n - 1) * 5.0]),
     }

@@ -146,3 +146,23 @@ def test_prefix_sums_near_one_keep_what_lies_beyond_the_working_precision():
     got = oracle.exact_logcumsumexp(np.array([0.0, -290.0, -300.0]))
     assert float(got[1]) == pytest.approx(math.exp(-290.0), rel=1e-13, abs=0)
     assert float(got[2]) == pytest.approx(math.exp(-290.0) + math.exp(-300.0), rel=1e-13, abs=0)
+
+
+def test_log_softmax_at_the_max_keeps_a_tiny_rest():
+    """Found 2026-11-30 by fuzzing the kernels: ``x - lse`` with ``lse = m + L`` rounded to
+    160 bits gave 0 at the max of ``[310.0042..., 202.0073...]`` (the kernels gave -1.25e-47,
+    which is right); now ``(x - m) - L``."""
+    x = np.array([310.00422989145846, 202.00733672, -245.75635902058073])
+    want = -math.exp(202.00733672 - 310.00422989145846)
+    assert float(oracle.exact_log_softmax(x)[0]) == pytest.approx(want, rel=1e-13, abs=0)
+    assert float(oracle.exact_log_softmax(x[None, :], axis=1, where=np.array([[True, True, False]]))[0, 0]) == (
+        pytest.approx(want, rel=1e-13, abs=0))
+
+
+@pytest.mark.parametrize(("a", "expected"), [([1e30, 0.0], 1e30), ([-1e30, 0.0], 0.0), ([0.0, -1e30], 0.0)])
+def test_terms_too_far_apart_to_add_exactly(a, expected):
+    """An exact ``1 + exp(-1e30)`` does not fit in memory (mpmath raised OverflowError);
+    terms below 2**-4000 of the largest are added at the working precision."""
+    got = oracle.exact_logsumexp(np.array(a))
+    assert float(got) == expected
+    assert float(oracle.exact_log_softmax(np.array(a))[0]) == pytest.approx(float(a[0]) - expected, abs=0)
