@@ -188,9 +188,10 @@ def _terms(lines: Array, shift: Array) -> Array:
     """``exp(x - shift)`` of the exact difference, for a finite ``shift`` (TwoSum)."""
     import jax.numpy as jnp
 
-    # TwoSum of x clamped into [shift - 128, shift]: finite for infinite
-    # entries, whose terms are exactly 0 (or, at the max, replaced by the caller).
-    clamped = jnp.minimum(jnp.maximum(lines, shift - 128), shift)
+    # TwoSum of x clamped into [shift - 128, shift + 128]: finite for infinite
+    # entries, whose terms are exactly 0 (or, at the max, replaced by the caller);
+    # entries up to 64 above the shift (the rescue's, _rescued) keep their own.
+    clamped = jnp.minimum(jnp.maximum(lines, shift - 128), shift + 128)
     _, error = _two_sum(clamped, -shift)
     # exp of the unclamped difference: a NaN entry stays NaN.
     return jnp.exp(lines - shift) * (1 + error)
@@ -221,12 +222,23 @@ def state(lines: Array, *, count_free: bool = False, m: Array | None = None) -> 
     zero = jnp.zeros((), lines.dtype)
     one = jnp.ones((), lines.dtype)
 
-    def packed(part):
-        at_max = part == m
-        return jnp.where(at_max, zero, _terms(part, shift)), jnp.where(at_max, one, zero)
+    def packed_from(offset):
+        def packed(part):
+            at_max = part == m
+            return jnp.where(at_max, zero, _terms(part, offset)), jnp.where(at_max, one, zero)
 
-    total = pairwise_sum(lines, packed)
+        return packed
+
+    total = pairwise_sum(lines, packed_from(shift))
     rest, count = total[..., :1], total[..., 1:]
+
+    def rescaled(need):
+        # The terms' TwoSum takes the inexact x - (m - 64); m - 64 itself rounds
+        # by -e: m - 64 = moved + e, so the terms are exp(64 - e) times theirs.
+        moved, error = _two_sum(shift, -RESCUE * need)
+        return pairwise_sum(lines, packed_from(moved))[..., :1] * _RESCUE_SCALE * (1 - error)
+
+    rest = _rescued(rest, lines.shape[-1], rescaled)
     m = jnp.where(finite, m, m + rest)
     if count_free:
         return LSEState(m, jnp.where(finite, count + rest, count), jnp.zeros_like(m))
@@ -280,6 +292,35 @@ def exact_shift(m: Array, n: int) -> tuple[Array, Array]:
     return s, ok
 
 
+#: Lines whose rest is below ``n`` times this are summed again with terms
+#: ``e**RESCUE`` times larger: XLA's CPU backend flushes subnormal results, so
+#: every term below ``2**-126`` of the shift's (an entry more than 87.3 below
+#: the max) is lost, at most ``n 2**-126`` in all, and ``-log1p(r)`` (log_softmax
+#: at the max; logsumexp where the max is 0) must keep ``r`` to ``2**-26``.
+RESCUED_REST = 2.0**-100
+#: The rescue's offset: on those lines every other entry is at least ``ln(2**100 /
+#: 2**16) = 58`` below the max, so ``(x - s) + 64`` (an entry's difference with
+#: the shift ``s - 64``) is exact where ``x - s`` is, and its term at most ``e**6``.
+RESCUE = 64.0
+_RESCUE_SCALE = math.exp(-RESCUE)
+
+
+def _rescued(rest: Array, n: int, rescaled) -> Array:
+    """``rest`` of lines of ``n`` entries, the lines below ``n RESCUED_REST`` replaced by ``rescaled(need)``.
+
+    ``rescaled`` takes the per-line mask (1.0 where the line needs it) and
+    returns every line's rest from terms ``e**RESCUE`` larger, brought back; it
+    runs under a ``lax.cond``, so calls without such a line pay one predicate
+    (found by ``benchmarks/fuzz_kernels.py``: ``logsumexp([-85.97, -90.38, 0,
+    -102.63, -93.07])`` gave ``4.6219944e-38`` for ``4.6819694e-38``).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    need = rest < n * RESCUED_REST
+    return jax.lax.cond(jnp.any(need), lambda: jnp.where(need, rescaled(need.astype(rest.dtype)), rest), lambda: rest)
+
+
 def _exp_of_shift(m: Array, s: Array) -> Array:
     """``exp(s - m)``: to half an ulp by Taylor where ``|m - s| <= 2**-4``, else (``s = 0``) XLA's ``exp(-m)``."""
     import jax.numpy as jnp
@@ -322,6 +363,8 @@ def exact_state(lines: Array, m: Array, s: Array, *, terms: Array | None = None)
     """
     sums = _masked_sums(lines, m, s, terms)
     rest = sums[..., :1] * _exp_of_shift(m, s)
+    rest = _rescued(rest, lines.shape[-1], lambda need: (_masked_sums(lines, m, s - RESCUE * need, None)[..., :1]
+                                                         * _exp_of_shift(m, s)) * _RESCUE_SCALE)
     count = sums[..., 1:]
     return LSEState(m, count, rest), count + rest
 

@@ -103,11 +103,12 @@ on dense samples of ``[-745, 0]``.  :func:`_exp` scales by two powers of two
 (results down to the subnormal range round once); it serves the merges and the
 backward.  The terms of the sums use :func:`_term` (the same degree 11) and
 :func:`_term7` (degree 7: ``2**-33.08`` relative, so within ``2**-33`` with
-the roundings), which scale ``p = 1 + r q`` by adding ``k`` to its exponent
-bits (two integer operations instead of eight) and give 0 below ``FLUSH =
--700``, where ``2**k p`` would no longer be normal.  A term dropped there is
-under ``2**-1009``, next to the 1 of the line's max: ``n 2**-1009`` at most,
-relatively, on ``count + rest``.
+the roundings), which scale ``p = 1 + r q`` by adding to its exponent bits
+(two integer operations instead of eight): :func:`_term` adds ``k + 64`` and
+multiplies by ``2**-64`` (exact for normal results, one rounding below, as
+float64 outputs down to the subnormal range need), :func:`_term7` adds ``k``
+and gives 0 below ``FLUSH = -700``, where ``2**k p`` would no longer be
+normal (a float32 result never sees a term that small).
 
 Sums, and the accuracy of each result
 -------------------------------------
@@ -355,8 +356,10 @@ _LN2_HI = 0.6931471803691238  # ln 2 to 32 bits (0x1.62e42fee00000p-1)
 _LN2_LO = 1.9082149292705877e-10  # ln 2 - _LN2_HI
 # Below this exp(d) is under half the smallest subnormal: clamping keeps k small.
 _LOWEST = -746.0
-#: Terms below exp(FLUSH) are 0 (there 2**k p would not be normal).
+#: The degree-7 terms (float32 input's fast sums) below exp(FLUSH) are 0 (there
+#: 2**k p would not be normal; a float32 result never sees them).
 FLUSH = -700.0
+_TWO_M64 = 2.0**-64
 _U = 2.0**-53
 
 # Coefficients of q (highest degree first), fitted to (exp(r) - 1) / r on
@@ -438,11 +441,20 @@ def _exp7(d):
 
 @njit(**_CONTRACT)
 def _term(d):
-    """``exp(d)`` for ``FLUSH <= d <= 0`` within 1.7 ulps, 0 below (``d`` not NaN).
+    """``exp(d)`` for ``d <= 0`` within 1.7 ulps where it is normal, within a subnormal ulp
+    below, 0 below ``_LOWEST`` (``d`` not NaN).
 
     Written out (no calls): every level of calls is another optimisation of
-    the code below it (see :func:`compiled`).
+    the code below it (see :func:`compiled`).  The scaling adds ``k + 64`` to
+    the exponent bits of ``1 + r q`` (normal for every ``k >= _LOWEST / ln 2``)
+    and multiplies by ``2**-64``: exact for normal results, one rounding for
+    subnormal ones.  (Until 2026-11-30 it added ``k`` and gave 0 below ``FLUSH
+    = -700``, where that sum leaves the normal range: fine next to a max's 1,
+    but float64 softmax outputs between ``e**-708.4`` and ``e**-700`` came out
+    0, and so did ``log1p`` of a rest that small, ``logsumexp([0, -700.63])``
+    = ``5.26e-305``; found by ``benchmarks/fuzz_kernels.py``.)
     """
+    d = _LOWEST if d < _LOWEST else d
     shifted = d * _LOG2E + _SHIFTER
     k = shifted - _SHIFTER
     r = (d - k * _LN2_HI) - k * _LN2_LO
@@ -458,8 +470,7 @@ def _term(d):
     q = q * r + c[8]
     q = q * r + c[9]
     q = q * r + c[10]
-    p = _from_bits(_bits(1.0 + r * q) + ((_bits(shifted) - _SHIFTER_BITS) << 52))
-    return p if d >= FLUSH else 0.0
+    return _from_bits(_bits(1.0 + r * q) + ((_bits(shifted) - _SHIFTER_BITS + 64) << 52)) * _TWO_M64
 
 
 @njit(**_CONTRACT)
@@ -515,7 +526,7 @@ def _exact_term(x, v, mf):
         return _term(np.float64(v) - mf)
     d, e = _two_sum(np.float64(v), -mf)
     t = _term(d)
-    return t + t * e if d >= FLUSH else 0.0
+    return t + t * e if d >= _LOWEST else 0.0  # (-inf entries: e is NaN)
 
 
 # ---------------------------------------------------------------------------
@@ -914,6 +925,13 @@ KEEP_BELOW = 2.0**-25
 #: ``_term7`` terms, whose ``2**-33`` the keep rule needs there.
 LSE_SINGLE_ABOVE = 1.0
 LSE_SINGLE_BELOW = 3.0
+#: float32 log_softmax rows whose rest (relative to the max) is below ``n`` times
+#: this take the float64 terms: :func:`_term32` flushes terms below ``e**-87``
+#: of the shift (``e**-86.9 < 2**-125.4`` of the max's), at most ``n 2**-125.4``
+#: in all, and ``-L = -log1p(r)`` at the max must keep ``r`` to ``2**-26``
+#: (found by fuzzing: a row with max 0.52 and every other entry 75 to 98 below
+#: gave ``-1.5185409e-33`` for ``-1.5186549e-33``, 1242 ulps).
+FLUSHED_REST = 2.0**-99
 
 
 @njit(**_BORROWED)
@@ -1097,9 +1115,15 @@ def _rows_whole(x, mask, masked, mode, out, tops, counts, rests, values, bad, bu
                 continue
             rest = total * _exp(np.float64(s) - m)  # |s - m| <= 2**-4, or s = 0: k <= 0
             log_norm = math.log1p((count - 1.0) + rest)
-            if mode == LOG_SOFTMAX:
+            if mode == LOG_SOFTMAX and rest >= n * FLUSHED_REST:
                 counts[i], rests[i] = count, rest
                 _row_output(x, mask, masked, i, first, n, m, log_norm, 0.0, out, mode, False)
+                continue
+            if mode == LOG_SOFTMAX:
+                # A rest this small would miss the terms _term32 flushes: the float64 terms.
+                count, rest = _row_sum_fast(x, mask, masked, i, first, n, m, out, False)
+                counts[i], rests[i] = count, rest
+                _row_output(x, mask, masked, i, first, n, m, math.log1p((count - 1.0) + rest), 0.0, out, mode, False)
                 continue
             # logsumexp: the terms, the float64 sum and the rescale (1.7 u).
             if _kept(mode, EXPF_ERROR + (n + 1) * _U, m, count, rest, log_norm):

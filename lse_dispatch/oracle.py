@@ -186,7 +186,10 @@ def _log_abs_sum(mp, terms) -> object:
     exp(-1e30)`` would not fit in memory); if the larger ones cancel
     exactly, the log is the smaller ones' own.
     """
-    terms = sorted(terms, key=abs, reverse=True)
+    terms = list(terms)
+    if any(mp.isnan(term) for term in terms):
+        return mp.nan
+    terms.sort(key=abs, reverse=True)
     if not terms or terms[0] == 0:
         return mp.mpf("-inf")
     floor = abs(terms[0]) * mp.ldexp(1, -_SPAN)

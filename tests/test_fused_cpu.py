@@ -151,7 +151,8 @@ def test_exp_within_its_bound():
 def test_terms_within_their_bounds_and_flushed_below():
     """The terms of the sums: :func:`_term` within 1.7 ulps and :func:`_term7` within
     ``TERM7_ERROR`` on ``[FLUSH, 0]`` (their exponent-bit scaling is exact there),
-    exactly 1 at 0 (the max's own term), and 0 below ``FLUSH``."""
+    exactly 1 at 0 (the max's own term); below, :func:`_term7` gives 0 and :func:`_term`
+    goes on down the subnormal range (within a subnormal ulp), 0 below ``_LOWEST``."""
     d = _samples()
     d = d[d >= K.FLUSH]
     accurate, fast = _batch(K._term)(d), _batch(K._term7)(d)
@@ -163,7 +164,19 @@ def test_terms_within_their_bounds_and_flushed_below():
     assert rel7 <= K.TERM7_ERROR, math.log2(rel7)
     for function in (K._term, K._term7):
         assert np.all(_batch(function)(np.array([0.0, -0.0])) == 1.0)
-        assert not _batch(function)(np.array([K.FLUSH - 1e-9, -701.0, -1e308, -np.inf])).any()
+    assert not _batch(K._term7)(np.array([K.FLUSH - 1e-9, -701.0, -1e308, -np.inf])).any()
+    assert not _batch(K._term)(np.array([-746.0, -1e308, -np.inf])).any()
+    low = np.concatenate([np.linspace(-745.1, K.FLUSH, 4001), [-708.39, -708.4, -708.41, -744.44, -745.13]])
+    got = _batch(K._term)(low)
+    tiny = np.finfo(np.float64).tiny
+    with mpmath.workprec(120):
+        exact = [mpmath.exp(mpmath.mpf(float(v))) for v in low]
+        for value, want in zip(got, exact):
+            error = abs(mpmath.mpf(float(value)) - want)
+            if want >= tiny:
+                assert error <= 1.7 * 2.0**-53 * want, (value, want)
+            else:  # one subnormal ulp (the rounding, and 1.7 u of a value below tiny)
+                assert error <= np.spacing(0.0), (value, want)
 
 
 @numba.njit(cache=False)
@@ -235,6 +248,49 @@ def test_the_float32_shift_makes_every_difference_exact():
         assert np.array_equal((x - s).astype(np.float64), x.astype(np.float64) - float(s)), m
     for m in (87.01, 1e10, -(2.0**20), -1e30):
         assert not K._shift32(float(np.float32(m)))[1]
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("n", [5, 129, K.SEGMENT + 37])
+def test_float64_terms_down_to_the_subnormal_range(library, n):
+    """Found 2026-11-30 by ``benchmarks/fuzz_kernels.py``: ``_term`` gave 0 below ``e**-700``,
+    so ``logsumexp([0, -700.63, ...])`` (``5.26e-305``, a normal float64) came out 0, and so
+    did softmax outputs between ``e**-708.4`` and ``e**-700``: short rows, rows, long rows
+    and columns."""
+    rng = np.random.default_rng(14)
+    rows = []
+    long = n > K.SEGMENT  # (one row: the oracle takes microseconds an entry)
+    for second in (-700.63,) if long else (-700.63, -705.0, -708.0, -708.39, -720.0, -744.0):
+        for top in (0.0,) if long else (0.0, 3.5):
+            row = np.full(n, -5e4)
+            row[: 4] = (top, top + second, top + second - 1.5, top - 2e3)
+            rows.append(rng.permutation(row))
+    x = np.array(rows)
+    for op in ("logsumexp", "softmax", "log_softmax"):
+        exact = EXACT[op](x, axis=-1)
+        _assert_ulps(_fused(library, op, x, axis=-1), exact, np.float64, f"{op} {library} rows")
+        columns = _fused(library, op, np.ascontiguousarray(x.T), axis=0)
+        _assert_ulps(columns if op == "logsumexp" else columns.T, exact, np.float64, f"{op} {library} columns")
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_float32_log_softmax_keeps_a_rest_below_the_flushed_terms(library):
+    """Found 2026-11-30 by ``benchmarks/fuzz_kernels.py``: ``_term32`` flushes terms below
+    ``e**-87`` of the shift, and ``-log1p(r)`` at the max of a row whose other entries are
+    all 75 to 98 below it missed them (1242 ulps); such rows take the float64 terms."""
+    rng = np.random.default_rng(12)
+    rows = []
+    for top in (0.52183914, 40.0, -3.7, -9910.0):  # s = 0, and the rounded max
+        for low, high in ((75.0, 98.0), (60.0, 90.0), (86.0, 89.0)):
+            rows.append(top - np.concatenate([[0.0], rng.uniform(low, high, 127)]))
+    x = np.array(rows, dtype=np.float32)
+    exact = EXACT["log_softmax"](x.astype(np.float64), axis=-1)
+    _assert_ulps(_fused(library, "log_softmax", x, axis=-1), exact, np.float32, f"log_softmax {library}")
+    where = rng.random(x.shape) < 0.7
+    where[:, 0] = True
+    exact = EXACT["log_softmax"](x.astype(np.float64), axis=-1, where=where)
+    got = _fused(library, "log_softmax", x, axis=-1, where=where)
+    _assert_ulps(got[where], exact[where], np.float32, f"log_softmax {library} where")
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
