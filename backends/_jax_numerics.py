@@ -78,6 +78,12 @@ class JaxNumerics(Numerics):
 
         return jax.lax.bitcast_convert_type(x, dtype)
 
+    def replaced(self, xp, value: Array, need: Array, recompute) -> Array:
+        # Under a lax.cond: calls where no entry needs it pay one predicate.
+        import jax
+
+        return jax.lax.cond(xp.any(need), lambda: xp.where(need, recompute(), value), lambda: value)
+
     def weights(self, xp, b: Array) -> Array:
         return _weights_out_of_reach(b)
 

@@ -1119,17 +1119,12 @@ def _rows_whole(x, mask, masked, mode, out, tops, counts, rests, values, bad, bu
                 counts[i], rests[i] = count, rest
                 _row_output(x, mask, masked, i, first, n, m, log_norm, 0.0, out, mode, False)
                 continue
-            if mode == LOG_SOFTMAX:
-                # A rest this small would miss the terms _term32 flushes: the float64 terms.
-                count, rest = _row_sum_fast(x, mask, masked, i, first, n, m, out, False)
-                counts[i], rests[i] = count, rest
-                _row_output(x, mask, masked, i, first, n, m, math.log1p((count - 1.0) + rest), 0.0, out, mode, False)
-                continue
             # logsumexp: the terms, the float64 sum and the rescale (1.7 u).
-            if _kept(mode, EXPF_ERROR + (n + 1) * _U, m, count, rest, log_norm):
+            if mode == LOGSUMEXP and _kept(mode, EXPF_ERROR + (n + 1) * _U, m, count, rest, log_norm):
                 counts[i], rests[i], values[i] = count, rest, m + log_norm
                 continue
-            # Not kept (the margins are chosen so that it holds): the float64 terms.
+            # Otherwise the float64 terms: a log_softmax rest this small would miss the
+            # terms _term32 flushes; a logsumexp not kept (the margins make it so).
         if fast:
             count, rest = _row_sum_fast(x, mask, masked, i, first, n, m, out, store)
             if mode == LOGSUMEXP:

@@ -91,6 +91,15 @@ class Numerics:
     #: read from their bits (:meth:`weight_parts`).  ``None``: no flushing.
     bitcast: Callable[[Array, Any], Array] | None = None
 
+    def replaced(self, xp, value: Array, need: Array, recompute: Callable[[], Array]) -> Array:
+        """``value`` with the entries where ``need`` taken from ``recompute()``.
+
+        Both are formed here; a compiler with a conditional runs ``recompute``
+        only when some entry needs it (:meth:`JaxNumerics.replaced
+        <lse_dispatch.backends._jax_numerics.JaxNumerics.replaced>`).
+        """
+        return xp.where(need, recompute(), value)
+
     def weights(self, xp, b: Array) -> Array:
         """The weights as the library's own operations should take them; ``b`` itself by default.
 

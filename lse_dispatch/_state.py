@@ -231,6 +231,8 @@ def state_from_exponents(
         terms = xp.where(sign < 0, -terms, terms)
     keep = ~at_max if included is None else (included & ~at_max)
     rest = accurate_sum(xp, xp.where(keep, terms, zero), axes, accumulator)
+    if weight is None and sign is None and numerics_for(xp).bitcast is not None:
+        rest = _flushed_terms_rescued(xp, masked, m, shift, keep, rest, axes, accumulator)
 
     if sign is None:
         at_max_value = xp.astype(counted, accumulator)
@@ -238,6 +240,36 @@ def state_from_exponents(
         at_max_value = xp.where(counted, xp.astype(sign, accumulator), scalar(xp, 0.0, rest))
     count = accurate_sum(xp, at_max_value, axes, accumulator)
     return LSEState(m, count, rest)
+
+
+def _flushed_terms_rescued(xp, masked, m, shift, keep, rest, axes, accumulator) -> Array:
+    """``rest`` of a library that flushes subnormal results (XLA, CuPy's float32), with the
+    lines whose rest is tiny summed again from terms ``e**offset`` larger.
+
+    Every term below the smallest normal number ``tiny`` is lost there, at
+    most ``n tiny`` of the rest, which ``log1p(r)`` shows where ``r`` is tiny
+    (``log_softmax`` at the max, ``logsumexp`` of a max near 0): found on
+    2026-11-30 with a ``where`` mask on JAX (float32: ``4.6219944e-38`` for
+    ``4.6819694e-38``).  Lines whose rest is below ``4 n tiny / eps`` (so
+    that what is lost stays under ``eps / 4`` of it) are summed again with
+    the shift ``m - offset``, ``offset = -log(4 tiny / eps) - 6`` (64 for
+    float32, 665 for float64): their other terms are then at most
+    ``n e**-6``; the TwoSum of :func:`exp_difference` takes the differences,
+    and the rounding ``e`` of ``m - offset`` enters as ``1 - e``.
+    """
+    info = xp.finfo(accumulator)
+    n = math.prod([masked.shape[ax] for ax in axes])
+    ratio = 4 * float(info.smallest_normal) / float(info.eps)
+    offset = math.floor(-math.log(ratio)) - 6
+    need = (rest < n * ratio) & xp.isfinite(m)
+
+    def recompute():
+        moved, error = two_sum(xp, shift, -offset * xp.astype(need, shift.dtype))
+        terms = exp_difference(xp, masked, moved, accumulator)
+        again = accurate_sum(xp, xp.where(keep, terms, scalar(xp, 0.0, terms)), axes, accumulator)
+        return again * math.exp(-offset) * (1 - xp.astype(error, accumulator))
+
+    return numerics_for(xp).replaced(xp, rest, need, recompute)
 
 
 # ln 2 = _LN2 + _LN2_TAIL, _LN2 its float64 rounding.
