@@ -473,6 +473,14 @@ def test_complex_infinite_terms_have_a_defined_phase(backend, dtype):
     assert float(backend.to_numpy(value)) == -math.inf and complex(backend.to_numpy(sign)) == 0
 
 
+def _complex_dtype(backend, case: str) -> str:
+    """The complex dtype a case's name ends with; the test skips where ``backend`` has none."""
+    dtype = case.rsplit("-", 1)[1]
+    if dtype not in backend.complex_dtypes:
+        pytest.skip(f"{backend.id} has no {dtype}")
+    return dtype
+
+
 def _exact_complex_lse(a, b) -> complex:
     """``log(sum b e^a)`` (principal branch) in 400 bits: enough for sums within 1e-100 of 1."""
     with mpmath.workprec(400):
@@ -497,9 +505,7 @@ COMPLEX_EXTREME_WEIGHTS = {
 @pytest.mark.parametrize("case", list(COMPLEX_EXTREME_WEIGHTS))
 def test_complex_extreme_weights_count(backend, case):
     """Found 2026-11-30, the first cases by the review of the subnormal weights, the others by fuzzing the complex path."""
-    dtype = case.rsplit("-", 1)[1]
-    if dtype not in backend.complex_dtypes:
-        pytest.skip(f"{backend.id} has no {dtype}")
+    dtype = _complex_dtype(backend, case)
     a, b = COMPLEX_EXTREME_WEIGHTS[case]
     real = np.float32 if dtype == "complex64" else np.float64
     a, b = np.asarray(a, real), np.asarray(b, dtype)
@@ -528,9 +534,7 @@ COMPLEX_NEAR_ZERO = {
 def test_complex_sums_near_one_keep_their_log(backend, case):
     """Found 2026-11-30 while fixing the real weights' underflow.  Bound: 4 eps times the
     condition number in ``a`` (``|a_i| p_i / |lse|``, the weight of the small entry)."""
-    dtype = case.rsplit("-", 1)[1]
-    if dtype not in backend.complex_dtypes:
-        pytest.skip(f"{backend.id} has no {dtype}")
+    dtype = _complex_dtype(backend, case)
     values, weights, condition = COMPLEX_NEAR_ZERO[case]
     real = np.float32 if dtype == "complex64" else np.float64
     a = np.asarray(values, dtype)
@@ -558,9 +562,7 @@ COMPLEX_ROUNDED_DIFFERENCES = {
 @pytest.mark.parametrize("case", list(COMPLEX_ROUNDED_DIFFERENCES))
 def test_complex_terms_take_the_exact_difference(backend, case):
     """Bound: 4 eps of each part (at least 1); both were 5.8 to 31 eps with ``a - m`` rounded."""
-    dtype = case.rsplit("-", 1)[1]
-    if dtype not in backend.complex_dtypes:
-        pytest.skip(f"{backend.id} has no {dtype}")
+    dtype = _complex_dtype(backend, case)
     values, weights = COMPLEX_ROUNDED_DIFFERENCES[case]
     a, b = np.asarray(values, dtype), np.asarray(weights, dtype)
     exact = _exact_complex_lse(a, b)
