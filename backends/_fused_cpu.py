@@ -607,7 +607,12 @@ def _torch_run(call):
         from lse_dispatch._call import prepare
 
         views = [None if t is None else t.detach().numpy() for t in (a, call.b, where)]
-        result = _weighted_run(prepare(call.op, views[0], axis=call.axes, b=views[1], where=views[2],
+        # b in a's dtype (the call's compute dtype, which _torch_declines checked): a
+        # Python scalar b arrives as a tensor of torch's default float dtype or wider,
+        # and is weak, so it must not promote the views' call (float32 a with b=2.0
+        # gave a float64 result).
+        weights = views[1] if views[1].dtype == views[0].dtype else views[1].astype(views[0].dtype)
+        result = _weighted_run(prepare(call.op, views[0], axis=call.axes, b=weights, where=views[2],
                                        return_sign=call.return_sign), "torch")
     else:
         result = _run(call, (a.detach() if a.requires_grad else a).numpy(),

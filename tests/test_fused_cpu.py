@@ -780,6 +780,22 @@ def test_rough_log_is_below_the_log_by_at_most_its_deficit():
     assert np.max(exact - rough) <= K.ROUGH_DEFICIT - 3e-5
 
 
+@pytest.mark.parametrize("weight", [2.0, 2, True])
+def test_torch_weighted_python_scalar_is_weak(weight):
+    """Found 2026-11-30 by CI (order-dependent: only once the weighted kernel was loaded):
+    ``torch.fused`` ran a float32 tensor with ``b=2.0`` on NumPy views of ``a`` and of
+    ``b``'s float64 tensor, which promoted the result to float64; SciPy and the other
+    paths keep float32 (``tests/test_scipy_fidelity.py::test_python_scalars_are_weak``)."""
+    torch = pytest.importorskip("torch")
+    _fused_cpu.warm_up(("float32",))
+    a = torch.tensor([1.0, 2.0])
+    with lse_dispatch.use("torch.fused"), lse_dispatch.trace() as seen:
+        out = lse_dispatch.logsumexp(a, b=weight)
+    assert seen.records[-1].implementation == "torch.fused"
+    assert out.dtype == torch.float32
+    assert float(out) == pytest.approx(math.log(float(weight) * (math.e + math.e**2)), rel=1e-6)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_weighted_long_rows_and_ties(dtype):
     """Rows of several chunks of terms (``CHUNK``), entries tied at the max with signed
