@@ -310,15 +310,17 @@ def _rescued(rest: Array, n: int, rescaled) -> Array:
 
     ``rescaled`` takes the per-line mask (1.0 where the line needs it) and
     returns every line's rest from terms ``e**RESCUE`` larger, brought back; it
-    runs under a ``lax.cond``, so calls without such a line pay one predicate
-    (found by ``benchmarks/fuzz_kernels.py``: ``logsumexp([-85.97, -90.38, 0,
-    -102.63, -93.07])`` gave ``4.6219944e-38`` for ``4.6819694e-38``).
+    runs under the shared state's ``lax.cond`` (``JaxNumerics.replaced``), so
+    calls without such a line pay one predicate (found by
+    ``benchmarks/fuzz_kernels.py``: ``logsumexp([-85.97, -90.38, 0, -102.63,
+    -93.07])`` gave ``4.6219944e-38`` for ``4.6819694e-38``).
     """
-    import jax
     import jax.numpy as jnp
 
+    from lse_dispatch._numerics import numerics_for
+
     need = rest < n * RESCUED_REST
-    return jax.lax.cond(jnp.any(need), lambda: jnp.where(need, rescaled(need.astype(rest.dtype)), rest), lambda: rest)
+    return numerics_for(jnp).replaced(jnp, rest, need, lambda: rescaled(need.astype(rest.dtype)))
 
 
 def _exp_of_shift(m: Array, s: Array) -> Array:

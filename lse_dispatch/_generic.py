@@ -249,14 +249,12 @@ def _complex_terms(xp, a: Array, shift: Array, rows: Array, weighted_exp) -> Arr
     terms (``_state.exp_difference``), TwoSum gives the error ``e`` of the real
     part and the term is ``exp(d) (1 + e)`` (``weighted_exp(d, e)`` with
     weights, which adds the roundings of its own offsets to ``e``).  ``shift``
-    is finite on ``rows``; a difference that overflows (its term is 0) gets
-    ``e = 0``.
+    is finite on ``rows`` (other entries get ``d = 0``, ``e = 0``); a difference
+    that overflows (its term is 0) gets ``e = 0`` (:func:`_offset`).
     """
     zero = scalar(xp, 0.0, shift)
-    real = xp.where(rows, xp.real(a), zero)
-    _, error = two_sum(xp, real, -shift)
-    error = xp.where(rows & xp.isfinite(error), error, zero)
-    shifted = xp.where(rows, a - xp.astype(shift, a.dtype), xp.zeros_like(a))
+    shifted, error = _offset(xp, xp.where(rows, a, xp.zeros_like(a)), xp.where(rows, -shift, zero),
+                             xp.zeros_like(xp.real(a)))
     if weighted_exp is not None:
         return weighted_exp(shifted, error)
     return xp.exp(shifted) * xp.astype(1 + error, a.dtype)

@@ -221,18 +221,22 @@ def state_from_exponents(
     at_max = masked == m
     counted = at_max if included is None else (at_max & included)
 
-    if weight is None:
-        terms = exp_difference(xp, masked, shift, accumulator)
-    else:
-        terms = _weighted_terms(xp, exponent, unweighted, weight, shift, accumulator)
-    zero = scalar(xp, 0.0, terms)
-    if sign is not None:
-        # A where, not a product: 0 * inf at excluded b == 0 entries would warn.
-        terms = xp.where(sign < 0, -terms, terms)
     keep = ~at_max if included is None else (included & ~at_max)
-    rest = accurate_sum(xp, xp.where(keep, terms, zero), axes, accumulator)
+
+    def rest_from(shift):
+        if weight is None:
+            terms = exp_difference(xp, masked, shift, accumulator)
+        else:
+            terms = _weighted_terms(xp, exponent, unweighted, weight, shift, accumulator)
+        if sign is not None:
+            # A where, not a product: 0 * inf at excluded b == 0 entries would warn.
+            terms = xp.where(sign < 0, -terms, terms)
+        return accurate_sum(xp, xp.where(keep, terms, scalar(xp, 0.0, terms)), axes, accumulator)
+
+    rest = rest_from(shift)
     if weight is None and sign is None and numerics_for(xp).bitcast is not None:
-        rest = _flushed_terms_rescued(xp, masked, m, shift, keep, rest, axes, accumulator)
+        n = math.prod([masked.shape[ax] for ax in axes])
+        rest = _flushed_terms_rescued(xp, m, shift, rest, n, rest_from)
 
     if sign is None:
         at_max_value = xp.astype(counted, accumulator)
@@ -242,7 +246,7 @@ def state_from_exponents(
     return LSEState(m, count, rest)
 
 
-def _flushed_terms_rescued(xp, masked, m, shift, keep, rest, axes, accumulator) -> Array:
+def _flushed_terms_rescued(xp, m, shift, rest, n: int, rest_from) -> Array:
     """``rest`` of a library that flushes subnormal results (XLA, CuPy's float32), with the
     lines whose rest is tiny summed again from terms ``e**offset`` larger.
 
@@ -255,19 +259,17 @@ def _flushed_terms_rescued(xp, masked, m, shift, keep, rest, axes, accumulator) 
     the shift ``m - offset``, ``offset = -log(4 tiny / eps) - 6`` (64 for
     float32, 665 for float64): their other terms are then at most
     ``n e**-6``; the TwoSum of :func:`exp_difference` takes the differences,
-    and the rounding ``e`` of ``m - offset`` enters as ``1 - e``.
+    and the rounding ``e`` of ``m - offset`` enters as ``1 - e``.  ``rest_from(shift)``
+    is the rest of the ``n`` entries of each line relative to ``shift``.
     """
-    info = xp.finfo(accumulator)
-    n = math.prod([masked.shape[ax] for ax in axes])
+    info = xp.finfo(rest.dtype)
     ratio = 4 * float(info.smallest_normal) / float(info.eps)
     offset = math.floor(-math.log(ratio)) - 6
     need = (rest < n * ratio) & xp.isfinite(m)
 
     def recompute():
         moved, error = two_sum(xp, shift, -offset * xp.astype(need, shift.dtype))
-        terms = exp_difference(xp, masked, moved, accumulator)
-        again = accurate_sum(xp, xp.where(keep, terms, scalar(xp, 0.0, terms)), axes, accumulator)
-        return again * math.exp(-offset) * (1 - xp.astype(error, accumulator))
+        return rest_from(moved) * math.exp(-offset) * (1 - xp.astype(error, rest.dtype))
 
     return numerics_for(xp).replaced(xp, rest, need, recompute)
 
