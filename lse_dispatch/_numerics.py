@@ -216,7 +216,7 @@ def _weight_parts_from_bits(xp, b: Array, dtype, bitcast) -> tuple[Array, Array,
     converted ``b``.)
     """
     bits, magnitude, subnormal, k = _bit_fields(xp, b, bitcast)
-    nonzero = magnitude != 0
+    nonzero = _nonzero(xp, magnitude, xp.finfo(b.dtype).bits)
     one = scalar(xp, 1.0, b)
     sign = xp.where(bits < 0, -one, one)
     sign = xp.where(nonzero, sign, xp.zeros_like(sign))
@@ -234,12 +234,31 @@ def _subnormal_scaled_from_bits(xp, x: Array, s: int, bitcast) -> tuple[Array, A
     return subnormal, signed * scalar(xp, float(2.0 ** (s - k)), x)
 
 
+def _nonzero(xp, magnitude: Array, width: int) -> Array:
+    """``magnitude != 0`` of the sign-cleared bits of a ``width``-bit float, in a form no compiler turns back into ``x != 0``.
+
+    LLVM rewrites ``(bits & ~sign) != 0`` into the float comparison ``x !=
+    0.0`` (equivalent under IEEE arithmetic), which XLA's CPU runtime then
+    evaluates with subnormal operands read as 0.  Found on 2026-11-30: one
+    more conditional in a ``jax.grad`` program under ``jax.jit`` changed how
+    XLA fused the test, and the subnormal weight ``1e-310`` was dropped
+    (``d lse/d a`` 0 for 1).  LLVM also sees through a conversion of the
+    integer compared with 0, but not through the sum of the two halves'
+    conversions: both are exact small integers, and they add to 0 only
+    where both are 0.
+    """
+    half = width // 2
+    high = xp.astype(magnitude >> half, xp.float32)
+    low = xp.astype(magnitude & ((1 << half) - 1), xp.float32)
+    return high + low > 0
+
+
 def _bit_fields(xp, x: Array, bitcast) -> tuple[Array, Array, Array, int]:
     """``(bits, magnitude, subnormal, k)`` of a float16/32/64 array: its bits as integers,
     those without the sign, where it is subnormal, and ``k`` with ``2**-k`` the smallest subnormal."""
     info = xp.finfo(x.dtype)
     bits = bitcast(x, {8: xp.int64, 4: xp.int32, 2: xp.int16}[info.bits // 8])
     magnitude = bits & ((1 << (info.bits - 1)) - 1)
-    subnormal = (magnitude != 0) & (magnitude < (1 << info.nmant))
+    subnormal = _nonzero(xp, magnitude, info.bits) & (magnitude < (1 << info.nmant))
     k = -math.frexp(float(info.smallest_subnormal))[1] + 1
     return bits, magnitude, subnormal, k

@@ -234,7 +234,7 @@ def state_from_exponents(
         return accurate_sum(xp, xp.where(keep, terms, scalar(xp, 0.0, terms)), axes, accumulator)
 
     rest = rest_from(shift)
-    if weight is None and sign is None and numerics_for(xp).bitcast is not None:
+    if numerics_for(xp).bitcast is not None:
         n = math.prod([masked.shape[ax] for ax in axes])
         rest = _flushed_terms_rescued(xp, m, shift, rest, n, rest_from)
 
@@ -260,12 +260,13 @@ def _flushed_terms_rescued(xp, m, shift, rest, n: int, rest_from) -> Array:
     float32, 665 for float64): their other terms are then at most
     ``n e**-6``; the TwoSum of :func:`exp_difference` takes the differences,
     and the rounding ``e`` of ``m - offset`` enters as ``1 - e``.  ``rest_from(shift)``
-    is the rest of the ``n`` entries of each line relative to ``shift``.
+    is the rest of the ``n`` entries of each line relative to ``shift``;
+    signed rests (weights of both signs) are tested by magnitude.
     """
     info = xp.finfo(rest.dtype)
     ratio = 4 * float(info.smallest_normal) / float(info.eps)
     offset = math.floor(-math.log(ratio)) - 6
-    need = (rest < n * ratio) & xp.isfinite(m)
+    need = (xp.abs(rest) < n * ratio) & xp.isfinite(m)
 
     def recompute():
         moved, error = two_sum(xp, shift, -offset * xp.astype(need, shift.dtype))

@@ -676,3 +676,20 @@ def test_a_rest_of_flushed_terms_still_counts(backend, dtype, masked):
             a.astype(np.float64), where=where if masked else None)
         errors = oracle.ulp_error(got, exact, dtype)
         assert np.max(errors) <= ULPS, (op.__name__, float(np.max(errors)))
+
+
+@pytest.mark.parametrize("dtype", list(FLUSHED_RESTS))
+@pytest.mark.parametrize("signs", ["positive", "mixed"])
+def test_a_weighted_rest_of_flushed_terms_still_counts(backend, dtype, signs):
+    """The same lines with weights (JAX float32 under jit: 571 ulps for ``a = [0, -80, -90]``, ``b = 1``)."""
+    if dtype == "float64":
+        _needs_float64(backend)
+    a = np.asarray(FLUSHED_RESTS[dtype][:-1], dtype)
+    b = np.ones_like(a)
+    if signs == "mixed":
+        b[::2] = -1.0
+        b[2] = 1.0  # the max's own weight: the total stays positive
+    got = backend.to_numpy(backend.call(logsumexp, backend.asarray(a, dtype), b=backend.asarray(b, dtype)))
+    exact = oracle.exact_logsumexp(a.astype(np.float64), b=b.astype(np.float64))
+    errors = oracle.ulp_error(got, exact, dtype)
+    assert np.max(errors) <= ULPS, float(np.max(errors))
