@@ -86,7 +86,8 @@ class Numerics:
         return xp.sum(x, axis=-1, dtype=dtype)
 
     #: ``bitcast(x, int_dtype)``: the bits of a float array as integers of its
-    #: width, for a library that flushes subnormal operands to zero (XLA;
+    #: width (and ``bitcast(bits, float_dtype)`` back), for a library that
+    #: flushes subnormal operands to zero (XLA;
     #: CuPy's float32 kernels, compiled with ``-ftz=true``).  Weights are then
     #: read from their bits (:meth:`weight_parts`).  ``None``: no flushing.
     bitcast: Callable[[Array, Any], Array] | None = None
@@ -251,6 +252,25 @@ def _nonzero(xp, magnitude: Array, width: int) -> Array:
     high = xp.astype(magnitude >> half, xp.float32)
     low = xp.astype(magnitude & ((1 << half) - 1), xp.float32)
     return high + low > 0
+
+
+def binary_log_parts(xp, h: Array, bitcast) -> tuple[Array, Array]:
+    """``(k, log f)`` with ``h = f 2**k``, ``f`` in ``[1, 2)``, of positive normal ``h`` (float16/32/64),
+    read from the bits: ``k`` exactly (as a float of ``h``'s dtype), ``log f`` rounded once.
+
+    ``log h = k log 2 + log f`` then holds to the rounding of ``log f``
+    (below ``ln 2``) where ``k log 2`` is split as Cody and Waite split it:
+    ``log h`` itself is off by half an ulp of ``|log h|``.  Entries that are
+    not positive normal numbers give values of no meaning.
+    """
+    info = xp.finfo(h.dtype)
+    nmant = round(-math.log2(float(info.eps)))
+    bias = (1 << (info.bits - nmant - 2)) - 1
+    int_dtype = {8: xp.int64, 4: xp.int32, 2: xp.int16}[info.bits // 8]
+    bits = bitcast(h, int_dtype)
+    field = (bits >> nmant) & ((1 << (info.bits - nmant - 1)) - 1)
+    f = bitcast((bits & ((1 << nmant) - 1)) | (bias << nmant), h.dtype)
+    return xp.astype(field - bias, h.dtype), xp.log(f)
 
 
 def _bit_fields(xp, x: Array, bitcast) -> tuple[Array, Array, Array, int]:

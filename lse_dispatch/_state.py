@@ -280,14 +280,21 @@ _LN2 = 0.6931471805599453
 _LN2_TAIL = 2.3190468138462996e-17
 
 
+def ln2_parts(bits: int, eps: float) -> tuple[float, float]:
+    """``(C1, C2)``, ``C1 + C2 = ln 2`` with ``C1`` rounded to ``bits`` digits fewer than a
+    dtype with ``eps``: ``k C1`` is exact in it for integers ``|k| < 2**bits``."""
+    digits = round(1 - math.log2(eps)) - bits
+    high = round(_LN2 * 2.0**digits) / 2.0**digits
+    return high, (_LN2 - high) + _LN2_TAIL
+
+
 def underflow_shift(tiny: float, eps: float) -> tuple[float, float]:
     """``(s C1, s C2)`` of a dtype with smallest normal ``tiny = 2**-s`` and ``eps``:
     ``s ln 2 = s C1 + s C2`` with ``s C1`` exact (``C1`` has ``s.bit_length()``
     digits fewer than the dtype) and ``s C2`` rounded; see :func:`_weighted_terms`."""
     s = 1 - math.frexp(tiny)[1]
-    digits = round(1 - math.log2(eps)) - s.bit_length()
-    high = round(_LN2 * 2.0**digits) / 2.0**digits
-    return s * high, s * ((_LN2 - high) + _LN2_TAIL)
+    high, low = ln2_parts(s.bit_length(), eps)
+    return s * high, s * low
 
 
 def _weighted_terms(xp, exponent: Array, a: Array, weight: Array, shift: Array, accumulator) -> Array:

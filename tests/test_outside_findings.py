@@ -556,6 +556,13 @@ COMPLEX_ROUNDED_DIFFERENCES = {
     # A subnormal weight's exponent d - s ln 2 rounded (d = 100.6): 5.8 eps in the phase.
     "subnormal-weight-complex64": ([-9.631731033325195j, -59.42512893676758 + 8.105170249938965j],
                                    [1.401298464324817e-44j, 1.1128422672193873e-18 + 5.032215295012285e-19j]),
+    # A weight near 2.8e34: where the library flushes (XLA) its term is
+    # (b / |b|) exp(d + log|b|), and a rounded log|b| (79.3) cost 18.6 eps
+    # (benchmarks/fuzz_complex.py --library jax --seed 21).
+    "huge-weight-log-complex64": ([49.241214752197266, 0.031791605055332184, 0.0, 0.0, -0.0],
+                                  [-2487705665536 + 3540850573312j, 2.5301367713836953e-05 + 7.021746114332927e-06j,
+                                   7.162634876175877e-23 - 9.069420231355621e-23j,
+                                   2.809621533109871e+34 + 2.052075638911548e+33j, 64688564 - 12427979j]),
 }
 
 
