@@ -861,7 +861,7 @@ def _common_values(xp, t: Array, sa: Array, sb: Array, plan: DtypePlan) -> Array
         finite = xp.isfinite(top)
         zero = xp.zeros((), dtype=acc, device=array_api_compat.device(t))
         _, correction = two_sum(xp, xp.where(finite, sa_acc, zero), xp.where(finite, sb_acc, zero))
-        log_part = xp.log1p(t + correction * (1 + t))
+        log_part = xp.log1p(t + _carried(xp, correction) * (1 + t))
         value = top + log_part
     low, high = float(xp.min(value)), float(xp.max(value))
     smallest = 0.0 if low <= 0.0 <= high else min(abs(low), abs(high))
@@ -871,6 +871,20 @@ def _common_values(xp, t: Array, sa: Array, sb: Array, plan: DtypePlan) -> Array
     if smallest * _cancel_factor(xp, plan) < largest:
         return None
     return value
+
+
+def _carried(xp, correction: Array) -> Array:
+    """The rounding ``e`` of ``M = ma + mb`` as the rest carries it, ``(1 + T) e``: where ``|e| <= 1/2``.
+
+    ``(1 + T)(1 + e)`` stands for ``(1 + T) exp(e)`` to ``e**2 / 2``, at most
+    an eighth of ``ulp(M)`` since ``|e| <= ulp(M) / 2``.  A larger ``e``
+    (``|M| >= 2**53`` in float64, ``2**24`` in float32) made ``1 + e`` zero or
+    negative: ``logmatmulexp([[-1.]], [[2.**54]])`` gave ``-inf`` and
+    ``[-1e30] @ [-700]`` NaN (found by ``benchmarks/fuzz_semiring.py``).
+    There ``e`` is left out: at most half an ulp of ``M``, so the value
+    ``M + log P`` stays within an ulp.
+    """
+    return xp.where(xp.abs(correction) <= 0.5, correction, xp.zeros_like(correction))
 
 
 def _cancel_factor(xp, plan: DtypePlan) -> float:
@@ -961,7 +975,7 @@ def entry_states(xp, a, b, rows: tuple, columns: tuple, q: Array, plan: DtypePla
     big = p >= 0.5
     good_big = big if all_ok else (ok & big)
     # P >= 1/2: (M, 1, T), T carrying the rounding e of M = ma + mb as (1 + T) e.
-    rest_big = t if correction is None else t + correction * (one + t)
+    rest_big = t if correction is None else t + _carried(xp, correction) * (one + t)
     # P < 1/2: log P is not small, so the state is the rounded value itself.
     all_big = bool(xp.all(good_big)) if eager else False
     if all_big:  # the common case: no entry needs log P
@@ -1263,6 +1277,9 @@ def _slow_chunks(xp, a, b, y, slow, plan):
 def product_vjp(xp, a: Array, b: Array, y: Array, g: Array, plan: DtypePlan) -> tuple[Array, Array]:
     """``(ga, gb)`` on the broadcast shapes (compute dtype), eager namespaces: fast entries by
     matrix products, slow ones (see :func:`product_parts`) from their own pairs."""
+    if a.shape[-1] == 0:  # y is -inf, constant: no max of an empty row (torch raises)
+        device = array_api_compat.device(a)
+        return xp.zeros(a.shape, dtype=a.dtype, device=device), xp.zeros(b.shape, dtype=b.dtype, device=device)
     parts = product_parts(xp, a, b, y)
     ga, gb = product_vjp_fast(xp, parts, g)
     slow = parts[3]
@@ -1291,6 +1308,8 @@ def product_vjp(xp, a: Array, b: Array, y: Array, g: Array, plan: DtypePlan) -> 
 
 def product_jvp(xp, a: Array, b: Array, y: Array, da, db, plan: DtypePlan) -> Array:
     """Tangent of ``y = logmatmulexp(a, b)`` (matrices, broadcast shapes), eager namespaces."""
+    if a.shape[-1] == 0:  # y is -inf, constant (see product_vjp)
+        return xp.zeros_like(y)
     parts = product_parts(xp, a, b, y)
     dy = product_jvp_fast(xp, parts, da, db)
     slow = parts[3]

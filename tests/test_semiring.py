@@ -408,6 +408,10 @@ def _product_inputs(name: str):
         return 3 * rng.random((5, 20)), 3 * rng.random(20)
     if name == "vector-vector":
         return np.array([0.0, -40.0, -41.0]), np.array([0.0, 0.0, 1.0])
+    if name == "huge-sums":
+        # ma + mb rounds by an ulp or more (|M| >= 2**53 in float64, 2**24 in
+        # float32): -inf and NaN before (benchmarks/fuzz_semiring.py).
+        return np.array([[-1.0, -5.0], [-700.0, -703.0]]), np.array([[2.0**54, -1e30, 2.0**25], [2.0**54, -1e30, 2.0**25]])
     raise KeyError(name)
 
 
@@ -426,6 +430,7 @@ PRODUCT_CASES = [
     "vector-matrix",
     "matrix-vector",
     "vector-vector",
+    "huge-sums",
 ]
 
 
@@ -815,3 +820,27 @@ def test_hmm_example_small_runs():
     done = subprocess.run([sys.executable, str(script), "--small"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "(p underflows to 0)" in done.stdout and done.stdout.rstrip().endswith("ok"), done.stdout
+
+
+@pytest.mark.parametrize("lib", ["torch", "jax"])
+def test_logmatmulexp_derivatives_of_an_empty_inner_dimension(lib):
+    """k = 0: y is -inf, constant; its derivatives are 0 (torch raised IndexError from
+    the max of an empty row, found by benchmarks/fuzz_semiring.py)."""
+    shapes = ((2, 0), (0, 3))
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        a, b = (torch.zeros(s, dtype=torch.float64, requires_grad=True) for s in shapes)
+        logmatmulexp(a, b).sum().backward()
+        assert a.grad.shape == shapes[0] and b.grad.shape == shapes[1]
+        ones = tuple(torch.ones(s, dtype=torch.float64) for s in shapes)
+        value, tangent = torch.func.jvp(logmatmulexp, (a.detach(), b.detach()), ones)
+        value, tangent = value.numpy(), tangent.numpy()
+    else:
+        jax = pytest.importorskip("jax")
+        jnp = pytest.importorskip("jax.numpy")
+        args = tuple(jnp.zeros(s, jnp.float32) for s in shapes)
+        grads = jax.grad(lambda a, b: jnp.sum(logmatmulexp(a, b)), argnums=(0, 1))(*args)
+        assert grads[0].shape == shapes[0] and grads[1].shape == shapes[1]
+        value, tangent = (np.asarray(t) for t in jax.jvp(logmatmulexp, args, tuple(jnp.ones(s, jnp.float32) for s in shapes)))
+    assert np.all(value == -inf) and value.shape == (2, 3)
+    np.testing.assert_array_equal(tangent, np.zeros((2, 3)))
