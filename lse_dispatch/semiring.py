@@ -274,7 +274,7 @@ def recurrence_states(xp, x: Array, accumulator) -> LSEState:
     alpha = exp_difference(xp, before, shift, accumulator)  # 0 after an empty prefix
     beta = xp.where(m > before, alpha, terms)
     nothing = xp.zeros((rows, 1), dtype=accumulator, device=device)
-    rest = _linear_scan(xp, alpha, beta, nothing)
+    rest = _linear_scan(xp, alpha, beta, nothing, before, shift, accumulator)
     m, count = _non_finite_prefixes(xp, lines, m, first, xp.ones_like(rest), nothing)
     return LSEState(*(xp.reshape(field, shape) for field in (m, count, rest)))
 
@@ -445,7 +445,7 @@ def _scan_tile(xp, x: Array, carry: LSEState, acc, block: int) -> tuple[LSEState
     record = xp.astype(top_max > prev_max, acc)
     beta = alpha * record + sums[:, :, block - 1]
     carry_t = (carry.count - one_acc) + carry.rest
-    ends = _linear_scan(xp, alpha, beta, carry_t)  # E_b = alpha_b E_{b-1} + beta_b
+    ends = _linear_scan(xp, alpha, beta, carry_t, prev_max, shift, acc)  # E_b = alpha_b E_{b-1} + beta_b
     before_ends = xp.concat([carry_t, ends[:, : nb - 1]], axis=1)
     entering = alpha * (before_ends + record)
     rest = entering[:, :, None] + sums
@@ -467,19 +467,28 @@ def _scan_tile(xp, x: Array, carry: LSEState, acc, block: int) -> tuple[LSEState
     return LSEState(m, count, rest), last
 
 
-def _linear_scan(xp, alpha: Array, beta: Array, initial: Array) -> Array:
-    """Inclusive ``E_b = alpha_b E_{b-1} + beta_b`` along the last axis, ``E_{-1} = initial``.
+def _linear_scan(xp, alpha: Array, beta: Array, initial: Array, before: Array, reference: Array, acc) -> Array:
+    """Inclusive ``E_b = alpha_b E_{b-1} + beta_b`` along the last axis, ``E_{-1} = initial``,
+    where ``alpha_b = exp(before_b - reference_b)`` (``before_b`` the reference of ``b - 1``).
 
     Log-step: composing ``(alpha1, beta1)`` then ``(alpha2, beta2)`` gives
     ``(alpha1 alpha2, alpha2 beta1 + beta2)``.  Every quantity is
-    non-negative, so each level adds at most two roundings relative.
+    non-negative, so each level adds at most two roundings relative.  The
+    composed ``alpha`` of a span telescopes to ``exp(before_first -
+    reference_last)``, and is formed so, one ``exp`` of an exact difference
+    (``_state.exp_difference``), not as the product of the span's
+    ``alpha``: that product kept every factor's rounding, one per rise of
+    the running max (41.7 ulps on a float64 line of 10000 entries rising by
+    1e-4 each, found by ``benchmarks/fuzz_semiring.py``).
     """
     nb = alpha.shape[-1]
     s = 1
+    start = before  # the reference before each position's span
     while s < nb:
         # Positions before s have nothing s places back: they keep their pair.
         beta = xp.concat([beta[..., :s], beta[..., s:] + alpha[..., s:] * beta[..., : nb - s]], axis=-1)
-        alpha = xp.concat([alpha[..., :s], alpha[..., s:] * alpha[..., : nb - s]], axis=-1)
+        start = xp.concat([start[..., :s], start[..., : nb - s]], axis=-1)
+        alpha = xp.concat([alpha[..., :s], exp_difference(xp, start[..., s:], reference[..., s:], acc)], axis=-1)
         s *= 2
     return alpha * initial + beta
 
