@@ -236,7 +236,7 @@ def state_from_exponents(
     rest = rest_from(shift)
     if numerics_for(xp).bitcast is not None:
         n = math.prod([masked.shape[ax] for ax in axes])
-        rest = _flushed_terms_rescued(xp, m, shift, rest, n, rest_from)
+        rest = flushed_terms_rescued(xp, m, shift, rest, n, rest_from)
 
     if sign is None:
         at_max_value = xp.astype(counted, accumulator)
@@ -246,7 +246,7 @@ def state_from_exponents(
     return LSEState(m, count, rest)
 
 
-def _flushed_terms_rescued(xp, m, shift, rest, n: int, rest_from) -> Array:
+def flushed_terms_rescued(xp, m, shift, rest, n: int, rest_from) -> Array:
     """``rest`` of a library that flushes subnormal results (XLA, CuPy's float32), with the
     lines whose rest is tiny summed again from terms ``e**offset`` larger.
 

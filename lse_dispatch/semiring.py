@@ -78,7 +78,16 @@ import array_api_compat
 
 from ._namespace import DtypePlan, plan_dtypes, resolve_namespace, scalar
 from ._numerics import numerics_for
-from ._state import LSEState, exp_difference, finalize, merge, reduce_max, state_from_exponents, two_sum
+from ._state import (
+    LSEState,
+    exp_difference,
+    finalize,
+    flushed_terms_rescued,
+    merge,
+    reduce_max,
+    state_from_exponents,
+    two_sum,
+)
 from ._validate import AxisError
 
 __all__ = ["logcumsumexp", "logmatmulexp"]
@@ -270,11 +279,23 @@ def recurrence_states(xp, x: Array, accumulator) -> LSEState:
     first = xp.full((rows, 1), -math.inf, dtype=x.dtype, device=device)
     before = xp.concat([first, m[:, : n - 1]], axis=1)
     shift = xp.where(m == -math.inf, scalar(xp, 0.0, m), m)
-    terms = exp_difference(xp, xs, shift, accumulator)  # exp(x_i - m_i) <= 1; 0 for -inf
-    alpha = exp_difference(xp, before, shift, accumulator)  # 0 after an empty prefix
-    beta = xp.where(m > before, alpha, terms)
     nothing = xp.zeros((rows, 1), dtype=accumulator, device=device)
-    rest = _linear_scan(xp, alpha, beta, nothing, before, shift, accumulator)
+
+    def rest_from(reference):
+        # Each position's rest relative to its (finite) reference; the
+        # reference before it is the previous one's (-inf after an empty prefix).
+        previous = xp.concat([first, xp.where(m == -math.inf, m, reference)[:, : n - 1]], axis=1)
+        terms = exp_difference(xp, xs, reference, accumulator)  # exp(x_i - m_i) <= 1; 0 for -inf
+        alpha = exp_difference(xp, previous, reference, accumulator)  # 0 after an empty prefix
+        beta = xp.where(m > before, alpha, terms)
+        return _linear_scan(xp, alpha, beta, nothing, previous, reference, accumulator)
+
+    rest = rest_from(shift)
+    if numerics_for(xp).bitcast is not None:
+        # The terms a flushing library loses (XLA: below 2**-126 of the
+        # reference), as in the logsumexp state: prefixes whose rest is tiny
+        # are summed again with references e**offset lower.
+        rest = flushed_terms_rescued(xp, m, shift, rest, n, rest_from)
     m, count = _non_finite_prefixes(xp, lines, m, first, xp.ones_like(rest), nothing)
     return LSEState(*(xp.reshape(field, shape) for field in (m, count, rest)))
 

@@ -204,6 +204,19 @@ def test_a_running_max_that_rises_at_every_entry(backend, dtype, n):
     assert_oracle(backend.to_numpy(out), exact, dtype, "creeping max")
 
 
+@pytest.mark.parametrize("dtype, tail", [("float32", -88.0), ("float64", -709.5)])
+def test_prefixes_made_of_flushed_terms_still_count(backend, dtype, tail):
+    """A max of 0 and 200 entries whose terms are subnormal: XLA flushed them (JAX float32:
+    0.0 for 1.2109204e-36, found by benchmarks/fuzz_semiring.py); now summed again with
+    references e**offset lower, as the logsumexp state does."""
+    _need(backend, dtype)
+    values = round_to(np.r_[0.0, np.full(200, tail)], dtype)
+    exact = _split(oracle.exact_logcumsumexp(values))
+    got = backend.to_numpy(backend.call(logcumsumexp, backend.asarray(values, dtype)))
+    # The first prefixes' results are themselves subnormal (flushed there too): from the 5th on.
+    assert_oracle(got[5:], tuple(part[5:] for part in exact), dtype, "flushed tail")
+
+
 def _forced(backend):
     """The namespaces whose scan method can be forced (eager ones)."""
     if backend.lazy or backend.jit or backend.name == "jax":
