@@ -713,26 +713,23 @@ def main(argv=None) -> int:
         for name, run in runs.items():
             key = (name, case["op"], case["dtype"])
             stats = worst.setdefault(key, {"all": (-1.0, ""), "kappa<=1": (-1.0, ""), "beyond": 0, "flagged": 0})
+            failure = None
             try:
                 got = run(case)
             except Exception as error:
-                flagged += 1
-                beyond += 1
-                stats["flagged"] += 1
-                stats["beyond"] += 1
-                print(f"FLAG {name} {case['op']} {case['dtype']}: raised {type(error).__name__}: {str(error)[:200]} "
-                      f"on {describe(case)}", flush=True)
-                continue
-            if got is None:
-                continue
+                failure = f"raised {type(error).__name__}: {str(error)[:200]}"
+            else:
+                if got is None:
+                    continue
+                if got.shape != hi.shape or str(got.dtype) != case["dtype"]:
+                    failure = f"shape/dtype {got.shape} {got.dtype} (want {hi.shape} {case['dtype']})"
             text = describe(case)
-            if got.shape != hi.shape or str(got.dtype) != case["dtype"]:
+            if failure is not None:
                 flagged += 1
                 beyond += 1
                 stats["flagged"] += 1
                 stats["beyond"] += 1
-                print(f"FLAG {name} {case['op']} {case['dtype']}: shape/dtype {got.shape} {got.dtype} "
-                      f"(want {hi.shape} {case['dtype']}) on {text}", flush=True)
+                print(f"FLAG {name} {case['op']} {case['dtype']}: {failure} on {text}", flush=True)
                 continue
             if not got.size:
                 continue
