@@ -506,14 +506,6 @@ def reference(case):
     return exact, source
 
 
-def split(exact):
-    """Double-double ``hi + lo`` of the ``mpf`` values."""
-    flat = exact.reshape(-1)
-    hi = np.array([float(e) for e in flat], dtype=np.float64)
-    lo = np.array([float(e - h) if np.isfinite(h) else 0.0 for e, h in zip(flat, hi)], dtype=np.float64)
-    return hi.reshape(exact.shape), lo.reshape(exact.shape)
-
-
 def ulp_errors(got, hi, lo, dtype):
     """``oracle.ulp_error`` vectorised; a finite exact value beyond the range scores 0 against its overflow."""
     got = np.asarray(got, dtype=np.float64)
@@ -708,7 +700,7 @@ def main(argv=None) -> int:
         except Exception as error:  # the oracle can fail too; say so
             print(f"reference failed: {describe(case)}: {type(error).__name__}: {error}", flush=True)
             continue
-        hi, lo = split(exact)
+        hi, lo = oracle.double_double(exact)
         kappa = conditions(case, hi)
         for name, run in runs.items():
             key = (name, case["op"], case["dtype"])

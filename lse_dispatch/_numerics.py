@@ -216,8 +216,7 @@ def _weight_parts_from_bits(xp, b: Array, dtype, bitcast) -> tuple[Array, Array,
     subnormal too, so the log is taken from the significand, never from a
     converted ``b``.)
     """
-    bits, magnitude, subnormal, k = _bit_fields(xp, b, bitcast)
-    nonzero = _nonzero(xp, magnitude, xp.finfo(b.dtype).bits)
+    bits, magnitude, nonzero, subnormal, k = _bit_fields(xp, b, bitcast)
     one = scalar(xp, 1.0, b)
     sign = xp.where(bits < 0, -one, one)
     sign = xp.where(nonzero, sign, xp.zeros_like(sign))
@@ -229,7 +228,7 @@ def _weight_parts_from_bits(xp, b: Array, dtype, bitcast) -> tuple[Array, Array,
 
 def _subnormal_scaled_from_bits(xp, x: Array, s: int, bitcast) -> tuple[Array, Array]:
     """:meth:`Numerics.subnormal_scaled` from the bits: ``x = n * 2**-k``, so ``x * 2**s = n * 2**(s - k)``, exact."""
-    bits, magnitude, subnormal, k = _bit_fields(xp, x, bitcast)
+    bits, magnitude, _, subnormal, k = _bit_fields(xp, x, bitcast)
     n = xp.astype(xp.where(subnormal, magnitude, xp.zeros_like(magnitude)), x.dtype)  # < 2**nmant: exact
     signed = xp.where(bits < 0, -n, n)
     return subnormal, signed * scalar(xp, float(2.0 ** (s - k)), x)
@@ -264,21 +263,27 @@ def binary_log_parts(xp, h: Array, bitcast) -> tuple[Array, Array]:
     not positive normal numbers give values of no meaning.
     """
     info = xp.finfo(h.dtype)
-    nmant = round(-math.log2(float(info.eps)))
+    nmant = info.nmant
     bias = (1 << (info.bits - nmant - 2)) - 1
-    int_dtype = {8: xp.int64, 4: xp.int32, 2: xp.int16}[info.bits // 8]
-    bits = bitcast(h, int_dtype)
+    bits = _int_bits(xp, h, bitcast)
     field = (bits >> nmant) & ((1 << (info.bits - nmant - 1)) - 1)
     f = bitcast((bits & ((1 << nmant) - 1)) | (bias << nmant), h.dtype)
     return xp.astype(field - bias, h.dtype), xp.log(f)
 
 
-def _bit_fields(xp, x: Array, bitcast) -> tuple[Array, Array, Array, int]:
-    """``(bits, magnitude, subnormal, k)`` of a float16/32/64 array: its bits as integers,
-    those without the sign, where it is subnormal, and ``k`` with ``2**-k`` the smallest subnormal."""
+def _int_bits(xp, x: Array, bitcast) -> Array:
+    """The bits of a float16/32/64 array as integers of its width."""
+    return bitcast(x, {8: xp.int64, 4: xp.int32, 2: xp.int16}[xp.finfo(x.dtype).bits // 8])
+
+
+def _bit_fields(xp, x: Array, bitcast) -> tuple[Array, Array, Array, Array, int]:
+    """``(bits, magnitude, nonzero, subnormal, k)`` of a float16/32/64 array: its bits as
+    integers, those without the sign, where it is not zero (:func:`_nonzero`), where it is
+    subnormal, and ``k`` with ``2**-k`` the smallest subnormal."""
     info = xp.finfo(x.dtype)
-    bits = bitcast(x, {8: xp.int64, 4: xp.int32, 2: xp.int16}[info.bits // 8])
+    bits = _int_bits(xp, x, bitcast)
     magnitude = bits & ((1 << (info.bits - 1)) - 1)
-    subnormal = _nonzero(xp, magnitude, info.bits) & (magnitude < (1 << info.nmant))
+    nonzero = _nonzero(xp, magnitude, info.bits)
+    subnormal = nonzero & (magnitude < (1 << info.nmant))
     k = -math.frexp(float(info.smallest_subnormal))[1] + 1
-    return bits, magnitude, subnormal, k
+    return bits, magnitude, nonzero, subnormal, k

@@ -260,7 +260,7 @@ def recurrence_states(xp, x: Array, accumulator) -> LSEState:
     ``exp(x_i - m_i)`` or, at a new max (whose entry becomes the designated
     one), the former designated term ``alpha_i``.  Solved log-step by
     :func:`_linear_scan`: every quantity is non-negative, so no level
-    cancels, and prefix ``i`` sees ``ceil(log2 n)`` levels of two roundings.
+    cancels, and prefix ``i`` sees ``ceil(log2 n)`` levels of 3.5 roundings.
     This is the blocked scan with one entry per block; it is what lazy and
     traced namespaces run (a few operations per level, where the merge scan
     carries three arrays through every level: JAX compiles it several times
@@ -493,14 +493,15 @@ def _linear_scan(xp, alpha: Array, beta: Array, initial: Array, before: Array, r
     where ``alpha_b = exp(before_b - reference_b)`` (``before_b`` the reference of ``b - 1``).
 
     Log-step: composing ``(alpha1, beta1)`` then ``(alpha2, beta2)`` gives
-    ``(alpha1 alpha2, alpha2 beta1 + beta2)``.  Every quantity is
-    non-negative, so each level adds at most two roundings relative.  The
-    composed ``alpha`` of a span telescopes to ``exp(before_first -
-    reference_last)``, and is formed so, one ``exp`` of an exact difference
-    (``_state.exp_difference``), not as the product of the span's
-    ``alpha``: that product kept every factor's rounding, one per rise of
-    the running max (41.7 ulps on a float64 line of 10000 entries rising by
-    1e-4 each, found by ``benchmarks/fuzz_semiring.py``).
+    ``(alpha1 alpha2, alpha2 beta1 + beta2)``.  The composed ``alpha`` of a
+    span telescopes to ``exp(before_first - reference_last)``, and is formed
+    so, one ``exp`` of an exact difference (``_state.exp_difference``, about
+    1.5 roundings), not as the product of the span's ``alpha``: that product
+    kept every factor's rounding, one per rise of the running max (41.7 ulps
+    on a float64 line of 10000 entries rising by 1e-4 each, found by
+    ``benchmarks/fuzz_semiring.py``).  Every quantity is non-negative, so
+    each level adds at most 3.5 roundings relative (that ``exp``, the
+    product and the sum).
     """
     nb = alpha.shape[-1]
     s = 1

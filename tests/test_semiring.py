@@ -35,14 +35,6 @@ REAL_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _PRECISION = {"float16": 11, "bfloat16": 8, "float32": 24, "float64": 53}
 
 
-def _split(exact: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The oracle's ``mpf`` values as double-double ``hi + lo`` (NaN/inf in ``hi``, ``lo`` 0)."""
-    flat = exact.reshape(-1)
-    hi = np.array([float(e) for e in flat], dtype=np.float64)
-    lo = np.array([float(e - h) if np.isfinite(h) else 0.0 for e, h in zip(flat, hi)], dtype=np.float64)
-    return hi.reshape(exact.shape), lo.reshape(exact.shape)
-
-
 def ulp_errors(got, exact, dtype: str) -> np.ndarray:
     """``oracle.ulp_error``, vectorised through a double-double copy of the exact values.
 
@@ -52,7 +44,7 @@ def ulp_errors(got, exact, dtype: str) -> np.ndarray:
     oracle's own loop costs tens of microseconds per entry; the 2**16-entry
     cases have 2**16 of them per call.)
     """
-    hi, lo = exact if isinstance(exact, tuple) else _split(np.asarray(exact, dtype=object))
+    hi, lo = exact if isinstance(exact, tuple) else oracle.double_double(exact)
     got = np.asarray(got, dtype=np.float64)
     got, hi, lo = np.broadcast_arrays(got, hi, lo)
     finite = np.isfinite(hi) & np.isfinite(got)
@@ -170,8 +162,8 @@ SCAN_CASES = ["dominant", "dominant-late", "ties", "offset", "offset-axis0", "un
 def _scan_case(name: str, dtype: str):
     values, axis = _scan_inputs(name)
     values = round_to(values, dtype)
-    forward = _split(oracle.exact_logcumsumexp(values, axis=axis))
-    return values, axis, forward, _split(oracle.exact_logcumsumexp(values, axis=axis, reverse=True))
+    forward = oracle.double_double(oracle.exact_logcumsumexp(values, axis=axis))
+    return values, axis, forward, oracle.double_double(oracle.exact_logcumsumexp(values, axis=axis, reverse=True))
 
 
 @pytest.mark.parametrize("dtype", REAL_DTYPES)
@@ -190,7 +182,7 @@ def test_logcumsumexp_matches_the_oracle(backend, name, dtype):
 @functools.cache
 def _creeping(n: int, dtype: str):
     values = round_to(np.arange(n) * 1e-4, dtype)
-    return values, _split(oracle.exact_logcumsumexp(values))
+    return values, oracle.double_double(oracle.exact_logcumsumexp(values))
 
 
 @pytest.mark.parametrize("dtype, n", [("float32", 1000), ("float64", 3000)])
@@ -211,7 +203,7 @@ def test_prefixes_made_of_flushed_terms_still_count(backend, dtype, tail):
     references e**offset lower, as the logsumexp state does."""
     _need(backend, dtype)
     values = round_to(np.r_[0.0, np.full(200, tail)], dtype)
-    exact = _split(oracle.exact_logcumsumexp(values))
+    exact = oracle.double_double(oracle.exact_logcumsumexp(values))
     got = backend.to_numpy(backend.call(logcumsumexp, backend.asarray(values, dtype)))
     # The first prefixes' results are themselves subnormal (flushed there too): from the 5th on.
     assert_oracle(got[5:], tuple(part[5:] for part in exact), dtype, "flushed tail")
@@ -468,7 +460,7 @@ PRODUCT_CASES = [
 def _product_case(name: str, dtype: str):
     a, b = _product_inputs(name)
     a, b = round_to(a, dtype), round_to(b, dtype)
-    return a, b, _split(oracle.exact_logmatmulexp(a, b))
+    return a, b, oracle.double_double(oracle.exact_logmatmulexp(a, b))
 
 
 @pytest.mark.parametrize("dtype", REAL_DTYPES)
