@@ -287,7 +287,10 @@ def recurrence_states(xp, x: Array, accumulator) -> LSEState:
         previous = xp.concat([first, xp.where(m == -math.inf, m, reference)[:, : n - 1]], axis=1)
         terms = exp_difference(xp, xs, reference, accumulator)  # exp(x_i - m_i) <= 1; 0 for -inf
         alpha = exp_difference(xp, previous, reference, accumulator)  # 0 after an empty prefix
-        beta = xp.where(m > before, alpha, terms)
+        # At a new max the former designated term joins the rest: exp(m_{i-1} - reference_i),
+        # which is alpha where the references are the maxima themselves.
+        designated = alpha if reference is shift else exp_difference(xp, before, reference, accumulator)
+        beta = xp.where(m > before, designated, terms)
         return _linear_scan(xp, alpha, beta, nothing, previous, reference, accumulator)
 
     rest = rest_from(shift)

@@ -196,17 +196,26 @@ def test_a_running_max_that_rises_at_every_entry(backend, dtype, n):
     assert_oracle(backend.to_numpy(out), exact, dtype, "creeping max")
 
 
-@pytest.mark.parametrize("dtype, tail", [("float32", -88.0), ("float64", -709.5)])
-def test_prefixes_made_of_flushed_terms_still_count(backend, dtype, tail):
+@pytest.mark.parametrize("dtype, tail, risen", [("float32", -88.0, -76.0), ("float64", -709.5, -700.0)])
+@pytest.mark.parametrize("rise", [False, True])
+def test_prefixes_made_of_flushed_terms_still_count(request, backend, dtype, tail, risen, rise):
     """A max of 0 and 200 entries whose terms are subnormal: XLA flushed them (JAX float32:
     0.0 for 1.2109204e-36, found by benchmarks/fuzz_semiring.py); now summed again with
-    references e**offset lower, as the logsumexp state does."""
+    references e**offset lower, as the logsumexp state does.  ``rise``: an entry ``risen``
+    first, which becomes a term of the rest when the max rises to 0 (the rescue once left
+    that term unscaled: JAX float32 0.0 for 8.79e-34)."""
     _need(backend, dtype)
-    values = round_to(np.r_[0.0, np.full(200, tail)], dtype)
+    if rise and dtype == "float64" and backend.name in ("numpy", "torch", "dask"):
+        # Found with this case, open: the blocked scan (NumPy, torch, Dask chunks) is
+        # 7.3 ulps off at prefix 176 (9.988829139255006e-305 for ...4992e-305).
+        request.applymarker(pytest.mark.xfail(strict=True, reason="blocked scan, float64 rise over subnormal terms"))
+    values = round_to(np.r_[[risen] if rise else [], 0.0, np.full(200, tail)], dtype)
     exact = oracle.double_double(oracle.exact_logcumsumexp(values))
     got = backend.to_numpy(backend.call(logcumsumexp, backend.asarray(values, dtype)))
-    # The first prefixes' results are themselves subnormal (flushed there too): from the 5th on.
-    assert_oracle(got[5:], tuple(part[5:] for part in exact), dtype, "flushed tail")
+    # Without the rise the first prefixes' results are themselves subnormal (flushed
+    # there too): from the 5th on.
+    start = 0 if rise else 5
+    assert_oracle(got[start:], tuple(part[start:] for part in exact), dtype, "flushed tail")
 
 
 def _forced(backend):
