@@ -137,10 +137,10 @@ def product_rows(repeats: int, quick: bool) -> list[dict]:
 _SCAN_PAIRS = (("ours (numpy)", "np.logaddexp.accumulate"), ("ours (torch)", "torch.logcumsumexp"))
 
 
-def scan_rows(repeats: int, quick: bool) -> list[dict]:
+def scan_rows(repeats: int, quick: bool, dtype: str = "float32") -> list[dict]:
     rng = np.random.default_rng(1)
     n = 1024 if quick else 4096
-    x = rng.standard_normal((n, n)).astype(np.float32)
+    x = rng.standard_normal((n, n)).astype(dtype)
     rows = []
     try:
         import torch
@@ -161,7 +161,7 @@ def scan_rows(repeats: int, quick: bool) -> list[dict]:
                 }
             )
         med = _rounds(candidates, repeats)
-        rows.append(_ratio_row("logcumsumexp / native (target <= 2)", f"({n}, {n}) float32, axis {axis}", med,
+        rows.append(_ratio_row("logcumsumexp / native (target <= 2)", f"({n}, {n}) {dtype}, axis {axis}", med,
                                *_SCAN_PAIRS))
     # The worst case of the blocked scan: every block gets a new maximum.
     increasing = np.sort(x, axis=1)
@@ -179,7 +179,7 @@ def scan_rows(repeats: int, quick: bool) -> list[dict]:
         )
     med = _rounds(candidates, max(3, repeats // 2))
     rows.append(_ratio_row("logcumsumexp / native, rows sorted increasing (every block redone)",
-                           f"({n}, {n}) float32, axis 1", med, *_SCAN_PAIRS))
+                           f"({n}, {n}) {dtype}, axis 1", med, *_SCAN_PAIRS))
     return rows
 
 
@@ -214,6 +214,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="half-size inputs (not the targets' shapes)")
     parser.add_argument("--only", choices=("product", "scan"), default=None, help="run one half")
+    parser.add_argument("--scan-dtype", choices=("float32", "float64"), default="float32",
+                        help="dtype of the scan rows (the targets are float32)")
     parser.add_argument("--json", default=None, help="also write the rows and the environment here")
     args = parser.parse_args(argv)
     env = environment()
@@ -224,7 +226,7 @@ def main(argv=None) -> int:
     print("| measure | shape | numpy | torch |")
     print("|---|---|---:|---:|", flush=True)
     rows = []
-    sections = [("product", product_rows), ("scan", scan_rows)]
+    sections = [("product", product_rows), ("scan", lambda repeats, quick: scan_rows(repeats, quick, args.scan_dtype))]
     for name, section in sections:
         if args.only not in (None, name):
             continue
