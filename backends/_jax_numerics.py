@@ -8,8 +8,10 @@ around one measured behaviour of XLA (jax 0.10, CPU):
   finite entries (a (10, 1024) row), so the NaN is put back, taken from the
   input itself (a NaN constant would trip ``jax.debug_nans``);
 * ``log1p``: XLA's float64 ``log1p`` is up to 128 ulps off on (-0.5, 0);
-* ``sum_last``: float32 sums without a wider accumulator are grouped sums
-  plus exact limb sums, fused by XLA (no optimization barriers);
+* ``sum``: sums without a wider accumulator are grouped sums plus exact
+  limb sums along one trailing axis, fused by XLA (no optimization
+  barriers), instead of the default's extraction, whose three reductions
+  XLA would not fuse with the terms;
 * ``bitcast``: XLA flushes subnormal operands (``1e-310 != 0`` is False),
   so weights are read from their bits (``Numerics.weight_parts``);
 * ``weights``: a concrete ``b`` with subnormal entries inside a staged
@@ -41,6 +43,11 @@ __all__ = ["JaxNumerics"]
 
 Array = Any
 
+# Sums over more than this many elements run along a contiguous trailing axis,
+# as limb sums (JaxNumerics.sum).
+PAIRWISE_THRESHOLD = 32
+
+
 class JaxNumerics(Numerics):
     """The shared math's hook for JAX arrays (see the module docstring)."""
 
@@ -70,8 +77,23 @@ class JaxNumerics(Numerics):
     def log1p(self, xp, x: Array) -> Array:
         return _log1p(xp, x)
 
-    def sum_last(self, xp, x: Array, dtype) -> Array:
-        return _fused_sum_last(xp, x)
+    def sum(self, xp, x: Array, axes: tuple[int, ...], dtype, *, nonnegative: bool = False, integral: bool = False) -> Array:
+        # Fused limb sums (_fused_sum_last) along one contiguous trailing axis:
+        # within about a rounding, in passes XLA fuses (the default's three
+        # reductions would not fuse with the terms).
+        reduced = math.prod([x.shape[ax] for ax in axes])
+        if x.dtype != dtype or reduced < PAIRWISE_THRESHOLD:
+            return xp.sum(x, axis=axes, dtype=dtype, keepdims=True)
+        kept = tuple(ax for ax in range(x.ndim) if ax not in axes)
+        order = kept + tuple(axes)
+        moved = x if order == tuple(range(x.ndim)) else xp.permute_dims(x, order)
+        kept_shape = tuple(x.shape[ax] for ax in kept)
+        # Through 1-D: a reshape to (kept, n) may return the strided view itself,
+        # while flattening lays the reduced entries out contiguously, last.
+        flat = xp.reshape(xp.reshape(moved, (-1,)), kept_shape + (reduced,))
+        total = _fused_sum_last(xp, flat)
+        keep_shape = tuple(1 if ax in axes else x.shape[ax] for ax in range(x.ndim))
+        return xp.reshape(total, keep_shape)
 
     def bitcast(self, x: Array, dtype) -> Array:
         import jax

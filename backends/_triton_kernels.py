@@ -138,6 +138,24 @@ def _exp_difference(x, m, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _order_free_sum(v, axis: tl.constexpr):
+    """Sum of non-negative float64 ``v`` over ``axis``, within about one rounding in any reduction order.
+
+    ``lse_dispatch._numerics.extracted_sum`` in a kernel: with ``S`` the
+    plain sum and ``sigma = 4 S``, ``high = (sigma + v) - sigma`` sums
+    exactly in any order, ``low = v - high`` is below ``ulp(sigma) / 2``.  A
+    tree reduction's roundings can all go one way (equal terms after a
+    larger one); float32 input's float64 sums need none of this.
+    """
+    total = tl.sum(v, axis=axis)
+    ok = _finite(total * 4.0)
+    sigma = tl.expand_dims(tl.where(ok, total * 4.0, 0.0), axis)
+    high = (sigma + v) - sigma
+    low = v - high
+    return tl.where(ok, tl.sum(high, axis=axis) + tl.sum(low, axis=axis), total)
+
+
+@triton.jit
 def _merge(m1, c1, r1, m2, c2, r2, WIDE: tl.constexpr):
     """_state.merge for states whose merged max is finite (elementwise).
 
@@ -262,7 +280,10 @@ def _one_pass_kernel(x_ptr, w_ptr, out_ptr, value_ptr, m_ptr, count_ptr, rest_pt
     at_max = included & (masked == m[:, None])
     terms = _exp_difference(masked, m[:, None], WIDE)
     count = tl.sum(at_max.to(tl.float64), axis=1)
-    rest = tl.sum(tl.where(included & (~at_max), terms, 0.0), axis=1)
+    if WIDE:
+        rest = tl.sum(tl.where(included & (~at_max), terms, 0.0), axis=1)
+    else:
+        rest = _order_free_sum(tl.where(included & (~at_max), terms, 0.0), 1)
     m = tl.where(has_nan, float("nan"), m)
     _finish(m, count, rest, rows, row_ok, m_ptr, count_ptr, rest_ptr, special_ptr, value_ptr, n_rows, OP, WIDE)
     if OP != 0:
@@ -290,6 +311,7 @@ def _part_state_kernel(x_ptr, w_ptr, pm_ptr, pc_ptr, pr_ptr, n_cols, n_parts,
         run_m = tl.full([], float("-inf"), tl.float64)
     acc_count = tl.zeros([BLOCK], tl.float64)
     acc_rest = tl.zeros([BLOCK], tl.float64)
+    acc_low = tl.zeros([BLOCK], tl.float64)  # float64 input: each lane's rounding errors (TwoSum)
     acc_nan = tl.zeros([BLOCK], tl.int32)
     start = part.to(tl.int64) * (BLOCK * TILES)
     for tile in range(TILES):
@@ -304,14 +326,24 @@ def _part_state_kernel(x_ptr, w_ptr, pm_ptr, pc_ptr, pr_ptr, n_cols, n_parts,
         acc_rest = tl.where(grow, (acc_count + acc_rest) * scale, acc_rest)
         acc_count = tl.where(grow, 0.0, acc_count)
         at_max = included & (masked == new_m)
-        terms = _exp_difference(masked, new_m, WIDE)
+        terms = tl.where(included & (~at_max), _exp_difference(masked, new_m, WIDE), 0.0)
         acc_count += at_max.to(tl.float64)
-        acc_rest += tl.where(included & (~at_max), terms, 0.0)
+        if WIDE:
+            acc_rest += terms
+        else:
+            acc_low = tl.where(grow, acc_low * scale, acc_low)
+            total = acc_rest + terms
+            b_virtual = total - acc_rest
+            acc_low += (acc_rest - (total - b_virtual)) + (terms - b_virtual)
+            acc_rest = total
         run_m = new_m
     has_nan = tl.max(acc_nan, axis=0) > 0
     tl.store(pm_ptr + pid, tl.where(has_nan, float("nan"), run_m))
     tl.store(pc_ptr + pid, tl.sum(acc_count, axis=0))
-    tl.store(pr_ptr + pid, tl.sum(acc_rest, axis=0))
+    if WIDE:
+        tl.store(pr_ptr + pid, tl.sum(acc_rest, axis=0))
+    else:
+        tl.store(pr_ptr + pid, _order_free_sum(acc_rest, 0) + tl.sum(acc_low, axis=0))
 
 
 @triton.jit
@@ -347,7 +379,11 @@ def _merge_rows_kernel(pm_ptr, pc_ptr, pr_ptr, n_parts, value_ptr, m_ptr, count_
         acc_count += tl.where(on_top, part_count, 0.0)
         acc_rest += tl.where(on_top, part_rest, (part_count + part_rest) * weight)
     has_nan = tl.max(nan, axis=0) > 0
-    _finish(tl.where(has_nan, float("nan"), m), tl.sum(acc_count, axis=0), tl.sum(acc_rest, axis=0), row, True,
+    if WIDE:
+        rest = tl.sum(acc_rest, axis=0)
+    else:
+        rest = _order_free_sum(acc_rest, 0)
+    _finish(tl.where(has_nan, float("nan"), m), tl.sum(acc_count, axis=0), rest, row, True,
             m_ptr, count_ptr, rest_ptr, special_ptr, value_ptr, n_rows, OP, WIDE)
 
 

@@ -168,7 +168,8 @@ def state_of(call):
 
 
 class DaskNumerics(Numerics):
-    """Dask's hook: sums stay per chunk and combine in a tree (a reshape to one trailing axis would rechunk)."""
+    """Dask's hook: its laziness and its semiring kernels (the default order-free sums stay per chunk,
+    combined in a tree: no reshape to one trailing axis, which would rechunk)."""
 
     lazy = True  # values are computed when the graph runs
 
@@ -176,9 +177,6 @@ class DaskNumerics(Numerics):
         from . import _dask_semiring
 
         return _dask_semiring
-
-    def sum(self, xp, x, axes, dtype):
-        return xp.sum(x, axis=axes, dtype=dtype, keepdims=True)
 
 
 def _kernels():

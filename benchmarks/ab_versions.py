@@ -4,11 +4,14 @@ Usage (two non-editable installs, e.g. of an older commit and of the checkout):
 
     pip install --no-deps --target /tmp/pkg_old <old checkout>
     pip install --no-deps --target /tmp/pkg_new .
-    python benchmarks/ab_versions.py --old /tmp/pkg_old --new /tmp/pkg_new --rounds 5
+    python benchmarks/ab_versions.py --old /tmp/pkg_old --new /tmp/pkg_new --rounds 5 [--dtype float64]
 
 Each round starts one process per build, alternating; a process times every
 case with the kernel forced by name (``numpy.blocked`` / ``torch.blocked``,
-one intra-op thread, best of five batches) and prints JSON.  The ratio
+one intra-op thread, best of five batches) and prints JSON.  With ``--dtype
+float64`` the softmax and log_softmax cases run the generic path, which
+float64 softmax takes where the compiled kernels are not loaded (the
+blocked kernels decline it).  The ratio
 new/old per case is the median over the rounds, with every round's ratio
 beside it and the load average of the run.
 """
@@ -33,13 +36,14 @@ import json, sys, time, statistics
 import numpy as np, torch
 torch.set_num_threads(1)
 import lse_dispatch
-cases = json.loads(sys.argv[1]); out = {}
+cases = json.loads(sys.argv[1]); dtype = sys.argv[2]; out = {}
 rng = np.random.default_rng(0)
 for lib, op, shape, axis in cases:
-    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
     if lib == "torch": x = torch.from_numpy(x)
     fn = getattr(lse_dispatch, op)
-    with lse_dispatch.use(lib + ".blocked"):
+    kernel = lib + ".blocked" if op == "logsumexp" or dtype == "float32" else "generic"
+    with lse_dispatch.use(kernel):
         fn(x, axis=axis)
         size = x.numel() if lib == "torch" else x.size
         n = 3 if size > 10**6 else (200 if size > 100 else 2000)
@@ -51,9 +55,9 @@ for lib, op, shape, axis in cases:
     out[f"{lib} {op} {tuple(shape)} {axis}"] = min(times)
 print(json.dumps(out))
 '''
-def run(path: str) -> dict:
+def run(path: str, dtype: str) -> dict:
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(CASES)], capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(CASES), dtype], capture_output=True, text=True, env=env)
     if done.returncode:
         print(done.stderr[-3000:])
         raise SystemExit(1)
@@ -63,11 +67,12 @@ def main() -> None:
     parser.add_argument("--old", required=True, help="folder of the old build (pip install --target)")
     parser.add_argument("--new", required=True, help="folder of the new build")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     args = parser.parse_args()
     ratios: dict = {}
     print("load average at the start:", os.getloadavg())
     for _ in range(args.rounds):
-        old, new = run(args.old), run(args.new)
+        old, new = run(args.old, args.dtype), run(args.new, args.dtype)
         for key in old:
             ratios.setdefault(key, []).append(new[key] / old[key])
     print("load average at the end:", os.getloadavg())

@@ -33,6 +33,8 @@ def _lse_cases():
          np.array([0.0, -800.0]), np.array([1e-300, 1e300]), None, np.float64),
         ("logsumexp of 70,000 zeros, float16", zeros16, None, None, np.float16),
         ("logsumexp down axis 0 of a (2**20, 2) array, float32", strided, None, 0, np.float32),
+        ("logsumexp([0, -1] + [-37] * 100000), float64", np.concatenate([[0.0, -1.0], np.full(100_000, -37.0)]),
+         None, None, np.float64),
     ]
 
 

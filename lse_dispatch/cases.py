@@ -143,6 +143,20 @@ _ACCURACY_INPUTS: dict[str, tuple[Callable[[str], dict], dict, tuple[str, ...]]]
     "small-values": (_random(8, lambda g: g.uniform(-3, 3, 64)), {}, ("float64", "float32", "float16", "bfloat16")),
 }
 
+
+
+def _equal_tail(dtype: str, columns: int | None = None) -> dict:
+    """A max of 0, a term ``e**-1``, and 5000 equal terms of about a ulp of the sum (``e**-37`` in
+    float64, ``e**-17`` otherwise): a plain sum's roundings all go one way (float64 on torch:
+    10.7 ulps before sums became order-free)."""
+    tail = -37.0 if dtype == "float64" else -17.0
+    line = np.concatenate([[0.0, -1.0], np.full(5000, tail)])
+    return {"a": round_to(line if columns is None else np.tile(line[:, None], (1, columns)), dtype)}
+
+
+_ACCURACY_INPUTS["equal-terms-after-a-larger-one"] = (_equal_tail, {}, ("float64", "float32"))
+_ACCURACY_INPUTS["equal-terms-down-columns"] = (lambda dtype: _equal_tail(dtype, 3), {"axis": 0}, ("float64", "float32"))
+
 # Long reductions: a pairwise-summed 2**20 row, and 2**20 entries down a
 # strided axis (a column of a C-ordered array), where a sequential float32
 # sum would lose ~sqrt(n) ulps.  logsumexp only: the oracle's cost is per entry.
