@@ -26,7 +26,15 @@ from . import _dispatch
 from ._call import prepare
 from ._namespace import plan_dtypes
 from ._ops import Op
-from ._state import LSEState, finalize, log_softmax_from_state, merge, softmax_from_state, undefined_where
+from ._state import (
+    LSEState,
+    finalize,
+    log_softmax_from_state,
+    merge,
+    merge_compensated,
+    softmax_from_state,
+    undefined_where,
+)
 from ._validate import broadcast_shapes, normalize_axis
 
 __all__ = [
@@ -173,7 +181,10 @@ class OnlineLogSumExp:
 
     def __init__(self, axis=None):
         self.axis = axis
-        self.state: LSEState | None = None
+        # The chunks' states merged as a binary counter, as (chunks, state, low):
+        # at most log2(chunks) of them, each a balanced tree of merges (a lazy
+        # graph log2(chunks) merges deep), the rests' roundings kept in low.
+        self._levels: list[tuple[int, LSEState, Any]] = []
         self.chunks = 0
         # (reduced axes, shape) of the chunks, set with the first state.
         self._axes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
@@ -190,25 +201,44 @@ class OnlineLogSumExp:
                 f"argument 'chunk' has {len(call.shape)} dimensions; earlier chunks had {len(self._axes[1])}"
             )
         state = _state_of_call(call)
-        if self.state is not None:
+        if self._levels:
+            earlier = self._levels[0][1].max
             try:
-                array_api_compat.array_namespace(self.state.max, state.max)
+                array_api_compat.array_namespace(earlier, state.max)
             except TypeError:
                 raise TypeError(
                     f"argument 'chunk' is a {type(call.a).__module__}.{type(call.a).__name__}, but the stream's "
-                    f"earlier chunks were {type(self.state.max).__module__}.{type(self.state.max).__name__}: "
+                    f"earlier chunks were {type(earlier).__module__}.{type(earlier).__name__}: "
                     "one OnlineLogSumExp takes chunks of one array library"
                 ) from None
-        self.state = state if self.state is None else merge(call.xp, self.state, state)
+        size, low = 1, call.xp.zeros_like(state.rest)
+        while self._levels and self._levels[-1][0] == size:
+            _, earlier_state, earlier_low = self._levels.pop()
+            state, low = merge_compensated(call.xp, earlier_state, earlier_low, state, low)
+            size *= 2
+        self._levels.append((size, state, low))
         self._axes = (call.axes, call.shape)
         self._result_dtype = call.plan.result
         self.chunks += 1
         return self
 
+    @property
+    def state(self) -> LSEState | None:
+        """The running state (``None`` before the first chunk), its rest with the carried roundings added."""
+        if not self._levels:
+            return None
+        _, state, low = self._levels[0]
+        xp = array_api_compat.array_namespace(state.rest)
+        for _, other, other_low in self._levels[1:]:
+            state, low = merge_compensated(xp, state, low, other, other_low)
+        m, count, rest = state
+        return LSEState(m, count, rest + low)
+
     def _require_state(self) -> LSEState:
-        if self.state is None:
+        state = self.state
+        if state is None:
             raise ValueError("OnlineLogSumExp has seen no chunk yet; call update() first")
-        return self.state
+        return state
 
     def result(self, *, return_sign=False):
         """The logsumexp of every chunk so far (reduced axes removed)."""
@@ -304,10 +334,10 @@ def _blocked_state(array, axes: tuple[int, ...], block_bytes: int, release=None)
             _blocked_state(array[i : i + rows], axes, block_bytes, release) for i in range(0, array.shape[0], rows)
         ]
     if 0 in axes:
-        total = pieces[0]
+        total, low = pieces[0], xp.zeros_like(pieces[0].rest)
         for piece in pieces[1:]:
-            total = merge(xp, total, piece)
-        return total
+            total, low = merge_compensated(xp, total, low, piece, xp.zeros_like(piece.rest))
+        return LSEState(total.max, total.count, total.rest + low)
     return LSEState(*(xp.concat([piece[k] for piece in pieces], axis=0) for k in range(3)))
 
 

@@ -275,6 +275,31 @@ def test_online_matches_eager_on_a_stream(backend):
     assert running.chunks == 4
 
 
+def test_a_long_stream_of_equal_chunks_keeps_its_roundings(backend):
+    """``[0, -1]`` and then 300 chunks of ten equal terms of about an ulp of the rest:
+    merged one after another, each merge rounded the same way (float64 NumPy and torch: 82
+    ulps before ``merge_compensated``).  Merged as a binary counter, Dask's graph is
+    log2(300) merges deep (a chain of 240 merges overflowed its recursion limit)."""
+    tail = -37.0 if backend.dtype == "float64" else -17.0
+    head = np.array([0.0, -1.0])
+    chunk = np.full(10, tail)
+    running = OnlineLogSumExp().update(backend(head))
+    for _ in range(300):
+        running.update(backend(chunk))
+    whole = np.concatenate([head] + [chunk] * 300).astype(backend.dtype)
+    errors = ulp_error(backend.numpy(running.result()), exact_logsumexp(whole), np.dtype(backend.dtype))
+    assert np.all(errors <= 4), f"{backend.name}: {np.max(errors):.2f} ulps"
+
+
+def test_blocked_logsumexp_keeps_the_roundings_of_its_merges(tmp_path):
+    """The same stream through a memmap read 20 entries at a time (28 ulps before)."""
+    values = np.concatenate([[0.0, -1.0], np.full(3000, -37.0)])
+    array = np.memmap(tmp_path / "tail.f64", dtype=np.float64, mode="w+", shape=values.shape)
+    array[:] = values
+    errors = ulp_error(logsumexp_blocked(array, block_bytes=160), exact_logsumexp(values), np.dtype(np.float64))
+    assert np.all(errors <= 4), f"{np.max(errors):.2f} ulps"
+
+
 def test_online_log_softmax_is_exact_at_the_max():
     running = OnlineLogSumExp().update(np.array([0.0])).update(np.array([-40.0]))
     assert running.log_softmax(np.array([0.0]))[0] == -4.248354255291589e-18
