@@ -82,6 +82,7 @@ from ._state import (
     LSEState,
     exp_difference,
     finalize,
+    flush_ratio,
     flushed_terms_rescued,
     merge,
     reduce_max,
@@ -1057,6 +1058,13 @@ def entry_states(xp, a, b, rows: tuple, columns: tuple, q: Array, plan: DtypePla
     cancels = xp.abs(value) * _cancel_factor(xp, plan) < size
     if any_eq:
         cancels = cancels & ~eq
+    if numerics_for(xp).bitcast is not None:
+        # A library that flushes subnormal results lost every term below the
+        # smallest normal from q and g: where the rest is that small, the
+        # pairs are summed again, with the logsumexp state's rescue (JAX
+        # float32: [0] + [-88] * 200 against zeros gave 0.0 for 1.2109203e-36).
+        flushed = good_big & (xp.abs(rest_big) < k * flush_ratio(xp, acc))
+        cancels = cancels | flushed
     fallback = fallback | (cancels if all_ok else ok & cancels)
     if eager and empty is None and not bool(xp.any(fallback)):
         return None, fallback, value  # nothing will read the states

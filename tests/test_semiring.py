@@ -445,6 +445,15 @@ def _product_inputs(name: str):
         # ma + mb rounds by an ulp or more (|M| >= 2**53 in float64, 2**24 in
         # float32): -inf and NaN before (benchmarks/fuzz_semiring.py).
         return np.array([[-1.0, -5.0], [-700.0, -703.0]]), np.array([[2.0**54, -1e30, 2.0**25], [2.0**54, -1e30, 2.0**25]])
+    if name == "flushed-tail":
+        # A max of 0 and terms below the smallest normal (float32 and float64), first
+        # alone and then after a larger one: XLA flushed them (JAX float32: 0.0 for
+        # 1.2109203e-36, benchmarks/fuzz_semiring.py).
+        tails = [(-88.0, -80.0), (-709.5, -700.0)]
+        a = np.array([np.r_[0.0, f, np.full(200, t)] for t, f in tails] + [np.r_[f, 0.0, np.full(200, t)] for t, f in tails])
+        b = np.zeros((202, 2))
+        b[5, 1] = 1e-3
+        return a, b
     raise KeyError(name)
 
 
@@ -464,6 +473,7 @@ PRODUCT_CASES = [
     "matrix-vector",
     "vector-vector",
     "huge-sums",
+    "flushed-tail",
 ]
 
 
@@ -476,8 +486,13 @@ def _product_case(name: str, dtype: str):
 
 @pytest.mark.parametrize("dtype", REAL_DTYPES)
 @pytest.mark.parametrize("name", PRODUCT_CASES)
-def test_logmatmulexp_matches_the_oracle(backend, name, dtype):
+def test_logmatmulexp_matches_the_oracle(request, backend, name, dtype):
     _need(backend, dtype)
+    if name == "flushed-tail" and dtype == "float64" and backend.name in ("torch", "dask"):
+        # Open (session 10): the float64 product sums k in chunks of 32 by the library's
+        # matrix product, whose roundings go one way on equal terms after a larger one
+        # (torch 14.1 ulps, Dask 7.1, NumPy's OpenBLAS within 4; docs/semiring.md).
+        request.applymarker(pytest.mark.xfail(strict=True, reason="float64 product: one-way roundings in a chunk"))
     a, b, exact = _product_case(name, dtype)
     out = backend.call(logmatmulexp, backend.asarray(a, dtype), backend.asarray(b, dtype))
     backend.check_array(out, dtype, exact[0].shape)
