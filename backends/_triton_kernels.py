@@ -119,6 +119,14 @@ def _log1p(x):
 
 
 @triton.jit
+def _two_sum(a, b):
+    """``s = fl(a + b)`` and its exact rounding error (Knuth's TwoSum, as ``_state.two_sum``)."""
+    s = a + b
+    b_virtual = s - a
+    return s, (a - (s - b_virtual)) + (b - b_virtual)
+
+
+@triton.jit
 def _exp_difference(x, m, WIDE: tl.constexpr):
     """exp(x - m) in float64 without the rounding of x - m.
 
@@ -129,10 +137,7 @@ def _exp_difference(x, m, WIDE: tl.constexpr):
     if WIDE:
         return tl.exp(x.to(tl.float64) - m.to(tl.float64))
     else:
-        d = x - m
-        b_virtual = d - x
-        a_virtual = d - b_virtual
-        e = (x - a_virtual) + (-m - b_virtual)
+        d, e = _two_sum(x, -m)
         e = tl.where(_finite(e), e, 0.0)
         return tl.exp(d) * (1.0 + e)
 
@@ -332,10 +337,8 @@ def _part_state_kernel(x_ptr, w_ptr, pm_ptr, pc_ptr, pr_ptr, n_cols, n_parts,
             acc_rest += terms
         else:
             acc_low = tl.where(grow, acc_low * scale, acc_low)
-            total = acc_rest + terms
-            b_virtual = total - acc_rest
-            acc_low += (acc_rest - (total - b_virtual)) + (terms - b_virtual)
-            acc_rest = total
+            acc_rest, error = _two_sum(acc_rest, terms)
+            acc_low += error
         run_m = new_m
     has_nan = tl.max(acc_nan, axis=0) > 0
     tl.store(pm_ptr + pid, tl.where(has_nan, float("nan"), run_m))

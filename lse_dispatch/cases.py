@@ -144,7 +144,6 @@ _ACCURACY_INPUTS: dict[str, tuple[Callable[[str], dict], dict, tuple[str, ...]]]
 }
 
 
-
 def _equal_tail(dtype: str, columns: int | None = None) -> dict:
     """A max of 0, a term ``e**-1``, and 5000 equal terms of about a ulp of the sum (``e**-37`` in
     float64, ``e**-17`` otherwise): a plain sum's roundings all go one way (float64 on torch:
