@@ -1165,7 +1165,10 @@ def pair_states(xp, x: Array, y: Array, axis: int, plan: DtypePlan) -> LSEState:
         return state
     finite = xp.isfinite(total)
     _, error = two_sum(xp, xp.where(finite, x, zero), xp.where(finite, y, zero))
-    error = xp.where(finite, error, zero)
+    # An error above 1/2 (a sum beyond 2**53) is left out, as in ``_carried``:
+    # ``1 + e`` would be zero or negative (JAX float64 ``[[-1.]] @ [[2.**54]]``,
+    # whose rest looked flushed and went to the pairs, gave -inf).
+    error = _carried(xp, xp.where(finite, error, zero))
     shift = xp.where(xp.isfinite(state.max), state.max, zero)
     terms = exp_difference(xp, xp.where(finite, total, scalar(xp, -math.inf, total)), shift, acc)
     correction = xp.sum(error * terms, axis=axis, keepdims=True)

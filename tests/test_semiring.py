@@ -445,6 +445,10 @@ def _product_inputs(name: str):
         # ma + mb rounds by an ulp or more (|M| >= 2**53 in float64, 2**24 in
         # float32): -inf and NaN before (benchmarks/fuzz_semiring.py).
         return np.array([[-1.0, -5.0], [-700.0, -703.0]]), np.array([[2.0**54, -1e30, 2.0**25], [2.0**54, -1e30, 2.0**25]])
+    if name == "huge-single":
+        # The same with k = 1: JAX took the pairs' fallback (the rest is 0, as if
+        # flushed), whose rest carried 1 + e <= 0: -inf (benchmarks/fuzz_semiring.py).
+        return np.array([[-1.0], [3.0]]), np.array([[2.0**54, -(2.0**25), 2.0**25]])
     if name == "flushed-tail":
         # A max of 0 and terms below the smallest normal (float32 and float64), first
         # alone and then after a larger one: XLA flushed them (JAX float32: 0.0 for
@@ -481,6 +485,7 @@ PRODUCT_CASES = [
     "matrix-vector",
     "vector-vector",
     "huge-sums",
+    "huge-single",
     "flushed-tail",
     "equal-tail",
 ]
