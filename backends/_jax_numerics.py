@@ -63,6 +63,27 @@ class JaxNumerics(Numerics):
 
         return jax.lax.cummax(x, axis=axis)
 
+    def fold_chunks(self, xp, step, carry, arrays: tuple, axes: tuple[int, ...], chunk: int):
+        """One ``lax.scan`` over the chunks (padded with zeros to whole chunks), not a graph per chunk.
+
+        float32 ``logmatmulexp`` without x64 over ``k = 4096`` (128 chunks of
+        six products) took 25 s to compile as a Python loop, 5.7 s with one
+        product per chunk before the products were split.
+        """
+        import jax
+
+        length = arrays[0].shape[axes[0]]
+        count = -(-length // chunk)
+        stacked = []
+        for x, axis in zip(arrays, axes):
+            axis %= x.ndim
+            if count * chunk != length:
+                x = xp.pad(x, [(0, count * chunk - length) if i == axis else (0, 0) for i in range(x.ndim)])
+            x = xp.reshape(x, x.shape[:axis] + (count, chunk) + x.shape[axis + 1 :])
+            stacked.append(xp.moveaxis(x, axis, 0))
+        carry, _ = jax.lax.scan(lambda state, pieces: (step(state, pieces), None), carry, tuple(stacked))
+        return carry
+
     def matmul(self, xp, x: Array, y: Array) -> Array:
         import jax
 

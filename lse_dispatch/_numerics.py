@@ -148,6 +148,21 @@ class Numerics:
         """``x @ y`` at the library's full precision."""
         return xp.matmul(x, y)
 
+    def fold_chunks(self, xp, step: Callable, carry: Any, arrays: tuple, axes: tuple[int, ...], chunk: int) -> Any:
+        """``carry = step(carry, pieces)`` over consecutive chunks of ``chunk`` entries along each array's axis.
+
+        ``pieces`` holds one chunk of every array (``axes[i]`` of ``arrays[i]``,
+        all of one length); the last chunk may be shorter.  Returns the last
+        carry.  Lazy libraries may run it as a loop of their own (JAX: one
+        ``lax.scan``, whose body compiles once, the last chunk padded with zeros).
+        """
+        length = arrays[0].shape[axes[0]]
+        for start in range(0, length, chunk):
+            stop = min(length, start + chunk)
+            pieces = tuple(x[(..., slice(start, stop)) + (slice(None),) * (-axis - 1)] for x, axis in zip(arrays, axes))
+            carry = step(carry, pieces)
+        return carry
+
     def quiet(self):
         """A context in which overflow to ``inf`` and underflow to 0 raise no warning."""
         return contextlib.nullcontext()

@@ -821,28 +821,35 @@ def _accurate_product(xp, x: Array, y: Array, widened: bool) -> tuple[Array, Arr
     x1, y1 = _truncated(xp, x, bits), _truncated(xp, y, bits)
     x12, y12 = _truncated(xp, x, 2 * bits), _truncated(xp, y, 2 * bits)
     x2, x3, y2, y3, y23 = x12 - x1, x - x12, y12 - y1, y - y12, y - y1
-    high: Array = None
-    low: Array = None
-    rest: Array = None
-    chunks = 0
-    for start in range(0, k, chunk):
-        c = slice(start, min(k, start + chunk))
-        first = _matmul(xp, x1[..., c], y1[..., c, :])
-        second = _matmul(xp, x1[..., c], y2[..., c, :]) + _matmul(xp, x2[..., c], y1[..., c, :])
-        small = _matmul(xp, x1[..., c], y3[..., c, :]) + _matmul(xp, x2[..., c], y23[..., c, :])
-        small = small + _matmul(xp, x3[..., c], y[..., c, :])
-        chunks += 1
-        part, error = two_sum(xp, first, second)
-        if high is not None:
-            part, more = two_sum(xp, high, part)
+    slices, axes = (x1, x2, x3, y1, y2, y3, y23, y), (-1,) * 3 + (-2,) * 5
+    if k <= chunk:
+        high, error, small = _split_parts(xp, slices)
+        low, rest = small + error, small + xp.abs(error)
+    else:
+        zero = xp.zeros(tuple(x.shape[:-1]) + (y.shape[-1],), dtype=x.dtype, device=array_api_compat.device(x))
+
+        def step(carry, pieces):
+            high, low, rest = carry
+            part, error, small = _split_parts(xp, pieces)
+            high, more = two_sum(xp, high, part)
             error = error + more
-        high = part
-        low = small + error if low is None else low + (small + error)
-        rest = small + xp.abs(error) if rest is None else rest + (small + xp.abs(error))
+            return high, low + (small + error), rest + (small + xp.abs(error))
+
+        high, low, rest = numerics_for(xp).fold_chunks(xp, step, (zero, zero, zero), slices, axes, chunk)
     # Each chunk's rest within (C + 2) u of itself; the additions of ``low``
     # within 2 u per chunk of their terms, TwoSum's errors included.
-    slack = ((chunk + 2 * chunks + 3) * (eps / 2) * (1 + 1e-3)) * rest
+    slack = ((chunk + 2 * -(-k // chunk) + 3) * (eps / 2) * (1 + 1e-3)) * rest
     return high + low, slack
+
+
+def _split_parts(xp, slices: tuple) -> tuple[Array, Array, Array]:
+    """One chunk's ``(high, error, small)``: the exact products summed by TwoSum, and the rest."""
+    x1, x2, x3, y1, y2, y3, y23, y = slices
+    first = _matmul(xp, x1, y1)
+    second = _matmul(xp, x1, y2) + _matmul(xp, x2, y1)
+    small = _matmul(xp, x1, y3) + _matmul(xp, x2, y23)
+    high, error = two_sum(xp, first, second)
+    return high, error, small + _matmul(xp, x3, y)
 
 
 def _expm1_difference(xp, x: Array, shift: Array, acc) -> Array:
