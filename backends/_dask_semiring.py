@@ -25,7 +25,7 @@ import numpy as np
 
 from lse_dispatch import semiring
 from lse_dispatch._namespace import DtypePlan
-from lse_dispatch._state import finalize, merge
+from lse_dispatch._state import LSEState, finalize, merge_compensated
 
 __all__ = ["logcumsumexp", "logmatmulexp", "takes"]
 
@@ -37,14 +37,22 @@ def _numpy():
 
 
 def _scan_block(block, carry, axis: int, plan: DtypePlan):
-    """One block of the chain: ``(values, final state)``; ``carry`` is the previous block's final state."""
+    """One block of the chain: ``(values, (final state, its low))``; ``carry`` is the previous block's pair.
+
+    The final state passed on is the carry merged with the block's own state
+    (``semiring.carried_state``), its rounding kept in ``low``: rescaled once
+    per block, a carry gathered a rounding per block (float64, a max creeping
+    up by ``1e-4`` over 10000 entries in 625 blocks of 16: 4.71 ulps).
+    """
     xp = _numpy()
     moved = np.moveaxis(np.asarray(block, dtype=plan.compute), axis, -1)
+    previous = low = None
     if carry is not None:
-        carry = carry[1]
+        previous, low = carry[1]
     with semiring._quiet(xp):
-        values, final = semiring.blocked_with_carry(xp, moved, plan, carry)
-    return np.moveaxis(values, -1, axis), final
+        values, final = semiring.blocked_with_carry(xp, moved, plan, previous)
+        final, low = semiring.carried_state(xp, moved, previous, low, final, plan)
+    return np.moveaxis(values, -1, axis), (final, low)
 
 
 def takes(*arrays) -> bool:
@@ -89,7 +97,7 @@ def _block_product(a_blocks, b_blocks, plan: DtypePlan):
     xp = _numpy()
     if not isinstance(a_blocks, list):
         a_blocks, b_blocks = [a_blocks], [b_blocks]
-    total = None
+    total = low = None
     with semiring._quiet(xp):
         for a_block, b_block in zip(a_blocks, b_blocks):
             a_block = np.asarray(a_block, dtype=plan.compute)
@@ -100,12 +108,15 @@ def _block_product(a_blocks, b_blocks, plan: DtypePlan):
             if a_block.shape[-1] == 0:
                 continue
             state = semiring.eager_state(xp, a_block, b_block, plan)
-            total = state if total is None else merge(xp, total, state)
+            if total is None:
+                total, low = state, np.zeros_like(state.rest)
+            else:  # the rests' roundings kept apart, as in a stream of chunks
+                total, low = merge_compensated(xp, total, low, state, np.zeros_like(state.rest))
         if total is None:
             shape = np.broadcast_shapes(a_blocks[0].shape[:-2], b_blocks[0].shape[:-2])
             shape = shape + (a_blocks[0].shape[-2], b_blocks[0].shape[-1])
             return np.full(shape, -np.inf, dtype=plan.result)
-        value, _ = finalize(xp, total, plan.result)
+        value, _ = finalize(xp, LSEState(total.max, total.count, total.rest + low), plan.result)
     return value
 
 

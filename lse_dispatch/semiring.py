@@ -87,6 +87,7 @@ from ._state import (
     flush_ratio,
     flushed_terms_rescued,
     merge,
+    merge_compensated,
     reduce_max,
     state_from_exponents,
     two_sum,
@@ -409,6 +410,29 @@ def blocked_with_carry(xp, x: Array, plan: DtypePlan, carry: LSEState | None) ->
         finals.append(state)
     final = LSEState(*(xp.concat([f[position] for f in finals], axis=0) for position in range(3)))
     return xp.reshape(out, lead + (n,)), LSEState(*(xp.reshape(field, lead + (1,)) for field in final))
+
+
+def carried_state(xp, x: Array, carry: LSEState | None, low: Array | None, final: LSEState, plan: DtypePlan):
+    """The state after a block ``x`` (scanned along its last axis) that continued ``carry``, and its ``low``.
+
+    ``final`` is the scan's own final state.  Where the accumulator is the
+    input dtype and ``carry`` is finite, the state is instead ``carry``
+    (with its rounding ``low``) merged with the block's own state by
+    :func:`merge_compensated`, so that a chain of blocks keeps its
+    roundings apart; elsewhere ``final`` with a ``low`` of 0.
+    """
+    zero = xp.zeros_like(final.rest)
+    if carry is None or plan.accumulator != plan.compute:
+        return final, zero
+    own = state_from_exponents(xp, x, (x.ndim - 1,), plan.accumulator)
+    merged, merged_low = merge_compensated(xp, carry, low, own, xp.zeros_like(own.rest))
+    # The rest as the rounded sum, low as what that rounding left: the next
+    # block's values read the rest alone.
+    rest, merged_low = two_sum(xp, merged.rest, merged_low)
+    merged = LSEState(merged.max, merged.count, rest)
+    ok = xp.isfinite(merged.max) & xp.isfinite(merged.rest) & xp.isfinite(merged_low)
+    state = LSEState(*(xp.where(ok, new, old) for new, old in zip(merged, final)))
+    return state, xp.where(ok, merged_low, zero)
 
 
 def _empty_carry(xp, lines: int, dtype, acc, device) -> LSEState:

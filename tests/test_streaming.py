@@ -300,6 +300,14 @@ def test_blocked_logsumexp_keeps_the_roundings_of_its_merges(tmp_path):
     assert np.all(errors <= 4), f"{np.max(errors):.2f} ulps"
 
 
+def test_blocked_logsumexp_of_a_max_that_rises_at_every_block(tmp_path):
+    """Each merge rescales the total by exp(d) for a small rise d: one rounding of exp each
+    time, which the chain kept (100000 entries rising by 1e-5, blocks of 16: 20 ulps before)."""
+    values = np.arange(100000) * 1e-5
+    errors = ulp_error(logsumexp_blocked(values, block_bytes=128), exact_logsumexp(values), np.dtype(np.float64))
+    assert np.all(errors <= 4), f"{np.max(errors):.2f} ulps"
+
+
 def test_online_log_softmax_is_exact_at_the_max():
     running = OnlineLogSumExp().update(np.array([0.0])).update(np.array([-40.0]))
     assert running.log_softmax(np.array([0.0]))[0] == -4.248354255291589e-18
