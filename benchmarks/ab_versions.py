@@ -78,11 +78,14 @@ for lib, op, shape, axis in cases:
             for _ in range(n): fn(x, axis=axis)
             times.append((time.perf_counter() - t) / n)
     out[f"{lib} {op} {tuple(shape)} {axis}"] = min(times)
+out["_file"] = lse_dispatch.__file__
 print(json.dumps(out))
 '''
 def run(path: str, dtype: str, cases: list) -> dict:
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(cases), dtype], capture_output=True, text=True, env=env)
+    # cwd: the build's folder, so that ``-c`` does not import a checkout found in the caller's folder first.
+    done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(cases), dtype], capture_output=True, text=True, env=env,
+                          cwd=path)
     if done.returncode:
         print(done.stderr[-3000:])
         raise SystemExit(1)
@@ -100,8 +103,11 @@ def main() -> None:
     print("load average at the start:", os.getloadavg())
     for _ in range(args.rounds):
         old, new = run(args.old, args.dtype, cases), run(args.new, args.dtype, cases)
+        if not ratios:
+            print("old:", old["_file"], " new:", new["_file"])
         for key in old:
-            ratios.setdefault(key, []).append(new[key] / old[key])
+            if not key.startswith("_"):
+                ratios.setdefault(key, []).append(new[key] / old[key])
     print("load average at the end:", os.getloadavg())
     for key, values in ratios.items():
         print(f"{key:45s} new/old median {statistics.median(values):.2f}  ({', '.join(f'{v:.2f}' for v in values)})")
