@@ -832,8 +832,8 @@ def _accurate_product(xp, x: Array, y: Array, widened: bool) -> tuple[Array, Arr
     per entry.  Before (chunks of 32 added pairwise, one product each) it
     was up to ``37 u`` of the whole sum, and one-way roundings reached it:
     float64 ``[0, -700] + [-709.5] * 200`` against zeros was 14.1 ulps off
-    on torch, ``[0, -20] + [-25] * 30`` 5.2 on NumPy.  Six matrix products
-    per chunk instead of one.
+    on torch, ``[0, -20] + [-25] * 30`` against two columns of zeros 5.2 on
+    NumPy.  Six matrix products per chunk instead of one.
     """
     k = x.shape[-1]
     if widened:

@@ -460,8 +460,9 @@ def _product_inputs(name: str):
         return a, b
     if name == "equal-tail":
         # Equal terms after a larger one, each near an ulp of the running sum: a
-        # library's matrix product rounds them all one way (float64 k = 32 on
-        # NumPy's BLAS: 5.2 ulps before the products were split exactly).
+        # library's matrix product rounds them all one way (float64 k = 32: torch
+        # 5.5 ulps before the products were split exactly; NumPy 5.2 against two
+        # columns of zeros, 0.48 against these three).
         a = np.array([np.r_[0.0, -20.0, np.full(30, -25.0)], np.r_[-3.0, -3.5, np.full(30, -12.0)]])
         b = np.zeros((32, 3))
         b[7, 2] = -1.0
