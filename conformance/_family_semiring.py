@@ -56,6 +56,12 @@ def _scan_inputs(name: str) -> tuple[np.ndarray, int]:
         "neg-inf": (np.where(np.arange(60) % 5 == 0, -inf, 3 * rng.random((2, 60))), 1),
         "increasing": (np.linspace(0.5, 30.0, 200), 0),
         "long": (3 + rng.standard_normal(2**16), 0),
+        # Equal terms after a larger one: a native cumulative sum rounds them all
+        # one way (float64 [-1, 0] + [-37] * 300: 6.0 ulps in lse-dispatch's own
+        # blocked scan before session 10).
+        "equal-tail": (np.stack([np.r_[-10.0, 0.0, np.full(300, -20.0)], np.r_[-1.0, 0.0, np.full(300, -37.0)]]), 1),
+        # A running max that rises at every entry: one rescaling per rise.
+        "creep": (np.arange(3000) * 1e-4, 0),
     }[name]
 
 
@@ -80,6 +86,13 @@ def _product_inputs(name: str) -> tuple[np.ndarray, np.ndarray]:
         a[:, ::3] = -inf
         b = 3 * rng.random((12, 3))
         b[1::3] = -inf
+        return a, b
+    if name == "equal-tail":
+        # Equal terms after a larger one, inside one matrix product of k = 32: a
+        # library's product rounds them all one way (torch float64: 5.5 ulps).
+        a = np.array([np.r_[0.0, -20.0, np.full(30, -25.0)], np.r_[-3.0, -3.5, np.full(30, -12.0)]])
+        b = np.zeros((32, 3))
+        b[7, 2] = -1.0
         return a, b
     raise KeyError(name)
 
@@ -182,7 +195,7 @@ def _product_limit(row: str, ctx: Context) -> Outcome:
 
 def _register() -> None:
     float_dtypes = ("float64", "float32", "float16", "bfloat16")
-    for name in ("dominant", "ties", "offset", "neg-inf", "increasing", "long"):
+    for name in ("dominant", "ties", "offset", "neg-inf", "increasing", "long", "equal-tail", "creep"):
         for reverse in (False, True):
             suffix = "-reverse" if reverse else ""
             register(
@@ -199,7 +212,7 @@ def _register() -> None:
     for row in SCAN_LIMITS:
         register(Check(f"semiring/logcumsumexp/limit-{row}", FAMILY, lambda ctx, row=row: _scan_limit(row, ctx),
                        what=f"logcumsumexp limit: {row}", ops=("logcumsumexp",)))
-    for name in ("issue-example", "dominant", "dominant-away", "offset", "wide", "neg-inf"):
+    for name in ("issue-example", "dominant", "dominant-away", "offset", "wide", "neg-inf", "equal-tail"):
         register(
             Check(
                 f"semiring/logmatmulexp/{name}",
