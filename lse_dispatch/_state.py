@@ -434,9 +434,18 @@ def _rescaled(xp, part: LSEState, low: Array, on_top: Array, shift: Array) -> tu
 
 
 def _product_error(xp, a: Array, b: Array, product: Array) -> Array:
-    """``a b - product`` exactly (Dekker's split; ``product = fl(a b)``, no overflow)."""
-    precision = round(-math.log2(float(xp.finfo(a.dtype).eps))) + 1
+    """``a b - product`` exactly (Dekker's split; ``product = fl(a b)``, ``|b| <= 1``).
+
+    Where the split of ``a`` would overflow (a weighted rest near the largest
+    float), 0: that product's error is then left out, as before.
+    """
+    info = xp.finfo(a.dtype)
+    precision = round(-math.log2(float(info.eps))) + 1
     factor = float(2 ** ((precision + 1) // 2) + 1)
+    safe = xp.abs(a) <= float(info.max) / (2 * factor)
+    a = xp.where(safe, a, xp.zeros_like(a))
+    b = xp.where(safe, b, xp.zeros_like(b))
+    product = xp.where(safe, product, xp.zeros_like(product))
 
     def split(x):
         scaled = factor * x

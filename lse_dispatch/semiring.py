@@ -799,9 +799,10 @@ def _matmul(xp, x: Array, y: Array) -> Array:
 
 
 def _split_chunk(precision: int) -> int:
-    """Entries of ``k`` per chunk of the split product: ``2**(p - 41)`` (4096 in float64, 1 below 42 bits).
+    """Entries of ``k`` per chunk of the split product: ``2**(p - 41)`` for ``p > 41`` (4096 in float64).
 
-    float32 without a wider accumulator (JAX without x64) takes chunks of 32.
+    Otherwise (float32 without a wider accumulator: JAX without x64) 32,
+    which leaves 9 bits to each slice.
     """
     return 2 ** (precision - 41) if precision > 41 else 32
 

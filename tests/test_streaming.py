@@ -308,6 +308,22 @@ def test_blocked_logsumexp_of_a_max_that_rises_at_every_block(tmp_path):
     assert np.all(errors <= 4), f"{np.max(errors):.2f} ulps"
 
 
+def test_product_error_of_the_merge_is_exact_and_never_overflows():
+    """Dekker's error of the rescaling product: exact (checked in rationals), and 0 with no
+    warning where splitting the factor would overflow."""
+    from fractions import Fraction
+
+    from lse_dispatch._state import _product_error
+
+    a = np.array([3.0, 1.0 / 3.0, 12345.678, 1e308])
+    b = np.array([0.1, -0.7, -2.0**-30 / 3.0, 0.5])
+    product = a * b
+    got = _product_error(np, a, b, product)
+    for i in range(3):
+        assert Fraction(got[i]) == Fraction(a[i]) * Fraction(b[i]) - Fraction(product[i])
+    assert got[3] == 0.0
+
+
 def test_online_log_softmax_is_exact_at_the_max():
     running = OnlineLogSumExp().update(np.array([0.0])).update(np.array([-40.0]))
     assert running.log_softmax(np.array([0.0]))[0] == -4.248354255291589e-18
