@@ -61,8 +61,9 @@ row and column maxima (``[[0, -2000], [-2000, 0]] @ [[-2000, 0], [0, -2000]]``)
 land there.  Where the accumulator is wider than the input (float32 in
 float64) one matrix product is exact enough; otherwise (float64, and float32
 on JAX without x64) the product is split into slices whose products sum
-exactly (``_accurate_product``), and entries whose remaining error could
-cost an ulp go to the fallback.
+exactly (``_accurate_product``; float64), and entries whose remaining error
+could cost an ulp go to the fallback; float32 without x64 adds chunks of 32
+by TwoSum instead.
 
 Neither function takes ``where`` or weights: ``where`` is exactly
 ``xp.where(mask, x, -inf)`` for both, and positive weights are ``x + log(w)``.
@@ -799,12 +800,37 @@ def _matmul(xp, x: Array, y: Array) -> Array:
 
 
 def _split_chunk(precision: int) -> int:
-    """Entries of ``k`` per chunk of the split product: ``2**(p - 41)`` for ``p > 41`` (4096 in float64).
+    """Entries of ``k`` per chunk of the split product: ``2**(p - 41)`` (4096 in float64: slices of 20 bits)."""
+    return 2 ** (precision - 41)
 
-    Otherwise (float32 without a wider accumulator: JAX without x64) 32,
-    which leaves 9 bits to each slice.
+
+# Entries of k per matrix product where float32 has no wider accumulator (JAX
+# without x64): the chunks' products are added by TwoSum.
+_NARROW_CHUNK = 32
+
+
+def _narrow_product(xp, x: Array, y: Array) -> Array:
+    """``x @ y`` in float32 without a wider accumulator: chunks of 32, their products added by TwoSum.
+
+    Each chunk is within ``31 u`` of itself in whatever order the library
+    adds; the chunks add without further error.  Not split as float64 is:
+    slices of 9 bits (all that float32 leaves for chunks of 32) left a rest
+    too large for the ulp test on wide inputs, and 22 % of the entries of
+    N(0, 9) operands of (64, 4096) @ (4096, 64) went to the pairs (30x the
+    time).  So this bound, like the former one, is not below 4 ulps of
+    every result; the tests measure it.
     """
-    return 2 ** (precision - 41) if precision > 41 else 32
+    if x.shape[-1] <= _NARROW_CHUNK:
+        return _matmul(xp, x, y)
+    zero = xp.zeros(tuple(x.shape[:-1]) + (y.shape[-1],), dtype=x.dtype, device=array_api_compat.device(x))
+
+    def step(carry, pieces):
+        high, low = carry
+        high, error = two_sum(xp, high, _matmul(xp, *pieces))
+        return high, low + error
+
+    high, low = numerics_for(xp).fold_chunks(xp, step, (zero, zero), (x, y), (-1, -2), _NARROW_CHUNK)
+    return high + low
 
 
 def _truncated(xp, x: Array, bits: int) -> Array:
@@ -817,7 +843,9 @@ def _accurate_product(xp, x: Array, y: Array, widened: bool) -> tuple[Array, Arr
     """``x @ y`` of matrices with entries in [0, 1], and a bound on its absolute error (``None``: negligible).
 
     Widened (float32 input in float64): one product; its relative error
-    ``k u_64`` is far below a float32 ulp.  Otherwise the product is split
+    ``k u_64`` is far below a float32 ulp.  float32 without a wider
+    accumulator: :func:`_narrow_product`, without a bound.  Otherwise
+    (float64) the product is split
     after Ozaki, Ogita and Oishi into slices ``x = x1 + x2 + x3``: ``x1`` is
     ``x`` truncated to the grid ``2**-s``, ``x1 + x2`` to ``2**-2s`` (and so for
     ``y``), with ``2 s + log2(C) + 1 <= p`` for a chunk of ``C`` entries of
@@ -841,6 +869,8 @@ def _accurate_product(xp, x: Array, y: Array, widened: bool) -> tuple[Array, Arr
         return _matmul(xp, x, y), None
     eps = float(xp.finfo(x.dtype).eps)
     precision = round(-math.log2(eps)) + 1
+    if precision <= 41:
+        return _narrow_product(xp, x, y), None
     chunk = min(k, _split_chunk(precision))
     bits = (precision - 1 - max(0, math.ceil(math.log2(chunk)))) // 2
     x1, y1 = _truncated(xp, x, bits), _truncated(xp, y, bits)
