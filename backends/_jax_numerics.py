@@ -67,8 +67,8 @@ class JaxNumerics(Numerics):
         """One ``lax.scan`` over the chunks (padded with zeros to whole chunks), not a graph per chunk.
 
         float32 ``logmatmulexp`` without x64 over ``k = 4096`` (128 chunks of
-        six products) took 25 s to compile as a Python loop, 5.7 s with one
-        product per chunk before the products were split.
+        one product) compiles in 1.5 s so, 5.7 s as a Python loop (25 s for
+        a loop of the float64 form's split chunks, six products each).
         """
         import jax
 

@@ -159,7 +159,7 @@ class Numerics:
         length = arrays[0].shape[axes[0]]
         for start in range(0, length, chunk):
             stop = min(length, start + chunk)
-            pieces = tuple(x[(..., slice(start, stop)) + (slice(None),) * (-axis - 1)] for x, axis in zip(arrays, axes))
+            pieces = tuple(x[(slice(None),) * (axis % x.ndim) + (slice(start, stop),)] for x, axis in zip(arrays, axes))
             carry = step(carry, pieces)
         return carry
 

@@ -363,7 +363,9 @@ def merge(xp, first: LSEState, second: LSEState) -> LSEState:
     Differences of equal infinities are never formed, so ``-inf`` merged with
     ``-inf`` stays ``-inf`` and NaN propagates through ``maximum``.
     """
-    m, count, (part1, _, _), (part2, _, _) = _merged_parts(xp, first, second)
+    m, count, _, sides = _merged_parts(xp, first, second)
+    part1, part2 = (xp.where(on_top, part.rest, (part.count + part.rest) * weight)
+                    for part, (on_top, weight) in zip((first, second), sides))
     return LSEState(m, count, (xp.zeros_like(count) + part1) + part2)
 
 
@@ -383,21 +385,17 @@ def merge_compensated(xp, first: LSEState, first_low: Array, second: LSEState, s
     20 ulps).  Returns the merged state and its ``low``.  The rests are
     finite or NaN (a NaN ``low`` is set to 0: the rest is NaN already).
     """
-    m = xp.maximum(first.max, second.max)
-    shift = finite_shift(xp, m)
-    zero = xp.zeros_like(first.rest) + xp.zeros_like(second.rest)
-    count = zero
-    highs, lows = [], []
-    for part, part_low in ((first, first_low), (second, second_low)):
-        on_top = part.max == m
-        count = count + xp.where(on_top, part.count, zero)
-        high, low = _rescaled(xp, part, part_low, on_top, shift)
-        highs.append(high)
-        lows.append(low)
-    plain = zero + highs[0] + highs[1]
+    m, count, shift, sides = _merged_parts(xp, first, second)
+    zero = xp.zeros_like(count)
+    (high1, low1), (high2, low2) = (
+        _rescaled(xp, part, part_low, on_top, weight, shift)
+        for part, part_low, (on_top, weight) in zip((first, second), (first_low, second_low), sides)
+    )
+    high1 = zero + high1
+    plain = high1 + high2
     finite = xp.isfinite(plain)  # TwoSum of inf or NaN would be NaN and warn
-    rest, error = two_sum(xp, xp.where(finite, zero + highs[0], zero), xp.where(finite, highs[1], zero))
-    low = (lows[0] + lows[1]) + error
+    rest, error = two_sum(xp, xp.where(finite, high1, zero), xp.where(finite, high2, zero))
+    low = (low1 + low2) + error
     rest = xp.where(finite, rest, plain)
     return LSEState(m, count, rest), xp.where(xp.isfinite(low), low, xp.zeros_like(low))
 
@@ -407,7 +405,7 @@ def merge_compensated(xp, first: LSEState, first_low: Array, second: LSEState, s
 _NEAR_RISE = 0.7
 
 
-def _rescaled(xp, part: LSEState, low: Array, on_top: Array, shift: Array) -> tuple[Array, Array]:
+def _rescaled(xp, part: LSEState, low: Array, on_top: Array, weight: Array, shift: Array) -> tuple[Array, Array]:
     """A state's share of a merged rest, as ``(high, low)``: its rest on top, else ``(count + rest + low) w``.
 
     Non-finite rests and counts take the plain product (NaN or ``inf``, as
@@ -415,13 +413,12 @@ def _rescaled(xp, part: LSEState, low: Array, on_top: Array, shift: Array) -> tu
     """
     acc = part.rest.dtype
     zero = scalar(xp, 0.0, part.rest)
-    below = xp.where(on_top, xp.full_like(part.max, -math.inf), part.max)
-    weight = exp_difference(xp, below, shift, acc)  # 0 for parts without a finite max below
-    plain = (part.count + part.rest) * weight
-    finite = xp.isfinite(below) & xp.isfinite(part.count + part.rest) & xp.isfinite(low)
+    summed = part.count + part.rest
+    plain = summed * weight
+    finite = ~on_top & xp.isfinite(part.max) & xp.isfinite(summed) & xp.isfinite(low)
     total, total_error = two_sum(xp, xp.where(finite, part.count, zero), xp.where(finite, part.rest, zero))
     total_error = total_error + xp.where(finite, low, zero)
-    rise, rise_error = two_sum(xp, xp.astype(xp.where(finite, below, shift), acc), -xp.astype(shift, acc))
+    rise, rise_error = two_sum(xp, xp.astype(xp.where(finite, part.max, shift), acc), -xp.astype(shift, acc))
     near = finite & (rise >= -_NEAR_RISE)
     minus_one = xp.where(near, xp.expm1(rise) + rise_error * xp.exp(rise), zero)
     product = total * minus_one
@@ -458,13 +455,14 @@ def _product_error(xp, a: Array, b: Array, product: Array) -> Array:
 
 
 def _merged_parts(xp, first: LSEState, second: LSEState):
-    """The merged max and count, and per state its contribution to the rest, its weight and whether it is on top."""
+    """The merged max, count and shift, and per state ``(on top, weight)``: whether its max is the
+    merged one, and ``exp(its max - shift)`` (0 on top)."""
     m = xp.maximum(first.max, second.max)
     acc = first.rest.dtype
     count = xp.zeros_like(first.rest) + xp.zeros_like(second.rest)
     zero = scalar(xp, 0.0, count)
     shift = finite_shift(xp, m)
-    parts = []
+    sides = []
     for part in (first, second):
         on_top = part.max == m
         # exp(part.max - shift) is 0 for parts below a finite max, and the
@@ -472,8 +470,8 @@ def _merged_parts(xp, first: LSEState, second: LSEState):
         below = xp.where(on_top, xp.full_like(part.max, -math.inf), part.max)
         weight = exp_difference(xp, below, shift, acc)  # without the rounding of below - shift
         count = count + xp.where(on_top, part.count, zero)
-        parts.append((xp.where(on_top, part.rest, (part.count + part.rest) * weight), weight, on_top))
-    return m, count, parts[0], parts[1]
+        sides.append((on_top, weight))
+    return m, count, shift, sides
 
 
 def finalize(xp, state: LSEState, dtype) -> tuple[Array, Array]:
