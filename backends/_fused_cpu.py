@@ -55,6 +55,8 @@ import math
 import os
 import threading
 
+from lse_dispatch._kernel import catalogue_changed
+
 from . import _torch_eager
 
 __all__ = [
@@ -164,7 +166,10 @@ def _compiled(dtype_name: str, kind: str = "forward"):
     if entry is None:
         entry = _ENTRIES[dtype_name, kind] = _kernels().compiled(dtype_name, kind)
     # The weighted entry point is loaded on its own (the others come together).
-    _SIGNATURES_SEEN.add(f"{dtype_name}:weighted" if kind == "weighted" else dtype_name)
+    seen = f"{dtype_name}:weighted" if kind == "weighted" else dtype_name
+    if seen not in _SIGNATURES_SEEN:
+        _SIGNATURES_SEEN.add(seen)
+        catalogue_changed()  # small calls of this dtype are taken from now on
     return entry
 
 
@@ -389,7 +394,7 @@ class _Geometry:
     signature (layout, view shape, :func:`plan`, the keepdims shape), since most
     calls repeat the last one's."""
 
-    __slots__ = ("axis", "keep", "lines", "normalised", "phases", "plan", "view_shape")
+    __slots__ = ("axis", "forward", "keep", "lines", "normalised", "phases", "plan", "view_shape")
 
     def __init__(self, shape, axes, itemsize, mode):
         kernels = _KERNELS[0]
@@ -405,6 +410,9 @@ class _Geometry:
         span, width, parts, blocks, phases = kernels.plan(self.view_shape, axis, itemsize, exact, self.normalised)
         self.plan = (axis, span, width, parts, blocks)
         self.phases = phases
+        #: (entry point, no mask, no output) of the forward, set by the first run
+        #: (the itemsize fixes the dtype: the kernels take float32 and float64).
+        self.forward = None
 
 
 def _geometry(shape, axes, itemsize, mode) -> _Geometry:
@@ -450,11 +458,13 @@ class _Lines:
         dtype = view.dtype
         axis, span, width, parts, blocks = geometry.plan
         lines = geometry.lines
-        no_mask, no_output = _nothing(dtype)
+        forward = geometry.forward
+        if forward is None:
+            forward = geometry.forward = (_compiled(_NAMES[dtype]), *_nothing(dtype))
+        entry, no_mask, no_output = forward
         self.view, self.axis, self.mask = view, axis, mask
         self.out = np.empty(view.shape, dtype) if geometry.normalised else no_output
         self.bad = np.zeros(lines, np.uint8)
-        entry = _compiled(_NAMES[dtype])
         if parts == 1:
             # One phase: the pieces are the lines (a fourth row is not read as a piece).
             pieces = np.empty((4, 1, lines))

@@ -50,6 +50,16 @@ class BackendSpec:
     numerics
         The library's :class:`~lse_dispatch._numerics.Numerics`, where the
         shared math needs care on it (JAX, Dask); ``None`` for the defaults.
+    decision_key
+        Optional.  For a call without ``b`` and ``where``, a hashable
+        holding everything about the input that the ``declines`` of this
+        backend's kernels read besides its type, dtype, shape and reduced
+        axes (layout, autograd state, ...), or ``None`` when the call's
+        decision must not be reused.  With it the dispatcher decides once per
+        such signature and reuses the kernel it chose until the catalogue
+        changes (:func:`lse_dispatch._kernel.catalogue_changed`); without it
+        (the default, and every plugin that does not declare one) every
+        ``declines`` runs on every call.
     """
 
     name: str
@@ -61,6 +71,7 @@ class BackendSpec:
     to_numpy: Callable[[Any], Any]
     kernels: tuple = field(default=())
     numerics: Any = None
+    decision_key: Callable[[Any], Any] | None = None
 
     def installed(self) -> bool:
         """Whether the library imports here (this imports it)."""

@@ -169,6 +169,13 @@ class NumpyNumerics(Numerics):
         return out
 
 
+def _decision_key(call):
+    """What the NumPy kernels' ``declines`` read of an array besides its type, dtype
+    (byte order included), shape and reduced axes (``BackendSpec.decision_key``)."""
+    flags = call.a.flags
+    return flags.c_contiguous, flags.aligned
+
+
 SPEC = BackendSpec(
     numerics=NumpyNumerics(),
     name="numpy",
@@ -179,4 +186,5 @@ SPEC = BackendSpec(
     dtypes=("float16", "float32", "float64"),
     to_numpy=_to_numpy,
     kernels=(*_fused_cpu.numpy_kernels(), *_KERNEL.kernels()),
+    decision_key=_decision_key,
 )

@@ -210,6 +210,24 @@ class TorchNumerics(Numerics):
         return out.masked_fill_(chosen, 0)
 
 
+def _decision_key(call):
+    """What the torch kernels' ``declines`` read of a CPU tensor besides its type, dtype,
+    shape and reduced axes (``BackendSpec.decision_key``).
+
+    ``None`` (decide on every call) off the CPU (CUDA's kernels read stream
+    capture and more), under torch.compile tracing and inside torch.func
+    transforms.
+    """
+    torch = sys.modules["torch"]  # loaded: the call holds a tensor
+    a = call.a
+    if not a.is_cpu or torch.compiler.is_compiling():  # first: Dynamo cannot trace the functorch checks
+        return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(a) or torch._C._are_functorch_transforms_active():
+        return None
+    return (torch.is_grad_enabled() and a.requires_grad, torch.autograd.forward_ad._current_level >= 0,
+            a.is_contiguous(), a.is_conj() or a.is_neg())
+
+
 SPEC = BackendSpec(
     numerics=TorchNumerics(),
     name="torch",
@@ -220,4 +238,5 @@ SPEC = BackendSpec(
     dtypes=("float16", "bfloat16", "float32", "float64"),
     to_numpy=_to_numpy,
     kernels=(*_torch_triton.KERNELS, *_torch_grad.KERNELS, *_fused_cpu.torch_kernels(), *_KERNEL.kernels()),
+    decision_key=_decision_key,
 )

@@ -1,5 +1,6 @@
-"""Where the time of one small call goes: the public function, its dispatch, each
-kernel's ``declines`` and the ``run`` of every kernel that takes the call.
+"""Where the time of one small call goes: the public function, its dispatch, the
+key under which the dispatcher reuses its decision, each kernel's ``declines``
+and the ``run`` of every kernel that takes the call.
 
     python benchmarks/per_call.py [--library numpy|torch] [--shape 10] [--dtype float32]
                                   [--axis -1] [--number 20000] [--repeats 7]
@@ -75,6 +76,11 @@ def main(argv=None) -> None:
         call, _ = _api._prepare(Op(op), x, args.axis, None, None)
         print(f"  prepare {timed(lambda: _api._prepare(Op(op), x, args.axis, None, None)):.2f}, "
               f"dispatch.run {timed(lambda: _dispatch.run(call)):.2f}")
+        if _dispatch._decision_key(call) is None:
+            print("  no decision key: every call runs the declines below")
+        else:
+            print(f"  decision key {timed(lambda: _dispatch._decision_key(call)):.2f} "
+                  "(the declines below run once per signature)")
         for _, kernel in _dispatch.kernels_for(call.a, call.op):
             reason = kernel.declines(call)
             line = f"  {kernel.name:14s} declines {timed(lambda: kernel.declines(call)):.2f}"

@@ -454,23 +454,82 @@ def run_without(call: Call, excluded: str, *, builtin_only: bool = False) -> Any
     would run without them; ``builtin_only`` skips plugins (the fallback of a
     failed plugin kernel, which must not land on another plugin's).
     """
-    plugin_names = {spec.name for spec in _PLUGINS or ()} if builtin_only else set()
+    if builtin_only:
+        chosen = _first_taker(call, excluded, {spec.name for spec in _PLUGINS or ()})
+    else:
+        key = _decision_key(call)
+        chosen = _first_taker(call, excluded) if key is None else _decided(call, (key, excluded), excluded)
+    return GENERIC[call.op](call) if chosen is None else chosen.run(call)
+
+
+# --------------------------------------------------------------------------
+# Decisions reused per call signature.
+
+#: (op, type, dtype, shape, axes, return_sign, from_scalar, the backend's
+#: decision key) -> the kernel ``auto`` chose, or ``None`` for the generic
+#: implementation; first in, first out.
+_DECIDED: dict = {}
+_DECIDED_SIZE = 1024
+_UNDECIDED = object()
+
+
+def _forget_decisions() -> None:
+    _DECIDED.clear()
+
+
+def _decision_key(call: Call):
+    """The signature under which ``auto``'s choice for ``call`` is reused, or ``None``.
+
+    Only calls without ``b`` and ``where`` whose array type has one backend,
+    which declares a ``decision_key`` (NumPy arrays, torch CPU tensors):
+    the backend's key holds what its kernels' ``declines`` read besides the
+    fields here.  A plugin for the same type, or one without a key, turns
+    reuse off for that type.
+    """
+    if call.b is not None or call.where is not None:
+        return None
+    a = call.a
+    specs = backends_for(a)
+    if len(specs) != 1 or specs[0].decision_key is None:
+        return None
+    part = specs[0].decision_key(call)
+    if part is None:
+        return None
+    return (call.op, type(a), a.dtype, call.shape, call.axes, call.return_sign, call.from_scalar, part)
+
+
+def _first_taker(call: Call, excluded: str | None = None, owners: set | frozenset = frozenset()):
+    """The first kernel of ``call``'s array that takes it, other than ``excluded`` and
+    the kernels of ``owners``; ``None`` for the generic implementation."""
     for owner, kernel in kernels_for(call.a, call.op):
-        if owner not in plugin_names and kernel.name != excluded and kernel.declines(call) is None:
-            return kernel.run(call)
-    return GENERIC[call.op](call)
+        if owner not in owners and kernel.name != excluded and kernel.declines(call) is None:
+            return kernel
+    return None
+
+
+def _decided(call: Call, key, excluded: str | None = None):
+    """:func:`_first_taker`, decided once per ``key``."""
+    chosen = _DECIDED.get(key, _UNDECIDED)
+    if chosen is _UNDECIDED:
+        chosen = _first_taker(call, excluded)
+        if len(_DECIDED) >= _DECIDED_SIZE:
+            try:  # another thread may be evicting the same entry
+                _DECIDED.pop(next(iter(_DECIDED)), None)
+            except (RuntimeError, StopIteration):
+                pass
+        _DECIDED[key] = chosen
+    return chosen
 
 
 def run(call: Call, backend: str | None = None) -> Any:
     """Run ``call`` with the implementation the user's choice selects."""
     choice, source = _resolve(backend)
-    pairs = kernels_for(call.a, call.op)
     verbose = _observed()
     if choice == "auto" and not verbose:  # the commonest case, without bookkeeping
-        for _, kernel in pairs:
-            if kernel.declines(call) is None:
-                return kernel.run(call)
-        return GENERIC[call.op](call)
+        key = _decision_key(call)
+        chosen = _first_taker(call) if key is None else _decided(call, key)
+        return GENERIC[call.op](call) if chosen is None else chosen.run(call)
+    pairs = kernels_for(call.a, call.op)
     declined: list[tuple[str, str]] = []
     kernels, skipped = _candidates(pairs, choice)
     chosen = None
@@ -522,4 +581,5 @@ def _declared_numerics(xp):
 
 _kernel.bind_dispatcher(_run_for_kernels)
 _kernel.bind_choice(lambda: _resolve(None)[0])
+_kernel.bind_forget(_forget_decisions)
 _numerics.bind_lookup(_declared_numerics)

@@ -27,6 +27,7 @@ __all__ = [
     "Priority",
     "bind_choice",
     "bind_dispatcher",
+    "catalogue_changed",
     "dispatch",
     "never_declines",
     "state_kernels",
@@ -166,3 +167,26 @@ def dispatch(call, *, without: str | None = None):
     if _DISPATCHER is None:  # pragma: no cover - lse_dispatch/__init__ always binds it
         raise RuntimeError("lse_dispatch._dispatch is not imported")
     return _DISPATCHER(call, without)
+
+
+# What the dispatcher forgets when the catalogue changes: the kernel it chose
+# per call signature (bound by lse_dispatch._dispatch, like the dispatcher).
+_FORGET: list[Callable[[], None]] = []
+
+
+def bind_forget(forget: Callable[[], None]) -> None:
+    """Install ``forget()``, run by :func:`catalogue_changed` (done once, by ``lse_dispatch._dispatch``)."""
+    _FORGET[:] = [forget]
+
+
+def catalogue_changed() -> None:
+    """Say that what a kernel's ``declines`` answers may have changed for calls it saw.
+
+    The dispatcher reuses the kernel it chose for a call signature (see
+    ``BackendSpec.decision_key``); a kernel whose answers depend on state
+    of its own (``numpy.fused`` takes small calls only once its code is
+    loaded) calls this when that state changes, and the next call of every
+    signature decides again.
+    """
+    for forget in _FORGET:
+        forget()

@@ -36,9 +36,14 @@ def _fused_not_compiled(monkeypatch):
     """The default of a fresh process: the fused kernels leave small calls
     (X has 64 entries) to the blocked ones until a large call or warm_up()
     has compiled them (tests/test_fused_cpu.py covers that)."""
+    from lse_dispatch import _kernel
     from lse_dispatch.backends import _fused_cpu
 
     monkeypatch.setattr(_fused_cpu, "_SIGNATURES_SEEN", set())
+    _kernel.catalogue_changed()  # the dispatcher's reused decisions saw the loaded dtypes
+    yield
+    monkeypatch.undo()
+    _kernel.catalogue_changed()
 
 
 def test_auto_picks_the_native_kernel():

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 import lse_dispatch
-from lse_dispatch import oracle
+from lse_dispatch import _kernel, oracle
 from lse_dispatch.backends import _fused_cpu
 
 from ._helpers import INF, NAN
@@ -67,6 +67,7 @@ def _fused_compiled():
     yield
     _fused_cpu._SIGNATURES_SEEN.clear()
     _fused_cpu._SIGNATURES_SEEN.update(seen)
+    _kernel.catalogue_changed()  # the dispatcher's reused decisions saw the loaded dtypes
 
 
 def _convert(backend, array):

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import lse_dispatch
-from lse_dispatch import oracle
+from lse_dispatch import _kernel, oracle
 from lse_dispatch.backends import _fused_cpu
 
 from ._helpers import INF, NAN
@@ -50,6 +50,7 @@ def _compiled():
     yield
     _fused_cpu._SIGNATURES_SEEN.clear()
     _fused_cpu._SIGNATURES_SEEN.update(seen)
+    _kernel.catalogue_changed()  # the dispatcher's reused decisions saw the loaded dtypes
 
 
 def _fused(library, op, x, **kwargs):
