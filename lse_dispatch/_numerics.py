@@ -163,6 +163,14 @@ class Numerics:
             carry = step(carry, pieces)
         return carry
 
+    def elementwise(self, xp, fn: Callable, arrays: tuple, outputs: int) -> tuple:
+        """``fn(xp, *arrays)``: ``outputs`` arrays computed entry by entry from ``arrays`` (all of one shape).
+
+        Lazy libraries may run it as one task per block (Dask: ``fn`` on the
+        NumPy blocks), instead of a graph layer for every operation in ``fn``.
+        """
+        return tuple(fn(xp, *arrays))
+
     def quiet(self):
         """A context in which overflow to ``inf`` and underflow to 0 raise no warning."""
         return contextlib.nullcontext()

@@ -25,6 +25,7 @@ import array_api_compat
 from . import _dispatch
 from ._call import prepare
 from ._namespace import plan_dtypes
+from ._numerics import numerics_for
 from ._ops import Op
 from ._state import (
     LSEState,
@@ -158,6 +159,17 @@ def lse_finalize(state: LSEState, *, return_sign=False, dtype=None):
     return value + undefined_where(xp, sign < 0, value)
 
 
+def _merge_fields(xp, *fields):
+    state, low = merge_compensated(xp, LSEState(*fields[:3]), fields[3], LSEState(*fields[4:7]), fields[7])
+    return (*state, low)
+
+
+def _merged(xp, first: LSEState, first_low, second: LSEState, second_low) -> tuple[LSEState, Any]:
+    """:func:`merge_compensated` of two streamed states, entry by entry (one task per block on Dask)."""
+    fields = numerics_for(xp).elementwise(xp, _merge_fields, (*first, first_low, *second, second_low), 4)
+    return LSEState(*fields[:3]), fields[3]
+
+
 class OnlineLogSumExp:
     """Log-sum-exp over a stream of chunks, in one pass and constant memory.
 
@@ -214,7 +226,7 @@ class OnlineLogSumExp:
         size, low = 1, call.xp.zeros_like(state.rest)
         while self._levels and self._levels[-1][0] == size:
             _, earlier_state, earlier_low = self._levels.pop()
-            state, low = merge_compensated(call.xp, earlier_state, earlier_low, state, low)
+            state, low = _merged(call.xp, earlier_state, earlier_low, state, low)
             size *= 2
         self._levels.append((size, state, low))
         self._axes = (call.axes, call.shape)
@@ -230,7 +242,7 @@ class OnlineLogSumExp:
         _, state, low = self._levels[0]
         xp = array_api_compat.array_namespace(state.rest)
         for _, other, other_low in self._levels[1:]:
-            state, low = merge_compensated(xp, state, low, other, other_low)
+            state, low = _merged(xp, state, low, other, other_low)
         m, count, rest = state
         return LSEState(m, count, rest + low)
 
