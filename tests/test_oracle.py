@@ -166,3 +166,25 @@ def test_terms_too_far_apart_to_add_exactly(a, expected):
     got = oracle.exact_logsumexp(np.array(a))
     assert float(got) == expected
     assert float(oracle.exact_log_softmax(np.array(a))[0]) == pytest.approx(float(a[0]) - expected, abs=0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_vectorised_ulp_errors_agree_with_the_loop(dtype):
+    """``ulp_errors`` (double-double, vectorised) scores as ``ulp_error`` does: finite
+    errors, limits matched and missed, values beyond the range and below the normal one."""
+    from ._helpers import np_dtype
+
+    rng = np.random.default_rng(0)
+    values = oracle.round_to(rng.standard_normal(50) * 30, dtype)
+    exact = oracle.exact_logcumsumexp(values)
+    got = oracle.round_to(np.array([float(e) for e in exact]) * (1 + 3e-3 * rng.standard_normal(50)), dtype)
+    got[[3, 7]] = [np.inf, np.nan]
+    info = np.finfo(np.float32 if dtype == "bfloat16" else dtype)
+    edges = np.array([math.inf, -math.inf, math.nan, math.inf, float(info.max) * 4, float(info.smallest_normal) / 8,
+                      0.0], dtype=object)
+    edge_got = np.array([math.inf, -math.inf, math.nan, 1.0, math.inf, 0.0, float(info.smallest_normal) / 2])
+    exact = np.concatenate([exact, edges])
+    got = np.concatenate([got, edge_got])
+    want = oracle.ulp_error(got, exact, np_dtype(dtype))
+    np.testing.assert_allclose(oracle.ulp_errors(got, exact, dtype), want, rtol=1e-9)
+    np.testing.assert_allclose(oracle.ulp_errors(got, oracle.double_double(exact), dtype), want, rtol=1e-9)
