@@ -141,6 +141,18 @@ def test_per_call_breakdown_names_every_kernel_and_what_ran(library, capsys):
         names = [kernel.name for _, kernel in _dispatch.kernels_for(x, op)]
         assert names and all(f"  {name}" in section for name in names)
         assert ", run " in section  # at least one kernel takes a plain 2-D float32 call
+        assert "decision key " in section  # NumPy arrays and torch CPU tensors reuse decisions
+
+
+def test_dask_streaming_benchmark_runs(capsys):
+    """benchmarks/dask_streaming.py on a short stream: per-run and median lines."""
+    pytest.importorskip("dask")
+    streaming = load_checkout_module("benchmarks/dask_streaming.py")
+    streaming.main(["--chunks", "5", "--repeats", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("5 chunks of (4, 10) float64")
+    assert sum(line.startswith("  run ") and line.endswith(" tasks") for line in lines) == 2
+    assert lines[-1].startswith("median: update ")
 
 
 def test_torch_keeps_the_threads_it_was_given(tmp_path, capsys):
