@@ -191,7 +191,7 @@ FORCE_TWOSUM = {"offset": 1e4}  # a line with a max beyond the exact shift's ran
 
 def _errors(op, block, axis, **jit):
     got = np.asarray(jax.jit(_op(op, axis=axis))(jnp.asarray(block)))
-    errors = oracle.ulp_error(got, EXACT[op](block.astype(np.float64), axis=axis), np.float32)
+    errors = oracle.ulp_errors(got, EXACT[op](block.astype(np.float64), axis=axis), "float32")
     return errors if op == "logsumexp" else np.max(errors, axis=axis)
 
 
