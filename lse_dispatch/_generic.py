@@ -26,6 +26,7 @@ from ._state import (
     log_norm,
     log_softmax_from_state,
     narrow_max,
+    precision_bits,
     softmax_from_state,
     state_from_exponents,
     two_sum,
@@ -351,7 +352,7 @@ def _complex_weights(xp, b: Array):
         # log|b| = k ln 2 + (log f + log1p((l / h)**2) / 2), h = f 2**k: the flushing
         # form's exponent takes k ln 2 as Cody and Waite split it (_weighted_exp).
         k, log_f = binary_log_parts(xp, high, numerics.bitcast)
-        c1, c2 = ln2_parts(info.bits - round(-math.log2(float(info.eps))) - 1, float(info.eps))
+        c1, c2 = ln2_parts(info.bits - precision_bits(float(info.eps)), float(info.eps))
         split = (k * c1, (k * c2 + log_f) + ratio_log)
     parts = _WeightParts(b, scaled, unit, log_b, small, normal, huge, s, split, info)
     return nonzero, log_b, functools.partial(_weighted_exp, xp, parts)

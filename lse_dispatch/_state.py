@@ -41,6 +41,7 @@ __all__ = [
     "merge",
     "merge_compensated",
     "narrow_max",
+    "precision_bits",
     "reduce_max",
     "softmax_from_state",
     "state_from_exponents",
@@ -288,10 +289,16 @@ _LN2 = 0.6931471805599453
 _LN2_TAIL = 2.3190468138462996e-17
 
 
+def precision_bits(eps: float) -> int:
+    """Significand bits, the leading one included, of a dtype whose machine epsilon is
+    ``eps`` (24 for float32, 53 for float64)."""
+    return round(1 - math.log2(eps))
+
+
 def ln2_parts(bits: int, eps: float) -> tuple[float, float]:
     """``(C1, C2)``, ``C1 + C2 = ln 2`` with ``C1`` rounded to ``bits`` digits fewer than a
     dtype with ``eps``: ``k C1`` is exact in it for integers ``|k| < 2**bits``."""
-    digits = round(1 - math.log2(eps)) - bits
+    digits = precision_bits(eps) - bits
     high = round(_LN2 * 2.0**digits) / 2.0**digits
     return high, (_LN2 - high) + _LN2_TAIL
 
@@ -437,8 +444,7 @@ def _product_error(xp, a: Array, b: Array, product: Array) -> Array:
     float), 0: that product's error is then left out, as before.
     """
     info = xp.finfo(a.dtype)
-    precision = round(-math.log2(float(info.eps))) + 1
-    factor = float(2 ** ((precision + 1) // 2) + 1)
+    factor = float(2 ** ((precision_bits(float(info.eps)) + 1) // 2) + 1)
     safe = xp.abs(a) <= float(info.max) / (2 * factor)
     a = xp.where(safe, a, xp.zeros_like(a))
     b = xp.where(safe, b, xp.zeros_like(b))

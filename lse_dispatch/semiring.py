@@ -89,6 +89,7 @@ from ._state import (
     flushed_terms_rescued,
     merge,
     merge_compensated,
+    precision_bits,
     reduce_max,
     state_from_exponents,
     two_sum,
@@ -868,7 +869,7 @@ def _accurate_product(xp, x: Array, y: Array, widened: bool) -> tuple[Array, Arr
     if widened:
         return _matmul(xp, x, y), None
     eps = float(xp.finfo(x.dtype).eps)
-    precision = round(-math.log2(eps)) + 1
+    precision = precision_bits(eps)
     if precision <= 41:
         return _narrow_product(xp, x, y), None
     chunk = min(k, _split_chunk(precision))
