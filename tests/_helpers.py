@@ -7,6 +7,7 @@ Running a catalogue case is ``lse_dispatch.cases.run_case`` (the runner that
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -103,3 +104,22 @@ class Adapter:
 
     def sum(self, x):
         return x.sum()
+
+
+@contextlib.contextmanager
+def fused_kernels_loaded():
+    """The fused CPU kernels loaded where numba is (they then take small calls), and
+    forgotten afterwards, so that other modules see the default of a fresh process;
+    the dispatcher's reused decisions are dropped when the loaded dtypes go back."""
+    from lse_dispatch import _kernel
+    from lse_dispatch.backends import _fused_cpu
+
+    seen = set(_fused_cpu._SIGNATURES_SEEN)
+    if _fused_cpu.available():
+        _fused_cpu.warm_up()
+    try:
+        yield
+    finally:
+        _fused_cpu._SIGNATURES_SEEN.clear()
+        _fused_cpu._SIGNATURES_SEEN.update(seen)
+        _kernel.catalogue_changed()

@@ -22,6 +22,8 @@ from lse_dispatch._call import prepare
 from lse_dispatch._ops import Op
 from lse_dispatch.backends import _fused_cpu
 
+from ._helpers import fused_kernels_loaded
+
 OPS = (Op.LOGSUMEXP, Op.SOFTMAX, Op.LOG_SOFTMAX)
 
 
@@ -29,13 +31,8 @@ OPS = (Op.LOGSUMEXP, Op.SOFTMAX, Op.LOG_SOFTMAX)
 def _fused_compiled():
     """The fused kernels loaded where numba is (they then take small calls), as in
     tests/test_dispatch_paths.py; forgotten afterwards."""
-    seen = set(_fused_cpu._SIGNATURES_SEEN)
-    if _fused_cpu.available():
-        _fused_cpu.warm_up()
-    yield
-    _fused_cpu._SIGNATURES_SEEN.clear()
-    _fused_cpu._SIGNATURES_SEEN.update(seen)
-    _kernel.catalogue_changed()
+    with fused_kernels_loaded():
+        yield
 
 
 def _public(op):

@@ -30,10 +30,10 @@ import numpy as np
 import pytest
 
 import lse_dispatch
-from lse_dispatch import _kernel, oracle
+from lse_dispatch import oracle
 from lse_dispatch.backends import _fused_cpu
 
-from ._helpers import INF, NAN
+from ._helpers import INF, NAN, fused_kernels_loaded
 from ._helpers import LIMIT_ROWS as LIMITS
 
 mpmath = pytest.importorskip("mpmath")
@@ -61,13 +61,8 @@ def _fused_compiled():
     """The fused kernels compiled (from numba's cache after the first run), so
     that they take the small inputs here; forgotten afterwards, so that other
     modules see the default of a fresh process."""
-    seen = set(_fused_cpu._SIGNATURES_SEEN)
-    if _fused_cpu.available():
-        _fused_cpu.warm_up(masks=True)
-    yield
-    _fused_cpu._SIGNATURES_SEEN.clear()
-    _fused_cpu._SIGNATURES_SEEN.update(seen)
-    _kernel.catalogue_changed()  # the dispatcher's reused decisions saw the loaded dtypes
+    with fused_kernels_loaded():
+        yield
 
 
 def _convert(backend, array):

@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 
 import lse_dispatch
-from lse_dispatch import _kernel, oracle
+from lse_dispatch import oracle
 from lse_dispatch.backends import _fused_cpu
 
-from ._helpers import INF, NAN
+from ._helpers import INF, NAN, fused_kernels_loaded
 from ._helpers import LIMIT_ROWS as LIMITS
 
 numba = pytest.importorskip("numba")
@@ -45,12 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module", autouse=True)
 def _compiled():
-    seen = set(_fused_cpu._SIGNATURES_SEEN)
-    _fused_cpu.warm_up(masks=True)
-    yield
-    _fused_cpu._SIGNATURES_SEEN.clear()
-    _fused_cpu._SIGNATURES_SEEN.update(seen)
-    _kernel.catalogue_changed()  # the dispatcher's reused decisions saw the loaded dtypes
+    with fused_kernels_loaded():
+        yield
 
 
 def _fused(library, op, x, **kwargs):
