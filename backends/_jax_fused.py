@@ -12,16 +12,20 @@ limits from the shared functions of :mod:`lse_dispatch._state`.
 Derivatives (``jax.custom_jvp``, formulas of :mod:`lse_dispatch._autodiff`):
 
 * ``softmax``: ``dy = y (dx - sum y dx)``, from the output ``y`` alone;
-* ``log_softmax``: ``dz = dx - sum exp(z) dx``, from the output ``z`` alone;
-* ``logsumexp``: ``d lse = sum w dx`` with ``w = softmax(x)``, formed in the
-  same pass as the value by the rule's forward (``with_weights``).
+* ``log_softmax``: ``dz = dx - sum w dx`` and ``logsumexp``: ``d lse = sum w dx``,
+  with ``w = softmax(x)`` kept as ``(t, f)``, ``w = t f``: the terms and a
+  factor per line, formed in the same pass as the value by the rule's
+  forward (``with_weights``), so that the backward pass reads the terms and
+  forms ``t (f g)`` in one loop, as ``jax.nn``'s reads its ``exp``, and
+  ``log_softmax``'s needs no ``exp`` of its own.
 
 Each tangent map runs under ``jax.checkpoint``, so that reverse mode saves
-only the map's inputs: the output (softmax, log_softmax) or the weights
-(logsumexp), one array of the input's size as ``jax.nn``'s rules save,
-instead of the masks and products the map forms (which it recomputes in the
-backward pass, fused into it).  The weights of ``logsumexp`` are a ``custom_jvp`` function
-whose rule is softmax's, so that second and higher derivatives (``hessian``,
+only the map's inputs: the output (softmax) or the terms and their factor
+(logsumexp, log_softmax), one array of the input's size as ``jax.nn``'s
+rules save, instead of the masks and products the map forms (which it
+recomputes in the backward pass, fused into it).  The weights have a rule
+of their own (``dt = t dx``, ``df = -f sum(w dx)``, whose product is
+softmax's tangent), so that second and higher derivatives (``hessian``,
 ``jacfwd`` of ``grad``) come out of the same formulas, limits included.
 """
 
@@ -78,6 +82,7 @@ def _rules():
     softmax_forward = batched(_jax_traced.softmax)
     log_softmax_forward = batched(_jax_traced.log_softmax)
     logsumexp_forward = batched(_jax_traced.logsumexp)
+    log_softmax_weights_forward = batched(functools.partial(_jax_traced.log_softmax, weights=True))
     logsumexp_weights_forward = batched(functools.partial(_jax_traced.logsumexp, weights=True))
 
     # -- softmax: the tangent map needs y only.
@@ -95,39 +100,57 @@ def _rules():
         y = softmax(lines)
         return y, softmax_tangent(y, jnp.asarray(dx, y.dtype))
 
-    # -- log_softmax: the tangent map needs z only.
+    # -- logsumexp and log_softmax: the tangent maps need the weights
+    # w = softmax(x), as (t, f) with w = t f: the terms and a factor per line
+    # (see _jax_traced.logsumexp).  The public functions' forwards do not form
+    # them; their rules call a forward that does, in the same pass as the
+    # value, and reverse mode then saves t and f, and forms t (f g) in one
+    # loop.  The weights' own rule (below) gives higher derivatives.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def weighted_sum(t, f, dx):
+        return jnp.sum(_autodiff._times_weight(jnp, t, dx), axis=-1, keepdims=True) * f
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def times_terms(t, dx):
+        return _autodiff._times_weight(jnp, t, dx)
+
+    def with_weights(forward, value_tangents):
+        """``forward`` (lines to ``(*values, t, f)``) with a rule for all of its outputs.
+
+        ``t f`` is softmax, and the rule is that of ``t = exp(x - s)`` and
+        ``f = 1 / sum t`` for a constant ``s``: ``dt = t dx`` and
+        ``df = -f sum(t f dx)``, whose product's tangent is softmax's,
+        ``w (dx - sum w dx)``.  ``value_tangents(dx, sum(w dx))`` gives the
+        tangents of the values.
+        """
+
+        @jax.custom_jvp
+        def fn(lines):
+            return forward(lines)
+
+        @fn.defjvp
+        def _jvp(primals, tangents):
+            (lines,), (dx,) = primals, tangents
+            out = fn(lines)
+            t, f = out[-2:]
+            dx = jnp.asarray(dx, t.dtype)
+            mean = weighted_sum(t, f, dx)
+            return out, (*value_tangents(dx, mean), times_terms(t, dx), -f * mean)
+
+        return fn
+
+    logsumexp_weights = with_weights(logsumexp_weights_forward, lambda dx, mean: (mean, jnp.zeros_like(mean)))
+    log_softmax_weights = with_weights(log_softmax_weights_forward, lambda dx, mean: (dx - mean,))
+
     @jax.custom_jvp
     def log_softmax(lines):
         return log_softmax_forward(lines)
 
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def log_softmax_tangent(z, dx):
-        return _autodiff.log_softmax_jvp(jnp, z, None, dx, last(z))
-
     @log_softmax.defjvp
     def _log_softmax_jvp(primals, tangents):
         (lines,), (dx,) = primals, tangents
-        z = log_softmax(lines)
-        return z, log_softmax_tangent(z, jnp.asarray(dx, z.dtype))
-
-    # -- logsumexp: the tangent map needs the weights w = softmax(x) only.
-    # The public function's forward does not form them; its rule calls
-    # with_weights, which forms them in the same pass as the value and
-    # whose own rule (w's tangent is softmax's) gives higher derivatives.
-    @jax.custom_jvp
-    def with_weights(lines):
-        return logsumexp_weights_forward(lines)
-
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def logsumexp_tangent(w, dx):
-        return jnp.sum(_autodiff._times_weight(jnp, w, dx), axis=-1, keepdims=True)
-
-    @with_weights.defjvp
-    def _with_weights_jvp(primals, tangents):
-        (lines,), (dx,) = primals, tangents
-        value, sign, w = with_weights(lines)
-        dx = jnp.asarray(dx, w.dtype)
-        return (value, sign, w), (logsumexp_tangent(w, dx), jnp.zeros_like(sign), softmax_tangent(w, dx))
+        z, t, f = log_softmax_weights(lines)
+        return z, jnp.asarray(dx, z.dtype) - weighted_sum(t, f, jnp.asarray(dx, t.dtype))
 
     @jax.custom_jvp
     def logsumexp(lines):
@@ -136,8 +159,8 @@ def _rules():
     @logsumexp.defjvp
     def _logsumexp_jvp(primals, tangents):
         (lines,), (dx,) = primals, tangents
-        value, sign, w = with_weights(lines)
-        return (value, sign), (logsumexp_tangent(w, jnp.asarray(dx, w.dtype)), jnp.zeros_like(sign))
+        value, sign, t, f = logsumexp_weights(lines)
+        return (value, sign), (weighted_sum(t, f, jnp.asarray(dx, t.dtype)), jnp.zeros_like(sign))
 
     return {"softmax": softmax, "log_softmax": log_softmax, "logsumexp": logsumexp}
 

@@ -351,9 +351,16 @@ def _masked_sums(lines: Array, m: Array, s: Array, terms: Array | None) -> Array
             return jnp.where(at_max, zero, jnp.exp(part - s)), jnp.where(at_max, one, zero)
 
         return pairwise_sum(lines, packed)
-    at_max = lines == m
-    both = jnp.stack([jnp.where(at_max, zero, terms), jnp.where(at_max, one, zero)], axis=-2)
-    return pairwise_sum(both, lambda part: (part[..., 0, :], part[..., 1, :]))
+    # The entries and their terms side by side, sliced together, so that the
+    # test at the max is made in the summation loop (computed on the whole
+    # line first, XLA wrote the mask out as an array of its own).
+    both = jnp.stack([lines, terms], axis=-2)
+
+    def packed_terms(part):
+        at_max = part[..., 0, :] == m
+        return jnp.where(at_max, zero, part[..., 1, :]), jnp.where(at_max, one, zero)
+
+    return pairwise_sum(both, packed_terms)
 
 
 def exact_state(lines: Array, m: Array, s: Array, *, terms: Array | None = None) -> tuple[LSEState, Array]:
@@ -395,56 +402,87 @@ def _line_total(st: LSEState) -> Array:
     return jnp.where(jnp.isfinite(st.max), st.count + st.rest, st.count)
 
 
-def logsumexp(lines: Array, *, weights: bool = False) -> tuple[Array, ...]:
-    """``(value, sign)`` of each line, keepdims; with ``weights`` also ``softmax(lines)``.
+def _exact_with_terms(lines: Array, m: Array, s: Array) -> tuple[LSEState, Array, Array]:
+    """``(state, line total, terms)`` of the exact-shift form, the terms ``exp(x - s)`` kept.
 
-    The weights are the derivative's (``d lse / dx``); formed in the same
-    pass, as ``exp(x - s) * (exp(s - m) / (c + r))`` where every line allows
-    the exact shift, else by the shared ``softmax_from_state`` from the
-    state's line total (see :func:`_line_total`).
+    Small inputs form the terms once, kept in memory for the sum and the
+    caller; larger ones form them again (see :func:`softmax`).
     """
     import jax.numpy as jnp
 
-    from lse_dispatch._state import finalize, softmax_from_state
+    terms = jnp.exp(lines - s) if lines.size <= MATERIALIZE else None
+    st, total = exact_state(lines, m, s, terms=terms)
+    return st, total, jnp.exp(lines - s) if terms is None else terms
+
+
+def _weights_of_state(lines: Array, st: LSEState) -> tuple[Array, Array]:
+    """``(t, f)`` with ``t f = softmax(lines)``, for the TwoSum form: the weights and 1.
+
+    The shared ``softmax_from_state``, from the state's line total (see
+    :func:`_line_total`), gives every limit.
+    """
+    import jax.numpy as jnp
+
+    from lse_dispatch._state import softmax_from_state
+
+    total = _line_total(st)
+    weights = softmax_from_state(jnp, lines, LSEState(st.max, total, jnp.zeros_like(total)), None)
+    return weights, jnp.ones_like(total)
+
+
+def logsumexp(lines: Array, *, weights: bool = False) -> tuple[Array, ...]:
+    """``(value, sign)`` of each line, keepdims; with ``weights`` also ``(t, f)``, ``t f = softmax(lines)``.
+
+    The weights ``t f`` are the derivative's (``d lse / dx``), formed in the
+    same pass as the value, and kept as a factor per line: the terms
+    ``t = exp(x - s)`` and ``f = exp(s - m) / (c + r)`` where every line
+    allows the exact shift, so that a backward pass reads the terms once and
+    forms ``t (f g)`` in one loop (as ``jax.nn``'s reads its ``exp``); else
+    the weights of the shared ``softmax_from_state`` and ``f = 1``
+    (:func:`_weights_of_state`).  Either way ``f = 1 / sum t``.
+    """
+    import jax.numpy as jnp
+
+    from lse_dispatch._state import finalize
 
     def fast(lines, m, s):
         if not weights:
             return finalize(jnp, exact_state(lines, m, s)[0], lines.dtype)
-        # Small inputs keep the terms in memory for the weights (see softmax).
-        terms = jnp.exp(lines - s) if lines.size <= MATERIALIZE else None
-        st, total = exact_state(lines, m, s, terms=terms)
-        terms = jnp.exp(lines - s) if terms is None else terms
-        return (*finalize(jnp, st, lines.dtype), terms * (_exp_of_shift(m, s) / total))
+        st, total, terms = _exact_with_terms(lines, m, s)
+        return (*finalize(jnp, st, lines.dtype), terms, _exp_of_shift(m, s) / total)
 
     def slow(lines, m, s):
         st = state(lines, m=m)
         out = finalize(jnp, st, lines.dtype)
-        if weights:
-            total = _line_total(st)
-            out = (*out, softmax_from_state(jnp, lines, LSEState(st.max, total, jnp.zeros_like(total)), None))
-        return out
+        return (*out, *_weights_of_state(lines, st)) if weights else out
 
     return _choose(lines, fast, slow)
 
 
-def log_softmax(lines: Array) -> Array:
-    """``log_softmax`` of each line.
+def log_softmax(lines: Array, *, weights: bool = False) -> Array | tuple[Array, ...]:
+    """``log_softmax`` of each line; with ``weights`` the tuple ``(z, t, f)``, ``t f = softmax(lines)``.
 
     Where every line allows the exact shift: ``(x - m) - log1p(c - 1 + r)``,
     the formula of the shared ``log_softmax_from_state`` for lines with a
     finite max (two roundings); otherwise that function itself, which also
-    gives the limits.
+    gives the limits.  The weights (the derivative's ``exp(z)``) are formed as
+    :func:`logsumexp`'s are, so that a backward pass needs no ``exp``.
     """
     import jax.numpy as jnp
 
     from lse_dispatch._state import log_softmax_from_state
 
     def fast(lines, m, s):
-        st, _ = exact_state(lines, m, s)
-        return (lines - m) - jnp.log1p((st.count - 1) + st.rest)
+        if not weights:
+            st, _ = exact_state(lines, m, s)
+            return (lines - m) - jnp.log1p((st.count - 1) + st.rest)
+        st, total, terms = _exact_with_terms(lines, m, s)
+        return (lines - m) - jnp.log1p((st.count - 1) + st.rest), terms, _exp_of_shift(m, s) / total
 
     def slow(lines, m, s):
-        return log_softmax_from_state(jnp, lines, state(lines, m=m), None)
+        st = state(lines, m=m)
+        z = log_softmax_from_state(jnp, lines, st, None)
+        return (z, *_weights_of_state(lines, st)) if weights else z
 
     return _choose(lines, fast, slow)
 

@@ -396,12 +396,16 @@ def test_residuals_are_no_larger_than_jax_nn(op, shape):
 
     mine = residuals(ours)
     assert size(mine) <= size(residuals(theirs)), mine
-    full = [aval for aval, _ in mine if aval.shape == shape]
-    # One full-size array: the output (softmax, log_softmax) or the weights
-    # softmax(x) (logsumexp, formed in the forward pass as jax.nn's exp is);
-    # nothing else but per-line scalars.
-    assert len(full) == 1, mine
-    assert all(aval.size * len(shape) <= x.size * 2 for aval, _ in mine if aval.shape != shape), mine
+    # Under jax.grad with respect to the input alone, one full-size array: the
+    # output (softmax) or the terms of the weights softmax(x) = t f (logsumexp,
+    # log_softmax: formed in the forward pass as jax.nn's exp is); nothing else
+    # but per-line scalars.  (The loss's gradient with respect to w also keeps
+    # log_softmax's output, as jax.nn's does.)
+    alone = [(aval, why) for aval, why in saved_residuals(lambda a: jnp.sum(ours(a, axis=-1) * c), x)
+             if why != "from a constant"]
+    full = [aval for aval, _ in alone if aval.shape == shape]
+    assert len(full) == 1, alone
+    assert all(aval.size * len(shape) <= x.size * 2 for aval, _ in alone if aval.shape != shape), alone
 
 
 # ----------------------------------------------------------------------------
