@@ -44,8 +44,9 @@ A dtype not yet loaded in this process is only taken for an input of at least
 loading from the cache, or compiling cold; docs/fused_cpu.md has the
 figures) is small next to what the call itself saves when repeated; smaller
 calls decline (``not compiled yet``) and run ``numpy.blocked`` / the generic
-path.  :func:`warm_up` loads or compiles them at once, after which calls of
-any size are taken.
+path, until the calls declined so far add up to ``CUMULATIVE_ELEMENTS``
+entries (a loop of small calls then loads it).  :func:`warm_up` loads or
+compiles them at once, after which calls of any size are taken.
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ import math
 import os
 import threading
 
-from lse_dispatch._kernel import catalogue_changed
+from lse_dispatch._kernel import Provisional, catalogue_changed
 
 from . import _torch_eager
 
 __all__ = [
+    "CALL_ELEMENTS",
+    "CUMULATIVE_ELEMENTS",
     "FIRST_CALL_ELEMENTS",
     "PARALLEL_ELEMENTS",
     "available",
@@ -71,8 +74,15 @@ __all__ = [
     "warm_up",
 ]
 
-#: Inputs below this many entries take a dtype only once it is compiled.
+#: Inputs below this many entries take a dtype only once it is compiled...
 FIRST_CALL_ELEMENTS = 1 << 20
+#: ... or once the calls it declined for that reason add up to this many
+#: entries (each counted as at least ``CALL_ELEMENTS``): about a second of
+#: work on the paths that ran them instead, more than loading the code from
+#: the disk cache costs (docs/fused_cpu.md, "Compile latency").
+CUMULATIVE_ELEMENTS = 1 << 27
+#: What one declined call counts for at least: its fixed cost, in entries.
+CALL_ELEMENTS = 2048
 #: Inputs below this many entries run on the calling thread.
 PARALLEL_ELEMENTS = 1 << 18
 
@@ -81,6 +91,8 @@ ENV_THREADS = "LSE_DISPATCH_NUM_THREADS"
 _THREADS: list = [None]  # the user's setting, or None (follow the library)
 #: The dtypes whose compiled code is loaded in this process.
 _SIGNATURES_SEEN: set = set()
+#: dtype (or ``"<dtype>:weighted"``) -> entries of the calls declined as not compiled yet.
+_DECLINED_WORK: dict = {}
 _STATUS: dict = {}
 
 
@@ -192,14 +204,29 @@ def _reduced_axis(axes, ndim) -> int | None:
 def _size_declines(call, dtype_name, size) -> str | None:
     """First calls too small to load or compile the dtype's code for.
 
-    Tiny calls are taken: with the call's layout worked out once per
-    signature (``_Geometry``) the kernel runs ten entries faster than the
-    blocked kernels' Python-float paths (docs/fused_cpu.md has the figures).
+    A call of at least ``FIRST_CALL_ELEMENTS`` entries loads it; smaller ones
+    decline, provisionally, and add up: once the declined calls of a dtype
+    total ``CUMULATIVE_ELEMENTS`` entries (each at least ``CALL_ELEMENTS``),
+    the next one is taken and loads the code, so that a loop of small calls
+    stops paying the slower path.  Once loaded, calls of every size are taken:
+    with the call's layout worked out once per signature (``_Geometry``) the
+    kernel runs ten entries faster than the blocked kernels' Python-float
+    paths (docs/fused_cpu.md has the figures).
     """
     if size < FIRST_CALL_ELEMENTS and dtype_name not in _SIGNATURES_SEEN:
-        return (f"not compiled yet: {size} entries are below the {FIRST_CALL_ELEMENTS} at which loading "
-                "or compiling pays off (lse_dispatch.backends._fused_cpu.warm_up() loads it)")
+        # (Threads may race on the count: it only decides when to load.)
+        work = _DECLINED_WORK.get(dtype_name, 0) + max(size, CALL_ELEMENTS)
+        if work < CUMULATIVE_ELEMENTS:
+            _DECLINED_WORK[dtype_name] = work
+            return _NOT_YET
     return None
+
+
+#: (One object, not formatted on every call: the calls it answers are small.)
+_NOT_YET = Provisional(
+    f"not compiled yet: below the {FIRST_CALL_ELEMENTS} entries at which loading or compiling pays off, "
+    f"and the calls declined so far add up to less than {CUMULATIVE_ELEMENTS} "
+    "(lse_dispatch.backends._fused_cpu.warm_up() loads it)")
 
 
 _LAYOUT_REASON = "layout: reduced axes are not the leading or trailing axes of a C-contiguous array"

@@ -501,17 +501,31 @@ def _decision_key(call: Call):
 def _first_taker(call: Call, excluded: str | None = None, owners: set | frozenset = frozenset()):
     """The first kernel of ``call``'s array that takes it, other than ``excluded`` and
     the kernels of ``owners``; ``None`` for the generic implementation."""
+    return _scan(call, excluded, owners)[0]
+
+
+def _scan(call: Call, excluded: str | None, owners: set | frozenset = frozenset()):
+    """``(first taker, final)``: ``final`` is False where a kernel before the taker
+    declined provisionally (:class:`~lse_dispatch._kernel.Provisional`)."""
+    final = True
     for owner, kernel in kernels_for(call.a, call.op):
-        if owner not in owners and kernel.name != excluded and kernel.declines(call) is None:
-            return kernel
-    return None
+        if owner in owners or kernel.name == excluded:
+            continue
+        reason = kernel.declines(call)
+        if reason is None:
+            return kernel, final
+        if type(reason) is _kernel.Provisional:
+            final = False
+    return None, final
 
 
 def _decided(call: Call, key, excluded: str | None = None):
-    """:func:`_first_taker`, decided once per ``key``."""
+    """:func:`_first_taker`, decided once per ``key`` (unless a decline was provisional)."""
     chosen = _DECIDED.get(key, _UNDECIDED)
     if chosen is _UNDECIDED:
-        chosen = _first_taker(call, excluded)
+        chosen, final = _scan(call, excluded)
+        if not final:
+            return chosen
         if len(_DECIDED) >= _DECIDED_SIZE:
             try:  # another thread may be evicting the same entry
                 _DECIDED.pop(next(iter(_DECIDED)), None)

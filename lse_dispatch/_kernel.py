@@ -25,6 +25,7 @@ __all__ = [
     "Kernel",
     "Op",
     "Priority",
+    "Provisional",
     "bind_choice",
     "bind_dispatcher",
     "catalogue_changed",
@@ -177,6 +178,20 @@ _FORGET: list[Callable[[], None]] = []
 def bind_forget(forget: Callable[[], None]) -> None:
     """Install ``forget()``, run by :func:`catalogue_changed` (done once, by ``lse_dispatch._dispatch``)."""
     _FORGET[:] = [forget]
+
+
+class Provisional(str):
+    """A reason to decline that holds for now only: the kernel may take the same call later.
+
+    ``numpy.fused`` declines small calls while its compiled code is not
+    loaded, and those calls count towards loading it; a decision made past
+    such a decline is not reused for the call's signature (the dispatcher
+    asks again on the next call), so the kernel sees every call it could
+    take.  A plain ``str`` is a decline that only :func:`catalogue_changed`
+    revokes.
+    """
+
+    __slots__ = ()
 
 
 def catalogue_changed() -> None:

@@ -127,6 +127,17 @@ def backend(request):
         yield make_backend(request.param, stack)
 
 
+@pytest.fixture(autouse=True)
+def _no_declined_work():
+    """Each test starts where a fresh process does: the small calls that earlier
+    tests made do not add up to loading the fused kernels in this one
+    (``_fused_cpu.CUMULATIVE_ELEMENTS``)."""
+    from lse_dispatch.backends import _fused_cpu
+
+    _fused_cpu._DECLINED_WORK.clear()
+    yield
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "long: the 2**20-entry accuracy cases (slowest oracle and graphs)")
 

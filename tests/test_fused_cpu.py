@@ -918,6 +918,33 @@ def test_a_fresh_process_compiles_only_for_large_inputs():
     assert second.split() == ["numpy.fused", "numpy.fused"]
 
 
+def test_small_calls_add_up_to_loading_the_kernel():
+    """Calls below FIRST_CALL_ELEMENTS decline while the dtype is not loaded, and
+    count: the first call past CUMULATIVE_ELEMENTS entries in all loads it.  The
+    dispatcher does not reuse a decision made past that (provisional) decline,
+    or the later calls of the signature would never be counted."""
+    code = textwrap.dedent("""
+        import sys, numpy as np, lse_dispatch
+        from lse_dispatch.backends import _fused_cpu
+        x = np.ones((64, 1000), np.float32)
+        below = (_fused_cpu.CUMULATIVE_ELEMENTS - 1) // x.size  # calls that stay below it
+        with lse_dispatch.trace() as t:
+            lse_dispatch.softmax(x, axis=-1)
+        for _ in range(below - 1):  # untraced: the dispatcher reuses what it can here
+            lse_dispatch.softmax(x, axis=-1)
+        print(set(t.implementations), "numba" in sys.modules)
+        with lse_dispatch.trace() as t:
+            lse_dispatch.softmax(x, axis=-1)
+            lse_dispatch.logsumexp(np.ones((3, 10), np.float32), axis=-1)
+        print(*t.implementations)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, second = result.stdout.strip().splitlines()
+    assert first == "{'numpy.blocked'} False"
+    # The call that passes the total loads the dtype; then a small call of another signature is taken too.
+    assert second.split() == ["numpy.fused", "numpy.fused"]
+
+
 def test_threads_setting(monkeypatch):
     with pytest.raises(ValueError, match="'threads'"):
         _fused_cpu.set_num_threads(0)
