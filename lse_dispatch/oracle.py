@@ -29,6 +29,7 @@ __all__ = [
     "FORMATS",
     "double_double",
     "dtype_name",
+    "exact_exp",
     "exact_log_softmax",
     "exact_logsumexp",
     "exact_softmax",
@@ -171,8 +172,14 @@ def exact_logsumexp(a, axis=None, b=None, where=None) -> np.ndarray:
                 x, w = kept[0]
                 out[index] = mp.mpf(float(x)) + mp.log(abs(mp.mpf(float(w))))
                 continue
-            out[index] = _log_abs_sum(mp, [mp.mpf(float(w)) * mp.exp(mp.mpf(float(x))) for x, w in kept])
+            out[index] = _log_abs_sum(mp, [_weighted_exp(mp, x, w) for x, w in kept])
     return out
+
+
+def _weighted_exp(mp, x, w) -> object:
+    """``w exp(x)`` at the working precision (``exp(x)`` itself where ``w`` is 1: the product is exact)."""
+    term = mp.exp(mp.mpf(float(x)))
+    return term if w == 1 else mp.mpf(float(w)) * term
 
 
 def _log_abs_sum(mp, terms) -> object:
@@ -189,6 +196,8 @@ def _log_abs_sum(mp, terms) -> object:
     exactly, the log is the smaller ones' own.
     """
     terms = list(terms)
+    if len(terms) == 1:  # the running sums of the prefix oracle: the same steps, without the sorting
+        return _log_abs_one(mp, terms[0])
     if any(mp.isnan(term) for term in terms):
         return mp.nan
     terms.sort(key=abs, reverse=True)
@@ -208,6 +217,18 @@ def _log_abs_sum(mp, terms) -> object:
     if 0.5 <= magnitude <= 2:
         return mp.log1p(mp.fadd(mp.fadd(magnitude, -1, exact=True), rest))
     return mp.log(magnitude + rest)
+
+
+def _log_abs_one(mp, term) -> object:
+    """:func:`_log_abs_sum` of one term (nothing smaller to add)."""
+    if mp.isnan(term):
+        return mp.nan
+    if term == 0:
+        return mp.mpf("-inf")
+    magnitude = mp.fneg(term, exact=True) if term < 0 else term  # abs() would round
+    if 0.5 <= magnitude <= 2:
+        return mp.log1p(mp.fadd(magnitude, -1, exact=True) + 0)
+    return mp.log(magnitude + 0)
 
 
 #: Terms below ``2**-_SPAN`` of the largest are added at the working precision.
@@ -298,12 +319,18 @@ def exact_log_softmax(x, axis=None, where=None) -> np.ndarray:
 
 def exact_softmax(x, axis=None, where=None) -> np.ndarray:
     """Exact ``exp(x - logsumexp(x))``; excluded entries get 0."""
+    return exact_exp(exact_log_softmax(x, axis=axis, where=where))
+
+
+def exact_exp(values) -> np.ndarray:
+    """``exp`` of each of the oracle's ``mpf`` values, at its working precision
+    (softmax from :func:`exact_log_softmax`'s values, where a caller has them)."""
     mp = _mp()
-    log_values = exact_log_softmax(x, axis=axis, where=where)
-    out = np.empty(log_values.shape, dtype=object)
+    values = np.asarray(values, dtype=object)
+    out = np.empty(values.shape, dtype=object)
     with _precise(mp):
         for index in np.ndindex(out.shape):
-            out[index] = mp.exp(log_values[index])
+            out[index] = mp.exp(values[index])
     return out
 
 
