@@ -584,6 +584,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (torch.set_num_threads) for both sides")
     parser.add_argument("--render", metavar="JSON", help="print an existing bench.json as Markdown tables and exit")
     parser.add_argument("--previous", metavar="JSON", help="with --render: another run's bench.json, shown as 'was'")
+    parser.add_argument("--plot", metavar="PNG", help="with --render: also draw that run's plot into PNG")
     return parser
 
 
@@ -613,7 +614,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         previous = json.loads(Path(args.previous).read_text()) if args.previous else None
-        print(render_markdown(json.loads(Path(args.render).read_text()), previous), end="")
+        data = json.loads(Path(args.render).read_text())
+        print(render_markdown(data, previous), end="")
+        if args.plot and not _plot(_report_of(data), Path(args.plot)):
+            print("no matplotlib: no plot", file=sys.stderr)
         return 0
     groups = [g.strip() for g in args.only.split(",") if g.strip()]
     unknown = sorted(set(groups) - set(GROUPS))
@@ -636,6 +640,13 @@ def main(argv: list[str] | None = None) -> int:
     plotted = _plot(report, out / "bench.png")
     print(f"\nwrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if plotted else " (no matplotlib: no plot)"))
     return 0
+
+
+def _report_of(data: dict) -> Report:
+    """The :class:`Report` a ``bench.json`` holds."""
+    fields = {**data, "timings": [Timing(**t) for t in data["timings"]],
+              "targets": [Verdict(**v) for v in data["targets"]]}
+    return Report(**fields)
 
 
 def _plot(report: Report, path: Path) -> bool:

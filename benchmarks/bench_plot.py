@@ -50,6 +50,10 @@ def _panel(ax, report, group: str) -> None:
                 markersize=7, markeredgecolor="black", markeredgewidth=0.4, linestyle="none")
     ax.axhline(1.0, color=NATIVE_COLOUR, linewidth=1.2)
     ax.set_yscale("log")
+    # At least 0.5x to 2x, so that a panel whose points all lie near 1 still
+    # has labelled ticks on both sides of the line.
+    low, high = ax.get_ylim()
+    ax.set_ylim(min(low, 0.5), max(high, 2.0))
     ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
     ax.yaxis.set_minor_formatter(NullFormatter())

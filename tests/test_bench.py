@@ -48,6 +48,10 @@ def test_quick_numpy_run_writes_json_and_plot(tmp_path, capsys):
     assert f"{met} of {len(counted)} targets met" in markdown and "(smoke test)." in markdown
     pytest.importorskip("matplotlib")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --plot draws the same run's plot again from its JSON.
+    assert bench.main(["--render", str(tmp_path / "bench.json"), "--plot", str(tmp_path / "again.png")]) == 0
+    assert capsys.readouterr().out == markdown
+    assert (tmp_path / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _timing(op, case, name, seconds, group="numpy", peak=None, residuals=None):
