@@ -72,6 +72,8 @@ __all__ = [
     "softmax_backward",
     "torch_kernels",
     "warm_up",
+    "warm_up_numpy",
+    "warm_up_torch",
 ]
 
 #: Inputs below this many entries take a dtype only once it is compiled...
@@ -695,6 +697,25 @@ def warm_up(dtypes=("float32", "float64"), *, masks: bool = True) -> None:
     for dtype in dtypes:
         for kind in ("forward", "backward", "weighted"):
             _compiled(str(dtype), kind)
+
+
+def warm_up_numpy() -> tuple[str, ...]:
+    """``BackendSpec.warm_up`` of NumPy: both dtypes' code, if numba is installed."""
+    if not available():
+        return ()
+    warm_up()
+    return ("numpy.fused",)
+
+
+def warm_up_torch() -> tuple[str, ...]:
+    """``BackendSpec.warm_up`` of torch: the same code (torch.fused runs it on CPU tensors'
+    NumPy views), if numba and torch are installed; torch itself is not imported."""
+    import importlib.util
+
+    if not available() or importlib.util.find_spec("torch") is None:
+        return ()
+    warm_up()
+    return ("torch.fused",)
 
 
 def softmax_backward(op, out, where, g, axes):

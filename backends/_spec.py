@@ -60,6 +60,11 @@ class BackendSpec:
         changes (:func:`lse_dispatch._kernel.catalogue_changed`); without it
         (the default, and every plugin that does not declare one) every
         ``declines`` runs on every call.
+    warm_up
+        Optional.  Loads (or compiles) the backend's compiled kernels now,
+        so that calls of every size take them, and returns the names of the
+        kernels it loaded (none where they cannot load here: their compiler
+        is not installed).  :func:`lse_dispatch.warm_up` calls it.
     """
 
     name: str
@@ -72,6 +77,7 @@ class BackendSpec:
     kernels: tuple = field(default=())
     numerics: Any = None
     decision_key: Callable[[Any], Any] | None = None
+    warm_up: Callable[[], tuple[str, ...]] | None = None
 
     def installed(self) -> bool:
         """Whether the library imports here (this imports it)."""

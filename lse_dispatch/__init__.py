@@ -4,7 +4,7 @@ Importing this package imports no array library other than NumPy.
 """
 
 from ._api import log_softmax, logsumexp, softmax
-from ._dispatch import available, trace, use
+from ._dispatch import available, trace, use, warm_up
 from ._validate import AxisError
 from .semiring import logcumsumexp, logmatmulexp
 from .streaming import LSEState, OnlineLogSumExp, logsumexp_blocked, lse_finalize, lse_merge, lse_state
@@ -25,5 +25,6 @@ __all__ = [
     "softmax",
     "trace",
     "use",
+    "warm_up",
 ]
 __version__ = "0.1.0"

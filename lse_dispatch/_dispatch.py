@@ -68,6 +68,7 @@ __all__ = [
     "run_without",
     "trace",
     "use",
+    "warm_up",
 ]
 
 #: Environment variable holding the default choice (below ``use`` and ``backend=``).
@@ -299,6 +300,28 @@ def available() -> dict[str, tuple[str, ...]]:
         kernel_names = tuple(dict.fromkeys(kernel.name for kernel in ordered))
         names[spec.name] = names.get(spec.name, ()) + kernel_names
     return names
+
+
+def warm_up() -> tuple[str, ...]:
+    """Load the backends' compiled kernels now; the names of those loaded.
+
+    Compiled kernels load on first use: from the disk cache in about half a
+    second, or compiled once per install (about half a minute for numba's
+    CPU kernels).  Until then they leave calls below 2**20 entries to the
+    other kernels (the calls add up, and 2**27 entries of them load it:
+    docs/fused_cpu.md).  Calling this at start-up, before a loop of small
+    calls, makes every later call take them.  Each backend with a
+    ``warm_up`` hook (``BackendSpec.warm_up``) loads its own; where a
+    kernel's compiler is not installed it loads nothing, and calls keep
+    their other kernels.
+    """
+    from . import backends
+
+    loaded: list[str] = []
+    for spec in [backends.get(name) for name in backends.BUILTIN] + plugins():
+        if spec.warm_up is not None:
+            loaded += spec.warm_up()
+    return tuple(dict.fromkeys(loaded))
 
 
 _KNOWN_NAMES: set[str] = set()

@@ -945,6 +945,29 @@ def test_small_calls_add_up_to_loading_the_kernel():
     assert second.split() == ["numpy.fused", "numpy.fused"]
 
 
+def test_warm_up_loads_the_kernels_for_every_later_call():
+    """The public lse_dispatch.warm_up() loads the compiled code in a fresh process (numba
+    is not imported before it), names what it loaded, and small calls take it after."""
+    code = textwrap.dedent("""
+        import importlib.util, sys, numpy as np, lse_dispatch
+        assert "numba" not in sys.modules
+        loaded = lse_dispatch.warm_up()
+        torch_here = importlib.util.find_spec("torch") is not None
+        assert loaded == (("numpy.fused", "torch.fused") if torch_here else ("numpy.fused",)), loaded
+        with lse_dispatch.trace() as t:
+            lse_dispatch.softmax(np.ones((3, 10), np.float32), axis=-1)
+            lse_dispatch.log_softmax(np.ones((3, 10)), axis=-1)
+        print(*t.implementations)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["numpy.fused", "numpy.fused"]
+
+
+def test_warm_up_without_numba_loads_nothing(monkeypatch):
+    monkeypatch.setitem(_fused_cpu._STATUS, "available", False)
+    assert lse_dispatch.warm_up() == ()
+
+
 def test_threads_setting(monkeypatch):
     with pytest.raises(ValueError, match="'threads'"):
         _fused_cpu.set_num_threads(0)
