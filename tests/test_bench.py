@@ -159,6 +159,26 @@ def test_dask_streaming_benchmark_runs(capsys):
     assert lines[-1].startswith("median: update ")
 
 
+def test_first_calls_benchmark_runs(capsys):
+    """benchmarks/first_calls.py: a short loop in a fresh process, with and without warm_up()."""
+    first_calls = load_checkout_module("benchmarks/first_calls.py")
+    assert first_calls.main(["--library", "numpy", "--shape", "3,10", "--calls", "5"]) == 0
+    header, figures = capsys.readouterr().out.splitlines()
+    assert header.startswith("# numpy softmax (3,10) float32, 5 calls in a fresh process; load average")
+    # Five small calls never load the compiled code.
+    assert figures.startswith("total ") and figures.endswith("kernel at the end: numpy.blocked")
+    assert first_calls.main(["--library", "numpy", "--shape", "3,10", "--calls", "5", "--warm-up"]) == 0
+    out = capsys.readouterr().out
+    want = "numpy.fused" if _numba_installed() else "numpy.blocked"  # warm_up() loads nothing without numba
+    assert out.rstrip().endswith(f"kernel at the end: {want}"), out
+
+
+def _numba_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
+
+
 def test_torch_keeps_the_threads_it_was_given(tmp_path, capsys):
     """--threads 1 holds for torch to the end of the run: nothing in the bench (machine
     info, the fused kernels) starts a threading layer that changes torch's."""
