@@ -80,8 +80,9 @@ __all__ = [
 FIRST_CALL_ELEMENTS = 1 << 20
 #: ... or once the calls it declined for that reason add up to this many
 #: entries (each counted as at least ``CALL_ELEMENTS``): about a second of
-#: work on the paths that ran them instead, more than loading the code from
-#: the disk cache costs (docs/fused_cpu.md, "Compile latency").
+#: work on the paths that ran them instead for calls of thousands of entries,
+#: more than loading the code from the disk cache costs; up to about 9 s for
+#: tiny calls on the generic path (docs/fused_cpu.md, "Compile latency").
 CUMULATIVE_ELEMENTS = 1 << 27
 #: What one declined call counts for at least: its fixed cost, in entries.
 CALL_ELEMENTS = 2048
