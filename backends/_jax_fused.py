@@ -114,53 +114,49 @@ def _rules():
     def times_terms(t, dx):
         return _autodiff._times_weight(jnp, t, dx)
 
-    def with_weights(forward, value_tangents):
-        """``forward`` (lines to ``(*values, t, f)``) with a rule for all of its outputs.
+    def with_weights(forward, weights_forward, value_tangents):
+        """The public function ``forward`` with its rule, over ``weights_forward`` with its own.
 
-        ``t f`` is softmax, and the rule is that of ``t = exp(x - s)`` and
-        ``f = 1 / sum t`` for a constant ``s``: ``dt = t dx`` and
-        ``df = -f sum(t f dx)``, whose product's tangent is softmax's,
-        ``w (dx - sum w dx)``.  ``value_tangents(dx, sum(w dx))`` gives the
-        tangents of the values.
+        ``weights_forward`` maps lines to ``(*values, t, f)``: ``forward``'s
+        values and the weights' factors.  ``t f`` is softmax, and its rule is
+        that of ``t = exp(x - s)`` and ``f = 1 / sum t`` for a constant ``s``:
+        ``dt = t dx`` and ``df = -f sum(t f dx)``, whose product's tangent is
+        softmax's, ``w (dx - sum w dx)``.  ``value_tangents(dx, sum(w dx))``
+        gives the tangents of the values, in both rules.
         """
 
         @jax.custom_jvp
-        def fn(lines):
-            return forward(lines)
+        def weighted(lines):
+            return weights_forward(lines)
 
-        @fn.defjvp
-        def _jvp(primals, tangents):
+        @weighted.defjvp
+        def _weighted_jvp(primals, tangents):
             (lines,), (dx,) = primals, tangents
-            out = fn(lines)
+            out = weighted(lines)
             t, f = out[-2:]
             dx = jnp.asarray(dx, t.dtype)
             mean = weighted_sum(t, f, dx)
             return out, (*value_tangents(dx, mean), times_terms(t, dx), -f * mean)
 
-        return fn
+        @jax.custom_jvp
+        def public(lines):
+            return forward(lines)
 
-    logsumexp_weights = with_weights(logsumexp_weights_forward, lambda dx, mean: (mean, jnp.zeros_like(mean)))
-    log_softmax_weights = with_weights(log_softmax_weights_forward, lambda dx, mean: (dx - mean,))
+        @public.defjvp
+        def _public_jvp(primals, tangents):
+            (lines,), (dx,) = primals, tangents
+            *values, t, f = weighted(lines)
+            dx = jnp.asarray(dx, t.dtype)
+            dots = value_tangents(dx, weighted_sum(t, f, dx))
+            if len(values) == 1:  # log_softmax: one array, not a tuple
+                return values[0], dots[0]
+            return tuple(values), dots
 
-    @jax.custom_jvp
-    def log_softmax(lines):
-        return log_softmax_forward(lines)
+        return public
 
-    @log_softmax.defjvp
-    def _log_softmax_jvp(primals, tangents):
-        (lines,), (dx,) = primals, tangents
-        z, t, f = log_softmax_weights(lines)
-        return z, jnp.asarray(dx, z.dtype) - weighted_sum(t, f, jnp.asarray(dx, t.dtype))
-
-    @jax.custom_jvp
-    def logsumexp(lines):
-        return logsumexp_forward(lines)
-
-    @logsumexp.defjvp
-    def _logsumexp_jvp(primals, tangents):
-        (lines,), (dx,) = primals, tangents
-        value, sign, t, f = logsumexp_weights(lines)
-        return (value, sign), (weighted_sum(t, f, jnp.asarray(dx, t.dtype)), jnp.zeros_like(sign))
+    logsumexp = with_weights(logsumexp_forward, logsumexp_weights_forward,
+                             lambda dx, mean: (mean, jnp.zeros_like(mean)))
+    log_softmax = with_weights(log_softmax_forward, log_softmax_weights_forward, lambda dx, mean: (dx - mean,))
 
     return {"softmax": softmax, "log_softmax": log_softmax, "logsumexp": logsumexp}
 
