@@ -72,8 +72,7 @@ __all__ = [
     "softmax_backward",
     "torch_kernels",
     "warm_up",
-    "warm_up_numpy",
-    "warm_up_torch",
+    "warm_up_hook",
 ]
 
 #: Inputs below this many entries take a dtype only once it is compiled...
@@ -700,23 +699,20 @@ def warm_up(dtypes=("float32", "float64"), *, masks: bool = True) -> None:
             _compiled(str(dtype), kind)
 
 
-def warm_up_numpy() -> tuple[str, ...]:
-    """``BackendSpec.warm_up`` of NumPy: both dtypes' code, if numba is installed."""
-    if not available():
-        return ()
-    warm_up()
-    return ("numpy.fused",)
+def warm_up_hook(kernel: str, library: str):
+    """``BackendSpec.warm_up`` of ``library`` (``kernel`` runs this code on its arrays, as
+    NumPy views): loads both dtypes' code and returns ``(kernel,)``, if numba and the
+    library are installed (the library itself is not imported)."""
 
+    def hook() -> tuple[str, ...]:
+        import importlib.util
 
-def warm_up_torch() -> tuple[str, ...]:
-    """``BackendSpec.warm_up`` of torch: the same code (torch.fused runs it on CPU tensors'
-    NumPy views), if numba and torch are installed; torch itself is not imported."""
-    import importlib.util
+        if not available() or importlib.util.find_spec(library) is None:
+            return ()
+        warm_up()
+        return (kernel,)
 
-    if not available() or importlib.util.find_spec("torch") is None:
-        return ()
-    warm_up()
-    return ("torch.fused",)
+    return hook
 
 
 def softmax_backward(op, out, where, g, axes):

@@ -187,5 +187,5 @@ SPEC = BackendSpec(
     to_numpy=_to_numpy,
     kernels=(*_fused_cpu.numpy_kernels(), *_KERNEL.kernels()),
     decision_key=_decision_key,
-    warm_up=_fused_cpu.warm_up_numpy,
+    warm_up=_fused_cpu.warm_up_hook("numpy.fused", "numpy"),
 )

@@ -239,5 +239,5 @@ SPEC = BackendSpec(
     to_numpy=_to_numpy,
     kernels=(*_torch_triton.KERNELS, *_torch_grad.KERNELS, *_fused_cpu.torch_kernels(), *_KERNEL.kernels()),
     decision_key=_decision_key,
-    warm_up=_fused_cpu.warm_up_torch,
+    warm_up=_fused_cpu.warm_up_hook("torch.fused", "torch"),
 )
