@@ -899,6 +899,12 @@ def test_masked_arrays_arrive_as_where():
     np.testing.assert_array_equal(np.ma.getdata(got), _fused("numpy", "softmax", x, axis=-1, where=~mask))
 
 
+def _printed(code: str) -> list[str]:
+    """The lines ``code`` prints, run in a fresh Python process (which must succeed)."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return result.stdout.strip().splitlines()
+
+
 def test_a_fresh_process_compiles_only_for_large_inputs():
     code = textwrap.dedent("""
         import sys, numpy as np, lse_dispatch
@@ -911,8 +917,7 @@ def test_a_fresh_process_compiles_only_for_large_inputs():
             lse_dispatch.softmax(np.ones((64, 1000), np.float32), axis=-1)
         print(*t.implementations)
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    first, second = result.stdout.strip().splitlines()
+    first, second = _printed(code)
     assert first == "numpy.blocked not compiled yet"
     # The large call compiles (or loads) the dtype's entry point; after it the small call is taken too.
     assert second.split() == ["numpy.fused", "numpy.fused"]
@@ -938,8 +943,7 @@ def test_small_calls_add_up_to_loading_the_kernel():
             lse_dispatch.logsumexp(np.ones((3, 10), np.float32), axis=-1)
         print(*t.implementations)
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    first, second = result.stdout.strip().splitlines()
+    first, second = _printed(code)
     assert first == "{'numpy.blocked'} False"
     # The call that passes the total loads the dtype; then a small call of another signature is taken too.
     assert second.split() == ["numpy.fused", "numpy.fused"]
@@ -959,8 +963,7 @@ def test_warm_up_loads_the_kernels_for_every_later_call():
             lse_dispatch.log_softmax(np.ones((3, 10)), axis=-1)
         print(*t.implementations)
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["numpy.fused", "numpy.fused"]
+    assert _printed(code) == ["numpy.fused numpy.fused"]
 
 
 def test_warm_up_without_numba_loads_nothing(monkeypatch):
@@ -1115,8 +1118,7 @@ def test_masked_log_softmax_backward_matches_the_op_form():
 
 def test_importing_lse_dispatch_imports_no_numba():
     code = "import sys, lse_dispatch, lse_dispatch.backends; print('numba' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
+    assert _printed(code) == ["False"]
 
 
 def test_everything_works_without_numba():
@@ -1136,8 +1138,7 @@ def test_everything_works_without_numba():
         print(dict(t.records[0].declined)["numpy.fused"])
         print(oracle.ulp_error(got[:3], oracle.exact_log_softmax(x[:3].astype(float), axis=-1), np.float32).max())
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    ran, reason, worst = result.stdout.strip().splitlines()
+    ran, reason, worst = _printed(code)
     assert ran == "numpy.blocked torch.blocked generic"
     assert reason.startswith("numba is not installed")
     assert float(worst) <= ULPS
