@@ -54,6 +54,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 import threading
 
 from lse_dispatch._kernel import Provisional, catalogue_changed
@@ -74,6 +75,10 @@ __all__ = [
     "warm_up",
     "warm_up_hook",
 ]
+
+#: Lanes (``Kernel.lane``) of at most this many lines keep their scratch arrays
+#: (about 33 bytes a line) between calls.
+LANE_SCRATCH_LINES = 256
 
 #: Inputs below this many entries take a dtype only once it is compiled...
 FIRST_CALL_ELEMENTS = 1 << 20
@@ -473,6 +478,17 @@ def _nothing(dtype):
     return np.empty((0, 0), np.uint8), np.empty((0, 0), dtype)
 
 
+def _scratch(lines, parts, axis):
+    """``(pieces, per_line, bad)``: the arrays a forward run writes besides its output."""
+    np = _MODULES[0]
+    bad = np.zeros(lines, np.uint8)
+    if parts == 1:
+        # One phase: the pieces are the lines (a fourth row is not read as a piece).
+        pieces = np.empty((4, 1, lines))
+        return pieces, pieces.reshape(4, lines), bad
+    return np.empty((3, lines, parts) if axis == 1 else (3, parts, lines)), np.empty((4, lines)), bad
+
+
 class _Lines:
     """The per-line results of the compiled forward (and the 2-D views they belong to).
 
@@ -493,14 +509,7 @@ class _Lines:
         entry, no_mask, no_output = forward
         self.view, self.axis, self.mask = view, axis, mask
         self.out = np.empty(view.shape, dtype) if geometry.normalised else no_output
-        self.bad = np.zeros(lines, np.uint8)
-        if parts == 1:
-            # One phase: the pieces are the lines (a fourth row is not read as a piece).
-            pieces = np.empty((4, 1, lines))
-            self.per_line = pieces.reshape(4, lines)
-        else:
-            self.per_line = np.empty((4, lines))
-            pieces = np.empty((3, lines, parts) if axis == 1 else (3, parts, lines))
+        pieces, self.per_line, self.bad = _scratch(lines, parts, axis)
         args = (view, no_mask if mask is None else mask, mask is not None, mode, 0, self.out, pieces, self.per_line,
                 self.bad, axis, span, width, parts, blocks)
         if parts == 1 and threads == 1:  # the commonest call, without the launcher
@@ -663,23 +672,78 @@ def _torch_run(call):
     return torch.from_numpy(result)
 
 
-def _entries(name, run, declines):
+def _lane(to_numpy, wrap):
+    """The ``Kernel.lane`` of the fused kernels: ``to_numpy`` gives the input's NumPy view
+    (``None``: it is one), ``wrap()`` the function that returns a result in the input's
+    library (``None``: as is).
+
+    A lane for calls of fewer than ``PARALLEL_ELEMENTS`` entries whose lines
+    the compiled code finishes in one phase (the path ``_Lines`` takes without
+    the launcher): it allocates the output and the scratch, runs the entry
+    point and returns the output, or ``None`` where a line was flagged (a
+    non-finite entry), which the full run finishes by the shared rules.
+    """
+    def lane(call, shape):
+        a = call.a
+        op = call.op
+        view = a if to_numpy is None else to_numpy(a)
+        if call.where is not None or call.b is not None or view.size >= PARALLEL_ELEMENTS:
+            return None
+        if _KERNELS[0] is None:
+            _kernels()
+        np = _MODULES[0]
+        mode = _MODES[op]
+        geometry = _geometry(view.shape, call.axes, view.itemsize, mode)
+        axis, span, width, parts, blocks = geometry.plan
+        if parts != 1 or mode == _KERNELS[0].STATE:
+            return None
+        to_library = None if wrap is None else wrap()
+        dtype, lines, view_shape, normalised = view.dtype, geometry.lines, geometry.view_shape, geometry.normalised
+        entry, no_mask, no_output = geometry.forward or (_compiled(_NAMES[dtype]), *_nothing(dtype))
+        phase, items = geometry.phases[0]
+        # Scratch arrays of few lines are kept for the next call (a popped set is one
+        # thread's alone); the flags are cleared where a line was flagged.
+        spare = [] if lines <= LANE_SCRATCH_LINES else None
+
+        def run(array):
+            x = (array if to_numpy is None else to_numpy(array)).reshape(view_shape)
+            out = np.empty(view_shape, dtype) if normalised else no_output
+            scratch = spare.pop() if spare else _scratch(lines, 1, axis)
+            pieces, per_line, bad = scratch
+            flagged = entry(x, no_mask, False, mode, phase, out, pieces, per_line, bad, axis, span, width, 1, blocks,
+                            0, items)
+            result = None
+            if flagged:
+                bad.fill(0)
+            else:
+                result = out.reshape(shape) if normalised else per_line[3].astype(dtype).reshape(shape)
+            if spare is not None:
+                spare.append(scratch)
+            return result if to_library is None or result is None else to_library(result)
+
+        return run
+
+    return lane
+
+
+def _entries(name, run, declines, lane):
     from lse_dispatch._kernel import Priority, state_kernels
 
     return state_kernels(name, run, declines, priority=Priority.COMPILED, logsumexp=run,
-                         normalised=lambda call, log: run(call))
+                         normalised=lambda call, log: run(call), lane=lane)
 
 
 @functools.cache
 def numpy_kernels() -> tuple:
     """The four ``numpy.fused`` entries of ``SPEC.kernels`` (state, logsumexp, softmax, log_softmax)."""
-    return _entries("numpy.fused", _numpy_run, _numpy_declines)
+    return _entries("numpy.fused", _numpy_run, _numpy_declines, _lane(None, None))
 
 
 @functools.cache
 def torch_kernels() -> tuple:
     """The four ``torch.fused`` entries of ``SPEC.kernels``."""
-    return _entries("torch.fused", _torch_run, _torch_declines)
+    return _entries("torch.fused", _torch_run, _torch_declines,
+                    _lane(lambda t: (t.detach() if t.requires_grad else t).numpy(), lambda: sys.modules["torch"].from_numpy))
 
 
 # --------------------------------------------------------------------------

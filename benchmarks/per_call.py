@@ -1,6 +1,7 @@
-"""Where the time of one small call goes: the public function, its dispatch, the
-key under which the dispatcher reuses its decision, each kernel's ``declines``
-and the ``run`` of every kernel that takes the call.
+"""Where the time of one small call goes: the public function, the lane that
+takes it once its signature is decided (``Kernel.lane``), and the full path:
+its dispatch, the key under which the dispatcher reuses its decision, each
+kernel's ``declines`` and the ``run`` of every kernel that takes the call.
 
     python benchmarks/per_call.py [--library numpy|torch] [--shape 10] [--dtype float32]
                                   [--axis -1] [--number 20000] [--repeats 7]
@@ -73,6 +74,12 @@ def main(argv=None) -> None:
         theirs = native(op)
         print(f"{op}: lse_dispatch {timed(lambda: public(x, axis=args.axis)):.2f}, "
               f"{'torch' if args.library == 'torch' else 'scipy.special'} {timed(lambda: theirs(x, args.axis)):.2f}")
+        found = _dispatch._LANES.get((Op(op), type(x), x.dtype, x.shape, args.axis, False))
+        if found is not None and found[3] is not None:
+            lane = found[3]
+            print(f"  the lane takes the call: through_lane "
+                  f"{timed(lambda: _dispatch.through_lane(Op(op), x, args.axis)):.2f}, of which the "
+                  f"kernel's lane {timed(lambda: lane(x)):.2f}; the full path:")
         call, _ = _api._prepare(Op(op), x, args.axis, None, None)
         print(f"  prepare {timed(lambda: _api._prepare(Op(op), x, args.axis, None, None)):.2f}, "
               f"dispatch.run {timed(lambda: _dispatch.run(call)):.2f}")

@@ -182,8 +182,13 @@ def logsumexp(
     >>> float(value), float(sign)
     (0.5413248546129181, -1.0)
     """
+    lane = None
+    if b is None and where is None and backend is None and not return_sign:
+        value, lane = _dispatch.through_lane(Op.LOGSUMEXP, a, axis, keepdims)
+        if value is not None:
+            return _out(value)
     call, _ = _prepare(Op.LOGSUMEXP, a, axis, b, where, return_sign)
-    value, sign = _dispatch.run(call, backend)
+    value, sign = _dispatch.run(call, backend, lane)
     value = _out(_squeeze(call, value, keepdims))
     if return_sign:
         return value, _out(_squeeze(call, sign, keepdims))
@@ -219,8 +224,13 @@ def softmax(x: Array, axis: Axis = None, *, where: Array | None = None, backend:
     >>> softmax(np.array([0.0, np.inf, np.inf]))
     array([0. , 0.5, 0.5])
     """
+    lane = None
+    if where is None and backend is None:
+        out, lane = _dispatch.through_lane(Op.SOFTMAX, x, axis)
+        if out is not None:
+            return out
     call, mask = _prepare(Op.SOFTMAX, x, axis, None, where)
-    return _normalised_out(call, _dispatch.run(call, backend), mask)
+    return _normalised_out(call, _dispatch.run(call, backend, lane), mask)
 
 
 def log_softmax(x: Array, axis: Axis = None, *, where: Array | None = None, backend: str | None = None) -> Array:
@@ -251,5 +261,10 @@ def log_softmax(x: Array, axis: Axis = None, *, where: Array | None = None, back
     >>> float(log_softmax(np.array([0.0, -40.0]))[0])
     -4.248354255291589e-18
     """
+    lane = None
+    if where is None and backend is None:
+        out, lane = _dispatch.through_lane(Op.LOG_SOFTMAX, x, axis)
+        if out is not None:
+            return out
     call, mask = _prepare(Op.LOG_SOFTMAX, x, axis, None, where)
-    return _normalised_out(call, _dispatch.run(call, backend), mask)
+    return _normalised_out(call, _dispatch.run(call, backend, lane), mask)

@@ -498,6 +498,7 @@ _UNDECIDED = object()
 
 def _forget_decisions() -> None:
     _DECIDED.clear()
+    _LANES.clear()
 
 
 def _decision_key(call: Call):
@@ -558,13 +559,19 @@ def _decided(call: Call, key, excluded: str | None = None):
     return chosen
 
 
-def run(call: Call, backend: str | None = None) -> Any:
-    """Run ``call`` with the implementation the user's choice selects."""
+def run(call: Call, backend: str | None = None, lane=None) -> Any:
+    """Run ``call`` with the implementation the user's choice selects.
+
+    ``lane`` is the key :func:`through_lane` gave for the call, under which
+    the kernel ``auto`` chose leaves its lane for the next calls.
+    """
     choice, source = _resolve(backend)
     verbose = _observed()
     if choice == "auto" and not verbose:  # the commonest case, without bookkeeping
         key = _decision_key(call)
         chosen = _first_taker(call) if key is None else _decided(call, key)
+        if lane is not None and key is not None:
+            _learn_lane(lane, call, key, chosen)
         return GENERIC[call.op](call) if chosen is None else chosen.run(call)
     pairs = kernels_for(call.a, call.op)
     declined: list[tuple[str, str]] = []
@@ -582,6 +589,85 @@ def run(call: Call, backend: str | None = None) -> Any:
     if chosen is None:
         return GENERIC[call.op](call)
     return chosen.run(call)
+
+
+# --------------------------------------------------------------------------
+# Lanes: a call whose signature has been decided, run without preparing it.
+
+#: (op, type, dtype, shape, axis as given, keepdims) -> (the decided call
+#: without its array, the backend's decision key function, the key's value
+#: for that call, the kernel's lane or ``None``); first in, first out.
+_LANES: dict = {}
+
+
+@_compile_time_constant
+def _lanes_off() -> bool:
+    """Whether a call must take the full path: a choice other than ``auto`` is in force,
+    decisions are being recorded, or torch.compile is tracing (Dynamo calls this once,
+    as a constant, instead of tracing the lookup)."""
+    if _CHOICE.get() is not None or _observed() or getenv(ENV_VAR):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
+def through_lane(op: Op, a, axis, keepdims: bool = False) -> tuple[Any, Any]:
+    """``(result, None)`` by the lane of ``a``'s call signature, or ``(None, lane key)``.
+
+    For the public functions' calls without ``b``, ``where``, ``return_sign``
+    and ``backend=``.  A lane is a kernel's run specialised to a signature
+    (:attr:`Kernel.lane`), learned by :func:`run` once ``auto`` has decided
+    for it for good; it skips the namespace resolution, validation and
+    dtype plan of :func:`lse_dispatch._call.prepare` and the dispatch, which
+    are most of a small call's time.  It is taken only under ``auto``, with
+    nothing recorded, and where the backend's decision key for ``a`` is the
+    one it was learned under.  The key is ``None`` where no lane can be
+    learned (an input that is not an array, an unhashable ``axis``, a choice
+    in force) or where one is known but declined this input.
+    """
+    if _lanes_off():
+        return None, None
+    try:
+        key = (op, type(a), a.dtype, a.shape, axis, keepdims)
+        found = _LANES.get(key)
+    except (AttributeError, TypeError):  # not an array; an axis given as a list
+        return None, None
+    if found is None:
+        return None, key
+    learned, decision_key, part, lane = found
+    if lane is None:
+        return None, None
+    call = object.__new__(Call)
+    fields = call.__dict__
+    fields.update(learned.__dict__)
+    fields["a"] = a
+    if decision_key(call) != part:
+        return None, None
+    return lane(a), None
+
+
+def _learn_lane(lane_key, call: Call, key, chosen) -> None:
+    """Store the lane of the kernel ``auto`` chose for good (``None``: it has none)."""
+    if key not in _DECIDED or type(call.a) is not lane_key[1] or call.from_scalar or call.return_sign:
+        return  # a provisional decision, or a call of the unwrapped or converted input
+    lane = None
+    if chosen is not None and chosen.lane is not None:
+        lane = chosen.lane(call, _lane_shape(call, lane_key[-1]))
+    learned = object.__new__(Call)
+    learned.__dict__.update(call.__dict__, a=None)  # the lane must not keep the array alive
+    if len(_LANES) >= _DECIDED_SIZE:
+        try:  # another thread may be evicting the same entry
+            _LANES.pop(next(iter(_LANES)), None)
+        except (RuntimeError, StopIteration):
+            pass
+    _LANES[lane_key] = (learned, backends_for(call.a)[0].decision_key, key[-1], lane)
+
+
+def _lane_shape(call: Call, keepdims: bool) -> tuple:
+    """The shape of the public result: the input's, or logsumexp's reduced one."""
+    if call.op != Op.LOGSUMEXP:
+        return call.shape
+    return tuple(1 if ax in call.axes else n for ax, n in enumerate(call.shape) if keepdims or ax not in call.axes)
 
 
 def _record_run(call: Call, choice: str, source: str, chosen, declined: list, seen: set) -> None:

@@ -75,6 +75,16 @@ class Kernel:
     short reason why not; a kernel that does not meet the accuracy contract
     for a call must decline it.  ``priority`` orders the kernels of an
     array's backends (:class:`Priority`).
+
+    ``lane`` is optional: ``lane(call, shape)`` specialises ``run`` to the
+    signature of a call the kernel took (one without ``b``, ``where`` and
+    ``return_sign``), returning ``fn(a)``, or ``None`` where it has no
+    such form.  ``fn`` takes any array of the same type, dtype and shape
+    whose backend decision key (``BackendSpec.decision_key``) is the call's,
+    and returns the result, of ``shape`` (logsumexp's value alone), or
+    ``None`` for an input that needs the full ``run`` (a line to finish by
+    the shared limit rules).  The dispatcher calls it instead of preparing
+    the next such call (:func:`lse_dispatch._dispatch.through_lane`).
     """
 
     op: Op
@@ -82,6 +92,7 @@ class Kernel:
     run: Callable[[Any], Any]
     declines: Callable[[Any], str | None] = never_declines
     priority: int = Priority.THIRD_PARTY
+    lane: Callable[[Any, tuple], Callable[[Any], Any] | None] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -99,6 +110,7 @@ def state_kernels(
     normalised: Callable[[Any, bool], Any] | None = None,
     logsumexp: Callable[[Any], Any] | None = None,
     declines_normalised: Callable[[Any], str | None] | None = None,
+    lane: Callable[[Any, tuple], Callable[[Any], Any] | None] | None = None,
 ) -> tuple[Kernel, ...]:
     """The four kernels of an implementation that computes states.
 
@@ -109,7 +121,8 @@ def state_kernels(
     ``normalised(call, log)`` is the kernel's fused softmax (``log=False``)
     or log_softmax; without it they take the state and the shared
     elementwise pass.  ``declines_normalised`` (default ``declines``)
-    decides for softmax and log_softmax.
+    decides for softmax and log_softmax.  ``lane`` is the three public
+    operations' :attr:`Kernel.lane`.
     """
     def finalised(call):
         return _generic.logsumexp_from_state(call, state(call))
@@ -122,9 +135,9 @@ def state_kernels(
     declines_normalised = declines if declines_normalised is None else declines_normalised
     return (
         Kernel(Op.STATE, name, state, declines, priority),
-        Kernel(Op.LOGSUMEXP, name, finalised if logsumexp is None else logsumexp, declines, priority),
-        Kernel(Op.SOFTMAX, name, from_state(False), declines_normalised, priority),
-        Kernel(Op.LOG_SOFTMAX, name, from_state(True), declines_normalised, priority),
+        Kernel(Op.LOGSUMEXP, name, finalised if logsumexp is None else logsumexp, declines, priority, lane),
+        Kernel(Op.SOFTMAX, name, from_state(False), declines_normalised, priority, lane),
+        Kernel(Op.LOG_SOFTMAX, name, from_state(True), declines_normalised, priority, lane),
     )
 
 
