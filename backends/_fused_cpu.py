@@ -64,6 +64,7 @@ from . import _torch_eager
 __all__ = [
     "CALL_ELEMENTS",
     "CUMULATIVE_ELEMENTS",
+    "CUMULATIVE_SECONDS",
     "FIRST_CALL_ELEMENTS",
     "PARALLEL_ELEMENTS",
     "available",
@@ -85,11 +86,17 @@ FIRST_CALL_ELEMENTS = 1 << 20
 #: ... or once the calls it declined for that reason add up to this many
 #: entries (each counted as at least ``CALL_ELEMENTS``): about a second of
 #: work on the paths that ran them instead for calls of thousands of entries,
-#: more than loading the code from the disk cache costs; up to about 9 s for
-#: tiny calls on the generic path (docs/fused_cpu.md, "Compile latency").
+#: more than loading the code from the disk cache costs ...
 CUMULATIVE_ELEMENTS = 1 << 27
 #: What one declined call counts for at least: its fixed cost, in entries.
 CALL_ELEMENTS = 2048
+#: ... or once they have taken this many seconds on the paths that ran them
+#: instead (the dispatcher times them: ``Provisional.charge``), about what
+#: importing numba and loading a dtype's code from the disk cache take, so
+#: that tiny calls on a slow path (the generic one: 140 us for a (100, 3)
+#: float64 softmax) load it as soon as their entries would have
+#: (docs/fused_cpu.md, "Compile latency").
+CUMULATIVE_SECONDS = 0.5
 #: Inputs below this many entries run on the calling thread.
 PARALLEL_ELEMENTS = 1 << 18
 
@@ -98,8 +105,10 @@ ENV_THREADS = "LSE_DISPATCH_NUM_THREADS"
 _THREADS: list = [None]  # the user's setting, or None (follow the library)
 #: The dtypes whose compiled code is loaded in this process.
 _SIGNATURES_SEEN: set = set()
-#: dtype (or ``"<dtype>:weighted"``) -> entries of the calls declined as not compiled yet.
+#: dtype (or ``"<dtype>:weighted"``) -> entries of the calls declined as not compiled yet ...
 _DECLINED_WORK: dict = {}
+#: ... and the seconds those calls took.
+_DECLINED_SECONDS: dict = {}
 _STATUS: dict = {}
 
 
@@ -214,8 +223,9 @@ def _size_declines(call, dtype_name, size) -> str | None:
     A call of at least ``FIRST_CALL_ELEMENTS`` entries loads it; smaller ones
     decline, provisionally, and add up: once the declined calls of a dtype
     total ``CUMULATIVE_ELEMENTS`` entries (each at least ``CALL_ELEMENTS``),
-    the next one is taken and loads the code, so that a loop of small calls
-    stops paying the slower path.  Once loaded, calls of every size are taken:
+    or have taken ``CUMULATIVE_SECONDS`` on the paths that ran them, the next
+    one is taken and loads the code, so that a loop of small calls stops
+    paying the slower path.  Once loaded, calls of every size are taken:
     with the call's layout worked out once per signature (``_Geometry``) the
     kernel runs ten entries faster than the blocked kernels' Python-float
     paths (docs/fused_cpu.md has the figures).
@@ -223,17 +233,26 @@ def _size_declines(call, dtype_name, size) -> str | None:
     if size < FIRST_CALL_ELEMENTS and dtype_name not in _SIGNATURES_SEEN:
         # (Threads may race on the count: it only decides when to load.)
         work = _DECLINED_WORK.get(dtype_name, 0) + max(size, CALL_ELEMENTS)
-        if work < CUMULATIVE_ELEMENTS:
+        if work < CUMULATIVE_ELEMENTS and _DECLINED_SECONDS.get(dtype_name, 0.0) < CUMULATIVE_SECONDS:
             _DECLINED_WORK[dtype_name] = work
-            return _NOT_YET
+            reason = _NOT_YET.get(dtype_name)
+            if reason is None:
+                reason = _NOT_YET[dtype_name] = Provisional(_NOT_YET_REASON, functools.partial(_charge, dtype_name))
+            return reason
     return None
 
 
-#: (One object, not formatted on every call: the calls it answers are small.)
-_NOT_YET = Provisional(
+def _charge(dtype_name, seconds) -> None:
+    """``Provisional.charge`` of a dtype's declines: the seconds a declined call took."""
+    _DECLINED_SECONDS[dtype_name] = _DECLINED_SECONDS.get(dtype_name, 0.0) + seconds
+
+
+#: (One reason a dtype, not formatted on every call: the calls it answers are small.)
+_NOT_YET: dict = {}
+_NOT_YET_REASON = (
     f"not compiled yet: below the {FIRST_CALL_ELEMENTS} entries at which loading or compiling pays off, "
-    f"and the calls declined so far add up to less than {CUMULATIVE_ELEMENTS} "
-    "(lse_dispatch.backends._fused_cpu.warm_up() loads it)")
+    f"and the calls declined so far add up to less than {CUMULATIVE_ELEMENTS} entries and "
+    f"{CUMULATIVE_SECONDS} s (lse_dispatch.backends._fused_cpu.warm_up() loads it)")
 
 
 _LAYOUT_REASON = "layout: reduced axes are not the leading or trailing axes of a C-contiguous array"

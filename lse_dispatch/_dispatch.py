@@ -39,6 +39,7 @@ import contextlib
 import contextvars
 import logging
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -479,10 +480,11 @@ def run_without(call: Call, excluded: str, *, builtin_only: bool = False) -> Any
     """
     if builtin_only:
         chosen = _first_taker(call, excluded, {spec.name for spec in _PLUGINS or ()})
+        pending = ()
     else:
         key = _decision_key(call)
-        chosen = _first_taker(call, excluded) if key is None else _decided(call, (key, excluded), excluded)
-    return GENERIC[call.op](call) if chosen is None else chosen.run(call)
+        chosen, pending = _scan(call, excluded) if key is None else _decided(call, (key, excluded), excluded)
+    return _run_chosen(call, chosen, pending)
 
 
 # --------------------------------------------------------------------------
@@ -529,34 +531,50 @@ def _first_taker(call: Call, excluded: str | None = None, owners: set | frozense
 
 
 def _scan(call: Call, excluded: str | None, owners: set | frozenset = frozenset()):
-    """``(first taker, final)``: ``final`` is False where a kernel before the taker
-    declined provisionally (:class:`~lse_dispatch._kernel.Provisional`)."""
-    final = True
+    """``(first taker, pending)``: ``pending`` holds the provisional declines
+    (:class:`~lse_dispatch._kernel.Provisional`) of the kernels before the taker;
+    the decision is final where it is empty."""
+    pending = ()
     for owner, kernel in kernels_for(call.a, call.op):
         if owner in owners or kernel.name == excluded:
             continue
         reason = kernel.declines(call)
         if reason is None:
-            return kernel, final
-        if type(reason) is _kernel.Provisional:
-            final = False
-    return None, final
+            return kernel, pending
+        if isinstance(reason, _kernel.Provisional):
+            pending += (reason,)
+    return None, pending
 
 
 def _decided(call: Call, key, excluded: str | None = None):
-    """:func:`_first_taker`, decided once per ``key`` (unless a decline was provisional)."""
+    """:func:`_scan`, decided once per ``key`` (unless a decline was provisional)."""
     chosen = _DECIDED.get(key, _UNDECIDED)
-    if chosen is _UNDECIDED:
-        chosen, final = _scan(call, excluded)
-        if not final:
-            return chosen
-        if len(_DECIDED) >= _DECIDED_SIZE:
-            try:  # another thread may be evicting the same entry
-                _DECIDED.pop(next(iter(_DECIDED)), None)
-            except (RuntimeError, StopIteration):
-                pass
-        _DECIDED[key] = chosen
-    return chosen
+    if chosen is not _UNDECIDED:
+        return chosen, ()
+    chosen, pending = _scan(call, excluded)
+    if pending:
+        return chosen, pending
+    if len(_DECIDED) >= _DECIDED_SIZE:
+        try:  # another thread may be evicting the same entry
+            _DECIDED.pop(next(iter(_DECIDED)), None)
+        except (RuntimeError, StopIteration):
+            pass
+    _DECIDED[key] = chosen
+    return chosen, ()
+
+
+def _run_chosen(call: Call, chosen, pending: tuple) -> Any:
+    """Run ``chosen`` (``None``: the generic implementation); where kernels declined
+    provisionally, tell each one the seconds the call took (``Provisional.charge``)."""
+    if not pending:
+        return GENERIC[call.op](call) if chosen is None else chosen.run(call)
+    start = time.perf_counter()
+    result = GENERIC[call.op](call) if chosen is None else chosen.run(call)
+    elapsed = time.perf_counter() - start
+    for reason in pending:
+        if reason.charge is not None:
+            reason.charge(elapsed)
+    return result
 
 
 def run(call: Call, backend: str | None = None, lane=None) -> Any:
@@ -569,10 +587,10 @@ def run(call: Call, backend: str | None = None, lane=None) -> Any:
     verbose = _observed()
     if choice == "auto" and not verbose:  # the commonest case, without bookkeeping
         key = _decision_key(call)
-        chosen = _first_taker(call) if key is None else _decided(call, key)
+        chosen, pending = _scan(call, None) if key is None else _decided(call, key)
         if lane is not None and key is not None:
             _learn_lane(lane, call, key, chosen)
-        return GENERIC[call.op](call) if chosen is None else chosen.run(call)
+        return _run_chosen(call, chosen, pending)
     pairs = kernels_for(call.a, call.op)
     declined: list[tuple[str, str]] = []
     kernels, skipped = _candidates(pairs, choice)

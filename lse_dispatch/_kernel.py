@@ -202,9 +202,18 @@ class Provisional(str):
     asks again on the next call), so the kernel sees every call it could
     take.  A plain ``str`` is a decline that only :func:`catalogue_changed`
     revokes.
+
+    ``charge``, if given, is called with the seconds that the call then took
+    on the implementation that ran (the dispatcher times the calls it runs
+    past such a decline), so that the kernel can weigh what declining costs.
     """
 
-    __slots__ = ()
+    charge: Callable[[float], None] | None
+
+    def __new__(cls, reason: str, charge: Callable[[float], None] | None = None) -> Provisional:
+        self = super().__new__(cls, reason)
+        self.charge = charge
+        return self
 
 
 def catalogue_changed() -> None:

@@ -135,6 +135,7 @@ def _no_declined_work():
     from lse_dispatch.backends import _fused_cpu
 
     _fused_cpu._DECLINED_WORK.clear()
+    _fused_cpu._DECLINED_SECONDS.clear()
     yield
 
 

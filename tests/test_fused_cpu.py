@@ -931,6 +931,7 @@ def test_small_calls_add_up_to_loading_the_kernel():
     code = textwrap.dedent("""
         import sys, numpy as np, lse_dispatch
         from lse_dispatch.backends import _fused_cpu
+        _fused_cpu.CUMULATIVE_SECONDS = float("inf")  # the entries alone (their time: the next test)
         x = np.ones((64, 1000), np.float32)
         below = (_fused_cpu.CUMULATIVE_ELEMENTS - 1) // x.size  # calls that stay below it
         with lse_dispatch.trace() as t:
@@ -947,6 +948,34 @@ def test_small_calls_add_up_to_loading_the_kernel():
     assert first == "{'numpy.blocked'} False"
     # The call that passes the total loads the dtype; then a small call of another signature is taken too.
     assert second.split() == ["numpy.fused", "numpy.fused"]
+
+
+def test_slow_small_calls_add_up_to_loading_by_their_time():
+    """Tiny calls on a slow path (float64 softmax of (100, 3) runs the generic one while
+    numpy.fused declines it) count by the time they take: the dispatcher times each
+    call made past a provisional decline and charges the kernel, which loads its code
+    once the charges reach CUMULATIVE_SECONDS (their entries would take 65536 calls)."""
+    code = textwrap.dedent("""
+        import time, numpy as np, lse_dispatch
+        from lse_dispatch.backends import _fused_cpu
+        _fused_cpu.CUMULATIVE_ELEMENTS = 1 << 60  # the time alone
+        _fused_cpu.CUMULATIVE_SECONDS = 0.2
+        x = np.ones((100, 3))
+        with lse_dispatch.trace() as t:
+            lse_dispatch.softmax(x, axis=-1)
+        calls, start = 1, time.perf_counter()
+        while "float64" not in _fused_cpu._SIGNATURES_SEEN and calls < 100000:
+            lse_dispatch.softmax(x, axis=-1)
+            calls += 1
+        took = time.perf_counter() - start
+        print(t.implementations[0], calls < 100000, _fused_cpu._DECLINED_SECONDS["float64"] >= 0.2, took >= 0.2)
+        with lse_dispatch.trace() as t:
+            lse_dispatch.softmax(x, axis=-1)
+        print(*t.implementations)
+    """)
+    first, second = _printed(code)
+    assert first == "generic True True True"
+    assert second == "numpy.fused"
 
 
 def test_warm_up_loads_the_kernels_for_every_later_call():
