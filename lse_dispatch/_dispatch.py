@@ -534,7 +534,7 @@ def _scan(call: Call, excluded: str | None, owners: set | frozenset = frozenset(
     """``(first taker, pending)``: ``pending`` holds the provisional declines
     (:class:`~lse_dispatch._kernel.Provisional`) of the kernels before the taker;
     the decision is final where it is empty."""
-    pending = ()
+    pending: tuple = ()
     for owner, kernel in kernels_for(call.a, call.op):
         if owner in owners or kernel.name == excluded:
             continue
