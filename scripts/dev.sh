@@ -31,6 +31,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
 fi
 job="${1:-test}"
 shift || true
+if [ "$job" = test ] || [ "$job" = conformance ]; then
+    # JAX's persistent compilation cache, shared by these two jobs and by pytest's
+    # workers: an XLA program that takes 0.1 s or more to compile (each shape of
+    # the JAX logcumsumexp program takes about 1.2 s) is compiled once per checkout
+    # and loaded after that (the tests' JAX semiring cases: 7m46s writing it,
+    # 1m53s reading it; docs/semiring.md).
+    export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$root/build/jax-cache}"
+    export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.1}"
+fi
 case "$job" in
     report) exec "$venv/bin/lse-dispatch" report "$@" ;;
     bench) exec "$venv/bin/lse-dispatch" bench "$@" ;;
