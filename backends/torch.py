@@ -210,6 +210,20 @@ class TorchNumerics(Numerics):
         return out.masked_fill_(chosen, 0)
 
 
+#: torch's functions and module that the decision key reads, bound on its first
+#: call (this module does not import torch): the attribute chains cost 0.2 us of
+#: the key's 1.0 on every call of a lane (docs/dispatch.md, "Lanes").
+_CHECKS: list = []
+
+
+def _checks() -> list:
+    if not _CHECKS:
+        torch = sys.modules["torch"]  # loaded: the call holds a tensor
+        _CHECKS[:] = [torch.compiler.is_compiling, torch._C._functorch.is_functorch_wrapped_tensor,
+                      torch._C._are_functorch_transforms_active, torch.is_grad_enabled, torch.autograd.forward_ad]
+    return _CHECKS
+
+
 def _decision_key(call):
     """What the torch kernels' ``declines`` read of a CPU tensor besides its type, dtype,
     shape and reduced axes (``BackendSpec.decision_key``).
@@ -218,13 +232,13 @@ def _decision_key(call):
     capture and more), under torch.compile tracing and inside torch.func
     transforms.
     """
-    torch = sys.modules["torch"]  # loaded: the call holds a tensor
+    compiling, wrapped, transforms_active, grad_enabled, forward_ad = _CHECKS or _checks()
     a = call.a
-    if not a.is_cpu or torch.compiler.is_compiling():  # first: Dynamo cannot trace the functorch checks
+    if not a.is_cpu or compiling():  # first: Dynamo cannot trace the functorch checks
         return None
-    if torch._C._functorch.is_functorch_wrapped_tensor(a) or torch._C._are_functorch_transforms_active():
+    if wrapped(a) or transforms_active():
         return None
-    return (torch.is_grad_enabled() and a.requires_grad, torch.autograd.forward_ad._current_level >= 0,
+    return (grad_enabled() and a.requires_grad, forward_ad._current_level >= 0,
             a.is_contiguous(), a.is_conj() or a.is_neg())
 
 
