@@ -467,6 +467,13 @@ class _Geometry:
         #: (the itemsize fixes the dtype: the kernels take float32 and float64).
         self.forward = None
 
+    def entry(self, dtype) -> tuple:
+        """``(entry point, no mask, no output)`` of the forward for ``dtype``, found once."""
+        forward = self.forward
+        if forward is None:
+            forward = self.forward = (_compiled(_NAMES[dtype]), *_nothing(dtype))
+        return forward
+
 
 def _geometry(shape, axes, itemsize, mode) -> _Geometry:
     key = (shape, axes, itemsize, mode)
@@ -522,10 +529,7 @@ class _Lines:
         dtype = view.dtype
         axis, span, width, parts, blocks = geometry.plan
         lines = geometry.lines
-        forward = geometry.forward
-        if forward is None:
-            forward = geometry.forward = (_compiled(_NAMES[dtype]), *_nothing(dtype))
-        entry, no_mask, no_output = forward
+        entry, no_mask, no_output = geometry.entry(dtype)
         self.view, self.axis, self.mask = view, axis, mask
         self.out = np.empty(view.shape, dtype) if geometry.normalised else no_output
         pieces, self.per_line, self.bad = _scratch(lines, parts, axis)
@@ -665,6 +669,11 @@ def _weighted_run(call, library):
     return _generic.logsumexp_from_state(call, state)
 
 
+def _tensor_view(t):
+    """The NumPy view of a CPU tensor (one that requires grad comes here only under no_grad)."""
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
 def _torch_run(call):
     import torch
 
@@ -682,8 +691,7 @@ def _torch_run(call):
         result = _weighted_run(prepare(call.op, views[0], axis=call.axes, b=weights, where=views[2],
                                        return_sign=call.return_sign), "torch")
     else:
-        result = _run(call, (a.detach() if a.requires_grad else a).numpy(),
-                      None if where is None else where.detach().numpy(), "torch")
+        result = _run(call, _tensor_view(a), None if where is None else where.detach().numpy(), "torch")
     if type(result) is tuple:  # (value, sign)
         return torch.from_numpy(result[0]), torch.from_numpy(result[1])
     if isinstance(result, tuple):  # an LSEState
@@ -718,7 +726,7 @@ def _lane(to_numpy, wrap):
             return None
         to_library = None if wrap is None else wrap()
         dtype, lines, view_shape, normalised = view.dtype, geometry.lines, geometry.view_shape, geometry.normalised
-        entry, no_mask, no_output = geometry.forward or (_compiled(_NAMES[dtype]), *_nothing(dtype))
+        entry, no_mask, no_output = geometry.entry(dtype)
         phase, items = geometry.phases[0]
         # Scratch arrays of few lines are kept for the next call (a popped set is one
         # thread's alone); the flags are cleared where a line was flagged.
@@ -762,7 +770,7 @@ def numpy_kernels() -> tuple:
 def torch_kernels() -> tuple:
     """The four ``torch.fused`` entries of ``SPEC.kernels``."""
     return _entries("torch.fused", _torch_run, _torch_declines,
-                    _lane(lambda t: (t.detach() if t.requires_grad else t).numpy(), lambda: sys.modules["torch"].from_numpy))
+                    _lane(_tensor_view, lambda: sys.modules["torch"].from_numpy))
 
 
 # --------------------------------------------------------------------------

@@ -554,13 +554,18 @@ def _decided(call: Call, key, excluded: str | None = None):
     chosen, pending = _scan(call, excluded)
     if pending:
         return chosen, pending
-    if len(_DECIDED) >= _DECIDED_SIZE:
+    _bounded_put(_DECIDED, key, chosen)
+    return chosen, ()
+
+
+def _bounded_put(table: dict, key, value) -> None:
+    """``table[key] = value``, first dropping the oldest entry of a full table (first in, first out)."""
+    if len(table) >= _DECIDED_SIZE:
         try:  # another thread may be evicting the same entry
-            _DECIDED.pop(next(iter(_DECIDED)), None)
+            table.pop(next(iter(table)), None)
         except (RuntimeError, StopIteration):
             pass
-    _DECIDED[key] = chosen
-    return chosen, ()
+    table[key] = value
 
 
 def _run_chosen(call: Call, chosen, pending: tuple) -> Any:
@@ -673,12 +678,7 @@ def _learn_lane(lane_key, call: Call, key, chosen) -> None:
         lane = chosen.lane(call, _lane_shape(call, lane_key[-1]))
     learned = object.__new__(Call)
     learned.__dict__.update(call.__dict__, a=None)  # the lane must not keep the array alive
-    if len(_LANES) >= _DECIDED_SIZE:
-        try:  # another thread may be evicting the same entry
-            _LANES.pop(next(iter(_LANES)), None)
-        except (RuntimeError, StopIteration):
-            pass
-    _LANES[lane_key] = (learned, backends_for(call.a)[0].decision_key, key[-1], lane)
+    _bounded_put(_LANES, lane_key, (learned, backends_for(call.a)[0].decision_key, key[-1], lane))
 
 
 def _lane_shape(call: Call, keepdims: bool) -> tuple:
