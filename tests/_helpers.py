@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -123,3 +124,23 @@ def fused_kernels_loaded():
         _fused_cpu._SIGNATURES_SEEN.clear()
         _fused_cpu._SIGNATURES_SEEN.update(seen)
         _kernel.catalogue_changed()
+
+
+def in_threads(work, args) -> None:
+    """``work(arg)`` for each of ``args``, each on a thread of its own, all at once;
+    the first exception any of them raised is raised here, in the test's thread."""
+    failures = []
+
+    def run(arg):
+        try:
+            work(arg)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(arg,)) for arg in args]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]

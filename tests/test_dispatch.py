@@ -16,6 +16,8 @@ import pytest
 import lse_dispatch
 from lse_dispatch import _dispatch
 
+from ._helpers import in_threads
+
 X = np.linspace(-3.0, 2.0, 64)
 
 
@@ -145,11 +147,7 @@ def test_choice_is_thread_local():
             seen[name] = _ran().implementation
             barrier.wait()
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in ("generic", "numpy.blocked")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(worker, ("generic", "numpy.blocked"))
     assert seen == {"generic": "generic", "numpy.blocked": "numpy.blocked"}
     assert _ran().implementation == "numpy.blocked"
 

@@ -30,7 +30,7 @@ import lse_dispatch
 from lse_dispatch import oracle
 from lse_dispatch.backends import _fused_cpu
 
-from ._helpers import INF, NAN, fused_kernels_loaded
+from ._helpers import INF, NAN, fused_kernels_loaded, in_threads
 from ._helpers import LIMIT_ROWS as LIMITS
 
 numba = pytest.importorskip("numba")
@@ -1220,29 +1220,18 @@ def test_cache_survives_a_read_only_install(tmp_path):
 def test_the_per_signature_layouts_stay_bounded_and_right_across_threads():
     """More call signatures than the layout cache holds, from four threads at once:
     the cache stays within its size, and every result is the oracle's."""
-    import threading
-
     _fused_cpu.warm_up(("float64",))
     rng = np.random.default_rng(31)
     shapes = [(rows, n) for rows in range(1, 21) for n in range(2, 18)]  # 320 signatures
     assert len(shapes) > _fused_cpu._GEOMETRIES_SIZE
     inputs = [rng.standard_normal(shape) * 5 for shape in shapes]
     results: dict = {}
-    failures = []
 
     def work(part):
-        try:
-            for index in range(part, len(inputs), 4):
-                results[index] = _fused("numpy", "log_softmax", inputs[index], axis=-1)
-        except BaseException as exc:  # reported below, from the main thread
-            failures.append(exc)
+        for index in range(part, len(inputs), 4):
+            results[index] = _fused("numpy", "log_softmax", inputs[index], axis=-1)
 
-    threads = [threading.Thread(target=work, args=(part,)) for part in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not failures, failures[0]
+    in_threads(work, range(4))  # raises what a thread raised
     assert len(_fused_cpu._GEOMETRIES) <= _fused_cpu._GEOMETRIES_SIZE
     # The oracle on this thread only: mpmath's working precision is process-wide.
     for index, x in enumerate(inputs):

@@ -12,7 +12,6 @@ path would decide otherwise must leave the lane.
 
 from __future__ import annotations
 
-import threading
 import weakref
 
 import numpy as np
@@ -23,7 +22,7 @@ from lse_dispatch import _dispatch, _kernel
 from lse_dispatch._ops import Op
 from lse_dispatch.backends import _fused_cpu
 
-from ._helpers import fused_kernels_loaded
+from ._helpers import fused_kernels_loaded, in_threads
 
 pytestmark = pytest.mark.skipif(not _fused_cpu.available(), reason="numba is not installed")
 
@@ -230,11 +229,7 @@ def test_threads_share_a_lane(op):
             if not np.array_equal(got, expected[j]):
                 failures.append(j)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(work, range(4))
     assert failures == [] and len(seen) == 800
     assert sum(not taken for _, taken in seen) == 100  # the flagged input's calls alone
 

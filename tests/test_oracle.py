@@ -96,7 +96,8 @@ def test_the_oracle_gives_the_same_values_from_several_threads():
     change it under each other (they did, by thousands of ulps, before they took
     turns), so twenty runs of four threads."""
     import sys
-    import threading
+
+    from ._helpers import in_threads
 
     mpmath = pytest.importorskip("mpmath")
 
@@ -117,11 +118,7 @@ def test_the_oracle_gives_the_same_values_from_several_threads():
                 for index in range(part, len(inputs), 4):
                     results[index] = oracle.exact_log_softmax(inputs[index], axis=-1)
 
-            threads = [threading.Thread(target=work, args=(part,)) for part in range(4)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            in_threads(work, range(4))
             for index, want in enumerate(expected):
                 assert all(got == exact for got, exact in zip(results[index].ravel(), want.ravel())), index
     finally:
