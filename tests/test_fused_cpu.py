@@ -351,6 +351,58 @@ def _columns_oracle(columns, included):
     return exact
 
 
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_float32_terms_chunk_by_chunk(library):
+    """Rows of several ``SINGLE_CHUNK`` steps of :func:`_row_sum_single`: the max tied in
+    different chunks, a subnormal-range term (which has its chunk stored again) in
+    one chunk only, ``-inf`` entries, with and without ``where`` (which excludes a
+    tie and the subnormal entry in some rows); every operation against the oracle,
+    and the counts of the ties in the logsumexp of ``[c, c, ...]`` rows."""
+    rng = np.random.default_rng(5)
+    n = 2 * K.SINGLE_CHUNK + 300
+    x = (rng.standard_normal((6, n)) * 3).astype(np.float32)
+    top = x.max(axis=1) + 1
+    for i, (a, b) in enumerate([(5, K.SINGLE_CHUNK + 7), (K.SINGLE_CHUNK - 1, n - 1)] * 3):
+        x[i, a] = x[i, b] = top[i]
+    x[:, K.SINGLE_CHUNK + 50] = top - 95.0  # a term e**-95 (subnormal float32 softmax output)
+    x[:, 2 * K.SINGLE_CHUNK + 10] = -np.inf
+    x[3:] -= 40.0  # maxima below 0: the rounded-max shift
+    where = rng.random(x.shape) < 0.9
+    where[::2, K.SINGLE_CHUNK + 50] = False
+    where[1::2, 5] = False
+    for mask in (None, where):
+        for op in ("softmax", "log_softmax", "logsumexp"):
+            got = _fused(library, op, x, axis=-1, where=mask)
+            exact = EXACT[op](x.astype(np.float64), axis=-1, where=mask)
+            keep = np.ones(got.shape, bool) if (mask is None or op == "logsumexp") else mask
+            _assert_ulps(got[keep], exact[keep], np.float32, f"{op} {library} where={mask is not None}")
+        if mask is None:
+            subnormal = _fused(library, "softmax", x, axis=-1)[:, K.SINGLE_CHUNK + 50]
+            assert np.all((subnormal > 0) & (subnormal < np.finfo(np.float32).smallest_normal))
+    ties = np.full((2, n), 7.0, np.float32)
+    ties[1] = -7.0
+    _assert_ulps(_fused(library, "logsumexp", ties, axis=-1), ties[:, 0] + np.log(float(n)), np.float32, "ties")
+
+
+def test_wide_vectors_sets_its_attribute():
+    """:func:`_wide_vectors` marks the compiled function (else LLVM's 256-bit preference
+    on AVX-512 CPUs halves the lanes of every loop; the except clause would hide an
+    llvmlite that refused the attribute)."""
+
+    @numba.njit(cache=False)
+    def marked(x):
+        K._wide_vectors()
+        return x + 1.0
+
+    @numba.njit(cache=False)
+    def unmarked(x):
+        return x + 1.0
+
+    assert marked(1.0) == unmarked(1.0) == 2.0
+    assert K._WIDE in "".join(marked.inspect_llvm().values())
+    assert K._WIDE not in "".join(unmarked.inspect_llvm().values())
+
+
 def test_the_float32_recheck_is_what_the_cancelling_case_needs():
     """The fast float32 sum alone misses ``[-1, c, c]`` (lse = -1.7e-9) by far more
     than 4 ulps; the keep rule sends it to the exact sum, which the kernel then
