@@ -534,6 +534,37 @@ def test_random_inputs_against_the_oracle(library, dtype):
             _assert_ulps(got, exact, dtype, f"{op} {library} {dtype} {x.shape} axis {axis}")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [40, 200])
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "where"])
+def test_rows_in_blocks_are_each_computed_alone(dtype, n, masked):
+    """:func:`_rows_whole` takes rows in blocks (``ROW_BLOCK_BYTES``: every row's sums,
+    then every row's norm, then the outputs): each row's results are, bit for bit,
+    those of the row alone, whichever path the rows of a block take: float32 terms,
+    log-probabilities whose logsumexp fails the float32 keep rule (summed again
+    with float64 terms), maxima above 87 (no exact shift), a log_softmax rest of
+    flushed terms (``FLUSHED_REST``), ties, and flagged rows (NaN, ``+inf``, all
+    ``-inf``) between them."""
+    rng = np.random.default_rng(n)
+    rows = 3 * max(1, K.ROW_BLOCK_BYTES // (n * np.dtype(dtype).itemsize)) + 5
+    x = rng.standard_normal((rows, n)) * 3
+    x[1::7] = np.log(rng.dirichlet(np.ones(n), size=x[1::7].shape[0]))  # lse near 0
+    x[2::7] += 120.0
+    x[3::7] -= 200.0
+    x[3::7, 0] = 0.5  # every other entry 75 or more below the max
+    x[4::7] = np.round(x[4::7])
+    x[5::11, 1], x[6::13, 2], x[8::17] = np.nan, np.inf, -np.inf
+    x = x.astype(dtype)
+    where = rng.random(x.shape) > 0.2 if masked else None
+    for op in EXACT:
+        kwargs = {"axis": -1} if where is None else {"axis": -1, "where": where}
+        whole = _fused("numpy", op, x, **kwargs)
+        for i in range(rows):
+            alone = {**kwargs, "where": where[i:i + 1]} if masked else kwargs
+            got = _fused("numpy", op, x[i:i + 1], **alone)
+            np.testing.assert_array_equal(whole[i:i + 1], got, err_msg=f"{op}, row {i}")
+
+
 @pytest.mark.parametrize("library", LIBRARIES)
 @pytest.mark.parametrize("pad", [0, 3000, LONG], ids=["short", "rows", "long-rows"])
 def test_logsumexp_that_cancels_to_near_zero(library, pad):
