@@ -1829,41 +1829,50 @@ def plan(shape, axis, itemsize, exact, normalised):
 
 
 @njit(**_REASSOC_BORROWED)
-def _backward_sum(y, g, mask, masked, i, log):
+def _backward_sums(y, g, mask, masked, log, totals, b0, b1):
+    """``totals[:b1 - b0]``: each row's ``sum y g`` (softmax) or ``sum g`` over included
+    entries (log_softmax), rows ``b0:b1``, in float64 (reassociated: vectorised)."""
     _wide_vectors()
-    row, grad = y[i], g[i]
-    include = mask[i] if masked else mask[0, 0:0]
-    total = 0.0
-    if log:
-        for j in range(row.shape[0]):
-            total += np.float64(grad[j]) if (not masked) or include[j] else 0.0
-    else:
-        for j in range(row.shape[0]):
-            w = np.float64(row[j])
-            total += 0.0 if w == 0.0 else w * np.float64(grad[j])
-    return total
-
-
-@njit(**_BORROWED)
-def _backward_rows(y, g, mask, masked, log, out, start, stop):
-    """Rows ``start:stop`` of the backward; the loop is here, not in the caller (as
-    :func:`_rows_whole`: a call per row passing five arrays cost more than a short
-    row's work)."""
-    _wide_vectors()
-    for i in range(start, stop):
-        total = _backward_sum(y, g, mask, masked, i, log)
-        row, grad, target = y[i], g[i], out[i]
+    for i in range(b0, b1):
+        row, grad = y[i], g[i]
         include = mask[i] if masked else mask[0, 0:0]
+        total = 0.0
         if log:
             for j in range(row.shape[0]):
-                # float32 input: the degree-7 exp (2**-33 relative) is exact enough.
-                p = _exp7(np.float64(row[j])) if _single(y) else _exp(np.float64(row[j]))
-                value = np.float64(grad[j]) - (0.0 if p == 0.0 else p * total)
-                target[j] = value if (not masked) or include[j] else 0.0
+                total += np.float64(grad[j]) if (not masked) or include[j] else 0.0
         else:
             for j in range(row.shape[0]):
                 w = np.float64(row[j])
-                target[j] = w * (0.0 if w == 0.0 else np.float64(grad[j]) - total)
+                total += 0.0 if w == 0.0 else w * np.float64(grad[j])
+        totals[i - b0] = total
+
+
+@njit(**_BORROWED)
+def _backward_rows(y, g, mask, masked, log, out, totals, start, stop):
+    """Rows ``start:stop`` of the backward, ``totals.shape[0]`` at a time: every row's
+    sum, then every row's output, as :func:`_rows_whole` (a row's output waits on
+    its sum; in blocks the next row's sum need not wait behind it).  The loop
+    is here, not in the caller: a call per row passing five arrays cost more
+    than a short row's work."""
+    _wide_vectors()
+    block = totals.shape[0]
+    for b0 in range(start, stop, block):
+        b1 = min(b0 + block, stop)
+        _backward_sums(y, g, mask, masked, log, totals, b0, b1)
+        for i in range(b0, b1):
+            total = totals[i - b0]
+            row, grad, target = y[i], g[i], out[i]
+            include = mask[i] if masked else mask[0, 0:0]
+            if log:
+                for j in range(row.shape[0]):
+                    # float32 input: the degree-7 exp (2**-33 relative) is exact enough.
+                    p = _exp7(np.float64(row[j])) if _single(y) else _exp(np.float64(row[j]))
+                    value = np.float64(grad[j]) - (0.0 if p == 0.0 else p * total)
+                    target[j] = value if (not masked) or include[j] else 0.0
+            else:
+                for j in range(row.shape[0]):
+                    w = np.float64(row[j])
+                    target[j] = w * (0.0 if w == 0.0 else np.float64(grad[j]) - total)
 
 
 @njit(**_STRICT)
@@ -1899,7 +1908,8 @@ def _backward_columns(y, g, mask, masked, log, out, c0, c1):
 def _backward_items(y, g, mask, masked, axis, log, out, start, stop):
     """Items ``start:stop`` of the backward (rows, or blocks of columns): its entry point."""
     if axis == 1:
-        _backward_rows(y, g, mask, masked, log, out, start, stop)
+        totals = np.empty(max(1, ROW_BLOCK_BYTES // max(1, y.shape[1] * y.itemsize)))
+        _backward_rows(y, g, mask, masked, log, out, totals, start, stop)
         return
     for item in range(start, stop):
         c0 = item * BACKWARD_WIDTH
