@@ -1035,8 +1035,13 @@ def _row_output(x, mask, masked, i, a, b, m, norm, scale, out, mode, stored):
                 target[j] = (np.float64(row[j]) - m) - norm
     elif stored:
         if _single(x):
+            # t * scale in float32 lanes: scale = hi + lo (+ 2**-48 scale), and one
+            # FMA rounds t hi + fl(t lo) once (docs/fused_cpu.md, "The softmax scale").
+            hi = _F32(scale)
+            lo = _F32(scale - np.float64(hi))
             for j in range(row.shape[0]):
-                target[j] = np.float64(target[j]) * scale
+                t = _F32(target[j])  # float32 (the cast only types the float64 copy)
+                target[j] = _fma32(t, hi, t * lo)
         else:
             for j in range(row.shape[0]):
                 target[j] = target[j] / norm

@@ -534,6 +534,34 @@ def test_random_inputs_against_the_oracle(library, dtype):
             _assert_ulps(got, exact, dtype, f"{op} {library} {dtype} {x.shape} axis {axis}")
 
 
+def test_float32_softmax_scale_rounds_once():
+    """softmax's output pass scales each stored float32 term ``t`` by ``scale = 1 / total``
+    (float64) in float32 lanes: ``fma(t, hi, fl(t lo))`` with ``hi + lo`` the float32
+    pair of ``scale``.  Against ``t * scale`` rounded once from float64: equal
+    except within ``2**-47`` relative of a rounding tie, so within half an ulp plus
+    that; outputs below ``2**-102`` (``t lo`` subnormal) within one ulp.  An output
+    pass that rounded ``t hi`` alone (without ``lo``) is 0.5 ulps off on average and
+    fails."""
+    rng = np.random.default_rng(11)
+    n = 4096
+    for scale in (1.0 / 3.0, 0.7310585786300049, 1.0 / 4093.7, float(np.float32(0.25))):
+        terms = np.exp(rng.uniform(-103.0, 0.0, n)).astype(np.float32)
+        terms[:8] = [1.0, 0.5, np.float32(2.0**-126), np.float32(1e-40), 0.0, 1.0 - 2.0**-24, 3.0, 0.9]
+        x = np.zeros((1, n), np.float32)
+        out = terms[None, :].copy()
+        K._row_output(x, np.empty((0, 0), np.uint8), False, 0, np.int64(0), np.int64(n), 0.0, 1.0 / scale, scale,
+                      out, K.SOFTMAX, True)
+        exact = terms.astype(np.float64) * scale
+        want = exact.astype(np.float32)
+        got = out[0]
+        ulp = np.spacing(np.abs(want)).astype(np.float64)
+        err = np.abs(got.astype(np.float64) - exact)
+        normal = np.abs(exact) >= 2.0**-102
+        assert np.all(err[normal] <= ulp[normal] * 0.5 * (1 + 2.0**-20)), scale
+        assert np.all(err[~normal] <= ulp[~normal]), scale
+        assert np.mean(got[normal] == want[normal]) > 0.999, scale
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [40, 200])
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "where"])
