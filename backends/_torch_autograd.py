@@ -15,7 +15,9 @@ when a kernel runs.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import array_api_compat.torch as xp
 import torch
@@ -72,6 +74,8 @@ class _Static:
     op: str
     plan: DtypePlan
     return_sign: bool = False
+    #: The forward kernel's lane (``normalised_lane``), tried before the dispatch.
+    forward: Callable[[Any], Any] | None = field(default=None, compare=False, repr=False)
 
 
 def _save(ctx, *tensors) -> None:
@@ -268,6 +272,10 @@ class _NormalisedReverse(torch.autograd.Function):
 
     @staticmethod
     def forward(x, where, static):
+        if static.forward is not None:  # a lane's call: the forward kernel's lane, unless it hands it back
+            out = static.forward(x)
+            if out is not None:
+                return out
         return _undifferentiated(_rebuild(x, None, where, static))
 
     @staticmethod
@@ -321,6 +329,25 @@ def logsumexp(call: Call):
     function = _pick(LogSumExp, _LogSumExpReverse, _LogSumExpClassic)
     value, sign, *_state = function.apply(call.a, call.b, call.where, static)
     return value, sign
+
+
+def normalised_lane(call: Call, shape: tuple):
+    """The lane (``Kernel.lane``) of a differentiated softmax / log_softmax without
+    ``where``: :class:`Normalised` (classic: lanes run only where the decision key
+    says no torch.func transform or torch.compile tracing is active) applied with
+    its forward bound to the lane of the kernel that runs without the rule (the
+    fused kernel's), or ``None`` where that kernel has none.  It skips preparing
+    the call and both dispatches (the rule's and its forward's).
+    """
+    if call.where is not None:
+        return None
+    with torch.no_grad():  # what the forward sees: the rule's kernels decline, the forward's take
+        forward = _kernel.lane_without(call, AUTODIFF, shape)
+    if forward is None:
+        return None
+    static = _Static(call.axes, call.op, call.plan, forward=forward)
+    apply = _NormalisedClassic.apply
+    return lambda a: apply(a, None, static)
 
 
 def normalised(call: Call):

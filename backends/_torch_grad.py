@@ -61,9 +61,15 @@ def _normalised(call: Call):
     return _torch_autograd.normalised(call)
 
 
+def _normalised_lane(call: Call, shape: tuple):
+    from . import _torch_autograd
+
+    return _torch_autograd.normalised_lane(call, shape)
+
+
 #: Kernels for backends/torch.py: they take a call only while it is differentiated.
 KERNELS = (
     Kernel(Op.LOGSUMEXP, AUTODIFF, _logsumexp, _declines, Priority.DERIVATIVE),
-    Kernel(Op.SOFTMAX, AUTODIFF, _normalised, _declines, Priority.DERIVATIVE),
-    Kernel(Op.LOG_SOFTMAX, AUTODIFF, _normalised, _declines, Priority.DERIVATIVE),
+    Kernel(Op.SOFTMAX, AUTODIFF, _normalised, _declines, Priority.DERIVATIVE, _normalised_lane),
+    Kernel(Op.LOG_SOFTMAX, AUTODIFF, _normalised, _declines, Priority.DERIVATIVE, _normalised_lane),
 )

@@ -487,6 +487,15 @@ def run_without(call: Call, excluded: str, *, builtin_only: bool = False) -> Any
     return _run_chosen(call, chosen, pending)
 
 
+def _lane_without(call: Call, excluded: str, shape: tuple):
+    """``_kernel.lane_without``: the lane of the kernel :func:`run_without` takes
+    ``call`` with, or ``None`` (none, a provisional decline, the generic code)."""
+    chosen, pending = _scan(call, excluded)
+    if chosen is None or pending or chosen.lane is None:
+        return None
+    return chosen.lane(call, shape)
+
+
 # --------------------------------------------------------------------------
 # Decisions reused per call signature.
 
@@ -721,6 +730,7 @@ def _declared_numerics(xp):
 
 
 _kernel.bind_dispatcher(_run_for_kernels)
+_kernel.bind_lane_without(_lane_without)
 _kernel.bind_choice(lambda: _resolve(None)[0])
 _kernel.bind_forget(_forget_decisions)
 _numerics.bind_lookup(_declared_numerics)

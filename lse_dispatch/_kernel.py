@@ -28,8 +28,10 @@ __all__ = [
     "Provisional",
     "bind_choice",
     "bind_dispatcher",
+    "bind_lane_without",
     "catalogue_changed",
     "dispatch",
+    "lane_without",
     "never_declines",
     "state_kernels",
     "user_choice",
@@ -181,6 +183,28 @@ def dispatch(call, *, without: str | None = None):
     if _DISPATCHER is None:  # pragma: no cover - lse_dispatch/__init__ always binds it
         raise RuntimeError("lse_dispatch._dispatch is not imported")
     return _DISPATCHER(call, without)
+
+
+_LANE_WITHOUT: Callable[[Any, str, tuple], Any] | None = None
+
+
+def bind_lane_without(finder: Callable[[Any, str, tuple], Any]) -> None:
+    """Install ``finder(call, without, shape)`` (done once, by ``lse_dispatch._dispatch``)."""
+    global _LANE_WITHOUT
+    _LANE_WITHOUT = finder
+
+
+def lane_without(call, without: str, shape: tuple):
+    """The lane (:attr:`Kernel.lane`, made for the public result's ``shape``) of the
+    kernel :func:`dispatch` would run ``call`` with ``without`` the named one, or
+    ``None`` (it has none, its choice is not final, or it is the generic code).
+
+    For a wrapping kernel's own lane: the derivative rules' forward is then
+    the wrapped kernel's lane.
+    """
+    if _LANE_WITHOUT is None:  # pragma: no cover - lse_dispatch/__init__ always binds it
+        raise RuntimeError("lse_dispatch._dispatch is not imported")
+    return _LANE_WITHOUT(call, without, shape)
 
 
 # What the dispatcher forgets when the catalogue changes: the kernel it chose

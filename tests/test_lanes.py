@@ -166,6 +166,39 @@ def test_torch_states_leave_the_lane():
     torch.testing.assert_close(out, torch.logsumexp(x, -1))
 
 
+@pytest.mark.parametrize("op", [Op.SOFTMAX, Op.LOG_SOFTMAX])
+def test_a_differentiated_call_takes_the_rule_with_the_fused_lane(op):
+    """softmax / log_softmax of a CPU tensor that requires grad leave a lane too: the
+    derivative rule (``autodiff``) applied with ``torch.fused``'s lane as its forward.
+    Values, gradients and second derivatives are the full path's bit for bit; a
+    line the compiled code flags (an infinity) is handed back to the rule's own
+    dispatch; ``no_grad`` takes the fused kernel's lane of the same signature."""
+    torch = pytest.importorskip("torch")
+    x = torch.randn(6, 9).requires_grad_()
+    seen = _lane_calls(op, x, -1)
+    g = torch.randn(6, 9)
+    flagged = x.detach().clone()
+    flagged[2, 3] = float("inf")
+    flagged.requires_grad_()
+    for leaf in (x, flagged):
+        y = _call(op, leaf, -1)
+        (grad,) = torch.autograd.grad((y * g).sum(), leaf, create_graph=True)
+        (second,) = torch.autograd.grad((grad * g).sum(), leaf)
+        with lse_dispatch.trace() as full:
+            y_full = _call(op, leaf, -1)
+            (grad_full,) = torch.autograd.grad((y_full * g).sum(), leaf, create_graph=True)
+            (second_full,) = torch.autograd.grad((grad_full * g).sum(), leaf)
+        assert full.implementations[0] == "autodiff"
+        assert y.grad_fn is not None
+        for got, want in ((y, y_full), (grad, grad_full), (second, second_full)):
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()), op
+    assert [a is leaf for (a, _), leaf in zip(seen, (x, flagged))] == [True, True]
+    with torch.no_grad():
+        out = _call(op, x, -1)
+    assert not out.requires_grad and len(seen) == 2
+    assert torch.equal(out, _call(op, x.detach(), -1))
+
+
 def test_a_choice_in_force_or_a_trace_leaves_the_lane(monkeypatch):
     x = np.linspace(-2.0, 3.0, 12, dtype=np.float32).reshape(3, 4)
     seen = _lane_calls(Op.SOFTMAX, x, -1)
