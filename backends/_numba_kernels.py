@@ -1162,6 +1162,12 @@ _KEEP_NONE, _KEEP_SINGLE, _KEEP_FAST = 0.0, 1.0, 2.0
 
 
 @njit(**_BORROWED)
+def _rows_per_block(n, itemsize):
+    """Rows of ``n`` entries in a block of about ``ROW_BLOCK_BYTES`` (at least one)."""
+    return max(1, ROW_BLOCK_BYTES // max(1, n * itemsize))
+
+
+@njit(**_BORROWED)
 def _rows_whole(x, mask, masked, mode, out, tops, counts, rests, values, bad, buffer, start, stop):
     """Rows ``start:stop`` of at most ``SEGMENT`` entries: state and results of each in one visit.
 
@@ -1181,7 +1187,8 @@ def _rows_whole(x, mask, masked, mode, out, tops, counts, rests, values, bad, bu
     if not masked and mode != STATE and n <= SHORT:
         _short_rows(x, mode, out, tops, counts, rests, values, bad, buffer, start, stop)
         return
-    block = max(1, ROW_BLOCK_BYTES // (n * x.itemsize))
+    block = _rows_per_block(n, x.itemsize)
+    first = np.int64(0)  # not the literal 0: a literal argument compiles another copy of the callee
     # logsumexp takes float32 terms on rows whose lse is certainly far enough
     # from 0 (LSE_SINGLE_ABOVE, LSE_SINGLE_BELOW) for them to keep it within an ulp.
     low = -LSE_SINGLE_BELOW - math.log(n)
@@ -1196,7 +1203,6 @@ def _rows_whole(x, mask, masked, mode, out, tops, counts, rests, values, bad, bu
             continue
         # softmax: the stored terms times the reciprocal of their total; log_softmax: (x - m) - L.
         # (The literal True and False compile copies of _row_output without the other branches.)
-        first = np.int64(0)  # not the literal 0: a literal argument compiles another copy of the callee
         for i in range(b0, b1):
             if bad[i]:
                 continue
@@ -1913,7 +1919,7 @@ def _backward_columns(y, g, mask, masked, log, out, c0, c1):
 def _backward_items(y, g, mask, masked, axis, log, out, start, stop):
     """Items ``start:stop`` of the backward (rows, or blocks of columns): its entry point."""
     if axis == 1:
-        totals = np.empty(max(1, ROW_BLOCK_BYTES // max(1, y.shape[1] * y.itemsize)))
+        totals = np.empty(_rows_per_block(y.shape[1], y.itemsize))
         _backward_rows(y, g, mask, masked, log, out, totals, start, stop)
         return
     for item in range(start, stop):
