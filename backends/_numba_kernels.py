@@ -1012,6 +1012,14 @@ def _kept(mode, delta, m, count, rest, log_norm):
     return error + _U * value <= KEEP_BELOW * value
 
 
+@njit(**_BORROWED, inline="always")
+def _scale_halves(scale):
+    """``(hi, lo)``: float32 ``hi = fl32(scale)`` and ``lo = fl32(scale - hi)`` of a
+    float64 softmax scale (``scale - hi`` is exact)."""
+    hi = _F32(scale)
+    return hi, _F32(scale - np.float64(hi))
+
+
 @njit(**_BORROWED)
 def _row_output(x, mask, masked, i, a, b, m, norm, scale, out, mode, stored):
     """softmax / log_softmax of ``x[i, a:b]`` into ``out`` given the line's state.
@@ -1037,8 +1045,7 @@ def _row_output(x, mask, masked, i, a, b, m, norm, scale, out, mode, stored):
         if _single(x):
             # t * scale in float32 lanes: scale = hi + lo (+ 2**-48 scale), and one
             # FMA rounds t hi + fl(t lo) once (docs/fused_cpu.md, "The softmax scale").
-            hi = _F32(scale)
-            lo = _F32(scale - np.float64(hi))
+            hi, lo = _scale_halves(scale)
             for j in range(row.shape[0]):
                 t = _F32(target[j])  # float32 (the cast only types the float64 copy)
                 target[j] = _fma32(t, hi, t * lo)
@@ -1611,9 +1618,10 @@ def _column_sum_exact(x, mask, masked, c, m):
 
 
 @njit(**_BORROWED)
-def _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, scale, stored):
+def _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, halves, stored):
     """softmax / log_softmax of the tile, given each column's ``mf`` (float64 max),
-    ``norm`` (``L``, or ``c + r``) and ``scale`` (of stored float32 terms).
+    ``norm`` (``L``, or ``c + r``) and ``halves`` (float32 ``hi``, ``lo`` of the
+    scale of stored float32 terms, :func:`_scale_halves`).
 
     Flagged columns get garbage here; the caller overwrites them.
     """
@@ -1632,8 +1640,11 @@ def _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, scale, sto
                     target[j] = (np.float64(row[j]) - mf[j]) - norm[j]
         elif stored:
             if _single(x):
+                # As for rows (_row_output): one FMA in float32 lanes.
+                hi, lo = halves[0], halves[1]
                 for j in range(w):
-                    target[j] = np.float64(target[j]) * scale[j]
+                    t = _F32(target[j])  # float32 (the cast only types the float64 copy)
+                    target[j] = _fma32(t, hi[j], t * lo[j])
             else:
                 for j in range(w):
                     target[j] = target[j] / norm[j]
@@ -1682,15 +1693,15 @@ def _tile_item(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, valu
         return
     # Whole columns: finish them and write their results now.
     norm = np.empty(w)
-    scale = np.empty(w)
+    halves = np.empty((2, w), np.float32)
     for j in range(w):
         c = c0 + j
         _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad, buffer, c, m[j], count[j],
                        rest[j], n, n, axis)
         norm[j] = values[c] if not bad[c] else 1.0
-        scale[j] = 1.0 / norm[j]
+        halves[0, j], halves[1, j] = _scale_halves(1.0 / norm[j])
     if mode == SOFTMAX or mode == LOG_SOFTMAX:
-        _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, scale, store)
+        _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, halves, store)
 
 
 @njit(**_BORROWED)
@@ -1713,31 +1724,51 @@ def _tile_merge(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, val
                        x.shape[0], rows, axis)
 
 
+@njit(**_BORROWED)
+def _tile_scales(piece_tops, tops, values, bad, stored, mf, norm, halves):
+    """Phase 4's per-column ``mf``, ``norm`` and scale ``halves`` of a band (flagged
+    columns: 0, 1, 1).
+
+    ``stored`` (float32 softmax): the scale carries the weight ``exp(m_g - m)``
+    of the tile's max ``m_g`` against the column's ``m``.  Branch-free, so
+    that the weights' ``exp`` vectorises across the columns.
+    """
+    _wide_vectors()
+    for j in range(tops.shape[0]):
+        top = tops[j]
+        ok = bad[j] == 0
+        mf[j] = top if ok else 0.0
+        norm[j] = values[j] if ok else 1.0
+        here = piece_tops[j]
+        weight = _exp_exact_difference(here, top if ok else here) if stored else 1.0
+        halves[0, j], halves[1, j] = _scale_halves((weight if ok and here != top else 1.0) / norm[j])
+
+
+#: Phase 4 of columns in row segments takes bands of this many tiles' columns
+#: (the rows of a tile's height, this wide): writing one array while reading
+#: another, 2 KiB pieces of rows at a stride ran 1.35x slower than whole rows
+#: (16 KiB) in a microbenchmark of the log_softmax pass, (4096, 4096) float32.
+OUTPUT_TILES = 8
+
+
 @njit(**_STRICT)
 def _tile_segment_output(x, mask, masked, mode, out, ms, tops, values, bad, rows, width, blocks, item):
-    """Phase 4 of columns in row segments: the outputs of one tile."""
+    """Phase 4 of columns in row segments: the outputs of one band (:data:`OUTPUT_TILES`)."""
     if not (mode == SOFTMAX or mode == LOG_SOFTMAX):
         return
     n, lines = x.shape
-    g = item // blocks
-    c0 = (item % blocks) * width
-    w = min(width, lines - c0)
+    bands = -(-blocks // OUTPUT_TILES)
+    g = item // bands
+    c0 = (item % bands) * OUTPUT_TILES * width
+    w = min(OUTPUT_TILES * width, lines - c0)
     r0 = g * rows
     r1 = min(r0 + rows, n)
     mf = np.empty(w)
     norm = np.empty(w)
-    scale = np.empty(w)
-    for j in range(w):
-        c = c0 + j
-        top = tops[c]
-        mf[j] = top if not bad[c] else 0.0
-        norm[j] = values[c] if not bad[c] else 1.0
-        weight = 1.0
-        if _single(x) and mode == SOFTMAX and not bad[c] and ms[g, c] != top:
-            weight = _exp_exact_difference(ms[g, c], top)
-        scale[j] = weight / norm[j]
+    halves = np.empty((2, w), np.float32)
     stored = _single(x) and mode == SOFTMAX
-    _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, scale, stored)
+    _tile_scales(ms[g, c0:c0 + w], tops[c0:c0 + w], values[c0:c0 + w], bad[c0:c0 + w], stored, mf, norm, halves)
+    _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, halves, stored)
 
 
 # ---------------------------------------------------------------------------
@@ -1829,7 +1860,7 @@ def plan(shape, axis, itemsize, exact, normalised):
         phases += [(TOPS, groups), (EXACT_SUMS, pieces)]
     phases.append((MERGE, groups))
     if normalised:
-        phases.append((OUTPUT, pieces))
+        phases.append((OUTPUT, pieces if axis == 1 else parts * -(-blocks // OUTPUT_TILES)))
     return span, width, parts, blocks, tuple(phases)
 
 

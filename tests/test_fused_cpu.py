@@ -544,6 +544,39 @@ def test_every_path_against_closed_form(library, dtype, offset):
 
 @pytest.mark.parametrize("library", LIBRARIES)
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_wide_column_segments_against_closed_form(library, dtype):
+    """Columns in row segments wider than one output band (``OUTPUT_TILES`` tiles),
+    the last band and the last tile partial.  Column ``c`` is a shuffled spread
+    line scaled by one of 7 factors (``c % 7``), so that outputs written with
+    another column's (or band's) scale, max or norm come out wrong."""
+    rng = np.random.default_rng(11)
+    lines = K.OUTPUT_TILES * K.TILE_WIDTH + K.TILE_WIDTH + 88
+    n = _tall(dtype, lines, 3)
+    line, values, counts = _spread_line(n, rng)
+    kinds = np.arange(lines) % 7
+    factors = (1.0 + np.arange(7) / 8).astype(dtype)
+    x = np.empty((n, lines), dtype)
+    for c in range(lines):
+        x[:, c] = rng.permutation(line).astype(dtype) * factors[kinds[c]]
+    geometry = _fused_cpu._geometry(x.shape, (0,), x.itemsize, K.SOFTMAX)
+    assert geometry.plan[3] > 1 and geometry.phases[-1][1] == geometry.plan[3] * 2  # segments, two bands
+    got = {op: _fused(library, op, x, axis=0) for op in EXACT}
+    for k in range(7):
+        scaled = (values.astype(dtype) * factors[k]).astype(dtype)
+        lse, log_sm, soft = _exact_from_counts(scaled, counts)
+        columns = kinds == k
+        what = f"{library} {dtype} factor {factors[k]}"
+        found = np.unique(got["logsumexp"][columns])
+        _assert_ulps(found, np.full(found.size, lse, dtype=object), dtype, "logsumexp " + what)
+        for op, want in (("log_softmax", log_sm), ("softmax", soft)):
+            out = got[op][:, columns]
+            for value, exact in zip(scaled, want):
+                found = np.unique(out[x[:, columns] == value])
+                _assert_ulps(found, np.full(found.size, exact, dtype=object), dtype, f"{op} {what} at {value}")
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_random_inputs_against_the_oracle(library, dtype):
     """Normal rows (sd 1 and 30), ties, a dominant max, per layout (short lines: mpmath per entry)."""
     rng = np.random.default_rng(5)
@@ -564,26 +597,36 @@ def test_random_inputs_against_the_oracle(library, dtype):
             _assert_ulps(got, exact, dtype, f"{op} {library} {dtype} {x.shape} axis {axis}")
 
 
-def test_float32_softmax_scale_rounds_once():
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_float32_softmax_scale_rounds_once(layout):
     """softmax's output pass scales each stored float32 term ``t`` by ``scale = 1 / total``
     (float64) in float32 lanes: ``fma(t, hi, fl(t lo))`` with ``hi + lo`` the float32
     pair of ``scale``.  Against ``t * scale`` rounded once from float64: equal
     except within ``2**-47`` relative of a rounding tie, so within half an ulp plus
     that; outputs below ``2**-102`` (``t lo`` subnormal) within one ulp.  An output
     pass that rounded ``t hi`` alone (without ``lo``) is 0.5 ulps off on average and
-    fails."""
+    fails.  Rows scale by one number (:func:`_row_output`), column tiles by one a
+    column (:func:`_tile_output`, here 64 rows of 64 columns)."""
     rng = np.random.default_rng(11)
     n = 4096
+    no_mask = np.empty((0, 0), np.uint8)
     for scale in (1.0 / 3.0, 0.7310585786300049, 1.0 / 4093.7, float(np.float32(0.25))):
         terms = np.exp(rng.uniform(-103.0, 0.0, n)).astype(np.float32)
         terms[:8] = [1.0, 0.5, np.float32(2.0**-126), np.float32(1e-40), 0.0, 1.0 - 2.0**-24, 3.0, 0.9]
-        x = np.zeros((1, n), np.float32)
-        out = terms[None, :].copy()
-        K._row_output(x, np.empty((0, 0), np.uint8), False, 0, np.int64(0), np.int64(n), 0.0, 1.0 / scale, scale,
-                      out, K.SOFTMAX, True)
+        if layout == "rows":
+            x = np.zeros((1, n), np.float32)
+            out = terms[None, :].copy()
+            K._row_output(x, no_mask, False, 0, np.int64(0), np.int64(n), 0.0, 1.0 / scale, scale, out, K.SOFTMAX,
+                          True)
+        else:
+            x = np.zeros((64, 64), np.float32)
+            out = terms.reshape(64, 64).copy()
+            halves = np.array([K._scale_halves(scale)] * 64, np.float32).T.copy()
+            K._tile_output(x, no_mask, False, K.SOFTMAX, out, 0, 64, 0, 64, np.zeros(64), np.full(64, 1.0 / scale),
+                           halves, True)
         exact = terms.astype(np.float64) * scale
         want = exact.astype(np.float32)
-        got = out[0]
+        got = out.reshape(-1)
         ulp = np.spacing(np.abs(want)).astype(np.float64)
         err = np.abs(got.astype(np.float64) - exact)
         normal = np.abs(exact) >= 2.0**-102
