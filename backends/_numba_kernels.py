@@ -993,6 +993,13 @@ LSE_SINGLE_BELOW = 3.0
 #: gave ``-1.5185409e-33`` for ``-1.5186549e-33``, 1242 ulps).
 FLUSHED_REST = 2.0**-99
 
+#: float32 softmax terms relative to ``s = 0`` (:func:`_shift32`, a max in ``(0,
+#: 87]``) total up to ``n e**87``.  The output pass multiplies by the float32 pair
+#: ``hi + lo`` of ``1 / total`` (:func:`_scale_halves`), which carries the scale to
+#: ``2**-48`` only while ``lo`` is normal: ``1 / total >= 2**-102``.  Lines whose
+#: total is above this take the float64 terms, relative to the max (found on
+#: 2026-12-02: ``(1, 65536)`` entries of 87 came out 10,020 ulps off).
+SINGLE_TOTAL_LIMIT = 2.0**102
 
 @njit(**_BORROWED)
 def _kept(mode, delta, m, count, rest, log_norm):
@@ -1246,14 +1253,15 @@ def _row_sums(x, mask, masked, mode, out, tops, counts, rests, values, bad, buff
         # float32 terms: softmax scales its stored terms by their total;
         # log_softmax and logsumexp take L from the rest brought back to the max.
         count, total = _row_sum_single(x, mask, masked, i, first, n, m, s, out, store, buffer)
-        if store:
+        if store and total <= SINGLE_TOTAL_LIMIT:
             counts[i], rests[i], values[i] = np.nan, np.nan, total
             return
         rest = total * _exp(np.float64(s) - m)  # |s - m| <= 2**-4, or s = 0: k <= 0
-        if mode == LOGSUMEXP or rest >= n * FLUSHED_REST:
+        if not store and (mode == LOGSUMEXP or rest >= n * FLUSHED_REST):
             counts[i], rests[i], values[i] = count, rest, _KEEP_SINGLE
             return
-        # A log_softmax rest this small would miss the terms _term32 flushes.
+        # A log_softmax rest this small would miss the terms _term32 flushes; a
+        # softmax total this large would leave its scale without its low bits.
     if fast:
         count, rest = _row_sum_fast(x, mask, masked, i, first, n, m, out, store)
         keep = _KEEP_FAST

@@ -366,6 +366,32 @@ def test_float32_terms_on_every_range_of_the_max(library):
                 assert errors.max() <= ULPS, f"{op} {library} columns {columns.shape}: {errors.max():.2f} ulps"
 
 
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("n", [1000, 20000, K.SEGMENT])
+def test_float32_softmax_of_lines_whose_total_is_huge(library, n):
+    """float32 softmax of lines with many entries near a max in ``(0, 87]``, where the
+    float32 terms take the shift ``s = 0``: their total (up to ``n e**87``) has a
+    reciprocal that is subnormal in float32, whose ``hi``/``lo`` pair (the output
+    pass's FMA) would lose its low bits.  Such lines take the float64 terms
+    (``SINGLE_TOTAL_LIMIT``).  Found on 2026-12-02: ``(1, 65536)`` float32 entries
+    of 87 (one of 86.5) came out 10,020 ulps off, ``(1, 1000)`` 347.  As rows,
+    and as columns (whole, and in several tiles)."""
+    rng = np.random.default_rng(n)
+    for top in (87.0, 86.5, 80.0, 72.0, 52.0):
+        values = np.float32(top) - np.array([0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0], np.float32)
+        counts = [1] + [(n - 1) // 7] * 7
+        counts[-1] += n - sum(counts)
+        _, log_sm, soft = _exact_from_counts(values, counts)
+        x = np.stack([rng.permutation(np.repeat(values, counts)) for _ in range(3)])
+        for layout, data, axis in (("rows", x, -1), ("columns", np.ascontiguousarray(x.T), 0)):
+            for op, want in (("softmax", soft), ("log_softmax", log_sm)):
+                got = _fused(library, op, data, axis=axis)
+                for value, exact in zip(values, want):
+                    found = np.unique(got[data == value])
+                    _assert_ulps(found, np.full(found.size, exact, dtype=object), np.float32,
+                                 f"{op} {library} {layout} n={n} max {values[0]} at {value}")
+
+
 def _columns_oracle(columns, included):
     """Exact softmax and log_softmax along axis 0 over the ``included`` entries, as
     double-double ``(hi, lo)`` arrays: each column's distinct values once, weighted by
