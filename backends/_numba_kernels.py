@@ -998,8 +998,10 @@ FLUSHED_REST = 2.0**-99
 #: ``hi + lo`` of ``1 / total`` (:func:`_scale_halves`), which carries the scale to
 #: ``2**-48`` only while ``lo`` is normal: ``1 / total >= 2**-102``.  Lines whose
 #: total is above this take the float64 terms, relative to the max (found on
-#: 2026-12-02: ``(1, 65536)`` entries of 87 came out 10,020 ulps off).
-SINGLE_TOTAL_LIMIT = 2.0**102
+#: 2026-12-02: ``(1, 65536)`` entries of 87 came out 10,020 ulps off).  Column
+#: tiles check the scale itself (``SCALE_FLOOR``, :func:`_tile_output`).
+SCALE_FLOOR = 2.0**-102
+SINGLE_TOTAL_LIMIT = 1.0 / SCALE_FLOOR
 
 @njit(**_BORROWED)
 def _kept(mode, delta, m, count, rest, log_norm):
@@ -1394,8 +1396,11 @@ def _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad,
     if _single(x) and mode == LOGSUMEXP:
         # Merged fast states: each piece's rest within TERM7_ERROR + (span - 1) u,
         # the merge weights (1.7 u) and roundings of the compensated merge 5 u more.
+        # Column tiles whose max is at least LSE_SINGLE_ABOVE may have taken
+        # float32 terms (EXPF_ERROR; only where the column's is too).
         log_norm = math.log1p((count - 1.0) + rest)
-        delta = TERM7_ERROR + (span + 4) * _U
+        single = axis == 0 and not masked and m >= LSE_SINGLE_ABOVE
+        delta = (EXPF_ERROR if single else TERM7_ERROR) + (span + 4) * _U
         if not _kept(mode, delta, m, count, rest, log_norm):
             if axis == 1:
                 count, rest = _row_sum_exact(x, mask, masked, line, n - n, n, m, out, mode == SOFTMAX, buffer)
@@ -1539,6 +1544,64 @@ def _tile_sum_fast(x, mask, masked, r0, r1, c0, w, m, mf, count, rest, out, stor
             count[j] += 1 if v == m[j] else 0
 
 
+@njit(**_REASSOC_BORROWED)
+def _tile_sum_single(x, r0, r1, c0, w, top, s, found, total, out, store, scratch):
+    """float32 terms of the tile ``x[r0:r1, c0:c0 + w]`` (no mask) relative to each
+    column's exact shift ``s`` (:func:`_shift32` of the tile's column max ``top``),
+    as :func:`_row_sum_single` does for a row.
+
+    ``store`` (softmax): every term goes to ``out`` and ``total`` gets their
+    float64 sums, the max's included (:func:`_term32`'s terms, stored again by
+    :func:`_stored_term32` where a step holds an entry in ``[_LOWEST32,
+    FLUSH32)``).  Otherwise the entries equal to ``top`` are counted in
+    ``found`` (float32, exact below ``2**24`` rows) and ``total`` gets the
+    float64 sums of the other entries' :func:`_term32` terms.
+
+    Four rows a step, in two loops: their terms in float32 lanes (into ``out``
+    or ``scratch``, four rows of ``out``'s dtype: one type for both), then
+    their float64 sums, each column's accumulators loaded and stored once.  A
+    row a step ran no faster than the float64 terms of :func:`_tile_sum_fast`
+    (four rows a step).  The last step may hold fewer rows (``k``): the others
+    repeat its first row and are left out of the sums.
+    """
+    _wide_vectors()
+    one = _F32(1.0)
+    for i in range(r0, r1, 4):
+        k = min(4, r1 - i)
+        ib, ic, id = i + (1 if k > 1 else 0), i + (2 if k > 2 else 0), i + (3 if k > 3 else 0)
+        a, b, c, d = x[i, c0:c0 + w], x[ib, c0:c0 + w], x[ic, c0:c0 + w], x[id, c0:c0 + w]
+        if store:
+            ta, tb, tc, td = out[i, c0:c0 + w], out[ib, c0:c0 + w], out[ic, c0:c0 + w], out[id, c0:c0 + w]
+            band = _ZERO_32
+            for j in range(w):
+                shift = s[j]
+                ea, eb, ec, ed = _F32(a[j]) - shift, _F32(b[j]) - shift, _F32(c[j]) - shift, _F32(d[j]) - shift
+                ta[j], tb[j], tc[j], td[j] = _term32(ea), _term32(eb), _term32(ec), _term32(ed)
+                band += ((one if _LOWEST32 <= ea < FLUSH32 else _ZERO_32) + (
+                    one if _LOWEST32 <= eb < FLUSH32 else _ZERO_32)) + ((
+                        one if _LOWEST32 <= ec < FLUSH32 else _ZERO_32) + (
+                        one if _LOWEST32 <= ed < FLUSH32 else _ZERO_32))
+            if band != _ZERO_32:
+                for j in range(w):
+                    shift = s[j]
+                    ta[j], tb[j] = _stored_term32(_F32(a[j]) - shift), _stored_term32(_F32(b[j]) - shift)
+                    tc[j], td[j] = _stored_term32(_F32(c[j]) - shift), _stored_term32(_F32(d[j]) - shift)
+        else:
+            ta, tb, tc, td = scratch[0], scratch[1], scratch[2], scratch[3]
+            for j in range(w):
+                shift, high = s[j], top[j]
+                va, vb, vc, vd = _F32(a[j]), _F32(b[j]), _F32(c[j]), _F32(d[j])
+                ta[j] = _ZERO_32 if va == high else _term32(va - shift)
+                tb[j] = _ZERO_32 if vb == high else _term32(vb - shift)
+                tc[j] = _ZERO_32 if vc == high else _term32(vc - shift)
+                td[j] = _ZERO_32 if vd == high else _term32(vd - shift)
+                found[j] += ((one if va == high else _ZERO_32) + (one if vb == high and k > 1 else _ZERO_32)) + (
+                    (one if vc == high and k > 2 else _ZERO_32) + (one if vd == high and k > 3 else _ZERO_32))
+        for j in range(w):
+            total[j] += (np.float64(ta[j]) + (np.float64(tb[j]) if k > 1 else 0.0)) + (
+                (np.float64(tc[j]) if k > 2 else 0.0) + (np.float64(td[j]) if k > 3 else 0.0))
+
+
 @njit(**_BORROWED)
 def _tile_sum_exact(x, mask, masked, r0, r1, c0, w, m, mf, count, rest, error, out, store):
     """Per-column counts and TwoSum-compensated sums of exact terms.
@@ -1589,9 +1652,61 @@ def _tile_maxima(x, mask, masked, r0, r1, c0, w, m, mf):
 
 
 @njit(**_STRICT)
+def _tile_sums_single(x, mask, mode, out, store, r0, r1, c0, w, m, mf, count, rest):
+    """float32 terms for the tile (:func:`_tile_sum_single`) where every column whose
+    max is finite has an exact shift (and, for logsumexp, a max of at least
+    ``LSE_SINGLE_ABOVE``): whether it took them.
+
+    softmax: ``count`` 0, ``rest`` the total of the stored terms relative to
+    the shift, and ``m`` replaced by the shift (the reference of the column's
+    state: the merge and the output pass weigh the tile by ``exp(s - M)``).
+    log_softmax and logsumexp: ``(count, rest)`` relative to the max, the rest
+    brought back by ``exp(s - m)``; a log_softmax column whose rest is below
+    ``rows * FLUSHED_REST`` is summed again with float64 terms, as a row is
+    (each tile's rest then keeps its flushed terms under ``2**-26`` of it, and
+    so does their merge).
+    """
+    shift = np.zeros(w, np.float32)
+    top = np.zeros(w, np.float32)
+    for j in range(w):
+        if not math.isfinite(m[j]):
+            continue  # its sums are never used (flagged, or an empty tile of the column: rest 0)
+        shift[j], ok = _shift32(m[j])
+        if not ok or (mode == LOGSUMEXP and m[j] < LSE_SINGLE_ABOVE):
+            return False
+        top[j] = _F32(m[j])
+    found = np.zeros(w, np.float32)
+    total = np.zeros(w)
+    _tile_sum_single(x, r0, r1, c0, w, top, shift, found, total, out, store, np.empty((4, w), out.dtype))
+    rows = r1 - r0
+    for j in range(w):
+        if not math.isfinite(m[j]):
+            count[j], rest[j] = 0.0, 0.0
+        elif store:
+            count[j], rest[j] = 0.0, total[j]
+            m[j] = np.float64(shift[j])
+        else:
+            count[j], rest[j] = np.float64(found[j]), total[j] * _exp(np.float64(shift[j]) - m[j])
+            if mode == LOG_SOFTMAX and rest[j] < rows * FLUSHED_REST:
+                counts = np.zeros(1, np.int64)
+                rest[j] = 0.0
+                _tile_sum_fast(x, mask, False, r0, r1, c0 + j, 1, m[j:j + 1], mf[j:j + 1], counts, rest[j:j + 1], out,
+                               False)
+                count[j] = np.float64(counts[0])
+    return True
+
+
+@njit(**_STRICT)
 def _tile_sums(x, mask, masked, mode, out, store, r0, r1, c0, w, m, mf, count, rest):
     """Per-column ``count`` and ``rest`` of the tile relative to the maxima ``m``
-    (fast or exact sums); 0 for columns whose max is not finite."""
+    (fast or exact sums); 0 for columns whose max is not finite.
+
+    float32 tiles without a mask take float32 terms where they can
+    (:func:`_tile_sums_single`, which may replace softmax's ``m`` by the
+    reference its rest is relative to)."""
+    if _single(x) and not masked and mode != STATE:
+        if _tile_sums_single(x, mask, mode, out, store, r0, r1, c0, w, m, mf, count, rest):
+            return
     counts = np.zeros(w, np.int64)
     for j in range(w):
         rest[j] = 0.0
@@ -1626,14 +1741,21 @@ def _column_sum_exact(x, mask, masked, c, m):
 
 
 @njit(**_BORROWED)
-def _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, halves, stored):
+def _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, scale, halves, stored):
     """softmax / log_softmax of the tile, given each column's ``mf`` (float64 max),
-    ``norm`` (``L``, or ``c + r``) and ``halves`` (float32 ``hi``, ``lo`` of the
-    scale of stored float32 terms, :func:`_scale_halves`).
+    ``norm`` (``L``, or ``c + r``), and the ``scale`` of stored float32 terms with
+    its float32 ``halves`` (``hi``, ``lo``: :func:`_scale_halves`).
 
+    The stored terms are scaled by one FMA of the halves, unless a column's
+    scale is below ``SCALE_FLOOR`` (terms relative to the shift 0 with a huge
+    total, or weighed far down by the merge): then by the float64 product.
     Flagged columns get garbage here; the caller overwrites them.
     """
     _wide_vectors()
+    low = 1.0
+    for j in range(w):
+        low = min(low, scale[j])
+    fma = not (low < SCALE_FLOOR)  # (a NaN scale is a flagged column's)
     for i in range(r0, r1):
         row = x[i, c0:c0 + w]
         target = out[i, c0:c0 + w]
@@ -1650,9 +1772,13 @@ def _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, halves, st
             if _single(x):
                 # As for rows (_row_output): one FMA in float32 lanes.
                 hi, lo = halves[0], halves[1]
-                for j in range(w):
-                    t = _F32(target[j])  # float32 (the cast only types the float64 copy)
-                    target[j] = _fma32(t, hi[j], t * lo[j])
+                if fma:
+                    for j in range(w):
+                        t = _F32(target[j])  # float32 (the cast only types the float64 copy)
+                        target[j] = _fma32(t, hi[j], t * lo[j])
+                else:
+                    for j in range(w):
+                        target[j] = np.float64(target[j]) * scale[j]
             else:
                 for j in range(w):
                     target[j] = target[j] / norm[j]
@@ -1701,15 +1827,17 @@ def _tile_item(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, valu
         return
     # Whole columns: finish them and write their results now.
     norm = np.empty(w)
+    scale = np.empty(w)
     halves = np.empty((2, w), np.float32)
     for j in range(w):
         c = c0 + j
         _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad, buffer, c, m[j], count[j],
                        rest[j], n, n, axis)
         norm[j] = values[c] if not bad[c] else 1.0
-        halves[0, j], halves[1, j] = _scale_halves(1.0 / norm[j])
+        scale[j] = 1.0 / norm[j]
+        halves[0, j], halves[1, j] = _scale_halves(scale[j])
     if mode == SOFTMAX or mode == LOG_SOFTMAX:
-        _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, halves, store)
+        _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, scale, halves, store)
 
 
 @njit(**_BORROWED)
@@ -1733,9 +1861,9 @@ def _tile_merge(x, mask, masked, mode, out, ms, cs, rs, tops, counts, rests, val
 
 
 @njit(**_BORROWED)
-def _tile_scales(piece_tops, tops, values, bad, stored, mf, norm, halves):
-    """Phase 4's per-column ``mf``, ``norm`` and scale ``halves`` of a band (flagged
-    columns: 0, 1, 1).
+def _tile_scales(piece_tops, tops, values, bad, stored, mf, norm, scale, halves):
+    """Phase 4's per-column ``mf``, ``norm``, ``scale`` and its ``halves`` of a band
+    (flagged columns: 0, 1, 1).
 
     ``stored`` (float32 softmax): the scale carries the weight ``exp(m_g - m)``
     of the tile's max ``m_g`` against the column's ``m``.  Branch-free, so
@@ -1749,7 +1877,8 @@ def _tile_scales(piece_tops, tops, values, bad, stored, mf, norm, halves):
         norm[j] = values[j] if ok else 1.0
         here = piece_tops[j]
         weight = _exp_exact_difference(here, top if ok else here) if stored else 1.0
-        halves[0, j], halves[1, j] = _scale_halves((weight if ok and here != top else 1.0) / norm[j])
+        scale[j] = (weight if ok and here != top else 1.0) / norm[j]
+        halves[0, j], halves[1, j] = _scale_halves(scale[j])
 
 
 #: Phase 4 of columns in row segments takes bands of this many tiles' columns
@@ -1773,10 +1902,12 @@ def _tile_segment_output(x, mask, masked, mode, out, ms, tops, values, bad, rows
     r1 = min(r0 + rows, n)
     mf = np.empty(w)
     norm = np.empty(w)
+    scale = np.empty(w)
     halves = np.empty((2, w), np.float32)
     stored = _single(x) and mode == SOFTMAX
-    _tile_scales(ms[g, c0:c0 + w], tops[c0:c0 + w], values[c0:c0 + w], bad[c0:c0 + w], stored, mf, norm, halves)
-    _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, halves, stored)
+    _tile_scales(ms[g, c0:c0 + w], tops[c0:c0 + w], values[c0:c0 + w], bad[c0:c0 + w], stored, mf, norm, scale,
+                 halves)
+    _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, scale, halves, stored)
 
 
 # ---------------------------------------------------------------------------

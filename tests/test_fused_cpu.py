@@ -273,23 +273,28 @@ def test_float64_terms_down_to_the_subnormal_range(library, n):
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
-@pytest.mark.parametrize("n", [128, LONG], ids=["rows", "long-rows"])
-def test_float32_log_softmax_keeps_a_rest_below_the_flushed_terms(library, n):
+@pytest.mark.parametrize("layout", ["rows", "long-rows", "columns"])
+def test_float32_log_softmax_keeps_a_rest_below_the_flushed_terms(library, layout):
     """Found 2026-11-30 by ``benchmarks/fuzz_kernels.py``: ``_term32`` flushes terms below
     ``e**-87`` of the shift, and ``-log1p(r)`` at the max of a row whose other entries are
     all 75 to 98 below it missed them (1242 ulps); such rows take the float64 terms.
     Long rows (in segments; their max in the second) are held to the same: they keep
     float64 terms, and float32 terms per segment (tried, docs/fused_cpu.md) failed
-    this without a re-sum after the merge."""
+    this without a re-sum after the merge.  Columns in two tiles (the max in the
+    second, of 5 rows) take float32 terms per tile, and each tile's column whose rest
+    is that small is summed again with float64 terms."""
     rng = np.random.default_rng(12)
+    n = {"rows": 128, "long-rows": LONG, "columns": _tall(np.float32, 12, 5)}[layout]
     rows = []
-    spans = ((75.0, 98.0), (60.0, 90.0), (86.0, 89.0)) if n == 128 else ((75.0, 98.0), (86.0, 89.0))
+    spans = ((75.0, 98.0), (60.0, 90.0), (86.0, 89.0)) if n != LONG else ((75.0, 98.0), (86.0, 89.0))
     for top in (0.52183914, 40.0, -3.7, -9910.0):  # s = 0, and the rounded max
         for low, high in spans:
             row = top - rng.uniform(low, high, n)
             row[min(n - 1, K.SEGMENT + 5)] = top
             rows.append(row)
     x = np.array(rows, dtype=np.float32)
+    if layout == "columns":
+        assert x.shape[0] == 12 and _fused_cpu._geometry(x.T.shape, (0,), 4, K.LOG_SOFTMAX).plan[3] == 2
     where = rng.random(x.shape) < 0.7
     where[np.arange(x.shape[0]), np.argmax(x, axis=1)] = True
     # The oracle takes about a minute on long rows: there, float64 with an exact sum
@@ -297,13 +302,19 @@ def test_float32_log_softmax_keeps_a_rest_below_the_flushed_terms(library, n):
     # (and the ulps are counted at the max, -L, and every 101st entry).
     exact_of = EXACT["log_softmax"] if n == 128 else _log_softmax_far_below_the_max
     seen = np.zeros(x.shape, bool)
-    seen[:, ::1 if n == 128 else 101] = True
+    seen[:, ::1 if n != LONG else 101] = True
     seen[np.arange(x.shape[0]), np.argmax(x, axis=1)] = True
+
+    def fused(**kwargs):  # rows, or the rows as columns
+        if layout != "columns":
+            return _fused(library, "log_softmax", x, axis=-1, **kwargs)
+        kwargs = {key: np.ascontiguousarray(value.T) for key, value in kwargs.items()}
+        return _fused(library, "log_softmax", np.ascontiguousarray(x.T), axis=0, **kwargs).T
+
     exact = exact_of(x.astype(np.float64), axis=-1)
-    got = _fused(library, "log_softmax", x, axis=-1)
-    _assert_ulps(got[seen], exact[seen], np.float32, f"log_softmax {library}")
+    _assert_ulps(fused()[seen], exact[seen], np.float32, f"log_softmax {library}")
     exact = exact_of(x.astype(np.float64), axis=-1, where=where)
-    got = _fused(library, "log_softmax", x, axis=-1, where=where)
+    got = fused(where=where)
     _assert_ulps(got[where & seen], exact[where & seen], np.float32, f"log_softmax {library} where")
 
 
@@ -351,7 +362,17 @@ def test_float32_terms_on_every_range_of_the_max(library):
     assert 0 < subnormal[5] < np.finfo(np.float32).smallest_normal  # e**-100 / 2.34: 1.6e-44
     # The same lines as columns: whole columns in one tile, and (padded below
     # with entries 150 under each column's max, in other tiles whose own maxima
-    # take their own shifts, or float64 terms) columns in several tiles.
+    # take their own shifts, or float64 terms) columns in several tiles.  A tile
+    # takes float32 terms only if every column's max has a shift: all the lines
+    # (float64 terms), and those whose maxima have shifts (float32 terms).
+    shifted = (x.max(axis=1) <= 87.0) & (x.max(axis=1) > -(2.0**20))
+    assert 0 < shifted.sum() < len(x) and shifted[0]
+    for lines, included_here in ((x, where), (x[shifted], where[shifted])):
+        _check_columns(library, lines, included_here)
+
+
+def _check_columns(library, x, where):
+    """The rows ``x`` of :func:`test_float32_terms_on_every_range_of_the_max` as columns."""
     padded = np.concatenate([x.T, np.repeat(x.max(axis=1)[None, :] - 150, 3 * K.TILE_BYTES // (4 * x.shape[0]), 0)])
     padded[-1] = x.max(axis=1) - 20  # a last tile with a max of its own
     for columns in (x.T.copy(), padded):
@@ -364,6 +385,8 @@ def test_float32_terms_on_every_range_of_the_max(library):
                 got = _fused(library, op, columns, axis=0, where=None if included is not mask else mask)
                 errors = oracle.ulp_errors(got[included], tuple(part[included] for part in exact[op]), "float32")
                 assert errors.max() <= ULPS, f"{op} {library} columns {columns.shape}: {errors.max():.2f} ulps"
+                if op == "softmax" and included is not mask:  # beyond the contract, as rows (above)
+                    assert 0 < got[5, 0] < np.finfo(np.float32).smallest_normal
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
@@ -649,7 +672,7 @@ def test_float32_softmax_scale_rounds_once(layout):
             out = terms.reshape(64, 64).copy()
             halves = np.array([K._scale_halves(scale)] * 64, np.float32).T.copy()
             K._tile_output(x, no_mask, False, K.SOFTMAX, out, 0, 64, 0, 64, np.zeros(64), np.full(64, 1.0 / scale),
-                           halves, True)
+                           np.full(64, scale), halves, True)
         exact = terms.astype(np.float64) * scale
         want = exact.astype(np.float32)
         got = out.reshape(-1)
