@@ -996,12 +996,10 @@ FLUSHED_REST = 2.0**-99
 #: float32 softmax terms relative to ``s = 0`` (:func:`_shift32`, a max in ``(0,
 #: 87]``) total up to ``n e**87``.  The output pass multiplies by the float32 pair
 #: ``hi + lo`` of ``1 / total`` (:func:`_scale_halves`), which carries the scale to
-#: ``2**-48`` only while ``lo`` is normal: ``1 / total >= 2**-102``.  Lines whose
-#: total is above this take the float64 terms, relative to the max (found on
-#: 2026-12-02: ``(1, 65536)`` entries of 87 came out 10,020 ulps off).  Column
-#: tiles check the scale itself (``SCALE_FLOOR``, :func:`_tile_output`).
+#: ``2**-48`` only while ``lo`` is normal: ``1 / total >= 2**-102``.  Below this
+#: scale the output pass multiplies by the float64 product instead (found on
+#: 2026-12-02: ``(1, 65536)`` entries of 87 came out 10,020 ulps off).
 SCALE_FLOOR = 2.0**-102
-SINGLE_TOTAL_LIMIT = 1.0 / SCALE_FLOOR
 
 @njit(**_BORROWED)
 def _kept(mode, delta, m, count, rest, log_norm):
@@ -1055,9 +1053,13 @@ def _row_output(x, mask, masked, i, a, b, m, norm, scale, out, mode, stored):
             # t * scale in float32 lanes: scale = hi + lo (+ 2**-48 scale), and one
             # FMA rounds t hi + fl(t lo) once (docs/fused_cpu.md, "The softmax scale").
             hi, lo = _scale_halves(scale)
-            for j in range(row.shape[0]):
-                t = _F32(target[j])  # float32 (the cast only types the float64 copy)
-                target[j] = _fma32(t, hi, t * lo)
+            if scale < SCALE_FLOOR:
+                for j in range(row.shape[0]):
+                    target[j] = np.float64(target[j]) * scale
+            else:
+                for j in range(row.shape[0]):
+                    t = _F32(target[j])  # float32 (the cast only types the float64 copy)
+                    target[j] = _fma32(t, hi, t * lo)
         else:
             for j in range(row.shape[0]):
                 target[j] = target[j] / norm
@@ -1255,15 +1257,14 @@ def _row_sums(x, mask, masked, mode, out, tops, counts, rests, values, bad, buff
         # float32 terms: softmax scales its stored terms by their total;
         # log_softmax and logsumexp take L from the rest brought back to the max.
         count, total = _row_sum_single(x, mask, masked, i, first, n, m, s, out, store, buffer)
-        if store and total <= SINGLE_TOTAL_LIMIT:
+        if store:
             counts[i], rests[i], values[i] = np.nan, np.nan, total
             return
         rest = total * _exp(np.float64(s) - m)  # |s - m| <= 2**-4, or s = 0: k <= 0
-        if not store and (mode == LOGSUMEXP or rest >= n * FLUSHED_REST):
+        if mode == LOGSUMEXP or rest >= n * FLUSHED_REST:
             counts[i], rests[i], values[i] = count, rest, _KEEP_SINGLE
             return
-        # A log_softmax rest this small would miss the terms _term32 flushes; a
-        # softmax total this large would leave its scale without its low bits.
+        # A log_softmax rest this small would miss the terms _term32 flushes.
     if fast:
         count, rest = _row_sum_fast(x, mask, masked, i, first, n, m, out, store)
         keep = _KEEP_FAST
@@ -1316,9 +1317,13 @@ def _exact_sums(x, mode):
 def _row_piece(x, mask, masked, mode, out, ms, cs, rs, tops, buffer, span, parts, phase, item):
     """Segment ``item % parts`` of row ``item // parts``, in phase 0 or 2.
 
-    Fast sums (phase 0): the segment's state, relative to its own max;
-    float32 softmax stores the terms for phase 4 to scale (zeros where
-    nothing is included).  Exact sums: phase 0 finds the segment's max only,
+    Fast sums (phase 0): the segment's state, relative to its own max, from
+    float32 terms where the max has an exact shift (:func:`_row_sum_single`;
+    logsumexp: a max of at least ``LSE_SINGLE_ABOVE``; a log_softmax rest
+    below ``span * FLUSHED_REST`` is summed again with ``_term7`` terms), else
+    ``_term7`` terms.  float32 softmax stores the terms for phase 4 to scale
+    (zeros where nothing is included); its state from float32 terms is
+    ``(s, 0, total)``, relative to the shift.  Exact sums: phase 0 finds the segment's max only,
     phase 2 sums relative to the row's (``tops``, from phase 1), so that no
     merge weight adds its rounding to a float64 sum.
     """
@@ -1343,6 +1348,16 @@ def _row_piece(x, mask, masked, mode, out, ms, cs, rs, tops, buffer, span, parts
         if store:
             out[i, a:b] = 0.0
         return
+    shift, single = _shift32(m)
+    if single and (mode != LOGSUMEXP or m >= LSE_SINGLE_ABOVE):
+        count, total = _row_sum_single(x, mask, masked, i, a, b, m, shift, out, store, buffer)
+        if store:
+            ms[i, s], rs[i, s] = np.float64(shift), total
+            return
+        rest = total * _exp(np.float64(shift) - m)
+        if mode == LOGSUMEXP or rest >= (b - a) * FLUSHED_REST:
+            cs[i, s], rs[i, s] = count, rest
+            return
     cs[i, s], rs[i, s] = _row_sum_fast(x, mask, masked, i, a, b, m, out, store)
 
 
@@ -1399,7 +1414,7 @@ def _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad,
         # Column tiles whose max is at least LSE_SINGLE_ABOVE may have taken
         # float32 terms (EXPF_ERROR; only where the column's is too).
         log_norm = math.log1p((count - 1.0) + rest)
-        single = axis == 0 and not masked and m >= LSE_SINGLE_ABOVE
+        single = m >= LSE_SINGLE_ABOVE
         delta = (EXPF_ERROR if single else TERM7_ERROR) + (span + 4) * _U
         if not _kept(mode, delta, m, count, rest, log_norm):
             if axis == 1:
@@ -1433,8 +1448,8 @@ def _row_segment_output(x, mask, masked, mode, out, ms, tops, values, bad, span,
     a = s * span
     b = min(a + span, x.shape[1])
     top = tops[i]
-    # float32 softmax scales the stored terms, relative to the segment's max;
-    # float64 recomputes them from the row's.
+    # float32 softmax scales the stored terms, relative to the segment's max or
+    # shift (ms); float64 recomputes them from the row's max.
     stored = mode == SOFTMAX and _single(x)
     weight = 1.0
     if stored and ms[i, s] != top:

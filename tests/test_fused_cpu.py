@@ -278,11 +278,10 @@ def test_float32_log_softmax_keeps_a_rest_below_the_flushed_terms(library, layou
     """Found 2026-11-30 by ``benchmarks/fuzz_kernels.py``: ``_term32`` flushes terms below
     ``e**-87`` of the shift, and ``-log1p(r)`` at the max of a row whose other entries are
     all 75 to 98 below it missed them (1242 ulps); such rows take the float64 terms.
-    Long rows (in segments; their max in the second) are held to the same: they keep
-    float64 terms, and float32 terms per segment (tried, docs/fused_cpu.md) failed
-    this without a re-sum after the merge.  Columns in two tiles (the max in the
-    second, of 5 rows) take float32 terms per tile, and each tile's column whose rest
-    is that small is summed again with float64 terms."""
+    Long rows (in segments; their max in the second) and columns in two tiles (the max
+    in the second, of 5 rows) take float32 terms per segment or tile, and each one
+    whose rest is that small is summed again with float64 terms (without it: 2058
+    ulps on long rows, 5275 on columns)."""
     rng = np.random.default_rng(12)
     n = {"rows": 128, "long-rows": LONG, "columns": _tall(np.float32, 12, 5)}[layout]
     rows = []
@@ -390,15 +389,15 @@ def _check_columns(library, x, where):
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
-@pytest.mark.parametrize("n", [1000, 20000, K.SEGMENT])
+@pytest.mark.parametrize("n", [1000, 20000, K.SEGMENT, LONG])
 def test_float32_softmax_of_lines_whose_total_is_huge(library, n):
     """float32 softmax of lines with many entries near a max in ``(0, 87]``, where the
     float32 terms take the shift ``s = 0``: their total (up to ``n e**87``) has a
     reciprocal that is subnormal in float32, whose ``hi``/``lo`` pair (the output
-    pass's FMA) would lose its low bits.  Such lines take the float64 terms
-    (``SINGLE_TOTAL_LIMIT``).  Found on 2026-12-02: ``(1, 65536)`` float32 entries
-    of 87 (one of 86.5) came out 10,020 ulps off, ``(1, 1000)`` 347.  As rows,
-    and as columns (whole, and in several tiles)."""
+    pass's FMA) would lose its low bits.  Such lines are scaled by the float64
+    product (``SCALE_FLOOR``).  Found on 2026-12-02: ``(1, 65536)`` float32 entries
+    of 87 (one of 86.5) came out 10,020 ulps off, ``(1, 1000)`` 347.  As rows (whole,
+    and long: in segments), and as columns (whole, and in several tiles)."""
     rng = np.random.default_rng(n)
     for top in (87.0, 86.5, 80.0, 72.0, 52.0):
         values = np.float32(top) - np.array([0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0], np.float32)
