@@ -133,8 +133,8 @@ by TwoSum (``d + e`` exact) and the term is ``exp(d) + exp(d) e``.
   otherwise its sum is redone exactly (:data:`KEEP_BELOW`).  That recheck is
   what the cancelling case ``[-1, c, c]`` (``lse = -1.7e-9``) needs; lines
   whose ``lse`` is within ``2**-7`` of 0 take it.
-* float32 softmax and log_softmax of whole rows whose max allows it: float32
-  terms (below).
+* float32 softmax and log_softmax of lines whose max (of the row, the long
+  row's segment, the column tile) allows it: float32 terms (below).
 * float32 softmax otherwise: ``term7 / (c + r)``, the term rounded to float32
   when it is stored and the scaled value rounded again: at most 1 ulp plus
   ``2**-8`` ulp (long rows and column tiles scale the stored term by
@@ -154,9 +154,10 @@ by TwoSum (``d + e`` exact) and the term is ``exp(d) + exp(d) e``.
 
 float32 terms
 -------------
-float32 softmax and log_softmax of rows of at most ``SEGMENT`` entries form
-their terms in float32 lanes, twice as many per vector as float64, where the
-row's max allows an exact shift (:func:`_shift32`: ``s = 0`` for ``0 < m <=
+float32 softmax and log_softmax form their terms in float32 lanes, twice as
+many per vector as float64, per row of at most ``SEGMENT`` entries, per
+segment of a longer row and per tile of columns (without a mask, and where
+every column of the tile has a shift), where the max allows an exact shift (:func:`_shift32`: ``s = 0`` for ``0 < m <=
 87``, ``m`` rounded to the float32 ulp of ``|m| + 128`` for ``-2**20 < m <=
 0``; other rows take the float64 terms above).  ``x - s`` is then exact in
 float32 for every entry within 127 of the max, and the term is
@@ -180,6 +181,14 @@ vector width); every loop over entries asks for the CPU's widest vectors
   error is an average of its terms'), so the quotient is within ``2
   EXPF_ERROR`` plus float64 noise: at most ``2 * 1.25 + 0.5 = 3`` ulps
   (``ulp(y) >= 2**-24 y``); subnormal outputs within about one subnormal ulp.
+  The scale goes in as a float32 pair by one FMA (:func:`_scale_halves`), or
+  as the float64 product below ``SCALE_FLOOR``.  A segment's or tile's
+  terms are relative to its own shift ``s``, and its scale carries the
+  weight ``exp(s - S)`` (float64) to the largest reference ``S``.
+* log_softmax and logsumexp of a segment or a tile: the state relative to
+  its own max, as below; a log_softmax piece whose rest is below its length
+  times ``FLUSHED_REST`` is summed again with ``_term7`` terms, and a
+  logsumexp piece takes float32 terms only where its max is at least 1.
 * log_softmax: ``rest`` of the entries below the max brought back to it by
   ``exp(s - m)`` (float64), within ``EXPF_ERROR``; ``L = log1p(c - 1 + r)``
   is off by at most ``EXPF_ERROR r / (c + r) <= EXPF_ERROR L`` (``c = 1``:

@@ -1,10 +1,11 @@
 """Differential fuzzing of the fast kernels against the mpmath oracle: forward and gradients.
 
-    python benchmarks/fuzz_kernels.py [--draws 300] [--seed 0] [--grad] [--libraries numpy,torch,jax,generic]
+    python benchmarks/fuzz_kernels.py [--draws 300] [--seed 0] [--grad] [--long] [--libraries numpy,torch,jax,generic]
 
 (``--libraries`` also takes ``numpy.blocked`` and ``torch.blocked``, forced with ``use()``.)
 
-Draws blocks of 1 to 7 lines of 1 to 2049 entries, float32 or float64,
+Draws blocks of 1 to 7 lines of 1 to 2049 entries (``--long``: 25,000 to
+131,073, so that rows go in segments and columns in several tiles), float32 or float64,
 reduced along rows or columns, sometimes with a ``where`` mask, from the
 families that break kernels: offsets at the edges of the kernels' ranges
 (the exact shift's limits near 87 and ``-2**20``, ``1e4``, ``1e30``,
@@ -51,9 +52,14 @@ OFFSETS = (0.0, 0.0, 0.0, 87.0, 88.0, -87.0, 86.9, 85.5, 80.0, -(2.0**20), -(2.0
            0.5, -0.5, 1e-3, 3.4e38, -3.4e38, 1e-40)
 
 
-def _draw(rng):
-    """``(x, axis, where)``: one block of lines."""
-    n = int(rng.choice([1, 2, 3, 5, 8, 16, 17, 31, 128, 129, 1000, 2049]))
+#: ``--long``: rows longer than a segment (``SEGMENT = 2**16`` entries) and columns
+#: taller than a tile (256 KiB of a block of columns), in pieces and merged.
+LONG_LENGTHS = (25000, 65537, 70000, 131073)
+
+
+def _draw(rng, long=False):
+    """``(x, axis, where)``: one block of lines (``long``: of ``LONG_LENGTHS`` entries)."""
+    n = int(rng.choice(LONG_LENGTHS if long else [1, 2, 3, 5, 8, 16, 17, 31, 128, 129, 1000, 2049]))
     rows = int(rng.choice([1, 2, 3, 7]))
     dtype = rng.choice([np.float32, np.float64])
     scale = float(rng.choice([0, 1e-6, 1e-3, 0.1, 1, 5, 30, 100, 1e4]))
@@ -72,7 +78,7 @@ def _draw(rng):
         x = x.astype(dtype)
     x = np.where(np.isfinite(x), x, np.finfo(dtype).max * np.sign(x)).astype(dtype)
     axis = -1
-    if rng.random() < 0.3:
+    if rng.random() < (0.5 if long else 0.3):
         x, axis = np.ascontiguousarray(x.T), 0
     where = rng.random(x.shape) < 0.7 if rng.random() < 0.2 else None
     return x, axis, where
@@ -174,6 +180,7 @@ def main(argv=None) -> int:
     parser.add_argument("--grad", action="store_true", help="also the gradients (torch, JAX)")
     parser.add_argument("--libraries", default="numpy,torch,jax,generic")
     parser.add_argument("--out", default="fuzz_kernels_failures", help="folder for the flagged inputs")
+    parser.add_argument("--long", action="store_true", help="lines in pieces: long rows and tall columns")
     args = parser.parse_args(argv)
     try:
         from lse_dispatch.backends import _fused_cpu
@@ -199,7 +206,7 @@ def main(argv=None) -> int:
             print(f"flagged: {' '.join(key)} {value:.3g} {note} -> {path}", flush=True)
 
     for _ in range(args.draws):
-        x, axis, where = _draw(rng)
+        x, axis, where = _draw(rng, args.long)
         block = {"x": x, "axis": axis} if where is None else {"x": x, "axis": axis, "where": where}
         exact = {op: getattr(oracle, f"exact_{op}")(x, axis=axis, where=where) for op in OPS}
         for op in OPS:
@@ -213,7 +220,8 @@ def main(argv=None) -> int:
             if args.grad and axis == -1 and where is None:
                 for name, errors in _gradients(names, op, x, rng):
                     record((name, op, str(x.dtype), "grad"), errors, block, f"shape {x.shape}")
-    print(f"seed {args.seed}, {args.draws} draws: worst errors (ulps; gradients in the units above)")
+    lines = " of long lines" if args.long else ""
+    print(f"seed {args.seed}, {args.draws} draws{lines}: worst errors (ulps; gradients in the units above)")
     for key in sorted(worst):
         print(f"  {' '.join(key):40s} {worst[key]:10.3g}")
     print(f"{flagged} flagged")
