@@ -1010,6 +1010,19 @@ FLUSHED_REST = 2.0**-99
 #: 2026-12-02: ``(1, 65536)`` entries of 87 came out 10,020 ulps off).
 SCALE_FLOOR = 2.0**-102
 
+
+@njit(**_BORROWED, inline="always")
+def _single_rest(mode, m, shift, total, n):
+    """``(rest, kept)`` of ``n`` entries' float32 terms (:func:`_term32`, the max's left
+    out) whose float64 ``total`` is relative to the shift: the rest brought back to
+    the max ``m`` by ``exp(s - m)``, and whether it stands.  logsumexp's does (its
+    keep rule is checked later); a log_softmax rest below ``n * FLUSHED_REST``
+    would miss the terms ``_term32`` flushes, and is summed again with ``_term7``
+    terms by the caller."""
+    rest = total * _exp(np.float64(shift) - m)  # |s - m| <= 2**-4, or s = 0: k <= 0
+    return rest, mode == LOGSUMEXP or rest >= n * FLUSHED_REST
+
+
 @njit(**_BORROWED)
 def _kept(mode, delta, m, count, rest, log_norm):
     """Whether a float32 logsumexp line whose ``rest`` is within ``delta`` relatively is
@@ -1269,11 +1282,10 @@ def _row_sums(x, mask, masked, mode, out, tops, counts, rests, values, bad, buff
         if store:
             counts[i], rests[i], values[i] = np.nan, np.nan, total
             return
-        rest = total * _exp(np.float64(s) - m)  # |s - m| <= 2**-4, or s = 0: k <= 0
-        if mode == LOGSUMEXP or rest >= n * FLUSHED_REST:
+        rest, kept = _single_rest(mode, m, s, total, n)
+        if kept:
             counts[i], rests[i], values[i] = count, rest, _KEEP_SINGLE
             return
-        # A log_softmax rest this small would miss the terms _term32 flushes.
     if fast:
         count, rest = _row_sum_fast(x, mask, masked, i, first, n, m, out, store)
         keep = _KEEP_FAST
@@ -1363,8 +1375,8 @@ def _row_piece(x, mask, masked, mode, out, ms, cs, rs, tops, buffer, span, parts
         if store:
             ms[i, s], rs[i, s] = np.float64(shift), total
             return
-        rest = total * _exp(np.float64(shift) - m)
-        if mode == LOGSUMEXP or rest >= (b - a) * FLUSHED_REST:
+        rest, kept = _single_rest(mode, m, shift, total, b - a)
+        if kept:
             cs[i, s], rs[i, s] = count, rest
             return
     cs[i, s], rs[i, s] = _row_sum_fast(x, mask, masked, i, a, b, m, out, store)
@@ -1420,8 +1432,8 @@ def _finish_merged(x, mask, masked, mode, out, tops, counts, rests, values, bad,
     if _single(x) and mode == LOGSUMEXP:
         # Merged fast states: each piece's rest within TERM7_ERROR + (span - 1) u,
         # the merge weights (1.7 u) and roundings of the compensated merge 5 u more.
-        # Column tiles whose max is at least LSE_SINGLE_ABOVE may have taken
-        # float32 terms (EXPF_ERROR; only where the column's is too).
+        # Segments and column tiles whose max is at least LSE_SINGLE_ABOVE may
+        # have taken float32 terms (EXPF_ERROR; only where the line's is too).
         log_norm = math.log1p((count - 1.0) + rest)
         single = m >= LSE_SINGLE_ABOVE
         delta = (EXPF_ERROR if single else TERM7_ERROR) + (span + 4) * _U
@@ -1710,8 +1722,9 @@ def _tile_sums_single(x, mask, mode, out, store, r0, r1, c0, w, m, mf, count, re
             count[j], rest[j] = 0.0, total[j]
             m[j] = np.float64(shift[j])
         else:
-            count[j], rest[j] = np.float64(found[j]), total[j] * _exp(np.float64(shift[j]) - m[j])
-            if mode == LOG_SOFTMAX and rest[j] < rows * FLUSHED_REST:
+            rest[j], kept = _single_rest(mode, m[j], shift[j], total[j], rows)
+            count[j] = np.float64(found[j])
+            if not kept:
                 counts = np.zeros(1, np.int64)
                 rest[j] = 0.0
                 _tile_sum_fast(x, mask, False, r0, r1, c0 + j, 1, m[j:j + 1], mf[j:j + 1], counts, rest[j:j + 1], out,
@@ -1776,10 +1789,12 @@ def _tile_output(x, mask, masked, mode, out, r0, r1, c0, w, mf, norm, scale, hal
     Flagged columns get garbage here; the caller overwrites them.
     """
     _wide_vectors()
-    low = 1.0
-    for j in range(w):
-        low = min(low, scale[j])
-    fma = not (low < SCALE_FLOOR)  # (a NaN scale is a flagged column's)
+    fma = True
+    if stored and _single(x):
+        low = 1.0
+        for j in range(w):
+            low = min(low, scale[j])
+        fma = not (low < SCALE_FLOOR)  # (a NaN scale is a flagged column's)
     for i in range(r0, r1):
         row = x[i, c0:c0 + w]
         target = out[i, c0:c0 + w]
@@ -1890,8 +1905,9 @@ def _tile_scales(piece_tops, tops, values, bad, stored, mf, norm, scale, halves)
     (flagged columns: 0, 1, 1).
 
     ``stored`` (float32 softmax): the scale carries the weight ``exp(m_g - m)``
-    of the tile's max ``m_g`` against the column's ``m``.  Branch-free, so
-    that the weights' ``exp`` vectorises across the columns.
+    of the tile's reference ``m_g`` (its max, or the shift of its float32
+    terms) against the column's ``m``.  Branch-free, so that the weights'
+    ``exp`` vectorises across the columns.
     """
     _wide_vectors()
     for j in range(tops.shape[0]):
